@@ -1,0 +1,5 @@
+"""``python -m batchexec``."""
+
+from batchexec.cli import main
+
+raise SystemExit(main())

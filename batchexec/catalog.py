@@ -1,0 +1,217 @@
+"""The model and assistant catalog: names, aliases and each model's provider settings."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from batchexec.errors import ConfigError
+
+_FOLD = re.compile(r"[\s_\-]+")
+
+
+def fold(name: str) -> str:
+    """The form names are matched in: case-insensitive, runs of spaces, ``-`` and ``_`` alike."""
+    return _FOLD.sub(" ", name.strip()).casefold()
+
+
+class Entry(BaseModel):
+    """What models and assistants have in common: a name, aliases and a description."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    description: str | None = None
+
+
+class ModelSpec(Entry):
+    """One model entry: which provider serves it and with what settings."""
+
+    provider: Annotated[str, Field(min_length=1)]
+    model_id: str | None = None
+    base_url: str | None = None
+    #: Name of the environment variable holding the key; never the key itself.
+    api_key_env: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    system_prompt: str | None = None
+    #: echo only: simulated latency.
+    latency_s: Annotated[float, Field(ge=0)] = 0.0
+    #: Calls in flight to this model across all batches.
+    max_concurrency: Annotated[int | None, Field(ge=1)] = None
+    #: Requests per minute across all batches.
+    rpm: Annotated[float | None, Field(gt=0)] = None
+
+    @property
+    def wire_id(self) -> str:
+        """The id sent to the provider: ``model_id``, or the entry's name."""
+        return self.model_id or self.name
+
+
+class AssistantSpec(Entry):
+    """An assistant: a model with its own system prompt and parameters."""
+
+    model: Annotated[str, Field(min_length=1)]
+    system_prompt: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one execution runs against, after its model or assistant is resolved."""
+
+    model: ModelSpec
+    system_prompt: str | None
+    params: Mapping[str, Any]
+    assistant: str | None = None
+
+
+_Entry = TypeVar("_Entry", bound=Entry)
+
+
+class UnknownNameError(LookupError):
+    """A model or assistant name that the catalog does not hold."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
+        self.kind = kind
+        self.name = name
+        names = ", ".join(sorted(known, key=str.casefold)) or "none"
+        super().__init__(f"Unknown {kind} {name!r}. Known {kind}s: {names}")
+
+
+class _Names(Generic[_Entry]):
+    """Entries by folded name and alias."""
+
+    def __init__(self, kind: str, entries: Iterable[_Entry]) -> None:
+        self.kind = kind
+        self.entries: dict[str, _Entry] = {}
+        self._index: dict[str, _Entry] = {}
+        for entry in entries:
+            self.entries[fold(entry.name)] = entry
+        for entry in self.entries.values():
+            for name in (entry.name, *entry.aliases):
+                other = self._index.setdefault(fold(name), entry)
+                if other is not entry:
+                    raise ConfigError(
+                        f"{kind} name {name!r} of {entry.name!r} is also used by {other.name!r}"
+                    )
+
+    def get(self, name: str) -> _Entry:
+        try:
+            return self._index[fold(name)]
+        except KeyError:
+            known = [entry.name for entry in self.entries.values()]
+            raise UnknownNameError(self.kind, name, known) from None
+
+
+class Catalog:
+    """Models and assistants by name; names fold case, spaces, ``-`` and ``_``."""
+
+    def __init__(self, models: Iterable[ModelSpec], assistants: Iterable[AssistantSpec] = ()):
+        self._models = _Names("model", models)
+        self._assistants = _Names("assistant", assistants)
+        for assistant in self._assistants.entries.values():
+            try:
+                self._models.get(assistant.model)
+            except UnknownNameError as exc:
+                raise ConfigError(f"assistant {assistant.name!r}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Catalog:
+        """The built-in catalog, with the TOML file at ``path`` merged over it."""
+        builtin = resources.files("batchexec").joinpath("builtin_models.toml").read_text("utf-8")
+        models, assistants = _parse(tomllib.loads(builtin), "built-in catalog")
+        if path is not None:
+            try:
+                document = tomllib.loads(path.read_text("utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"BATCHEXEC_MODELS: cannot read {path}: {exc.strerror}") from exc
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"BATCHEXEC_MODELS: {path} is not valid TOML: {exc}") from exc
+            extra_models, extra_assistants = _parse(document, str(path))
+            models.update(extra_models)
+            assistants.update(extra_assistants)
+        return cls(models.values(), assistants.values())
+
+    def with_models(self, models: Iterable[ModelSpec]) -> Catalog:
+        """A catalog with ``models`` added; existing names keep their entries."""
+        added = [model for model in models if fold(model.name) not in self._models.entries]
+        return Catalog([*self._models.entries.values(), *added], self._assistants.entries.values())
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        """Every model entry, in catalog order."""
+        return list(self._models.entries.values())
+
+    @property
+    def assistants(self) -> list[AssistantSpec]:
+        """Every assistant entry, in catalog order."""
+        return list(self._assistants.entries.values())
+
+    def model(self, name: str) -> ModelSpec:
+        """The model called ``name``; raises ``UnknownNameError``."""
+        return self._models.get(name)
+
+    def assistant(self, name: str) -> AssistantSpec:
+        """The assistant called ``name``; raises ``UnknownNameError``."""
+        return self._assistants.get(name)
+
+    def resolve(self, *, model: str | None, assistant: str | None, default_model: str) -> Target:
+        """The target of an execution naming ``model``, ``assistant`` or neither."""
+        if assistant:
+            spec = self.assistant(assistant)
+            chosen = self.model(spec.model)
+            return Target(
+                model=chosen,
+                system_prompt=spec.system_prompt or chosen.system_prompt,
+                params={**chosen.params, **spec.params},
+                assistant=spec.name,
+            )
+        chosen = self.model(model or default_model)
+        return Target(model=chosen, system_prompt=chosen.system_prompt, params=chosen.params)
+
+
+def _parse(
+    document: Mapping[str, Any], source: str
+) -> tuple[dict[str, ModelSpec], dict[str, AssistantSpec]]:
+    unknown = set(document) - {"models", "assistants"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}")
+    models = {
+        fold(name): _entry(ModelSpec, name, body, source, "models")
+        for name, body in _table(document, "models", source).items()
+    }
+    assistants = {
+        fold(name): _entry(AssistantSpec, name, body, source, "assistants")
+        for name, body in _table(document, "assistants", source).items()
+    }
+    return models, assistants
+
+
+def _table(document: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
+    table = document.get(key, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{key}] must be a table")
+    return table
+
+
+def _entry(kind: type[_Entry], name: str, body: Any, source: str, table: str) -> _Entry:
+    if not isinstance(body, dict):
+        raise ConfigError(f"{source}: {table}.{name!r} must be a table")
+    if not name.strip():
+        raise ConfigError(f"{source}: {table} entry with an empty name")
+    if "name" in body:
+        raise ConfigError(f"{source}: {table}.{name!r}: name: an entry's name is its table key")
+    try:
+        return kind(name=name, **body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ConfigError(f"{source}: {table}.{name!r}: {where}: {error['msg']}") from exc

@@ -1,0 +1,106 @@
+"""``python -m batchexec``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from batchexec.config import DEV_API_KEY, Settings, load_settings
+from batchexec.errors import ConfigError
+from batchexec.web.app import create_app
+from batchexec.web.keys import CATALOG
+
+log = logging.getLogger("batchexec")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command in (None, "serve"):
+        return serve(host=getattr(args, "host", None), port=getattr(args, "port", None))
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m batchexec",
+        description="Run batches of LLM prompts; with no command, start the server.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve",
+        help="start the HTTP server (the default)",
+        description="Start the HTTP server. HOST and PORT come from the environment or "
+        ".env unless given here.",
+        epilog="example: python -m batchexec serve --host 127.0.0.1 --port 8080",
+    )
+    serve_parser.add_argument("--host", help="address to listen on (overrides HOST)")
+    serve_parser.add_argument("--port", type=int, help="port to listen on (overrides PORT)")
+    return parser
+
+
+def serve(*, host: str | None = None, port: int | None = None) -> int:
+    """Start the server and block until it is stopped by SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {
+        name: value for name, value in (("host", host), ("port", port)) if value is not None
+    }
+    try:
+        settings = load_settings(**overrides)
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"batchexec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    refusal = _refuse_dev_key(settings)
+    if refusal:
+        print(f"batchexec: {refusal}", file=sys.stderr)
+        return EXIT_USAGE
+    log.info(
+        "batchexec listening on http://%s:%d with %d models in the catalog",
+        settings.host,
+        settings.port,
+        len(app[CATALOG].models),
+    )
+    if settings.uses_dev_key:
+        log.warning(
+            "accepting the development API key %r: set INTEGRATIONS_API_KEYS before exposing "
+            "this server",
+            DEV_API_KEY,
+        )
+    try:
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            shutdown_timeout=settings.shutdown_grace_s,
+        )
+    except OSError as exc:
+        print(
+            f"batchexec: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _refuse_dev_key(settings: Settings) -> str | None:
+    if settings.uses_dev_key and not settings.host_is_loopback:
+        return (
+            f"refusing to listen on {settings.host} with the development key {DEV_API_KEY!r}: "
+            "set INTEGRATIONS_API_KEYS to your own comma-separated keys "
+            "(for example INTEGRATIONS_API_KEYS=$(openssl rand -hex 24))"
+        )
+    return None

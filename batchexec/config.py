@@ -1,0 +1,177 @@
+"""Settings: read from the environment and ``.env``, validated once at start-up."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from dotenv import dotenv_values
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from batchexec.errors import ConfigError
+
+DEV_API_KEY = "dev-only-token"
+RESULTS_SUBDIR = "batch_execution_results"
+
+
+def _env(name: str, field_name: str) -> Any:
+    """Accept a setting by its environment name or, in code, by its field name."""
+    return Field(validation_alias=AliasChoices(name, field_name))
+
+
+class Settings(BaseSettings):
+    """Every knob of batchexec; ``Settings()`` reads the environment, then ``.env``.
+
+    Keyword arguments win over both, which is how tests and embedding
+    applications pin values: ``Settings(max_threads=8)``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    default_model: Annotated[str, _env("ASSISTANTS_DEFAULT_MODEL_ID_OR_NAME", "default_model")] = (
+        "Llama3.1 70b Instruct"
+    )
+    max_threads: Annotated[int, _env("DEFAULT_MAX_THREADS", "max_threads"), Field(ge=1)] = 4
+    max_executions_per_batch: Annotated[
+        int, _env("MAX_EXECUTIONS_PER_BATCH", "max_executions_per_batch"), Field(ge=1)
+    ] = 100
+    max_prompt_length: Annotated[
+        int, _env("MAX_PROMPT_LENGTH", "max_prompt_length"), Field(ge=1)
+    ] = 1000
+    max_concurrent_batches: Annotated[
+        int, _env("MAX_CONCURRENT_BATCHES", "max_concurrent_batches"), Field(ge=1)
+    ] = 5
+    max_queued_batches: Annotated[
+        int, _env("MAX_QUEUED_BATCHES", "max_queued_batches"), Field(ge=0)
+    ] = 100
+    execution_timeout_s: Annotated[
+        float, _env("EXECUTION_TIMEOUT", "execution_timeout_s"), Field(gt=0)
+    ] = 300.0
+    max_retries: Annotated[int, _env("MAX_RETRIES", "max_retries"), Field(ge=0, le=20)] = 3
+    host: Annotated[str, _env("HOST", "host"), Field(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, _env("PORT", "port"), Field(ge=0, le=65535)] = 8080
+    server_name: Annotated[str | None, _env("SERVER_NAME", "server_name")] = None
+    public_dir: Annotated[Path, _env("PUBLIC_DIR", "public_dir")] = Path("public")
+    integrations_api_keys: Annotated[
+        SecretStr, _env("INTEGRATIONS_API_KEYS", "integrations_api_keys")
+    ] = SecretStr(DEV_API_KEY)
+    models_path: Annotated[Path | None, _env("BATCHEXEC_MODELS", "models_path")] = None
+    results_ttl_hours: Annotated[
+        float, _env("RESULTS_TTL_HOURS", "results_ttl_hours"), Field(gt=0)
+    ] = 168.0
+    max_body_bytes: Annotated[int, _env("MAX_BODY_BYTES", "max_body_bytes"), Field(ge=1024)] = (
+        4 * 1024 * 1024
+    )
+    shutdown_grace_s: Annotated[
+        float, _env("SHUTDOWN_GRACE_S", "shutdown_grace_s"), Field(ge=0)
+    ] = 30.0
+
+    openai_base_url: Annotated[str | None, _env("OPENAI_BASE_URL", "openai_base_url")] = None
+    watsonx_url: Annotated[str | None, _env("WATSONX_URL", "watsonx_url")] = None
+    watsonx_project_id: Annotated[str | None, _env("WATSONX_PROJECT_ID", "watsonx_project_id")] = (
+        None
+    )
+    ollama_host: Annotated[str | None, _env("OLLAMA_HOST", "ollama_host")] = None
+
+    @field_validator("server_name", "openai_base_url", "watsonx_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("integrations_api_keys")
+    @classmethod
+    def _check_keys(cls, value: SecretStr) -> SecretStr:
+        keys = [key.strip() for key in value.get_secret_value().split(",")]
+        if not any(keys):
+            raise ValueError("must list at least one key, comma-separated")
+        if not all(key.isascii() and key.isprintable() for key in keys if key):
+            raise ValueError("keys must be printable ASCII")
+        return value
+
+    @field_validator("default_model")
+    @classmethod
+    def _check_default_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a model")
+        return value.strip()
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted ``Integrations-API-Key`` values."""
+        raw = self.integrations_api_keys.get_secret_value()
+        return tuple(key.strip() for key in raw.split(",") if key.strip())
+
+    @property
+    def uses_dev_key(self) -> bool:
+        """Whether the built-in development key is among the accepted keys."""
+        return DEV_API_KEY in self.api_keys
+
+    @property
+    def host_is_loopback(self) -> bool:
+        """Whether ``host`` only accepts connections from this machine."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def results_dir(self) -> Path:
+        """Folder that holds the XLSX workbooks."""
+        return self.public_dir / RESULTS_SUBDIR
+
+    @property
+    def results_ttl_s(self) -> float:
+        """``results_ttl_hours`` in seconds."""
+        return self.results_ttl_hours * 3600
+
+    def secret(self, name: str) -> str | None:
+        """Value of the environment variable ``name`` (then ``.env``); None when unset or empty.
+
+        Provider credentials are looked up by name when needed rather than
+        stored here, so no secret ever appears in a ``Settings`` repr.
+        """
+        value = os.environ[name] if name in os.environ else self._dotenv.get(name)
+        return value or None
+
+    @cached_property
+    def _dotenv(self) -> dict[str, str | None]:
+        env_file = self.model_config.get("env_file")
+        if isinstance(env_file, str) and Path(env_file).is_file():
+            return dict(dotenv_values(env_file))
+        return {}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build ``Settings``; a bad value raises ``ConfigError`` naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        field = Settings.model_fields.get(name)
+        if field is not None and isinstance(field.validation_alias, AliasChoices):
+            name = str(field.validation_alias.choices[0])
+        value = error.get("input")
+        shown = (
+            ""
+            if isinstance(value, dict) or name == "INTEGRATIONS_API_KEYS"
+            else f" (got {value!r})"
+        )
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{name}: {message}{shown}") from exc

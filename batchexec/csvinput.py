@@ -1,0 +1,103 @@
+"""CSV text to rows of cells, with errors that name the line."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+
+from batchexec.errors import FieldError, InputError
+
+#: Columns the results workbook adds after the input columns, in order.
+OUTPUT_COLUMNS = (
+    "result",
+    "status",
+    "error",
+    "model",
+    "latency_ms",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+)
+#: Input columns of these names (a results file fed back in) are dropped rather
+#: than duplicated; ``model`` is an input column too, so it stays.
+RESERVED_COLUMNS = frozenset(OUTPUT_COLUMNS) - {"model"}
+#: Columns with a meaning to batchexec; matched case-insensitively.
+KNOWN_COLUMNS = ("prompt", "model", "assistant")
+
+
+@dataclass(frozen=True)
+class Table:
+    """Parsed input: column names in order, and each data row's cells with its line number."""
+
+    columns: tuple[str, ...]
+    rows: tuple[dict[str, str], ...]
+    lines: tuple[int, ...]
+
+
+def parse_csv(text: str, *, max_field_chars: int) -> Table:
+    """Parse CSV text whose header names a ``prompt`` column.
+
+    Handles a UTF-8 byte order mark, quoted commas and newlines, and fields up
+    to ``max_field_chars``. Blank lines are skipped. Raises ``InputError``.
+    """
+    text = text.removeprefix("\ufeff")
+    # The csv module's field limit is process-wide; it is only ever raised,
+    # never lowered, so concurrent parses cannot undercut each other.
+    if csv.field_size_limit() < max_field_chars:
+        csv.field_size_limit(max_field_chars)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next((row for row in reader if any(cell.strip() for cell in row)), None)
+        if header is None:
+            raise InputError("The CSV is empty: it needs a header line with a 'prompt' column.")
+        columns = _columns(header, reader.line_num)
+        rows: list[dict[str, str]] = []
+        lines: list[int] = []
+        while True:
+            # A quoted field may span lines: a row is named by the line it starts on.
+            line = reader.line_num + 1
+            row = next(reader, None)
+            if row is None:
+                break
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise InputError(
+                    f"CSV line {line}: expected {len(header)} fields, found {len(row)}.",
+                    [_row_error(len(rows) + 1, line, len(header), len(row))],
+                )
+            rows.append(
+                {name: cell for name, cell in zip(columns, row, strict=True) if name is not None}
+            )
+            lines.append(line)
+    except csv.Error as exc:
+        raise InputError(f"CSV line {reader.line_num}: {exc}.") from exc
+    if not rows:
+        raise InputError("The CSV has a header but no rows.")
+    return Table(tuple(name for name in columns if name is not None), tuple(rows), tuple(lines))
+
+
+def _columns(header: list[str], line: int) -> list[str | None]:
+    """Column names, known ones lower-cased; None for output columns to drop."""
+    columns: list[str | None] = []
+    seen: set[str] = set()
+    for position, raw in enumerate(header, start=1):
+        name = raw.strip()
+        if name.lower() in KNOWN_COLUMNS or name.lower() in RESERVED_COLUMNS:
+            name = name.lower()
+        if not name:
+            raise InputError(f"CSV line {line}: column {position} has no name.")
+        if name in seen:
+            raise InputError(f"CSV line {line}: column {name!r} appears twice.")
+        seen.add(name)
+        columns.append(None if name in RESERVED_COLUMNS else name)
+    if "prompt" not in seen:
+        raise InputError(f"CSV line {line}: the header has no 'prompt' column.")
+    return columns
+
+
+def _row_error(index: int, line: int, expected: int, found: int) -> FieldError:
+    return FieldError(
+        index=index, field=None, message=f"line {line}: expected {expected} fields, found {found}"
+    )

@@ -1,0 +1,223 @@
+"""The batch runner: dependency order, semaphores, timeouts, retries, outputs.
+
+Each accepted batch is one asyncio task. A semaphore of
+``max_concurrent_batches`` decides which batches run; the others stay
+``queued``. Inside a batch every execution is a task that first waits for the
+executions its prompt names, then for one of ``max_threads`` slots, then calls
+its model under ``execution_timeout_s`` (retries included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+from pathlib import Path
+
+from batchexec.config import Settings
+from batchexec.errors import ProviderError, ProviderNotConfiguredError, QueueFullError
+from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
+from batchexec.limits import ModelLimits
+from batchexec.planning import BatchPlan, PlannedRow
+from batchexec.providers import ChatRequest, Completion, Provider
+from batchexec.registry import Batch, BatchStatus, ExecutionStatus, Outcome, Registry
+from batchexec.retry import Attempts, RetryPolicy, call_with_retries
+from batchexec.templating import substitute
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Runs batches in the background; ``close()`` cancels what is still running."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        providers: Mapping[str, Provider],
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._providers = providers
+        self._batch_slots = asyncio.Semaphore(settings.max_concurrent_batches)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._limits = ModelLimits()
+        self._retry = RetryPolicy(max_retries=settings.max_retries)
+        self._rng = rng or random.Random()
+        self._closing = False
+
+    @property
+    def active(self) -> int:
+        """Batches accepted and not yet finished, queued ones included."""
+        return len(self._tasks)
+
+    def submit(self, owner: str, plan: BatchPlan, *, batch_id: str | None = None) -> Batch:
+        """Register ``plan`` as a batch of ``owner`` and start it in the background.
+
+        Raises ``QueueFullError`` when every batch slot is busy and
+        ``max_queued_batches`` batches already wait.
+        """
+        limit = self._settings.max_concurrent_batches + self._settings.max_queued_batches
+        if self._closing or len(self._tasks) >= limit:
+            raise QueueFullError("Too many batches are queued; try again later.")
+        batch = self._registry.add(owner, plan, batch_id=batch_id)
+        task = asyncio.create_task(self._run_batch(batch), name=f"batch-{batch.id}")
+        self._tasks[batch.id] = task
+        task.add_done_callback(lambda done: self._forget(batch.id, done))
+        return batch
+
+    async def join(self, batch_id: str) -> None:
+        """Wait until batch ``batch_id`` has finished; returns at once if it has."""
+        task = self._tasks.get(batch_id)
+        if task is not None:
+            # Shielded: a waiter that gives up must not cancel the batch.
+            await asyncio.shield(asyncio.wait([task]))
+
+    async def close(self) -> None:
+        """Refuse new batches, cancel running ones and wait until each has written its state."""
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _forget(self, batch_id: str, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(batch_id, None)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("batch %s: background task failed", batch_id, exc_info=error)
+
+    async def _run_batch(self, batch: Batch) -> None:
+        registry = self._registry
+        try:
+            async with self._batch_slots:
+                registry.start_batch(batch)
+                await self._run_rows(batch)
+                await self._write_outputs(batch)
+                registry.finish_batch(batch, BatchStatus.COMPLETED, _completed_message(batch))
+        except asyncio.CancelledError:
+            registry.cancel_unfinished(batch, "Cancelled before it finished.")
+            # Shielded: a second cancellation must not lose the partial results.
+            await asyncio.shield(self._write_outputs(batch))
+            registry.finish_batch(
+                batch, BatchStatus.CANCELLED, "Batch cancelled; finished executions kept."
+            )
+            raise
+        except Exception as exc:
+            log.exception("batch %s failed", batch.id)
+            registry.cancel_unfinished(batch, "The batch failed before this execution ended.")
+            registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed: {exc}")
+
+    async def _run_rows(self, batch: Batch) -> None:
+        ended = {row.index: asyncio.Event() for row in batch.plan.rows}
+        outputs: dict[int, str] = {}
+        in_flight = asyncio.Semaphore(self._settings.max_threads)
+        async with asyncio.TaskGroup() as group:
+            for row in batch.plan.rows:
+                group.create_task(self._run_row(batch, row, ended, outputs, in_flight))
+
+    async def _run_row(
+        self,
+        batch: Batch,
+        row: PlannedRow,
+        ended: Mapping[int, asyncio.Event],
+        outputs: dict[int, str],
+        in_flight: asyncio.Semaphore,
+    ) -> None:
+        try:
+            for index in sorted(row.depends_on):
+                await ended[index].wait()
+            missing = sorted(index for index in row.depends_on if index not in outputs)
+            if missing:
+                names = ", ".join(f"${{output.{index}}}" for index in missing)
+                outcome = Outcome(
+                    ExecutionStatus.SKIPPED, error=f"Skipped: {names} did not succeed."
+                )
+                self._registry.finish_execution(batch, row.index, outcome)
+                return
+            async with in_flight:
+                prompt = substitute(row.prompt, outputs)
+                self._registry.start_execution(batch, row.index, prompt)
+                outcome = await self._execute(row, prompt)
+                self._registry.finish_execution(batch, row.index, outcome)
+            if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
+                outputs[row.index] = outcome.result
+        finally:
+            ended[row.index].set()
+
+    async def _execute(self, row: PlannedRow, prompt: str) -> Outcome:
+        """One execution: its model call with retries, all under the execution timeout."""
+        target = row.target
+        request = ChatRequest(
+            prompt=prompt, system_prompt=target.system_prompt, params=target.params
+        )
+        loop = asyncio.get_running_loop()
+        timeout_s = self._settings.execution_timeout_s
+        started = loop.time()
+        attempts = Attempts()
+
+        def ended(status: ExecutionStatus, **fields: object) -> Outcome:
+            latency_ms = round((loop.time() - started) * 1000)
+            return Outcome(status, latency_ms=latency_ms, attempts=attempts.count, **fields)  # type: ignore[arg-type]
+
+        try:
+            async with asyncio.timeout(timeout_s):
+                completion = await call_with_retries(
+                    lambda: self._call(row, request),
+                    self._retry,
+                    attempts=attempts,
+                    deadline=started + timeout_s,
+                    rng=self._rng,
+                )
+        except TimeoutError:
+            return ended(ExecutionStatus.TIMED_OUT, error=f"Timed out after {timeout_s:g} s.")
+        except ProviderError as exc:
+            return ended(ExecutionStatus.FAILED, error=str(exc))
+        except Exception as exc:
+            # A provider bug fails its own row, never the whole batch.
+            log.exception(
+                "execution %d: unexpected error from %s", row.index, target.model.provider
+            )
+            return ended(ExecutionStatus.FAILED, error=f"Internal error: {type(exc).__name__}")
+        return ended(
+            ExecutionStatus.SUCCEEDED,
+            result=completion.text,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+        )
+
+    async def _call(self, row: PlannedRow, request: ChatRequest) -> Completion:
+        model = row.target.model
+        provider = self._providers.get(model.provider)
+        if provider is None:
+            raise ProviderNotConfiguredError(f"No provider named {model.provider!r}.")
+        missing = provider.missing_configuration(model)
+        if missing is not None:
+            raise ProviderNotConfiguredError(missing)
+        async with self._limits.call(model):
+            return await provider.complete(model, request)
+
+    async def _write_outputs(self, batch: Batch) -> None:
+        """Render the CSV and write the workbook, off the event loop."""
+        path = self._settings.results_dir / batch.file_name
+        csv_content = await asyncio.to_thread(_render_outputs, batch, path)
+        self._registry.set_outputs(batch, csv_content=csv_content, xlsx_name=path.name)
+
+
+def _render_outputs(batch: Batch, path: Path) -> str:
+    write_xlsx(path, results_sheet(batch))
+    return render_csv(csv_sheet(batch))
+
+
+def _completed_message(batch: Batch) -> str:
+    total = len(batch.executions)
+    succeeded = batch.counts[ExecutionStatus.SUCCEEDED]
+    errors = total - succeeded
+    if errors == 0:
+        return "Execution completed successfully."
+    if succeeded == 0:
+        return f"Execution completed, but all {total} executions failed."
+    noun = "error" if errors == 1 else "errors"
+    return f"Execution completed with {errors} {noun}."

@@ -1,0 +1,81 @@
+"""The project's exception tree.
+
+Foreign errors (aiohttp, pydantic, csv, provider wire errors) are mapped to
+these classes at the module boundary where they occur and raised ``from`` the
+original, so the rest of the code and the HTTP layer only ever see these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BatchexecError(Exception):
+    """Base class of every error batchexec raises on purpose."""
+
+
+class ConfigError(BatchexecError):
+    """A setting or the model catalog is invalid; the message names the culprit."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one row of a submitted batch."""
+
+    index: int | None
+    field: str | None
+    message: str
+
+
+class InputError(BatchexecError):
+    """A submitted batch is invalid; carries one entry per problem found."""
+
+    def __init__(self, detail: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class QueueFullError(BatchexecError):
+    """No room to queue another batch; the client should try again later."""
+
+
+class NotFoundError(BatchexecError):
+    """The batch or file does not exist, or belongs to another key."""
+
+
+class ProviderError(BatchexecError):
+    """A model provider could not give an answer.
+
+    ``status`` is the provider's HTTP status when there was one. Subclasses say
+    whether trying again may help.
+    """
+
+    retryable = False
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        if self.status is None:
+            return self.message
+        return f"{self.message} (HTTP {self.status})"
+
+
+class RetryableProviderError(ProviderError):
+    """Rate limits, overload, server errors, dropped connections: worth another try."""
+
+    retryable = True
+
+
+class FatalProviderError(ProviderError):
+    """Bad request, bad credentials, unknown model, refused content: retrying won't help."""
+
+
+class ProviderNotConfiguredError(FatalProviderError):
+    """The provider a model needs has no credentials or address configured."""

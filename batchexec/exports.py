@@ -1,0 +1,176 @@
+"""The batch's outputs: CSV content and the XLSX workbook."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import xlsxwriter
+
+from batchexec.csvinput import OUTPUT_COLUMNS
+from batchexec.planning import BatchPlan
+from batchexec.registry import Batch, Execution, ExecutionStatus
+
+#: Excel refuses longer cell text.
+XLSX_CELL_LIMIT = 32_767
+_TRUNCATED = "… [truncated by batchexec: {} characters in all]"
+_MAX_WIDTH = 80
+_SHEET = "Results"
+
+
+@dataclass(frozen=True)
+class Sheet:
+    """A header and rows of cells; strings are user or model text, ints are ours."""
+
+    header: list[str]
+    rows: list[list[str | int | None]]
+
+
+def result_text(execution: Execution) -> str:
+    """The ``result`` cell: the answer, ``Error: <message>`` for a row that failed, else empty."""
+    if execution.status is ExecutionStatus.SUCCEEDED:
+        return execution.result or ""
+    if execution.error:
+        return f"Error: {execution.error}"
+    return ""
+
+
+def _input_cells(batch: Batch, position: int) -> list[str]:
+    """A row's input cells as run.
+
+    ``prompt`` shows the prompt as sent, with ``${output.n}`` filled in; a
+    blank ``model`` shows the model that ran, unless an assistant did.
+    """
+    row = batch.plan.rows[position]
+    sent = batch.executions[position].prompt_sent
+    cells = []
+    for column in batch.plan.columns:
+        value = row.cells.get(column, "")
+        if column == "prompt" and sent is not None:
+            value = sent
+        elif column == "model" and not value.strip() and row.target.assistant is None:
+            value = row.target.model.name
+        cells.append(value)
+    return cells
+
+
+def csv_sheet(batch: Batch) -> Sheet:
+    """The ``csv_content`` table: the input columns, then ``result``."""
+    plan = batch.plan
+    rows: list[list[str | int | None]] = [
+        [*_input_cells(batch, position), result_text(execution)]
+        for position, execution in enumerate(batch.executions)
+    ]
+    return Sheet([*plan.columns, "result"], rows)
+
+
+def results_sheet(batch: Batch) -> Sheet:
+    """The workbook's table: the input columns, then ``OUTPUT_COLUMNS``.
+
+    ``model`` is added only when the input has no such column; the input's own
+    ``model`` cells already show the model that ran.
+    """
+    plan = batch.plan
+    extra = [name for name in OUTPUT_COLUMNS if name != "model" or name not in plan.columns]
+    rows: list[list[str | int | None]] = []
+    for position, execution in enumerate(batch.executions):
+        values: dict[str, str | int | None] = {
+            "result": result_text(execution),
+            "status": execution.status.value,
+            "error": execution.error or "",
+            "model": execution.model,
+            "latency_ms": execution.latency_ms,
+            "attempts": execution.attempts,
+            "prompt_tokens": execution.prompt_tokens,
+            "completion_tokens": execution.completion_tokens,
+        }
+        rows.append([*_input_cells(batch, position), *(values[name] for name in extra)])
+    return Sheet([*plan.columns, *extra], rows)
+
+
+def template_sheet(plan: BatchPlan) -> Sheet:
+    """The workbook ``process_csv`` writes before running: input rows, an empty ``result``."""
+    rows: list[list[str | int | None]] = [
+        [*(row.cells.get(column, "") for column in plan.columns), ""] for row in plan.rows
+    ]
+    return Sheet([*plan.columns, "result"], rows)
+
+
+def render_csv(sheet: Sheet) -> str:
+    """``sheet`` as CSV text that round-trips through ``csv.DictReader``."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(sheet.header)
+    writer.writerows(["" if cell is None else cell for cell in row] for row in sheet.rows)
+    return buffer.getvalue()
+
+
+def write_xlsx(path: Path, sheet: Sheet) -> None:
+    """Write ``sheet`` to ``path`` atomically: to a temporary name in the same folder, then renamed.
+
+    Blocking; call it through ``asyncio.to_thread``. Every string is written as
+    a string cell, never as a formula, link or number.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".xlsx", dir=path.parent)
+    os.close(fd)
+    try:
+        _write_workbook(temporary, sheet)
+        # mkstemp makes the file private; a results file is meant to be served.
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _write_workbook(filename: str, sheet: Sheet) -> None:
+    workbook = xlsxwriter.Workbook(
+        filename,
+        {
+            "constant_memory": True,
+            "strings_to_formulas": False,
+            "strings_to_urls": False,
+            "strings_to_numbers": False,
+        },
+    )
+    try:
+        bold = workbook.add_format({"bold": True, "text_wrap": True, "valign": "top"})
+        wrapped = workbook.add_format({"text_wrap": True, "valign": "top"})
+        worksheet = workbook.add_worksheet(_SHEET)
+        for column, width in enumerate(_widths(sheet)):
+            worksheet.set_column(column, column, width, wrapped)
+        worksheet.write_row(0, 0, sheet.header, bold)
+        worksheet.freeze_panes(1, 0)
+        worksheet.autofilter(0, 0, max(len(sheet.rows), 1), len(sheet.header) - 1)
+        for row_number, row in enumerate(sheet.rows, start=1):
+            for column, cell in enumerate(row):
+                if isinstance(cell, int):
+                    worksheet.write_number(row_number, column, cell)
+                elif cell:
+                    worksheet.write_string(row_number, column, _fit(cell), wrapped)
+    finally:
+        workbook.close()
+
+
+def _fit(text: str) -> str:
+    """``text`` cut to Excel's cell limit, with a marker saying so."""
+    if len(text) <= XLSX_CELL_LIMIT:
+        return text
+    marker = _TRUNCATED.format(len(text))
+    return text[: XLSX_CELL_LIMIT - len(marker)] + marker
+
+
+def _widths(sheet: Sheet, sample: int = 200) -> list[float]:
+    """Column widths from the header and the first rows: enough to read, capped."""
+    widths = [float(max(len(name), 8)) for name in sheet.header]
+    for row in sheet.rows[:sample]:
+        for column, cell in enumerate(row):
+            if cell is not None:
+                longest = max((len(line) for line in str(cell).splitlines()), default=0)
+                widths[column] = max(widths[column], float(min(longest, _MAX_WIDTH)))
+    return [width + 2 for width in widths]

@@ -1,0 +1,55 @@
+"""Per-model limits shared by all batches: calls in flight and requests per minute."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from batchexec.catalog import ModelSpec, fold
+
+
+class _Pacer:
+    """Spaces requests evenly, ``60 / rpm`` seconds apart, instead of letting bursts through."""
+
+    def __init__(self, rpm: float) -> None:
+        self._interval_s = 60.0 / rpm
+        self._next_s = 0.0
+
+    async def wait(self) -> None:
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._next_s)
+        self._next_s = start + self._interval_s
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class ModelLimits:
+    """Holds one semaphore and one pacer per model that asks for them in the catalog."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._pacers: dict[str, _Pacer] = {}
+
+    @asynccontextmanager
+    async def call(self, model: ModelSpec) -> AsyncIterator[None]:
+        """Held around each request to ``model``; waits for a slot, then for the pacer."""
+        key = fold(model.name)
+        if model.max_concurrency is None:
+            if model.rpm is not None:
+                await self._pacer(key, model.rpm).wait()
+            yield
+            return
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = asyncio.Semaphore(model.max_concurrency)
+        async with slot:
+            if model.rpm is not None:
+                await self._pacer(key, model.rpm).wait()
+            yield
+
+    def _pacer(self, key: str, rpm: float) -> _Pacer:
+        pacer = self._pacers.get(key)
+        if pacer is None:
+            pacer = self._pacers[key] = _Pacer(rpm)
+        return pacer

@@ -1,0 +1,125 @@
+"""Submitted rows to a validated batch plan, or every problem with them at once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from batchexec.catalog import Catalog, Target, UnknownNameError
+from batchexec.csvinput import RESERVED_COLUMNS
+from batchexec.errors import FieldError, InputError
+from batchexec.templating import TemplateError, references
+
+
+@dataclass(frozen=True)
+class RowInput:
+    """One execution as submitted: its prompt, model or assistant, and every input cell."""
+
+    prompt: str
+    model: str | None = None
+    assistant: str | None = None
+    cells: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    """One validated execution."""
+
+    index: int
+    prompt: str
+    target: Target
+    depends_on: frozenset[int]
+    cells: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A validated batch: its input columns and rows, ready to run."""
+
+    columns: tuple[str, ...]
+    rows: tuple[PlannedRow, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The submission limits a plan is checked against."""
+
+    max_executions: int
+    max_prompt_length: int
+    default_model: str
+
+
+def plan_batch(
+    rows: Sequence[RowInput], columns: Sequence[str], catalog: Catalog, limits: Limits
+) -> BatchPlan:
+    """Validate ``rows`` before any model is called; raises ``InputError`` listing each problem."""
+    if not rows:
+        raise InputError(
+            "The batch has no executions.", [FieldError(None, "executions", "must not be empty")]
+        )
+    if len(rows) > limits.max_executions:
+        message = f"The batch has {len(rows)} executions; the limit is {limits.max_executions}."
+        raise InputError(message, [FieldError(None, "executions", message)])
+    errors: list[FieldError] = []
+    planned: list[PlannedRow] = []
+    for index, row in enumerate(rows, start=1):
+        problems = _check_row(index, row, catalog, limits)
+        if isinstance(problems, list):
+            errors.extend(problems)
+        else:
+            planned.append(problems)
+    if errors:
+        noun = "execution is" if len({e.index for e in errors}) == 1 else "executions are"
+        raise InputError(f"{len({e.index for e in errors})} {noun} invalid.", errors)
+    kept = tuple(name for name in columns if name not in RESERVED_COLUMNS)
+    return BatchPlan(columns=kept, rows=tuple(planned))
+
+
+def _check_row(
+    index: int, row: RowInput, catalog: Catalog, limits: Limits
+) -> PlannedRow | list[FieldError]:
+    errors: list[FieldError] = []
+    prompt = row.prompt
+    if not prompt.strip():
+        errors.append(FieldError(index, "prompt", "must not be empty"))
+    elif len(prompt) > limits.max_prompt_length:
+        errors.append(
+            FieldError(
+                index,
+                "prompt",
+                f"is {len(prompt)} characters; the limit is {limits.max_prompt_length}",
+            )
+        )
+    depends_on: frozenset[int] = frozenset()
+    try:
+        depends_on = references(prompt)
+    except TemplateError as exc:
+        errors.append(FieldError(index, "prompt", str(exc)))
+    for ref in sorted(depends_on):
+        if ref >= index:
+            errors.append(
+                FieldError(
+                    index,
+                    "prompt",
+                    f"${{output.{ref}}} must name an earlier execution (1 to {index - 1})"
+                    if index > 1
+                    else f"${{output.{ref}}}: the first execution cannot use an earlier output",
+                )
+            )
+    model = (row.model or "").strip() or None
+    assistant = (row.assistant or "").strip() or None
+    target: Target | None = None
+    if model and assistant:
+        errors.append(FieldError(index, "assistant", "set either model or assistant, not both"))
+    else:
+        try:
+            target = catalog.resolve(
+                model=model, assistant=assistant, default_model=limits.default_model
+            )
+        except UnknownNameError as exc:
+            field = "assistant" if assistant else "model"
+            errors.append(FieldError(index, field, str(exc)))
+    if errors or target is None:
+        return errors
+    cells = dict(row.cells) if row.cells is not None else {}
+    return PlannedRow(index=index, prompt=prompt, target=target, depends_on=depends_on, cells=cells)

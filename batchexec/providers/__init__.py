@@ -1,0 +1,29 @@
+"""Model providers, one module each, behind the ``Provider`` interface."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from batchexec.config import Settings
+from batchexec.providers.anthropic import AnthropicProvider
+from batchexec.providers.base import ChatRequest, Completion, Provider
+from batchexec.providers.echo import EchoProvider
+from batchexec.providers.ollama import OllamaProvider
+from batchexec.providers.openai import OpenAIProvider
+from batchexec.providers.watsonx import WatsonxProvider
+
+__all__ = ["BUILTIN_PROVIDERS", "ChatRequest", "Completion", "Provider", "build_providers"]
+
+#: Every built-in provider class; its ``name`` is the catalog's ``provider`` value.
+BUILTIN_PROVIDERS: tuple[type[Provider], ...] = (
+    EchoProvider,
+    OpenAIProvider,
+    WatsonxProvider,
+    AnthropicProvider,
+    OllamaProvider,
+)
+
+
+def build_providers(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Provider]:
+    """One instance of each built-in provider, sharing the app's client session."""
+    return {cls.name: cls(settings, session) for cls in BUILTIN_PROVIDERS}

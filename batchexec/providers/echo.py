@@ -1,0 +1,19 @@
+"""The built-in ``echo`` provider: answers with the prompt it was sent."""
+
+from __future__ import annotations
+
+import asyncio
+
+from batchexec.catalog import ModelSpec
+from batchexec.providers.base import ChatRequest, Completion, Provider
+
+
+class EchoProvider(Provider):
+    """Needs no network; ``latency_s`` in the catalog entry simulates a slow model."""
+
+    name = "echo"
+
+    async def complete(self, model: ModelSpec, request: ChatRequest) -> Completion:
+        if model.latency_s > 0:
+            await asyncio.sleep(model.latency_s)
+        return Completion(text=request.prompt)

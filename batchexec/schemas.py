@@ -1,0 +1,145 @@
+"""Request and response bodies of the HTTP API.
+
+Field names of the original Batch Execution Integration (``invocationId``,
+``csv_content``, ``xlsx_path``, ``xlsx_url``) are part of its contract and kept
+as they were; fields added since are snake_case.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from batchexec.registry import BatchStatus, ExecutionStatus
+
+
+class ExecutionIn(BaseModel):
+    """One execution of ``execute_batch``; keys besides these are kept as extra columns."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: StrictStr
+    model: StrictStr | None = None
+    assistant: StrictStr | None = None
+
+    def extra_cells(self) -> dict[str, str]:
+        """Extra keys as text cells: scalars as they read, lists and objects as JSON."""
+        return {key: _cell(value) for key, value in (self.model_extra or {}).items()}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+class ExecuteBatchRequest(BaseModel):
+    """Body of ``POST /experience/batch_execution/execute_batch/invoke``."""
+
+    executions: list[ExecutionIn]
+
+
+class ProcessCsvRequest(BaseModel):
+    """Body of ``POST /system/batch_execution/process_csv/invoke``."""
+
+    csv_content: StrictStr
+    execute: StrictBool = False
+
+
+class ResultsRequest(BaseModel):
+    """Body of ``POST /system/batch_execution/results``."""
+
+    invocation_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
+class Message(BaseModel):
+    """One entry of ``response``."""
+
+    message: str
+    type: Literal["text"] = "text"
+
+
+class InvokeResponse(BaseModel):
+    """Answer to ``execute_batch``."""
+
+    status: Literal["success"] = "success"
+    invocationId: str  # the original contract's name
+    response: list[Message]
+
+
+class ProcessCsvResponse(InvokeResponse):
+    """Answer to ``process_csv``: also where its workbook is."""
+
+    xlsx_path: str
+    xlsx_url: str
+
+
+class Progress(BaseModel):
+    """How many executions are in each state; the counts add up to ``total``."""
+
+    total: int
+    succeeded: int
+    failed: int
+    skipped: int
+    cancelled: int
+    running: int
+    pending: int
+
+
+class ExecutionOut(BaseModel):
+    """One execution as the results route reports it."""
+
+    index: int
+    status: ExecutionStatus
+    result: str | None
+    error: str | None
+    model: str
+    latency_ms: int | None
+    attempts: int
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ResultsResponse(BaseModel):
+    """Answer to the results route."""
+
+    status: BatchStatus
+    invocationId: str  # the original contract's name
+    message: str
+    xlsx_url: str | None = None
+    csv_content: str | None = None
+    progress: Progress
+    executions: list[ExecutionOut]
+
+
+class ModelOut(BaseModel):
+    """One catalog model; never carries a secret."""
+
+    name: str
+    aliases: list[str]
+    provider: str
+    model_id: str
+    description: str | None
+    configured: bool
+
+
+class AssistantOut(BaseModel):
+    """One catalog assistant."""
+
+    name: str
+    aliases: list[str]
+    model: str
+    description: str | None
+    configured: bool
+
+
+class CatalogResponse(BaseModel):
+    """Answer to ``GET /system/batch_execution/models``."""
+
+    default_model: str
+    models: list[ModelOut]
+    assistants: list[AssistantOut]

@@ -1,0 +1,293 @@
+"""Route handlers: parse with pydantic, call the engine or registry, answer with a model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from batchexec.csvinput import parse_csv
+from batchexec.errors import InputError, NotFoundError
+from batchexec.exports import template_sheet, write_xlsx
+from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
+from batchexec.registry import Batch, ExecutionStatus
+from batchexec.schemas import (
+    AssistantOut,
+    CatalogResponse,
+    ExecuteBatchRequest,
+    ExecutionOut,
+    InvokeResponse,
+    Message,
+    ModelOut,
+    ProcessCsvRequest,
+    ProcessCsvResponse,
+    Progress,
+    ResultsRequest,
+    ResultsResponse,
+)
+from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
+
+_Body = TypeVar("_Body", bound=BaseModel)
+XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+#: CSV bodies above this are parsed off the event loop.
+_INLINE_CSV_CHARS = 64 * 1024
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: answers without an API key."""
+    return web.json_response({"status": "ok"})
+
+
+async def execute_batch(request: web.Request) -> web.Response:
+    """Validate a batch of executions and start it in the background."""
+    body = await _parse(request, ExecuteBatchRequest)
+    columns = ["prompt", "model"]
+    if any(execution.assistant for execution in body.executions):
+        columns.append("assistant")
+    rows = []
+    for execution in body.executions:
+        extra = execution.extra_cells()
+        columns += [name for name in extra if name not in columns]
+        cells = {"prompt": execution.prompt, "model": execution.model or ""}
+        cells["assistant"] = execution.assistant or ""
+        rows.append(
+            RowInput(
+                prompt=execution.prompt,
+                model=execution.model,
+                assistant=execution.assistant,
+                cells={**extra, **cells},
+            )
+        )
+    plan = _plan(request, rows, columns)
+    batch = request.app[ENGINE].submit(request[OWNER], plan)
+    message = (
+        f"Batch execution started. Use invocation ID {batch.id} "
+        "to check status and retrieve results."
+    )
+    return _answer(InvokeResponse(invocationId=batch.id, response=[Message(message=message)]))
+
+
+async def process_csv(request: web.Request) -> web.Response:
+    """Parse a CSV, write its XLSX template and, with ``execute``, start the batch."""
+    body = await _parse(request, ProcessCsvRequest)
+    settings = request.app[SETTINGS]
+    max_field_chars = max(settings.max_prompt_length, settings.max_body_bytes)
+    if len(body.csv_content) > _INLINE_CSV_CHARS:
+        table = await asyncio.to_thread(
+            parse_csv, body.csv_content, max_field_chars=max_field_chars
+        )
+    else:
+        table = parse_csv(body.csv_content, max_field_chars=max_field_chars)
+    rows = [
+        RowInput(
+            prompt=cells["prompt"],
+            model=cells.get("model"),
+            assistant=cells.get("assistant"),
+            cells=cells,
+        )
+        for cells in table.rows
+    ]
+    try:
+        plan = _plan(request, rows, table.columns)
+    except InputError as exc:
+        raise _with_csv_lines(exc, table.lines) from None
+    registry = request.app[REGISTRY]
+    batch_id = registry.new_id()
+    file_name = Batch.file_name_for(batch_id)
+    await asyncio.to_thread(write_xlsx, settings.results_dir / file_name, template_sheet(plan))
+    registry.add_file(file_name, request[OWNER])
+    count = f"{len(plan.rows)} row{'s' if len(plan.rows) != 1 else ''}"
+    if body.execute:
+        request.app[ENGINE].submit(request[OWNER], plan, batch_id=batch_id)
+        message = (
+            f"CSV processed: {count}. Batch execution started. Use invocation ID "
+            f"{batch_id} to check status and retrieve results."
+        )
+    else:
+        message = f"CSV processed: {count} written to the XLSX template."
+    return _answer(
+        ProcessCsvResponse(
+            invocationId=batch_id,
+            response=[Message(message=message)],
+            xlsx_path=f"{settings.public_dir.as_posix()}/batch_execution_results/{file_name}",
+            xlsx_url=_xlsx_url(request, file_name),
+        )
+    )
+
+
+async def results(request: web.Request) -> web.Response:
+    """A batch's status, progress, finished executions and, once ended, its outputs."""
+    body = await _parse(request, ResultsRequest)
+    batch = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    has_outputs = batch.status.finished and batch.xlsx_name is not None
+    return _answer(
+        ResultsResponse(
+            status=batch.status,
+            invocationId=batch.id,
+            message=batch.message,
+            xlsx_url=_xlsx_url(request, batch.xlsx_name)
+            if has_outputs and batch.xlsx_name
+            else None,
+            csv_content=batch.csv_content if has_outputs else None,
+            progress=_progress(batch),
+            executions=[
+                ExecutionOut(
+                    index=execution.index,
+                    status=execution.status,
+                    result=execution.result,
+                    error=execution.error,
+                    model=execution.model,
+                    latency_ms=execution.latency_ms,
+                    attempts=execution.attempts,
+                    prompt_tokens=execution.prompt_tokens,
+                    completion_tokens=execution.completion_tokens,
+                )
+                for execution in batch.executions
+                if execution.status.finished
+            ],
+        )
+    )
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """A workbook of the caller's, by its plain file name; anything else is 404."""
+    name = request.match_info["file_name"]
+    request.app[REGISTRY].check_file(name, request[OWNER])
+    folder = request.app[SETTINGS].results_dir
+    path = _inside(folder, name)
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": XLSX_CONTENT_TYPE,
+            "Content-Disposition": f'attachment; filename="{name}"',
+        },
+    )
+
+
+async def models(request: web.Request) -> web.Response:
+    """The model catalog: names, aliases, provider and whether it is ready; never a secret."""
+    catalog = request.app[CATALOG]
+    providers = request.app[PROVIDERS]
+
+    def configured(provider_name: str, model_name: str) -> bool:
+        provider = providers.get(provider_name)
+        return (
+            provider is not None
+            and provider.missing_configuration(catalog.model(model_name)) is None
+        )
+
+    model_list = [
+        ModelOut(
+            name=model.name,
+            aliases=list(model.aliases),
+            provider=model.provider,
+            model_id=model.wire_id,
+            description=model.description,
+            configured=configured(model.provider, model.name),
+        )
+        for model in catalog.models
+    ]
+    assistant_list = [
+        AssistantOut(
+            name=assistant.name,
+            aliases=list(assistant.aliases),
+            model=catalog.model(assistant.model).name,
+            description=assistant.description,
+            configured=configured(catalog.model(assistant.model).provider, assistant.model),
+        )
+        for assistant in catalog.assistants
+    ]
+    return _answer(
+        CatalogResponse(
+            default_model=request.app[SETTINGS].default_model,
+            models=model_list,
+            assistants=assistant_list,
+        )
+    )
+
+
+async def _parse(request: web.Request, model: type[_Body]) -> _Body:
+    """The JSON body as ``model``: 400 when it is not JSON, 422 when it does not fit."""
+    raw = await request.read()
+    if not raw.strip():
+        raise InputError("The request body is empty; send a JSON object.")
+    try:
+        data: Any = json.loads(raw)
+    except UnicodeDecodeError:
+        raise web.HTTPBadRequest(text="The request body is not UTF-8 JSON.") from None
+    if not isinstance(data, dict):
+        raise InputError("The request body must be a JSON object.")
+    return model.model_validate(data)
+
+
+def _plan(request: web.Request, rows: list[RowInput], columns: Any) -> BatchPlan:
+    settings = request.app[SETTINGS]
+    limits = Limits(
+        max_executions=settings.max_executions_per_batch,
+        max_prompt_length=settings.max_prompt_length,
+        default_model=settings.default_model,
+    )
+    return plan_batch(rows, list(columns), request.app[CATALOG], limits)
+
+
+def _with_csv_lines(exc: InputError, lines: tuple[int, ...]) -> InputError:
+    """The same problems, each message naming the CSV line of its row."""
+    errors = [
+        replace(error, message=f"line {lines[error.index - 1]}: {error.message}")
+        if error.index is not None and error.index <= len(lines)
+        else error
+        for error in exc.errors
+    ]
+    return InputError(exc.detail, errors)
+
+
+def _answer(body: BaseModel) -> web.Response:
+    return web.json_response(body.model_dump(mode="json"))
+
+
+def _xlsx_url(request: web.Request, file_name: str) -> str:
+    """Public URL of a workbook: from ``SERVER_NAME``, else the request and the mount prefix."""
+    server_name = request.app[SETTINGS].server_name
+    if server_name:
+        return f"{server_name}/public/batch_execution_results/{file_name}"
+    path = request.app.router["download"].url_for(file_name=file_name)
+    return str(request.url.origin().join(path))
+
+
+def _progress(batch: Batch) -> Progress:
+    counts = batch.counts
+    return Progress(
+        total=len(batch.executions),
+        succeeded=counts[ExecutionStatus.SUCCEEDED],
+        failed=counts[ExecutionStatus.FAILED] + counts[ExecutionStatus.TIMED_OUT],
+        skipped=counts[ExecutionStatus.SKIPPED],
+        cancelled=counts[ExecutionStatus.CANCELLED],
+        running=counts[ExecutionStatus.RUNNING],
+        pending=counts[ExecutionStatus.PENDING],
+    )
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name`` if ``name`` is a plain file name of a regular file there, else 404."""
+    if (
+        not name
+        or name != Path(name).name
+        or name.startswith(".")
+        or "\\" in name
+        or "\x00" in name
+    ):
+        raise NotFoundError("File not found")
+    path = folder / name
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise NotFoundError("File not found")
+        if path.resolve().parent != folder.resolve():
+            raise NotFoundError("File not found")
+    except OSError:
+        raise NotFoundError("File not found") from None
+    return path

@@ -1,0 +1,22 @@
+"""Every typed key under which the app and its requests keep shared objects."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from batchexec.catalog import Catalog
+from batchexec.config import Settings
+from batchexec.engine import Engine
+from batchexec.providers import Provider
+from batchexec.registry import Registry
+
+SETTINGS = web.AppKey("settings", Settings)
+CATALOG = web.AppKey("catalog", Catalog)
+REGISTRY = web.AppKey("registry", Registry)
+CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
+PROVIDERS: web.AppKey[dict[str, Provider]] = web.AppKey("providers")
+ENGINE = web.AppKey("engine", Engine)
+
+#: Who is calling: a digest of the API key, so the raw key is never stored.
+OWNER = web.RequestKey("owner", str)

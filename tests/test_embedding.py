@@ -1,0 +1,75 @@
+"""batchexec mounted as a sub-app of another aiohttp application."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from batchexec import create_app
+from batchexec.registry import BatchStatus
+from batchexec.web.keys import ENGINE, PROVIDERS, REGISTRY
+from tests.conftest import API_KEY, AUTH, owner_digest
+from tests.fakes import GatedProvider
+
+
+async def test_subapp_serves_under_its_prefix_and_stops_cleanly(
+    aiohttp_client, make_settings, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    parent = web.Application()
+    batch_app = create_app(make_settings(), extra_providers=[GatedProvider])
+    parent.add_subapp("/batch", batch_app)
+    client = await aiohttp_client(parent)
+
+    response = await client.post(
+        "/batch/experience/batch_execution/execute_batch/invoke",
+        json={"executions": [{"prompt": "hello", "model": "echo"}]},
+        headers=AUTH,
+    )
+    assert response.status == 200
+    done_id = (await response.json())["invocationId"]
+    await batch_app[ENGINE].join(done_id)
+    response = await client.post(
+        "/batch/system/batch_execution/results", json={"invocation_id": done_id}, headers=AUTH
+    )
+    body = await response.json()
+    prefix = str(client.make_url("/batch/public/batch_execution_results/"))
+    assert body["xlsx_url"] == f"{prefix}batch_execution_{done_id}.xlsx"
+    download = await client.get(
+        body["xlsx_url"].removeprefix(str(client.make_url(""))), headers=AUTH
+    )
+    assert download.status == 200
+    assert (await client.get("/batch/health")).status == 200
+
+    response = await client.post(
+        "/batch/experience/batch_execution/execute_batch/invoke",
+        json={"executions": [{"prompt": "never answered", "model": "gated"}]},
+        headers=AUTH,
+    )
+    running_id = (await response.json())["invocationId"]
+    provider = batch_app[PROVIDERS]["gated"]
+    assert isinstance(provider, GatedProvider)
+    await provider.wait_started(1)
+
+    await client.close()
+
+    batch = batch_app[REGISTRY].get(running_id, owner_digest(API_KEY))
+    assert batch.status is BatchStatus.CANCELLED
+    assert batch.executions[0].status.value == "cancelled"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "Task was destroyed" not in caplog.text
+
+
+async def test_server_name_sets_the_public_url(make_client):
+    client = await make_client(server_name="https://batch.example.com/prefix/")
+    response = await client.post(
+        "/system/batch_execution/process_csv/invoke",
+        json={"csv_content": "prompt\nhi\n"},
+        headers=AUTH,
+    )
+    body = await response.json()
+    assert body["xlsx_url"] == (
+        "https://batch.example.com/prefix/public/batch_execution_results/"
+        f"batch_execution_{body['invocationId']}.xlsx"
+    )

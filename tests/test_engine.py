@@ -1,0 +1,189 @@
+"""The engine's scheduling: dependency order, in-flight limits, timeouts, queueing, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchexec.catalog import Catalog
+from batchexec.config import Settings
+from batchexec.engine import Engine
+from batchexec.errors import QueueFullError
+from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
+from batchexec.providers.echo import EchoProvider
+from batchexec.registry import Batch, BatchStatus, ExecutionStatus, Registry
+from tests.fakes import GATED_CATALOG, GatedProvider
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    path = tmp_path / "models.toml"
+    path.write_text(GATED_CATALOG)
+    return Catalog.load(path)
+
+
+def plan(catalog: Catalog, *prompts: str, model: str = "gated") -> BatchPlan:
+    rows = [RowInput(prompt=prompt, model=model) for prompt in prompts]
+    limits = Limits(max_executions=10_000, max_prompt_length=10_000, default_model="echo")
+    return plan_batch(rows, ["prompt", "model"], catalog, limits)
+
+
+class Harness:
+    """An engine over a registry, with the gated provider and echo."""
+
+    def __init__(self, tmp_path: Path, **overrides: Any) -> None:
+        overrides.setdefault("public_dir", tmp_path / "public")
+        self.settings = Settings(_env_file=None, **overrides)
+        self.registry = Registry()
+        self.gated = GatedProvider(self.settings, None)
+        providers = {"gated": self.gated, "echo": EchoProvider(self.settings, None)}  # type: ignore[arg-type]
+        self.engine = Engine(self.settings, self.registry, providers)
+
+    def statuses(self, batch: Batch) -> list[str]:
+        return [execution.status.value for execution in batch.executions]
+
+
+@pytest.fixture
+async def make_harness(tmp_path: Path):
+    harnesses: list[Harness] = []
+
+    def make(**overrides: Any) -> Harness:
+        harness = Harness(tmp_path, **overrides)
+        harnesses.append(harness)
+        return harness
+
+    yield make
+    for harness in harnesses:
+        await harness.engine.close()
+
+
+async def test_independent_rows_fill_every_slot_and_no_more(make_harness, catalog):
+    harness = make_harness(max_threads=8)
+    batch = harness.engine.submit("owner", plan(catalog, *(f"p{i}" for i in range(16))))
+    await harness.gated.wait_started(8)
+    await asyncio.sleep(0)  # give any ninth call its chance to start
+    assert len(harness.gated.started) == 8
+    assert harness.gated.max_in_flight == 8
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    assert harness.gated.max_in_flight == 8
+    assert sorted(harness.gated.finished) == sorted(f"p{i}" for i in range(16))
+    assert batch.status is BatchStatus.COMPLETED
+
+
+async def test_a_chain_waits_only_for_its_own_links(make_harness, catalog):
+    harness = make_harness(max_threads=8)
+    prompts = [
+        "c1",
+        "c2 after ${output.1}",
+        "c3 after ${output.2}",
+        "c4 after ${output.3}",
+        "i5",
+        "i6",
+        "i7",
+    ]
+    batch = harness.engine.submit("owner", plan(catalog, *prompts))
+    await harness.gated.wait_started(4)
+    # The chain's head and every independent row run at once; links 2-4 wait.
+    assert sorted(harness.gated.started) == ["c1", "i5", "i6", "i7"]
+    harness.gated.open("c1")
+    await harness.gated.wait_started(5)
+    assert harness.gated.started[-1] == "c2 after answer(c1)"
+    harness.gated.open("c2 after answer(c1)")
+    await harness.gated.wait_started(6)
+    assert harness.gated.started[-1] == "c3 after answer(c2 after answer(c1))"
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    assert harness.statuses(batch) == ["succeeded"] * 7
+
+
+async def test_failed_dependency_skips_its_dependents_only(make_harness, catalog):
+    harness = make_harness()
+    prompts = ["fail: one", "uses ${output.1}", "uses ${output.2}", "independent"]
+    batch = harness.engine.submit("owner", plan(catalog, *prompts))
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    assert harness.statuses(batch) == ["failed", "skipped", "skipped", "succeeded"]
+    assert batch.executions[1].error == "Skipped: ${output.1} did not succeed."
+    assert batch.executions[2].error == "Skipped: ${output.2} did not succeed."
+    assert harness.gated.started == ["fail: one", "independent"]
+    assert batch.status is BatchStatus.COMPLETED
+    assert batch.message == "Execution completed with 3 errors."
+
+
+async def test_timeout_ends_the_row_not_the_batch(make_harness, catalog):
+    harness = make_harness(execution_timeout_s=0.05)
+    batch = harness.engine.submit("owner", plan(catalog, "stuck", "after ${output.1}", "free"))
+    harness.gated.open("free")
+    await harness.engine.join(batch.id)
+    assert harness.statuses(batch) == ["timed_out", "skipped", "succeeded"]
+    assert batch.executions[0].error == "Timed out after 0.05 s."
+    assert batch.executions[0].attempts == 1
+    assert batch.status is BatchStatus.COMPLETED
+
+
+async def test_batches_beyond_the_running_limit_queue_then_refuse(make_harness, catalog):
+    harness = make_harness(max_concurrent_batches=1, max_queued_batches=1)
+    first = harness.engine.submit("owner", plan(catalog, "first"))
+    second = harness.engine.submit("owner", plan(catalog, "second"))
+    await harness.gated.wait_started(1)
+    assert first.status is BatchStatus.PROCESSING
+    assert second.status is BatchStatus.QUEUED
+    with pytest.raises(QueueFullError):
+        harness.engine.submit("owner", plan(catalog, "third"))
+    harness.gated.open()
+    await harness.engine.join(first.id)
+    await harness.engine.join(second.id)
+    assert second.status is BatchStatus.COMPLETED
+    third = harness.engine.submit("owner", plan(catalog, "third"))
+    await harness.engine.join(third.id)
+    assert third.status is BatchStatus.COMPLETED
+
+
+async def test_close_cancels_running_batches_and_keeps_what_finished(make_harness, catalog):
+    harness = make_harness()
+    batch = harness.engine.submit("owner", plan(catalog, "done", "stuck"))
+    harness.gated.open("done")
+    await harness.gated.wait_started(2)
+    while batch.executions[0].status is not ExecutionStatus.SUCCEEDED:
+        await asyncio.sleep(0)
+    await harness.engine.close()
+    assert batch.status is BatchStatus.CANCELLED
+    assert harness.statuses(batch) == ["succeeded", "cancelled"]
+    assert batch.csv_content == "prompt,model,result\ndone,gated,answer(done)\n" + (
+        "stuck,gated,Error: Cancelled before it finished.\n"
+    )
+    assert batch.xlsx_name is not None
+    assert (harness.settings.results_dir / batch.xlsx_name).is_file()
+    with pytest.raises(QueueFullError):
+        harness.engine.submit("owner", plan(catalog, "late"))
+
+
+async def test_a_crashing_batch_ends_failed_with_its_reason(make_harness, catalog, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the results folder should be")
+    harness = make_harness(public_dir=blocker)
+    batch = harness.engine.submit("owner", plan(catalog, "hello", model="echo"))
+    await harness.engine.join(batch.id)
+    assert batch.status is BatchStatus.FAILED
+    assert batch.message.startswith("Batch failed: ")
+    assert batch.executions[0].status is ExecutionStatus.SUCCEEDED
+
+
+async def test_provider_bug_fails_its_row_only(make_harness, catalog, caplog):
+    harness = make_harness()
+
+    async def broken(model, request):
+        raise KeyError("oops")
+
+    harness.gated.complete = broken
+    batch = harness.engine.submit("owner", plan(catalog, "a", "b"))
+    await harness.engine.join(batch.id)
+    assert harness.statuses(batch) == ["failed", "failed"]
+    assert batch.executions[0].error == "Internal error: KeyError"
+    assert batch.status is BatchStatus.COMPLETED
+    assert batch.message == "Execution completed, but all 2 executions failed."
+    assert "unexpected error from gated" in caplog.text

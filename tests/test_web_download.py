@@ -1,0 +1,90 @@
+"""The download route never serves a file outside the results folder, or another key's file."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import AUTH, finished, submit
+
+SECRET = b"TOP-SECRET-OUTSIDE-THE-RESULTS-FOLDER"
+
+
+async def raw_get(client, target: bytes, key: bytes = b"dev-only-token") -> tuple[int, bytes]:
+    """Send a request line exactly as given, so no client normalises the path."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nHost: test\r\nIntegrations-API-Key: "
+        + key
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, body
+
+
+@pytest.fixture
+async def served(make_client, tmp_path):
+    """A client with one finished batch, and secrets planted around the results folder."""
+    client = await make_client()
+    body = await finished(client, await submit(client, [{"prompt": "hi", "model": "echo"}]))
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    (tmp_path / "public" / "secret.txt").write_bytes(SECRET)
+    results_dir = tmp_path / "public" / "batch_execution_results"
+    (results_dir / "link.xlsx").symlink_to(tmp_path / "secret.txt")
+    return client, body["xlsx_url"].rsplit("/", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/public/batch_execution_results/../secret.txt",
+        b"/public/batch_execution_results/../../secret.txt",
+        b"/public/batch_execution_results/..%2fsecret.txt",
+        b"/public/batch_execution_results/..%2F..%2Fsecret.txt",
+        b"/public/batch_execution_results/%2e%2e%2fsecret.txt",
+        b"/public/batch_execution_results/..%5csecret.txt",
+        b"/public/batch_execution_results/%2Fetc%2Fpasswd",
+        b"/public/batch_execution_results//etc/passwd",
+        b"/public/batch_execution_results/link.xlsx",
+        b"/public/batch_execution_results/.gitkeep",
+        b"/public/batch_execution_results/%00",
+        b"/public/batch_execution_results/",
+    ],
+)
+async def test_traversal_never_leaves_the_results_folder(served, target):
+    client, _ = served
+    status, body = await raw_get(client, target)
+    assert status in (400, 404)
+    assert SECRET not in body
+    assert b"root:" not in body
+
+
+async def test_own_file_downloads(served):
+    client, name = served
+    status, body = await raw_get(client, b"/public/batch_execution_results/" + name.encode())
+    assert status == 200
+    assert body.startswith(b"PK")
+
+
+async def test_download_needs_a_key(served):
+    client, name = served
+    response = await client.get(f"/public/batch_execution_results/{name}")
+    assert response.status == 401
+    response = await client.get(f"/public/batch_execution_results/{name}", headers=AUTH)
+    assert response.status == 200
+
+
+async def test_file_removed_from_disk_is_404(served, tmp_path):
+    client, name = served
+    (tmp_path / "public" / "batch_execution_results" / name).unlink()
+    response = await client.get(f"/public/batch_execution_results/{name}", headers=AUTH)
+    assert response.status == 404
+    assert await response.json() == {"detail": "File not found"}
