@@ -104,6 +104,13 @@ class ExecutionOut(BaseModel):
     completion_tokens: int | None = None
 
 
+class Usage(BaseModel):
+    """Tokens summed over the executions whose provider reported them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class ResultsResponse(BaseModel):
     """Answer to the results route."""
 
@@ -113,6 +120,7 @@ class ResultsResponse(BaseModel):
     xlsx_url: str | None = None
     csv_content: str | None = None
     progress: Progress
+    usage: Usage
     executions: list[ExecutionOut]
 
 

@@ -29,6 +29,7 @@ from batchexec.schemas import (
     Progress,
     ResultsRequest,
     ResultsResponse,
+    Usage,
 )
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
 
@@ -135,6 +136,10 @@ async def results(request: web.Request) -> web.Response:
             else None,
             csv_content=batch.csv_content if has_outputs else None,
             progress=_progress(batch),
+            usage=Usage(
+                prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
+                completion_tokens=sum(e.completion_tokens or 0 for e in batch.executions),
+            ),
             executions=[
                 ExecutionOut(
                     index=execution.index,
