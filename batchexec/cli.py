@@ -19,6 +19,7 @@ log = logging.getLogger("batchexec")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+_REQUEST_DRAIN_S = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,25 +68,30 @@ def serve(*, host: str | None = None, port: int | None = None) -> int:
     if refusal:
         print(f"batchexec: {refusal}", file=sys.stderr)
         return EXIT_USAGE
-    log.info(
-        "batchexec listening on http://%s:%d with %d models in the catalog",
-        settings.host,
-        settings.port,
-        len(app[CATALOG].models),
-    )
-    if settings.uses_dev_key:
-        log.warning(
-            "accepting the development API key %r: set INTEGRATIONS_API_KEYS before exposing "
-            "this server",
-            DEV_API_KEY,
+
+    def announce(_: str) -> None:
+        # run_app calls this once the socket is bound, so the line is a promise kept.
+        log.info(
+            "batchexec listening on http://%s:%d with %d models in the catalog",
+            settings.host,
+            settings.port,
+            len(app[CATALOG].models),
         )
+        if settings.uses_dev_key:
+            log.warning(
+                "accepting the development API key %r: set INTEGRATIONS_API_KEYS before "
+                "exposing this server",
+                DEV_API_KEY,
+            )
+
     try:
         web.run_app(
             app,
             host=settings.host,
             port=settings.port,
-            print=None,
-            shutdown_timeout=settings.shutdown_grace_s,
+            print=announce,
+            # Batches are drained in on_shutdown before this; what is left is short requests.
+            shutdown_timeout=_REQUEST_DRAIN_S,
         )
     except OSError as exc:
         print(

@@ -16,7 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from batchexec.config import Settings
-from batchexec.errors import ProviderError, ProviderNotConfiguredError, QueueFullError
+from batchexec.errors import (
+    ConflictError,
+    ProviderError,
+    ProviderNotConfiguredError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
 from batchexec.limits import ModelLimits
 from batchexec.planning import BatchPlan, PlannedRow
@@ -29,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Runs batches in the background; ``close()`` cancels what is still running."""
+    """Runs batches in the background; ``drain()`` stops gently, ``close()`` at once."""
 
     def __init__(
         self,
@@ -44,28 +50,37 @@ class Engine:
         self._providers = providers
         self._batch_slots = asyncio.Semaphore(settings.max_concurrent_batches)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._queued: set[str] = set()
+        self._cancel_reasons: dict[str, str] = {}
         self._limits = ModelLimits()
         self._retry = RetryPolicy(max_retries=settings.max_retries)
-        self._rng = rng or random.Random()
-        self._closing = False
+        self._rng = rng or random.Random()  # jitter, not security
+        self._stopping = False
 
-    @property
-    def active(self) -> int:
-        """Batches accepted and not yet finished, queued ones included."""
-        return len(self._tasks)
-
-    def submit(self, owner: str, plan: BatchPlan, *, batch_id: str | None = None) -> Batch:
+    def submit(
+        self,
+        owner: str,
+        plan: BatchPlan,
+        *,
+        batch_id: str | None = None,
+        retry_of: Batch | None = None,
+    ) -> Batch:
         """Register ``plan`` as a batch of ``owner`` and start it in the background.
 
-        Raises ``QueueFullError`` when every batch slot is busy and
-        ``max_queued_batches`` batches already wait.
+        With ``retry_of``, rows that succeeded there keep their results and
+        only the others run. Raises ``QueueFullError`` when every batch slot is
+        busy and ``max_queued_batches`` batches already wait, and
+        ``ShuttingDownError`` once the engine is stopping.
         """
+        if self._stopping:
+            raise ShuttingDownError("The server is shutting down; try again later.")
         limit = self._settings.max_concurrent_batches + self._settings.max_queued_batches
-        if self._closing or len(self._tasks) >= limit:
+        if len(self._tasks) >= limit:
             raise QueueFullError("Too many batches are queued; try again later.")
-        batch = self._registry.add(owner, plan, batch_id=batch_id)
+        batch = self._registry.add(owner, plan, batch_id=batch_id, retry_of=retry_of)
         task = asyncio.create_task(self._run_batch(batch), name=f"batch-{batch.id}")
         self._tasks[batch.id] = task
+        self._queued.add(batch.id)
         task.add_done_callback(lambda done: self._forget(batch.id, done))
         return batch
 
@@ -76,16 +91,44 @@ class Engine:
             # Shielded: a waiter that gives up must not cancel the batch.
             await asyncio.shield(asyncio.wait([task]))
 
+    async def cancel(self, batch_id: str) -> None:
+        """Cancel a queued or running batch and wait until its outputs are written.
+
+        Raises ``ConflictError`` when the batch has already ended.
+        """
+        task = self._tasks.get(batch_id)
+        if task is None:
+            raise ConflictError("The batch has already ended; there is nothing to cancel.")
+        self._cancel_reasons.setdefault(batch_id, "Cancelled by request.")
+        task.cancel()
+        await self.join(batch_id)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop gently: refuse new batches, start no new executions, cancel queued batches,
+        give running executions ``grace_s`` to finish, then cancel what remains."""
+        self._stopping = True
+        for batch_id in self._queued:
+            task = self._tasks[batch_id]
+            self._cancel_reasons.setdefault(batch_id, _SHUTDOWN)
+            task.cancel()
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        await self.close()
+
     async def close(self) -> None:
         """Refuse new batches, cancel running ones and wait until each has written its state."""
-        self._closing = True
-        tasks = list(self._tasks.values())
-        for task in tasks:
+        self._stopping = True
+        tasks = list(self._tasks.items())
+        for batch_id, task in tasks:
+            self._cancel_reasons.setdefault(batch_id, _SHUTDOWN)
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
 
     def _forget(self, batch_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(batch_id, None)
+        self._queued.discard(batch_id)
+        self._cancel_reasons.pop(batch_id, None)
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("batch %s: background task failed", batch_id, exc_info=error)
 
@@ -93,17 +136,21 @@ class Engine:
         registry = self._registry
         try:
             async with self._batch_slots:
+                self._queued.discard(batch.id)
                 registry.start_batch(batch)
                 await self._run_rows(batch)
                 await self._write_outputs(batch)
-                registry.finish_batch(batch, BatchStatus.COMPLETED, _completed_message(batch))
+                if batch.counts[ExecutionStatus.CANCELLED]:
+                    status, message = BatchStatus.CANCELLED, _cancelled_message(_SHUTDOWN)
+                else:
+                    status, message = BatchStatus.COMPLETED, _completed_message(batch)
+                registry.finish_batch(batch, status, message)
         except asyncio.CancelledError:
-            registry.cancel_unfinished(batch, "Cancelled before it finished.")
+            reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
+            registry.cancel_unfinished(batch, reason)
             # Shielded: a second cancellation must not lose the partial results.
             await asyncio.shield(self._write_outputs(batch))
-            registry.finish_batch(
-                batch, BatchStatus.CANCELLED, "Batch cancelled; finished executions kept."
-            )
+            registry.finish_batch(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
             raise
         except Exception as exc:
             log.exception("batch %s failed", batch.id)
@@ -113,10 +160,18 @@ class Engine:
     async def _run_rows(self, batch: Batch) -> None:
         ended = {row.index: asyncio.Event() for row in batch.plan.rows}
         outputs: dict[int, str] = {}
+        for execution in batch.executions:
+            # A retry's rows that succeeded before are already ended; their
+            # results feed the ${output.n} of the rows that run again.
+            if execution.status.finished:
+                ended[execution.index].set()
+                if execution.status is ExecutionStatus.SUCCEEDED and execution.result is not None:
+                    outputs[execution.index] = execution.result
         in_flight = asyncio.Semaphore(self._settings.max_threads)
         async with asyncio.TaskGroup() as group:
             for row in batch.plan.rows:
-                group.create_task(self._run_row(batch, row, ended, outputs, in_flight))
+                if not ended[row.index].is_set():
+                    group.create_task(self._run_row(batch, row, ended, outputs, in_flight))
 
     async def _run_row(
         self,
@@ -138,6 +193,10 @@ class Engine:
                 self._registry.finish_execution(batch, row.index, outcome)
                 return
             async with in_flight:
+                if self._stopping:
+                    outcome = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
+                    self._registry.finish_execution(batch, row.index, outcome)
+                    return
                 prompt = substitute(row.prompt, outputs)
                 self._registry.start_execution(batch, row.index, prompt)
                 outcome = await self._execute(row, prompt)
@@ -209,6 +268,13 @@ class Engine:
 def _render_outputs(batch: Batch, path: Path) -> str:
     write_xlsx(path, results_sheet(batch))
     return render_csv(csv_sheet(batch))
+
+
+_SHUTDOWN = "Cancelled: the server shut down."
+
+
+def _cancelled_message(reason: str) -> str:
+    return f"Batch cancelled ({reason.rstrip('.')}); finished executions kept."
 
 
 def _completed_message(batch: Batch) -> str:

@@ -40,6 +40,14 @@ class QueueFullError(BatchexecError):
     """No room to queue another batch; the client should try again later."""
 
 
+class ShuttingDownError(BatchexecError):
+    """The server is stopping and accepts no new batches."""
+
+
+class ConflictError(BatchexecError):
+    """The batch is not in a state that allows this (cancel a finished batch, ...)."""
+
+
 class NotFoundError(BatchexecError):
     """The batch or file does not exist, or belongs to another key."""
 

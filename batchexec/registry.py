@@ -7,11 +7,15 @@ without touching either of them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from batchexec.errors import NotFoundError
 from batchexec.planning import BatchPlan
@@ -106,7 +110,11 @@ class Batch:
     finished_at: float | None = None
     csv_content: str | None = None
     xlsx_name: str | None = None
+    #: The batch whose failed rows this one reruns.
+    retry_of: str | None = None
     counts: Counter[ExecutionStatus] = field(default_factory=Counter)
+    #: Queues of the event streams watching this batch.
+    watchers: set[asyncio.Queue[Event]] = field(default_factory=set, repr=False)
 
     @property
     def file_name(self) -> str:
@@ -119,29 +127,92 @@ class Batch:
         return f"batch_execution_{batch_id}.xlsx"
 
 
+@dataclass(frozen=True)
+class Event:
+    """A change worth telling a watcher: ``execution``, ``progress`` or ``done``."""
+
+    name: str
+    data: Mapping[str, Any]
+
+
+def execution_event(execution: Execution) -> Event:
+    """The ``execution`` event of an execution that has ended."""
+    return Event(
+        "execution",
+        {
+            "index": execution.index,
+            "status": execution.status.value,
+            "latency_ms": execution.latency_ms,
+            "error": execution.error,
+            "attempts": execution.attempts,
+        },
+    )
+
+
+def progress_event(batch: Batch) -> Event:
+    """The ``progress`` event: how many executions are in each state."""
+    return Event("progress", progress_counts(batch))
+
+
+def done_event(batch: Batch) -> Event:
+    """The ``done`` event of a batch that has ended."""
+    return Event("done", {"status": batch.status.value, "message": batch.message})
+
+
+def progress_counts(batch: Batch) -> dict[str, int]:
+    """Executions per state; ``failed`` includes timed out, and the counts add up to ``total``."""
+    counts = batch.counts
+    return {
+        "total": len(batch.executions),
+        "succeeded": counts[ExecutionStatus.SUCCEEDED],
+        "failed": counts[ExecutionStatus.FAILED] + counts[ExecutionStatus.TIMED_OUT],
+        "skipped": counts[ExecutionStatus.SKIPPED],
+        "cancelled": counts[ExecutionStatus.CANCELLED],
+        "running": counts[ExecutionStatus.RUNNING],
+        "pending": counts[ExecutionStatus.PENDING],
+    }
+
+
 class Registry:
     """In-memory batches by id, each owned by the API key (a digest of it) that created it."""
 
     def __init__(self) -> None:
         self._batches: dict[str, Batch] = {}
-        #: Workbooks in the results folder, by file name, with their owner.
-        self._files: dict[str, str] = {}
+        #: Workbooks in the results folder, by file name: owner and when written.
+        self._files: dict[str, tuple[str, float]] = {}
 
     @staticmethod
     def new_id() -> str:
         """A fresh invocation id."""
         return str(uuid.uuid4())
 
-    def add(self, owner: str, plan: BatchPlan, *, batch_id: str | None = None) -> Batch:
-        """Register a new ``queued`` batch for ``plan``, under ``batch_id`` when given."""
+    def add(
+        self,
+        owner: str,
+        plan: BatchPlan,
+        *,
+        batch_id: str | None = None,
+        retry_of: Batch | None = None,
+    ) -> Batch:
+        """Register a new ``queued`` batch for ``plan``, under ``batch_id`` when given.
+
+        With ``retry_of``, the rows that succeeded there are copied over as
+        already ``succeeded``; only the others are left to run.
+        """
         batch = Batch(
             id=batch_id or self.new_id(),
             owner=owner,
             plan=plan,
             executions=[Execution(row.index, row.target.model.name) for row in plan.rows],
             created_at=time.time(),
+            retry_of=retry_of.id if retry_of else None,
         )
         batch.counts[ExecutionStatus.PENDING] = len(batch.executions)
+        for earlier in retry_of.executions if retry_of else ():
+            if earlier.status is ExecutionStatus.SUCCEEDED:
+                execution = batch.executions[earlier.index - 1]
+                execution.prompt_sent = earlier.prompt_sent
+                self._end(batch, execution, _outcome_of(earlier))
         self._batches[batch.id] = batch
         return batch
 
@@ -152,13 +223,24 @@ class Registry:
             raise NotFoundError("Invocation ID not found")
         return batch
 
+    def owned_by(self, owner: str, *, status: BatchStatus | None = None, limit: int) -> list[Batch]:
+        """``owner``'s batches, newest first, of ``status`` when given, at most ``limit``."""
+        found: list[Batch] = []
+        for batch in reversed(self._batches.values()):
+            if batch.owner == owner and (status is None or batch.status is status):
+                found.append(batch)
+                if len(found) == limit:
+                    break
+        return found
+
     def add_file(self, file_name: str, owner: str) -> None:
         """Record that ``owner`` may download the workbook ``file_name``."""
-        self._files[file_name] = owner
+        self._files[file_name] = (owner, time.time())
 
     def check_file(self, file_name: str, owner: str) -> None:
         """Raise ``NotFoundError`` unless ``owner`` may download ``file_name``."""
-        if self._files.get(file_name) != owner:
+        entry = self._files.get(file_name)
+        if entry is None or entry[0] != owner:
             raise NotFoundError("File not found")
 
     def start_batch(self, batch: Batch) -> None:
@@ -166,6 +248,7 @@ class Registry:
         batch.status = BatchStatus.PROCESSING
         batch.message = "Batch execution in progress."
         batch.started_at = time.time()
+        self._publish(batch, progress_event(batch))
 
     def start_execution(self, batch: Batch, index: int, prompt: str) -> None:
         """Execution ``index`` (1-based) is being sent to its model as ``prompt``."""
@@ -176,6 +259,66 @@ class Registry:
     def finish_execution(self, batch: Batch, index: int, outcome: Outcome) -> None:
         """Execution ``index`` (1-based) ended with ``outcome``."""
         execution = batch.executions[index - 1]
+        self._end(batch, execution, outcome)
+        self._publish(batch, execution_event(execution))
+        self._publish(batch, progress_event(batch))
+
+    def cancel_unfinished(self, batch: Batch, reason: str) -> None:
+        """Every execution that has not ended becomes ``cancelled``."""
+        for execution in batch.executions:
+            if not execution.status.finished:
+                self._end(batch, execution, Outcome(ExecutionStatus.CANCELLED, error=reason))
+                self._publish(batch, execution_event(execution))
+        self._publish(batch, progress_event(batch))
+
+    def set_outputs(self, batch: Batch, *, csv_content: str | None, xlsx_name: str | None) -> None:
+        """Record the batch's CSV content and workbook."""
+        batch.csv_content = csv_content
+        batch.xlsx_name = xlsx_name
+        if xlsx_name is not None:
+            self.add_file(xlsx_name, batch.owner)
+
+    def finish_batch(self, batch: Batch, status: BatchStatus, message: str) -> None:
+        """The batch ended as ``status``; its watchers get ``done``."""
+        batch.status = status
+        batch.message = message
+        batch.finished_at = time.time()
+        self._publish(batch, done_event(batch))
+
+    def expire(self, older_than: float) -> list[str]:
+        """Forget finished batches and workbooks from before ``older_than`` (epoch seconds).
+
+        Returns the file names whose workbooks should now be deleted.
+        """
+        for batch_id, batch in list(self._batches.items()):
+            if batch.finished_at is not None and batch.finished_at < older_than:
+                del self._batches[batch_id]
+        active = {batch.file_name for batch in self._batches.values()}
+        expired = [
+            name
+            for name, (_, written_at) in self._files.items()
+            if written_at < older_than and name not in active
+        ]
+        for name in expired:
+            del self._files[name]
+        return expired
+
+    @contextmanager
+    def watch(self, batch: Batch) -> Iterator[asyncio.Queue[Event]]:
+        """A queue that receives the batch's events while the block runs."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        batch.watchers.add(queue)
+        try:
+            yield queue
+        finally:
+            batch.watchers.discard(queue)
+
+    @staticmethod
+    def _publish(batch: Batch, event: Event) -> None:
+        for queue in batch.watchers:
+            queue.put_nowait(event)
+
+    def _end(self, batch: Batch, execution: Execution, outcome: Outcome) -> None:
         execution.result = outcome.result
         execution.error = outcome.error
         execution.latency_ms = outcome.latency_ms
@@ -184,28 +327,20 @@ class Registry:
         execution.completion_tokens = outcome.completion_tokens
         self._move(batch, execution, outcome.status)
 
-    def cancel_unfinished(self, batch: Batch, reason: str) -> None:
-        """Every execution that has not ended becomes ``cancelled``."""
-        for execution in batch.executions:
-            if not execution.status.finished:
-                execution.error = reason
-                self._move(batch, execution, ExecutionStatus.CANCELLED)
-
-    def set_outputs(self, batch: Batch, *, csv_content: str | None, xlsx_name: str | None) -> None:
-        """Record the batch's CSV content and workbook."""
-        batch.csv_content = csv_content
-        batch.xlsx_name = xlsx_name
-        if xlsx_name is not None:
-            self._files[xlsx_name] = batch.owner
-
-    def finish_batch(self, batch: Batch, status: BatchStatus, message: str) -> None:
-        """The batch ended as ``status``."""
-        batch.status = status
-        batch.message = message
-        batch.finished_at = time.time()
-
     @staticmethod
     def _move(batch: Batch, execution: Execution, status: ExecutionStatus) -> None:
         batch.counts[execution.status] -= 1
         batch.counts[status] += 1
         execution.status = status
+
+
+def _outcome_of(execution: Execution) -> Outcome:
+    return Outcome(
+        execution.status,
+        result=execution.result,
+        error=execution.error,
+        latency_ms=execution.latency_ms,
+        attempts=execution.attempts,
+        prompt_tokens=execution.prompt_tokens,
+        completion_tokens=execution.completion_tokens,
+    )

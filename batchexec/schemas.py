@@ -8,6 +8,7 @@ as they were; fields added since are snake_case.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
@@ -51,9 +52,16 @@ class ProcessCsvRequest(BaseModel):
 
 
 class ResultsRequest(BaseModel):
-    """Body of ``POST /system/batch_execution/results``."""
+    """Body of the results, cancel and retry routes: which batch."""
 
     invocation_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
+class ListQuery(BaseModel):
+    """Query of ``GET /system/batch_execution/batches``."""
+
+    limit: Annotated[int, Field(ge=1, le=1000)] = 50
+    status: BatchStatus | None = None
 
 
 class Message(BaseModel):
@@ -69,6 +77,13 @@ class InvokeResponse(BaseModel):
     status: Literal["success"] = "success"
     invocationId: str  # the original contract's name
     response: list[Message]
+
+
+class RetryResponse(InvokeResponse):
+    """Answer to the retry route: the new batch, and the one it retries."""
+
+    retry_of: str
+    rerun: list[int]
 
 
 class ProcessCsvResponse(InvokeResponse):
@@ -122,6 +137,24 @@ class ResultsResponse(BaseModel):
     progress: Progress
     usage: Usage
     executions: list[ExecutionOut]
+
+
+class BatchSummary(BaseModel):
+    """One batch in the list route."""
+
+    invocationId: str  # the original contract's name
+    status: BatchStatus
+    message: str
+    progress: Progress
+    created_at: datetime
+    finished_at: datetime | None
+    retry_of: str | None
+
+
+class BatchList(BaseModel):
+    """Answer to ``GET /system/batch_execution/batches``: newest first."""
+
+    batches: list[BatchSummary]
 
 
 class ModelOut(BaseModel):

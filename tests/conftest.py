@@ -48,7 +48,12 @@ def make_settings(tmp_path: Path) -> SettingsFactory:
     catalog.write_text(GATED_CATALOG)
 
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"public_dir": tmp_path / "public", "models_path": catalog}
+        values: dict[str, Any] = {
+            "public_dir": tmp_path / "public",
+            "models_path": catalog,
+            # Tests that stop an app with work in flight want it cancelled at once.
+            "shutdown_grace_s": 0,
+        }
         values.update(overrides)
         return Settings(_env_file=None, **values)
 

@@ -23,7 +23,8 @@ class GatedProvider(Provider):
     """Each call waits until the test opens its prompt's gate (or all gates).
 
     Records which prompts started, how many calls were in flight at most, and
-    answers ``answer(<prompt>)``. A prompt starting with ``fail:`` fails.
+    answers ``answer(<prompt>)``. A prompt starting with ``fail:`` always
+    fails; one starting with ``flaky:`` fails the first time only.
     """
 
     name = "gated"
@@ -66,8 +67,11 @@ class GatedProvider(Provider):
                 everything.cancel()
         finally:
             self.in_flight -= 1
+        first_time = request.prompt not in self.finished
         self.finished.append(request.prompt)
-        if request.prompt.startswith("fail:"):
+        if request.prompt.startswith("fail:") or (
+            request.prompt.startswith("flaky:") and first_time
+        ):
             raise FatalProviderError("the model refused", status=400)
         return Completion(text=f"answer({request.prompt})", prompt_tokens=3, completion_tokens=5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,8 +10,10 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import openpyxl
 import pytest
 
 from batchexec.cli import main
@@ -68,6 +71,23 @@ def test_help_lists_the_serve_command(capsys):
     assert "serve" in capsys.readouterr().out
 
 
+@contextlib.contextmanager
+def server(args: list[str], env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
+    """A ``python -m batchexec`` process, killed if the test fails before it exits."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "batchexec", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -77,12 +97,8 @@ def free_port() -> int:
 
 def test_serve_answers_and_stops_on_sigint(tmp_path):
     port = free_port()
-    with subprocess.Popen(
-        [sys.executable, "-m", "batchexec", "serve", "--port", str(port)],
-        env={**os.environ, "PUBLIC_DIR": str(tmp_path / "public")},
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
+    with server(
+        ["serve", "--port", str(port)], {"PUBLIC_DIR": str(tmp_path / "public")}, tmp_path
     ) as process:
         assert process.stderr is not None
         first = process.stderr.readline()
@@ -95,3 +111,48 @@ def test_serve_answers_and_stops_on_sigint(tmp_path):
         assert process.wait(timeout=START_TIMEOUT_S) == 0
         rest = process.stderr.read()
         assert "Traceback" not in rest
+
+
+def post_json(url: str, body: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Integrations-API-Key": "dev-only-token", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer: dict[str, object] = json.load(response)
+        return answer
+
+
+def test_sigterm_lets_running_rows_finish_and_writes_the_rest_cancelled(tmp_path):
+    (tmp_path / "models.toml").write_text(
+        '[models."one-second"]\nprovider = "echo"\nlatency_s = 1\n'
+    )
+    port = free_port()
+    env = {
+        "PUBLIC_DIR": str(tmp_path / "public"),
+        "BATCHEXEC_MODELS": "models.toml",
+        "DEFAULT_MAX_THREADS": "2",
+        "SHUTDOWN_GRACE_S": "20",
+    }
+    base = f"http://127.0.0.1:{port}"
+    with server(["serve", "--port", str(port)], env, tmp_path) as process:
+        assert process.stderr is not None
+        assert "listening" in process.stderr.readline()
+        started = post_json(
+            f"{base}/experience/batch_execution/execute_batch/invoke",
+            {"executions": [{"prompt": f"row {n}", "model": "one-second"} for n in range(6)]},
+        )
+        invocation_id = str(started["invocationId"])
+        body = post_json(f"{base}/system/batch_execution/results", {"invocation_id": invocation_id})
+        assert body["status"] in ("queued", "processing")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=START_TIMEOUT_S) == 0
+        log = process.stderr.read()
+    assert "Traceback" not in log
+    assert "Task was destroyed" not in log
+    workbook = openpyxl.load_workbook(
+        tmp_path / "public" / "batch_execution_results" / f"batch_execution_{invocation_id}.xlsx"
+    )
+    statuses = [row[3] for row in workbook["Results"].iter_rows(min_row=2, values_only=True)]
+    assert statuses == ["succeeded", "succeeded"] + ["cancelled"] * 4

@@ -11,10 +11,11 @@ import pytest
 from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
-from batchexec.errors import QueueFullError
+from batchexec.errors import ConflictError, QueueFullError, ShuttingDownError
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.providers.echo import EchoProvider
 from batchexec.registry import Batch, BatchStatus, ExecutionStatus, Registry
+from tests.conftest import until
 from tests.fakes import GATED_CATALOG, GatedProvider
 
 
@@ -148,17 +149,16 @@ async def test_close_cancels_running_batches_and_keeps_what_finished(make_harnes
     batch = harness.engine.submit("owner", plan(catalog, "done", "stuck"))
     harness.gated.open("done")
     await harness.gated.wait_started(2)
-    while batch.executions[0].status is not ExecutionStatus.SUCCEEDED:
-        await asyncio.sleep(0)
+    await until(lambda: batch.executions[0].status is ExecutionStatus.SUCCEEDED)
     await harness.engine.close()
     assert batch.status is BatchStatus.CANCELLED
     assert harness.statuses(batch) == ["succeeded", "cancelled"]
     assert batch.csv_content == "prompt,model,result\ndone,gated,answer(done)\n" + (
-        "stuck,gated,Error: Cancelled before it finished.\n"
+        "stuck,gated,Error: Cancelled: the server shut down.\n"
     )
     assert batch.xlsx_name is not None
     assert (harness.settings.results_dir / batch.xlsx_name).is_file()
-    with pytest.raises(QueueFullError):
+    with pytest.raises(ShuttingDownError):
         harness.engine.submit("owner", plan(catalog, "late"))
 
 
@@ -187,3 +187,67 @@ async def test_provider_bug_fails_its_row_only(make_harness, catalog, caplog):
     assert batch.status is BatchStatus.COMPLETED
     assert batch.message == "Execution completed, but all 2 executions failed."
     assert "unexpected error from gated" in caplog.text
+
+
+async def test_cancel_stops_pending_and_running_rows_and_writes_outputs(make_harness, catalog):
+    harness = make_harness(max_threads=2)
+    batch = harness.engine.submit("owner", plan(catalog, "done", "running", "pending"))
+    harness.gated.open("done")
+    await harness.gated.wait_started(3)
+    await until(lambda: batch.counts[ExecutionStatus.SUCCEEDED] == 1)
+    await harness.engine.cancel(batch.id)
+    assert batch.status is BatchStatus.CANCELLED
+    assert batch.message == "Batch cancelled (Cancelled by request); finished executions kept."
+    assert harness.statuses(batch) == ["succeeded", "cancelled", "cancelled"]
+    assert batch.csv_content is not None and "answer(done)" in batch.csv_content
+    calls = len(harness.gated.started)
+    harness.gated.open()
+    await asyncio.sleep(0)
+    assert len(harness.gated.started) == calls
+    with pytest.raises(ConflictError):
+        await harness.engine.cancel(batch.id)
+
+
+async def test_drain_lets_running_rows_finish_and_cancels_the_rest(make_harness, catalog):
+    harness = make_harness(max_threads=2)
+    running = harness.engine.submit("owner", plan(catalog, "a", "b", "c", "d"))
+    await harness.gated.wait_started(2)
+    draining = asyncio.create_task(harness.engine.drain(grace_s=30))
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDownError):
+        harness.engine.submit("owner", plan(catalog, "late"))
+    harness.gated.open("a", "b")
+    await draining
+    assert harness.statuses(running) == ["succeeded", "succeeded", "cancelled", "cancelled"]
+    assert harness.gated.started == ["a", "b"]
+    assert running.status is BatchStatus.CANCELLED
+    assert running.xlsx_name is not None
+
+
+async def test_drain_cancels_queued_batches_and_gives_up_after_the_grace(make_harness, catalog):
+    harness = make_harness(max_concurrent_batches=1)
+    running = harness.engine.submit("owner", plan(catalog, "never answers"))
+    queued = harness.engine.submit("owner", plan(catalog, "queued"))
+    await harness.gated.wait_started(1)
+    await harness.engine.drain(grace_s=0.01)
+    assert queued.status is BatchStatus.CANCELLED
+    assert running.status is BatchStatus.CANCELLED
+    assert harness.statuses(running) == ["cancelled"]
+    assert harness.gated.started == ["never answers"]
+
+
+async def test_retry_reruns_only_rows_that_did_not_succeed(make_harness, catalog):
+    harness = make_harness()
+    prompts = ["ok", "fail: once", "uses ${output.1}", "uses ${output.2}"]
+    first = harness.engine.submit("owner", plan(catalog, *prompts))
+    harness.gated.open()
+    await harness.engine.join(first.id)
+    assert harness.statuses(first) == ["succeeded", "failed", "succeeded", "skipped"]
+    harness.gated.started.clear()
+    second = harness.engine.submit("owner", first.plan, retry_of=first)
+    await harness.engine.join(second.id)
+    assert second.retry_of == first.id
+    # The failed row and its skipped dependent run again; row 1 and 3 keep their results.
+    assert harness.gated.started == ["fail: once"]
+    assert harness.statuses(second) == ["succeeded", "failed", "succeeded", "skipped"]
+    assert second.executions[2].result == "answer(uses answer(ok))"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +27,7 @@ log = logging.getLogger(__name__)
 
 #: Outbound HTTP: connections per host stay modest so one provider can't take them all.
 _CONNECTOR_LIMIT = 200
+_MAX_SWEEP_PERIOD_S = 60.0
 _CONNECTOR_LIMIT_PER_HOST = 64
 
 
@@ -72,8 +77,15 @@ def create_app(
         yield
         await runner.close()
 
+    async def drain(app: web.Application) -> None:
+        # on_shutdown runs before the server waits for open requests, so event
+        # streams see their batches end instead of being cut off.
+        await app[ENGINE].drain(settings.shutdown_grace_s)
+
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(engine)
+    app.cleanup_ctx.append(_sweeper)
+    app.on_shutdown.append(drain)
     setup_routes(app)
     return app
 
@@ -90,3 +102,33 @@ async def _with_discovered_models(
     if models:
         log.info("OPENAI_BASE_URL lists %d models", len(models))
     return catalog.with_models(models)
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """Removes finished batches and their workbooks once ``RESULTS_TTL_HOURS`` have passed."""
+    settings = app[SETTINGS]
+    task = asyncio.create_task(_sweep_forever(app[REGISTRY], settings), name="results-sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _sweep_forever(registry: Registry, settings: Settings) -> None:
+    ttl_s = settings.results_ttl_s
+    # Often enough that nothing outlives its TTL by more than a quarter of it.
+    period_s = min(max(ttl_s / 4, 0.05), _MAX_SWEEP_PERIOD_S)
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            expired = registry.expire(older_than=time.time() - ttl_s)
+            if expired:
+                await asyncio.to_thread(_delete, settings.results_dir, expired)
+                log.info("removed %d expired result files", len(expired))
+        except Exception:
+            log.exception("results sweeper failed; trying again next round")
+
+
+def _delete(folder: Path, names: list[str]) -> None:
+    for name in names:
+        (folder / name).unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,16 +13,27 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from batchexec.csvinput import parse_csv
-from batchexec.errors import InputError, NotFoundError
+from batchexec.errors import ConflictError, InputError, NotFoundError
 from batchexec.exports import template_sheet, write_xlsx
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
-from batchexec.registry import Batch, ExecutionStatus
+from batchexec.registry import (
+    Batch,
+    Event,
+    ExecutionStatus,
+    done_event,
+    execution_event,
+    progress_counts,
+    progress_event,
+)
 from batchexec.schemas import (
     AssistantOut,
+    BatchList,
+    BatchSummary,
     CatalogResponse,
     ExecuteBatchRequest,
     ExecutionOut,
     InvokeResponse,
+    ListQuery,
     Message,
     ModelOut,
     ProcessCsvRequest,
@@ -29,12 +41,15 @@ from batchexec.schemas import (
     Progress,
     ResultsRequest,
     ResultsResponse,
+    RetryResponse,
     Usage,
 )
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
 
 _Body = TypeVar("_Body", bound=BaseModel)
 XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+#: Seconds between comments that keep an idle event stream open through proxies.
+_HEARTBEAT_S = 15.0
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
 
@@ -125,38 +140,148 @@ async def results(request: web.Request) -> web.Response:
     """A batch's status, progress, finished executions and, once ended, its outputs."""
     body = await _parse(request, ResultsRequest)
     batch = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
-    has_outputs = batch.status.finished and batch.xlsx_name is not None
+    return _answer(_results(request, batch))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """Cancel a queued or running batch; answers like the results route once it has stopped."""
+    body = await _parse(request, ResultsRequest)
+    batch = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    await request.app[ENGINE].cancel(batch.id)
+    return _answer(_results(request, batch))
+
+
+async def retry(request: web.Request) -> web.Response:
+    """Start a new batch that reruns only the rows of a finished batch that did not succeed."""
+    body = await _parse(request, ResultsRequest)
+    original = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    if not original.status.finished:
+        raise ConflictError("The batch is still running; retry it once it has ended.")
+    rerun = [e.index for e in original.executions if e.status is not ExecutionStatus.SUCCEEDED]
+    if not rerun:
+        raise ConflictError("Every execution of the batch succeeded; there is nothing to retry.")
+    batch = request.app[ENGINE].submit(request[OWNER], original.plan, retry_of=original)
+    message = (
+        f"Retrying {len(rerun)} of {len(original.executions)} executions of {original.id}. "
+        f"Use invocation ID {batch.id} to check status and retrieve results."
+    )
     return _answer(
-        ResultsResponse(
-            status=batch.status,
+        RetryResponse(
             invocationId=batch.id,
-            message=batch.message,
-            xlsx_url=_xlsx_url(request, batch.xlsx_name)
-            if has_outputs and batch.xlsx_name
-            else None,
-            csv_content=batch.csv_content if has_outputs else None,
-            progress=_progress(batch),
-            usage=Usage(
-                prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
-                completion_tokens=sum(e.completion_tokens or 0 for e in batch.executions),
-            ),
-            executions=[
-                ExecutionOut(
-                    index=execution.index,
-                    status=execution.status,
-                    result=execution.result,
-                    error=execution.error,
-                    model=execution.model,
-                    latency_ms=execution.latency_ms,
-                    attempts=execution.attempts,
-                    prompt_tokens=execution.prompt_tokens,
-                    completion_tokens=execution.completion_tokens,
-                )
-                for execution in batch.executions
-                if execution.status.finished
-            ],
+            response=[Message(message=message)],
+            retry_of=original.id,
+            rerun=rerun,
         )
     )
+
+
+async def batches(request: web.Request) -> web.Response:
+    """The caller's batches, newest first; ``limit`` and ``status`` filter them."""
+    query = ListQuery.model_validate(dict(request.query))
+    found = request.app[REGISTRY].owned_by(request[OWNER], status=query.status, limit=query.limit)
+    return _answer(
+        BatchList(
+            batches=[
+                BatchSummary(
+                    invocationId=batch.id,
+                    status=batch.status,
+                    message=batch.message,
+                    progress=_progress(batch),
+                    created_at=_utc(batch.created_at),
+                    finished_at=_utc(batch.finished_at) if batch.finished_at else None,
+                    retry_of=batch.retry_of,
+                )
+                for batch in found
+            ]
+        )
+    )
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``execution`` as each row ends, ``progress``, then ``done``.
+
+    A client that connects late first gets the current state: an
+    ``execution`` event per row already ended, then ``progress`` (and
+    ``done`` if the batch has ended).
+    """
+    registry = request.app[REGISTRY]
+    batch = registry.get(request.match_info["invocation_id"], request[OWNER])
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    # Subscribing and taking the snapshot happen with no await between them,
+    # so no event is missed or sent twice.
+    with registry.watch(batch) as queue:
+        backlog = [execution_event(e) for e in batch.executions if e.status.finished]
+        backlog.append(progress_event(batch))
+        if batch.status.finished:
+            backlog.append(done_event(batch))
+        try:
+            for event in backlog:
+                await _send(response, request, batch, event)
+            while not batch.status.finished or not queue.empty():
+                try:
+                    event = await asyncio.wait_for(queue.get(), _HEARTBEAT_S)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                await _send(response, request, batch, event)
+                if event.name == "done":
+                    break
+        except ConnectionResetError:
+            pass  # the client went away; nothing to tell it
+    return response
+
+
+async def _send(
+    response: web.StreamResponse, request: web.Request, batch: Batch, event: Event
+) -> None:
+    data = dict(event.data)
+    if event.name == "done":
+        data["invocationId"] = batch.id
+        data["xlsx_url"] = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
+    payload = json.dumps(data, ensure_ascii=False)
+    await response.write(f"event: {event.name}\ndata: {payload}\n\n".encode())
+
+
+def _results(request: web.Request, batch: Batch) -> ResultsResponse:
+    has_outputs = batch.status.finished and batch.xlsx_name is not None
+    return ResultsResponse(
+        status=batch.status,
+        invocationId=batch.id,
+        message=batch.message,
+        xlsx_url=_xlsx_url(request, batch.xlsx_name) if has_outputs and batch.xlsx_name else None,
+        csv_content=batch.csv_content if has_outputs else None,
+        progress=_progress(batch),
+        usage=Usage(
+            prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
+            completion_tokens=sum(e.completion_tokens or 0 for e in batch.executions),
+        ),
+        executions=[
+            ExecutionOut(
+                index=execution.index,
+                status=execution.status,
+                result=execution.result,
+                error=execution.error,
+                model=execution.model,
+                latency_ms=execution.latency_ms,
+                attempts=execution.attempts,
+                prompt_tokens=execution.prompt_tokens,
+                completion_tokens=execution.completion_tokens,
+            )
+            for execution in batch.executions
+            if execution.status.finished
+        ],
+    )
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, tz=UTC)
 
 
 async def download(request: web.Request) -> web.StreamResponse:
@@ -265,16 +390,7 @@ def _xlsx_url(request: web.Request, file_name: str) -> str:
 
 
 def _progress(batch: Batch) -> Progress:
-    counts = batch.counts
-    return Progress(
-        total=len(batch.executions),
-        succeeded=counts[ExecutionStatus.SUCCEEDED],
-        failed=counts[ExecutionStatus.FAILED] + counts[ExecutionStatus.TIMED_OUT],
-        skipped=counts[ExecutionStatus.SKIPPED],
-        cancelled=counts[ExecutionStatus.CANCELLED],
-        running=counts[ExecutionStatus.RUNNING],
-        pending=counts[ExecutionStatus.PENDING],
-    )
+    return Progress(**progress_counts(batch))
 
 
 def _inside(folder: Path, name: str) -> Path:

@@ -11,7 +11,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from batchexec.errors import InputError, NotFoundError, QueueFullError
+from batchexec.errors import (
+    ConflictError,
+    InputError,
+    NotFoundError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from batchexec.web.keys import OWNER, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -55,8 +61,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except NotFoundError as exc:
         return json_error(404, str(exc))
+    except ConflictError as exc:
+        return json_error(409, str(exc))
     except QueueFullError as exc:
         response = json_error(429, str(exc))
+        response.headers["Retry-After"] = str(_QUEUE_RETRY_AFTER_S)
+        return response
+    except ShuttingDownError as exc:
+        response = json_error(503, str(exc))
         response.headers["Retry-After"] = str(_QUEUE_RETRY_AFTER_S)
         return response
     except Exception:

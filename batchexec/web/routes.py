@@ -19,3 +19,7 @@ def setup_routes(app: web.Application) -> None:
         "/public/batch_execution_results/{file_name}", handlers.download, name="download"
     )
     router.add_get("/system/batch_execution/models", handlers.models)
+    router.add_get("/system/batch_execution/events/{invocation_id}", handlers.events)
+    router.add_post("/system/batch_execution/cancel", handlers.cancel)
+    router.add_post("/system/batch_execution/retry", handlers.retry)
+    router.add_get("/system/batch_execution/batches", handlers.batches)
