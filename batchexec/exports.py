@@ -9,15 +9,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import xlsxwriter
-
 from batchexec.csvinput import OUTPUT_COLUMNS
 from batchexec.planning import BatchPlan
 from batchexec.registry import Batch, Execution, ExecutionStatus
+from batchexec.xlsx import CELL_LIMIT, write_sheet
 
 #: Excel refuses longer cell text.
-XLSX_CELL_LIMIT = 32_767
-_TRUNCATED = "… [truncated by batchexec: {} characters in all]"
+XLSX_CELL_LIMIT = CELL_LIMIT
 _MAX_WIDTH = 80
 _SHEET = "Results"
 
@@ -119,50 +117,13 @@ def write_xlsx(path: Path, sheet: Sheet) -> None:
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".xlsx", dir=path.parent)
     os.close(fd)
     try:
-        _write_workbook(temporary, sheet)
+        write_sheet(temporary, _SHEET, sheet.header, sheet.rows, _widths(sheet))
         # mkstemp makes the file private; a results file is meant to be served.
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
-
-def _write_workbook(filename: str, sheet: Sheet) -> None:
-    workbook = xlsxwriter.Workbook(
-        filename,
-        {
-            "constant_memory": True,
-            "strings_to_formulas": False,
-            "strings_to_urls": False,
-            "strings_to_numbers": False,
-        },
-    )
-    try:
-        bold = workbook.add_format({"bold": True, "text_wrap": True, "valign": "top"})
-        wrapped = workbook.add_format({"text_wrap": True, "valign": "top"})
-        worksheet = workbook.add_worksheet(_SHEET)
-        for column, width in enumerate(_widths(sheet)):
-            worksheet.set_column(column, column, width, wrapped)
-        worksheet.write_row(0, 0, sheet.header, bold)
-        worksheet.freeze_panes(1, 0)
-        worksheet.autofilter(0, 0, max(len(sheet.rows), 1), len(sheet.header) - 1)
-        for row_number, row in enumerate(sheet.rows, start=1):
-            for column, cell in enumerate(row):
-                if isinstance(cell, int):
-                    worksheet.write_number(row_number, column, cell)
-                elif cell:
-                    worksheet.write_string(row_number, column, _fit(cell), wrapped)
-    finally:
-        workbook.close()
-
-
-def _fit(text: str) -> str:
-    """``text`` cut to Excel's cell limit, with a marker saying so."""
-    if len(text) <= XLSX_CELL_LIMIT:
-        return text
-    marker = _TRUNCATED.format(len(text))
-    return text[: XLSX_CELL_LIMIT - len(marker)] + marker
 
 
 def _widths(sheet: Sheet, sample: int = 200) -> list[float]:

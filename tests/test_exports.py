@@ -388,11 +388,11 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(
     write_xlsx(path, Sheet(["prompt"], [["original"]]))
     before = path.read_bytes()
 
-    def broken(filename: str, sheet: Sheet) -> None:
+    def broken(filename: str, *args: object) -> None:
         Path(filename).write_bytes(b"half a workbook")
         raise OSError("disk full")
 
-    monkeypatch.setattr(exports, "_write_workbook", broken)
+    monkeypatch.setattr(exports, "write_sheet", broken)
     with pytest.raises(OSError, match="disk full"):
         write_xlsx(path, Sheet(["prompt"], [["replacement"]]))
     assert path.read_bytes() == before
