@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from batchexec.config import Settings
@@ -29,6 +30,7 @@ from batchexec.planning import BatchPlan, PlannedRow
 from batchexec.providers import ChatRequest, Completion, Provider
 from batchexec.registry import Batch, BatchStatus, ExecutionStatus, Outcome, Registry
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
+from batchexec.slots import PrioritySlots
 from batchexec.templating import substitute
 
 log = logging.getLogger(__name__)
@@ -158,20 +160,31 @@ class Engine:
             registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed: {exc}")
 
     async def _run_rows(self, batch: Batch) -> None:
-        ended = {row.index: asyncio.Event() for row in batch.plan.rows}
+        # Only rows that others name get an event to wait on.
+        named = {index for row in batch.plan.rows for index in row.depends_on}
+        ended = {index: asyncio.Event() for index in named}
         outputs: dict[int, str] = {}
         for execution in batch.executions:
             # A retry's rows that succeeded before are already ended; their
             # results feed the ${output.n} of the rows that run again.
             if execution.status.finished:
-                ended[execution.index].set()
+                if execution.index in ended:
+                    ended[execution.index].set()
                 if execution.status is ExecutionStatus.SUCCEEDED and execution.result is not None:
                     outputs[execution.index] = execution.result
-        in_flight = asyncio.Semaphore(self._settings.max_threads)
+        # Rows at the head of the longest chains go first when slots are short,
+        # so a long chain never waits behind rows that could run any time.
+        lengths = batch.plan.chain_lengths()
+        in_flight = PrioritySlots(self._settings.max_threads)
+        pending = [
+            row for row in batch.plan.rows if not batch.executions[row.index - 1].status.finished
+        ]
+        # Started in priority order, since free slots go to whoever asks first.
+        pending.sort(key=lambda row: (-lengths[row.index], row.index))
         async with asyncio.TaskGroup() as group:
-            for row in batch.plan.rows:
-                if not ended[row.index].is_set():
-                    group.create_task(self._run_row(batch, row, ended, outputs, in_flight))
+            for row in pending:
+                slot = in_flight.hold((-lengths[row.index], row.index))
+                group.create_task(self._run_row(batch, row, ended, outputs, slot))
 
     async def _run_row(
         self,
@@ -179,12 +192,16 @@ class Engine:
         row: PlannedRow,
         ended: Mapping[int, asyncio.Event],
         outputs: dict[int, str],
-        in_flight: asyncio.Semaphore,
+        slot: AbstractAsyncContextManager[None],
     ) -> None:
+        done = ended.get(row.index)
         try:
-            for index in sorted(row.depends_on):
-                await ended[index].wait()
-            missing = sorted(index for index in row.depends_on if index not in outputs)
+            if row.depends_on:
+                for index in sorted(row.depends_on):
+                    await ended[index].wait()
+                missing = sorted(index for index in row.depends_on if index not in outputs)
+            else:
+                missing = []
             if missing:
                 names = ", ".join(f"${{output.{index}}}" for index in missing)
                 outcome = Outcome(
@@ -192,7 +209,7 @@ class Engine:
                 )
                 self._registry.finish_execution(batch, row.index, outcome)
                 return
-            async with in_flight:
+            async with slot:
                 if self._stopping:
                     outcome = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
                     self._registry.finish_execution(batch, row.index, outcome)
@@ -201,10 +218,15 @@ class Engine:
                 self._registry.start_execution(batch, row.index, prompt)
                 outcome = await self._execute(row, prompt)
                 self._registry.finish_execution(batch, row.index, outcome)
-            if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
-                outputs[row.index] = outcome.result
+                if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
+                    outputs[row.index] = outcome.result
+                # Inside the slot: dependents wake before it is handed over, so
+                # they compete for it rather than queue behind everything else.
+                if done is not None:
+                    done.set()
         finally:
-            ended[row.index].set()
+            if done is not None:
+                done.set()
 
     async def _execute(self, row: PlannedRow, prompt: str) -> Outcome:
         """One execution: its model call with retries, all under the execution timeout."""

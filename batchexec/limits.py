@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from batchexec.catalog import ModelSpec, fold
+
+#: Most models have no limits; their calls skip the bookkeeping entirely.
+_UNLIMITED: AbstractAsyncContextManager[object] = nullcontext()
 
 
 class _Pacer:
@@ -31,9 +34,14 @@ class ModelLimits:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._pacers: dict[str, _Pacer] = {}
 
-    @asynccontextmanager
-    async def call(self, model: ModelSpec) -> AsyncIterator[None]:
+    def call(self, model: ModelSpec) -> AbstractAsyncContextManager[object]:
         """Held around each request to ``model``; waits for a slot, then for the pacer."""
+        if model.max_concurrency is None and model.rpm is None:
+            return _UNLIMITED
+        return self._limited(model)
+
+    @asynccontextmanager
+    async def _limited(self, model: ModelSpec) -> AsyncIterator[None]:
         key = fold(model.name)
         if model.max_concurrency is None:
             if model.rpm is not None:

@@ -39,6 +39,17 @@ class BatchPlan:
     columns: tuple[str, ...]
     rows: tuple[PlannedRow, ...]
 
+    def chain_lengths(self) -> dict[int, int]:
+        """For each row, how many rows the longest chain starting at it holds (itself included).
+
+        Rows only use earlier rows, so one pass from the last row back is enough.
+        """
+        lengths = {row.index: 1 for row in self.rows}
+        for row in reversed(self.rows):
+            for index in row.depends_on:
+                lengths[index] = max(lengths[index], lengths[row.index] + 1)
+        return lengths
+
 
 @dataclass(frozen=True)
 class Limits:

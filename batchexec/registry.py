@@ -248,7 +248,8 @@ class Registry:
         batch.status = BatchStatus.PROCESSING
         batch.message = "Batch execution in progress."
         batch.started_at = time.time()
-        self._publish(batch, progress_event(batch))
+        if batch.watchers:
+            self._publish(batch, progress_event(batch))
 
     def start_execution(self, batch: Batch, index: int, prompt: str) -> None:
         """Execution ``index`` (1-based) is being sent to its model as ``prompt``."""
@@ -260,8 +261,9 @@ class Registry:
         """Execution ``index`` (1-based) ended with ``outcome``."""
         execution = batch.executions[index - 1]
         self._end(batch, execution, outcome)
-        self._publish(batch, execution_event(execution))
-        self._publish(batch, progress_event(batch))
+        if batch.watchers:
+            self._publish(batch, execution_event(execution))
+            self._publish(batch, progress_event(batch))
 
     def cancel_unfinished(self, batch: Batch, reason: str) -> None:
         """Every execution that has not ended becomes ``cancelled``."""

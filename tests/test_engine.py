@@ -251,3 +251,26 @@ async def test_retry_reruns_only_rows_that_did_not_succeed(make_harness, catalog
     assert harness.gated.started == ["fail: once"]
     assert harness.statuses(second) == ["succeeded", "failed", "succeeded", "skipped"]
     assert second.executions[2].result == "answer(uses answer(ok))"
+
+
+async def test_long_chains_get_scarce_slots_before_independent_rows(make_harness, catalog):
+    harness = make_harness(max_threads=1)
+    prompts = ["free 1", "head", "free 2", "link ${output.2}", "link ${output.4}"]
+    batch = harness.engine.submit("owner", plan(catalog, *prompts))
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    # The chain 2 -> 4 -> 5 is the critical path: its head runs first and its
+    # second link as soon as it is ready, ahead of rows that could run at any
+    # time; the last link is then no more urgent than they are.
+    assert harness.gated.started == [
+        "head",
+        "link answer(head)",
+        "free 1",
+        "free 2",
+        "link answer(link answer(head))",
+    ]
+
+
+def test_chain_lengths_count_the_longest_chain_from_each_row(catalog):
+    prompts = ["a", "b ${output.1}", "c ${output.2}", "d ${output.1}", "e"]
+    assert plan(catalog, *prompts).chain_lengths() == {1: 3, 2: 2, 3: 1, 4: 1, 5: 1}
