@@ -46,8 +46,12 @@ class Engine:
         providers: Mapping[str, Provider],
         *,
         rng: random.Random | None = None,
+        write_outputs: bool = True,
     ) -> None:
+        """``write_outputs=False`` leaves a batch's CSV content and workbook to the caller
+        (the command line writes only the files it was asked for)."""
         self._settings = settings
+        self._write_files = write_outputs
         self._registry = registry
         self._providers = providers
         self._batch_slots = asyncio.Semaphore(settings.max_concurrent_batches)
@@ -282,6 +286,8 @@ class Engine:
 
     async def _write_outputs(self, batch: Batch) -> None:
         """Render the CSV and write the workbook, off the event loop."""
+        if not self._write_files:
+            return
         path = self._settings.results_dir / batch.file_name
         csv_content = await asyncio.to_thread(_render_outputs, batch, path)
         self._registry.set_outputs(batch, csv_content=csv_content, xlsx_name=path.name)

@@ -9,26 +9,20 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
-from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
-from batchexec.errors import ConfigError, ProviderError
-from batchexec.providers import BUILTIN_PROVIDERS, Provider, build_providers
-from batchexec.providers.openai import discover_models
+from batchexec.providers import Provider
 from batchexec.registry import Registry
+from batchexec.runtime import load_catalog, open_runtime, provider_classes
 from batchexec.web.keys import CATALOG, CLIENT_SESSION, ENGINE, PROVIDERS, REGISTRY, SETTINGS
 from batchexec.web.middlewares import auth_middleware, error_middleware
 from batchexec.web.routes import setup_routes
 
 log = logging.getLogger(__name__)
 
-#: Outbound HTTP: connections per host stay modest so one provider can't take them all.
-_CONNECTOR_LIMIT = 200
 _MAX_SWEEP_PERIOD_S = 60.0
-_CONNECTOR_LIMIT_PER_HOST = 64
 
 
 def create_app(
@@ -41,14 +35,7 @@ def create_app(
     catalog is invalid or names a provider that does not exist.
     """
     settings = settings or Settings()
-    catalog = Catalog.load(settings.models_path)
-    provider_classes = {cls.name: cls for cls in (*BUILTIN_PROVIDERS, *extra_providers)}
-    for model in catalog.models:
-        if model.provider not in provider_classes:
-            known = ", ".join(sorted(provider_classes))
-            raise ConfigError(
-                f"model {model.name!r}: unknown provider {model.provider!r} (known: {known})"
-            )
+    catalog = load_catalog(settings, provider_classes(extra_providers))
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -59,16 +46,10 @@ def create_app(
     app[REGISTRY] = Registry()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(
-            limit=_CONNECTOR_LIMIT, limit_per_host=_CONNECTOR_LIMIT_PER_HOST
-        )
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            app[CLIENT_SESSION] = session
-            providers = build_providers(settings, session)
-            providers.update({cls.name: cls(settings, session) for cls in extra_providers})
-            app[PROVIDERS] = providers
-            app[CATALOG] = await _with_discovered_models(catalog, settings, session)
+        async with open_runtime(settings, catalog, extra_providers) as runtime:
+            app[CLIENT_SESSION] = runtime.session
+            app[PROVIDERS] = runtime.providers
+            app[CATALOG] = runtime.catalog
             yield
 
     async def engine(app: web.Application) -> AsyncIterator[None]:
@@ -88,20 +69,6 @@ def create_app(
     app.on_shutdown.append(drain)
     setup_routes(app)
     return app
-
-
-async def _with_discovered_models(
-    catalog: Catalog, settings: Settings, session: aiohttp.ClientSession
-) -> Catalog:
-    """The catalog plus the models ``OPENAI_BASE_URL`` lists; a failed listing only warns."""
-    try:
-        models = await discover_models(settings, session)
-    except ProviderError as exc:
-        log.warning("OPENAI_BASE_URL: could not list its models: %s", exc)
-        return catalog
-    if models:
-        log.info("OPENAI_BASE_URL lists %d models", len(models))
-    return catalog.with_models(models)
 
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:

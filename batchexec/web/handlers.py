@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from pydantic import BaseModel
 
 from batchexec.csvinput import parse_csv
-from batchexec.errors import ConflictError, InputError, NotFoundError
+from batchexec.errors import ConflictError, FieldError, InputError, NotFoundError
 from batchexec.exports import template_sheet, write_xlsx
+from batchexec.inputs import (
+    ZIP_MAGIC,
+    Format,
+    Rows,
+    decode,
+    format_of,
+    from_table,
+    parse_xlsx,
+    plan_rows,
+    rows_from_executions,
+    sniff,
+)
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.registry import (
     Batch,
@@ -25,6 +37,7 @@ from batchexec.registry import (
     progress_counts,
     progress_event,
 )
+from batchexec.runtime import limits_from
 from batchexec.schemas import (
     AssistantOut,
     BatchList,
@@ -52,6 +65,8 @@ XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml
 _HEARTBEAT_S = 15.0
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
+#: An uploaded workbook may unpack to this many times the body limit; XML packs ~10:1.
+_UNZIP_FACTOR = 50
 
 
 async def health(request: web.Request) -> web.Response:
@@ -62,23 +77,7 @@ async def health(request: web.Request) -> web.Response:
 async def execute_batch(request: web.Request) -> web.Response:
     """Validate a batch of executions and start it in the background."""
     body = await _parse(request, ExecuteBatchRequest)
-    columns = ["prompt", "model"]
-    if any(execution.assistant for execution in body.executions):
-        columns.append("assistant")
-    rows = []
-    for execution in body.executions:
-        extra = execution.extra_cells()
-        columns += [name for name in extra if name not in columns]
-        cells = {"prompt": execution.prompt, "model": execution.model or ""}
-        cells["assistant"] = execution.assistant or ""
-        rows.append(
-            RowInput(
-                prompt=execution.prompt,
-                model=execution.model,
-                assistant=execution.assistant,
-                cells={**extra, **cells},
-            )
-        )
+    columns, rows = rows_from_executions(body.executions)
     plan = _plan(request, rows, columns)
     batch = request.app[ENGINE].submit(request[OWNER], plan)
     message = (
@@ -91,41 +90,63 @@ async def execute_batch(request: web.Request) -> web.Response:
 async def process_csv(request: web.Request) -> web.Response:
     """Parse a CSV, write its XLSX template and, with ``execute``, start the batch."""
     body = await _parse(request, ProcessCsvRequest)
+    rows = await _csv_rows(request, body.csv_content)
+    return await _process_rows(request, rows, execute=body.execute, kind="CSV")
+
+
+async def upload(request: web.Request) -> web.Response:
+    """Like ``process_csv``, for a multipart upload of a CSV or XLSX ``file``."""
+    name, data, execute = await _read_upload(request)
+    settings = request.app[SETTINGS]
+    # A workbook is a zip whatever its name says; otherwise the name decides, then the content.
+    fmt = Format.XLSX if data.startswith(ZIP_MAGIC) else format_of(name or "") or sniff(data)
+    if fmt is Format.XLSX:
+        rows = await asyncio.to_thread(
+            parse_xlsx,
+            data,
+            max_rows=settings.max_executions_per_batch,
+            max_unzipped_bytes=_UNZIP_FACTOR * settings.max_body_bytes,
+        )
+        return await _process_rows(request, rows, execute=execute, kind="XLSX")
+    if fmt is not Format.CSV:
+        raise InputError(f"Upload a CSV or XLSX file; this one looks like {fmt.value.upper()}.")
+    rows = await _csv_rows(request, decode(data, Format.CSV))
+    return await _process_rows(request, rows, execute=execute, kind="CSV")
+
+
+async def _csv_rows(request: web.Request, text: str) -> Rows:
     settings = request.app[SETTINGS]
     max_field_chars = max(settings.max_prompt_length, settings.max_body_bytes)
-    if len(body.csv_content) > _INLINE_CSV_CHARS:
-        table = await asyncio.to_thread(
-            parse_csv, body.csv_content, max_field_chars=max_field_chars
-        )
+    if len(text) > _INLINE_CSV_CHARS:
+        table = await asyncio.to_thread(parse_csv, text, max_field_chars=max_field_chars)
     else:
-        table = parse_csv(body.csv_content, max_field_chars=max_field_chars)
-    rows = [
-        RowInput(
-            prompt=cells["prompt"],
-            model=cells.get("model"),
-            assistant=cells.get("assistant"),
-            cells=cells,
-        )
-        for cells in table.rows
-    ]
+        table = parse_csv(text, max_field_chars=max_field_chars)
+    return from_table(table)
+
+
+async def _process_rows(
+    request: web.Request, rows: Rows, *, execute: bool, kind: str
+) -> web.Response:
+    """Validate ``rows``, write their XLSX template and, with ``execute``, start the batch."""
+    settings = request.app[SETTINGS]
     try:
-        plan = _plan(request, rows, table.columns)
+        plan = plan_rows(rows, request.app[CATALOG], limits_from(settings))
     except InputError as exc:
-        raise _with_csv_lines(exc, table.lines) from None
+        raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
     registry = request.app[REGISTRY]
     batch_id = registry.new_id()
     file_name = Batch.file_name_for(batch_id)
     await asyncio.to_thread(write_xlsx, settings.results_dir / file_name, template_sheet(plan))
     registry.add_file(file_name, request[OWNER])
     count = f"{len(plan.rows)} row{'s' if len(plan.rows) != 1 else ''}"
-    if body.execute:
+    if execute:
         request.app[ENGINE].submit(request[OWNER], plan, batch_id=batch_id)
         message = (
-            f"CSV processed: {count}. Batch execution started. Use invocation ID "
+            f"{kind} processed: {count}. Batch execution started. Use invocation ID "
             f"{batch_id} to check status and retrieve results."
         )
     else:
-        message = f"CSV processed: {count} written to the XLSX template."
+        message = f"{kind} processed: {count} written to the XLSX template."
     return _answer(
         ProcessCsvResponse(
             invocationId=batch_id,
@@ -133,6 +154,59 @@ async def process_csv(request: web.Request) -> web.Response:
             xlsx_path=f"{settings.public_dir.as_posix()}/batch_execution_results/{file_name}",
             xlsx_url=_xlsx_url(request, file_name),
         )
+    )
+
+
+async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
+    """The ``file`` part's name and bytes, and ``execute``, of a multipart upload.
+
+    Parts are read in chunks and counted, since a multipart body is not
+    bounded by ``client_max_size`` the way ``read()`` is.
+    """
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    if request.content_type != "multipart/form-data":
+        raise InputError(
+            "Send the spreadsheet as multipart/form-data with a 'file' field "
+            "(curl -F file=@prompts.xlsx)."
+        )
+    name: str | None = None
+    data: bytes | None = None
+    execute = False
+    size = 0
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise InputError("Nested multipart parts are not supported.")
+        chunks: list[bytes] = []
+        while chunk := await part.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            chunks.append(chunk)
+        if part.name == "file":
+            name, data = part.filename, b"".join(chunks)
+        elif part.name == "execute":
+            execute = _flag(b"".join(chunks).decode("utf-8", errors="replace"))
+    if data is None:
+        raise InputError(
+            "The upload has no 'file' field.",
+            [FieldError(None, "file", "attach a CSV or XLSX file")],
+        )
+    return name, data, execute
+
+
+def _flag(value: str) -> bool:
+    """A form field's boolean: ``true``/``1`` or ``false``/``0``/empty."""
+    text = value.strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0", ""):
+        return False
+    raise InputError(
+        "The execute field must be true or false.",
+        [FieldError(None, "execute", f"must be true, false, 1 or 0, not {value!r}")],
     )
 
 
@@ -355,7 +429,7 @@ async def _parse(request: web.Request, model: type[_Body]) -> _Body:
     return model.model_validate(data)
 
 
-def _plan(request: web.Request, rows: list[RowInput], columns: Any) -> BatchPlan:
+def _plan(request: web.Request, rows: Sequence[RowInput], columns: Sequence[str]) -> BatchPlan:
     settings = request.app[SETTINGS]
     limits = Limits(
         max_executions=settings.max_executions_per_batch,
@@ -363,17 +437,6 @@ def _plan(request: web.Request, rows: list[RowInput], columns: Any) -> BatchPlan
         default_model=settings.default_model,
     )
     return plan_batch(rows, list(columns), request.app[CATALOG], limits)
-
-
-def _with_csv_lines(exc: InputError, lines: tuple[int, ...]) -> InputError:
-    """The same problems, each message naming the CSV line of its row."""
-    errors = [
-        replace(error, message=f"line {lines[error.index - 1]}: {error.message}")
-        if error.index is not None and error.index <= len(lines)
-        else error
-        for error in exc.errors
-    ]
-    return InputError(exc.detail, errors)
 
 
 def _answer(body: BaseModel) -> web.Response:

@@ -12,6 +12,7 @@ def setup_routes(app: web.Application) -> None:
     router = app.router
     router.add_get("/health", handlers.health, name="health")
     router.add_post("/system/batch_execution/process_csv/invoke", handlers.process_csv)
+    router.add_post("/system/batch_execution/upload/invoke", handlers.upload)
     router.add_post("/experience/batch_execution/execute_batch/invoke", handlers.execute_batch)
     router.add_post("/system/batch_execution/results", handlers.results)
     router.add_post("/system/batch_execution/results/", handlers.results)

@@ -1,14 +1,15 @@
-"""``python -m batchexec``: the command line."""
+"""``python -m batchexec serve``: the HTTP server in the foreground."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 
 from aiohttp import web
 
+from batchexec.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from batchexec.cli.options import Commands
 from batchexec.config import DEV_API_KEY, Settings, load_settings
 from batchexec.errors import ConfigError
 from batchexec.web.app import create_app
@@ -16,38 +17,27 @@ from batchexec.web.keys import CATALOG
 
 log = logging.getLogger("batchexec")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 _REQUEST_DRAIN_S = 5.0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; returns the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command in (None, "serve"):
-        return serve(host=getattr(args, "host", None), port=getattr(args, "port", None))
-    parser.error(f"unknown command {args.command!r}")
-    return EXIT_USAGE
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m batchexec",
-        description="Run batches of LLM prompts; with no command, start the server.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve_parser = commands.add_parser(
+def register(commands: Commands) -> None:
+    """Add the ``serve`` command."""
+    parser = commands.add_parser(
         "serve",
         help="start the HTTP server (the default)",
         description="Start the HTTP server. HOST and PORT come from the environment or "
         ".env unless given here.",
-        epilog="example: python -m batchexec serve --host 127.0.0.1 --port 8080",
+        epilog="example:\n  python -m batchexec serve --host 127.0.0.1 --port 8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve_parser.add_argument("--host", help="address to listen on (overrides HOST)")
-    serve_parser.add_argument("--port", type=int, help="port to listen on (overrides PORT)")
-    return parser
+    parser.add_argument("--host", help="address to listen on (overrides HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides PORT)")
+    parser.set_defaults(handler=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``serve`` with parsed ``args``."""
+    return serve(host=getattr(args, "host", None), port=getattr(args, "port", None))
 
 
 def serve(*, host: str | None = None, port: int | None = None) -> int:

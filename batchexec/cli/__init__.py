@@ -1,0 +1,45 @@
+"""``python -m batchexec``: the command line, one module a command."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from batchexec.cli import models, run, serve, submit, validate
+from batchexec.cli.options import PROG
+
+__all__ = ["main"]
+
+_EPILOG = f"""\
+examples:
+  {PROG}                                           start the server
+  {PROG} run prompts.csv -o results.xlsx --model echo
+  {PROG} submit prompts.csv --url http://127.0.0.1:8080 --wait -o results.xlsx
+  {PROG} validate prompts.xlsx
+  {PROG} models
+
+'{PROG} COMMAND --help' tells more about each command.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        return serve.serve()
+    code: int = args.handler(args)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run batches of LLM prompts; with no command, start the server.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (serve, run, submit, validate, models):
+        module.register(commands)
+    return parser

@@ -1,0 +1,99 @@
+"""The INPUT argument: a file, or ``-`` for standard input, read into rows; its problems shown."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from batchexec.errors import FieldError, InputError
+from batchexec.inputs import Format, Rows, format_of, read_rows, sniff
+from batchexec.planning import BatchPlan
+from batchexec.providers import Provider
+
+#: The INPUT that means standard input.
+STDIN = "-"
+INPUT_HELP = (
+    "CSV, JSON, JSONL or XLSX file, told apart by its extension; "
+    "'-' reads standard input and tells the format from the content"
+)
+#: The setting that bounds what a limit error is about, by the error's field.
+_LIMIT_SETTINGS = {"executions": "MAX_EXECUTIONS_PER_BATCH", "prompt": "MAX_PROMPT_LENGTH"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """An INPUT read into rows."""
+
+    #: How messages name it: its path, or ``<stdin>``.
+    label: str
+    fmt: Format
+    rows: Rows
+
+
+def label_of(path: str) -> str:
+    """How messages name the INPUT ``path``."""
+    return "<stdin>" if path == STDIN else path
+
+
+def read_source(path: str, *, max_rows: int | None, stdin: BinaryIO | None = None) -> Source:
+    """Read and parse INPUT; ``InputError`` names the line or row of the first unreadable one."""
+    if path == STDIN:
+        data = (stdin or sys.stdin.buffer).read()
+        fmt = sniff(data)
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read it: {exc.strerror or exc}.") from exc
+        fmt = format_of(path) or sniff(data)
+    return Source(label_of(path), fmt, read_rows(data, fmt, max_rows=max_rows))
+
+
+def print_problems(exc: InputError, label: str, rows: Rows | None, stream: TextIO) -> None:
+    """Every problem of ``exc``, each row's named by where it is in the input."""
+    batch_wide = next((e for e in exc.errors if e.message == exc.detail), None)
+    detail = exc.detail + (_hint(batch_wide) if batch_wide else "")
+    print(f"batchexec: {label}: {detail}", file=stream)
+    if rows is None:
+        return
+    for error in exc.errors:
+        if error is not batch_wide:
+            print(f"  {rows.describe(error)}{_hint(error)}", file=stream)
+
+
+def warn_unconfigured(
+    plan: BatchPlan, providers: Mapping[str, Provider], rows: Rows, stream: TextIO
+) -> None:
+    """Warn of each model the plan uses that cannot be called as configured; its rows will fail."""
+    unready: dict[str, tuple[str, list[int]]] = {}
+    for row in plan.rows:
+        model = row.target.model
+        if model.name in unready:
+            unready[model.name][1].append(row.index)
+            continue
+        provider = providers.get(model.provider)
+        reason = (
+            provider.missing_configuration(model)
+            if provider is not None
+            else f"No provider named {model.provider!r}."
+        )
+        if reason is not None:
+            unready[model.name] = (reason, [row.index])
+    for name, (reason, indexes) in unready.items():
+        count = f"{len(indexes)} row{'s' if len(indexes) != 1 else ''}"
+        print(
+            f"batchexec: warning: {count} (from {rows.place(indexes[0])}) use {name!r}, "
+            f"which cannot be called as configured: {reason}",
+            file=stream,
+        )
+
+
+def _hint(error: FieldError) -> str:
+    """The setting to raise, for an error about a limit."""
+    setting = _LIMIT_SETTINGS.get(error.field or "")
+    if setting and "the limit is" in error.message:
+        return f" (set by {setting})"
+    return ""

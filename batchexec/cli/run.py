@@ -1,0 +1,328 @@
+"""``python -m batchexec run``: a batch run in this process, with the server's engine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from batchexec.catalog import Catalog
+from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from batchexec.cli.files import unwritable, write_atomically
+from batchexec.cli.inputfile import (
+    INPUT_HELP,
+    Source,
+    label_of,
+    print_problems,
+    read_source,
+    warn_unconfigured,
+)
+from batchexec.cli.options import (
+    PROG,
+    Commands,
+    add_catalog_options,
+    positive_float,
+    positive_int,
+    settings_from,
+)
+from batchexec.cli.progress import DEFAULT_EVERY_S, ProgressDisplay, Summary, showing
+from batchexec.config import Settings
+from batchexec.engine import Engine
+from batchexec.errors import ConfigError, ConflictError, InputError
+from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
+from batchexec.inputs import plan_rows
+from batchexec.providers import Provider
+from batchexec.registry import Batch, Event, ExecutionStatus, Registry, progress_counts
+from batchexec.runtime import limits_from, load_catalog, open_runtime, provider_classes
+
+#: Whose batch it is, for the registry; there is only ever one here.
+_OWNER = "cli"
+_PROBLEMS_SHOWN = 5
+
+_EPILOG = f"""\
+examples:
+  {PROG} run prompts.csv -o results.xlsx --model echo
+  {PROG} run prompts.xlsx -o results.xlsx --csv results.csv --threads 8 --timeout 60
+  {PROG} run batch.json -o results.xlsx --models my-models.toml
+  cat batch.jsonl | {PROG} run - -o results.xlsx
+
+INPUT holds one execution a row:
+  CSV    a 'prompt' column; 'model' and 'assistant' optional; other columns are kept
+  JSON   {{"executions": [{{"prompt": "...", "model": "..."}}, ...]}}
+  JSONL  one {{"prompt": ..., "model": ...}} object a line
+  XLSX   the 'Results' sheet, else the first, laid out like the CSV (the workbook
+         process_csv writes, filled in, works; its output columns are ignored)
+
+The rows are checked first, against the same limits and catalog as the server
+(MAX_EXECUTIONS_PER_BATCH, MAX_PROMPT_LENGTH, BATCHEXEC_MODELS, ...); nothing
+is sent to a model unless every row is valid. Progress goes to standard error:
+a live bar on a terminal, otherwise a line every --progress-every seconds.
+
+Ctrl-C once cancels the batch and writes the outputs with the rows that
+finished; Ctrl-C again quits at once.
+
+exit status: 0 every row succeeded, 1 some rows did not, 2 bad input or
+configuration (nothing was run), 130 interrupted.
+"""
+
+
+def register(commands: Commands) -> None:
+    """Add the ``run`` command."""
+    parser = commands.add_parser(
+        "run",
+        help="run a batch here, without a server, and write its results",
+        description="Run a batch of prompts in this process, with the same validation, "
+        "limits, catalog, providers, retries and outputs as the server.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", metavar="INPUT", help=INPUT_HELP)
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.xlsx",
+        type=Path,
+        required=True,
+        help="where to write the results workbook",
+    )
+    parser.add_argument(
+        "--csv", metavar="OUT.csv", type=Path, help="also write the results as CSV here"
+    )
+    add_catalog_options(parser)
+    parser.add_argument(
+        "--threads",
+        metavar="N",
+        type=positive_int,
+        help="executions in flight at once (overrides DEFAULT_MAX_THREADS)",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=positive_float,
+        help="seconds for one execution, retries included (overrides EXECUTION_TIMEOUT)",
+    )
+    parser.add_argument(
+        "--progress-every",
+        metavar="S",
+        type=positive_float,
+        default=DEFAULT_EVERY_S,
+        help="seconds between progress lines when standard error is not a terminal "
+        f"(default {DEFAULT_EVERY_S:g})",
+    )
+    parser.set_defaults(handler=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``run`` with parsed ``args``."""
+    stream = sys.stderr
+    outputs = [path for path in (args.output, args.csv) if path is not None]
+    for path in outputs:
+        problem = unwritable(path)
+        if problem:
+            print(f"batchexec: {problem}", file=stream)
+            return EXIT_USAGE
+    try:
+        settings = settings_from(args)
+        catalog = load_catalog(settings, provider_classes())
+    except ConfigError as exc:
+        print(f"batchexec: {exc}", file=stream)
+        return EXIT_USAGE
+    try:
+        source = read_source(args.input, max_rows=settings.max_executions_per_batch)
+    except InputError as exc:
+        print_problems(exc, label_of(args.input), None, stream)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(
+            run_batch(
+                source,
+                settings,
+                catalog,
+                output=args.output,
+                csv_output=args.csv,
+                stream=stream,
+                every_s=args.progress_every,
+            )
+        )
+    except InputError as exc:
+        print_problems(exc, source.label, source.rows, stream)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nbatchexec: interrupted before the batch started.", file=stream)
+        return EXIT_INTERRUPTED
+
+
+async def run_batch(
+    source: Source,
+    settings: Settings,
+    catalog: Catalog,
+    *,
+    output: Path,
+    csv_output: Path | None = None,
+    stream: TextIO,
+    live: bool | None = None,
+    every_s: float = DEFAULT_EVERY_S,
+    extra_providers: Sequence[type[Provider]] = (),
+    exit_now: Callable[[int], object] = os._exit,
+) -> int:
+    """Validate, run and write the outputs of ``source``; returns the exit code.
+
+    Raises ``InputError`` listing every problem before any model is called.
+    ``exit_now`` ends the process on a second Ctrl-C.
+    """
+    loop = asyncio.get_running_loop()
+    async with open_runtime(settings, catalog, extra_providers) as runtime:
+        plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
+        warn_unconfigured(plan, runtime.providers, source.rows, stream)
+        registry = Registry()
+        # The server keeps its own copy of each workbook; a run from the terminal
+        # writes only the files it was asked for.
+        engine = Engine(settings, registry, runtime.providers, write_outputs=False)
+        started_s = loop.time()
+        try:
+            batch = engine.submit(_OWNER, plan)
+            interrupts = Interrupts(lambda: engine.cancel(batch.id), stream, exit_now=exit_now)
+            display = ProgressDisplay(stream, total=len(plan.rows), live=live, every_s=every_s)
+            with interrupts.installed(loop):
+                with registry.watch(batch) as events:
+                    async with showing(display):
+                        await _follow(events, batch, display)
+                await interrupts.settled()
+                elapsed_s = loop.time() - started_s
+                written, failures = await asyncio.to_thread(
+                    _write_outputs, batch, output, csv_output
+                )
+        finally:
+            await engine.close()
+    summary = _summary(batch, source, elapsed_s, written)
+    print(summary.render(), file=stream)
+    for failure in failures:
+        print(f"batchexec: {failure}", file=stream)
+    if interrupts.count:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.all_succeeded and not failures else EXIT_FAILED
+
+
+class Interrupts:
+    """Ctrl-C: the first press cancels the batch and keeps what finished; the second quits."""
+
+    def __init__(
+        self,
+        cancel: Callable[[], Awaitable[None]],
+        stream: TextIO,
+        *,
+        exit_now: Callable[[int], object] = os._exit,
+    ) -> None:
+        self.count = 0
+        self._cancel = cancel
+        self._stream = stream
+        self._exit_now = exit_now
+        self._cancelling: asyncio.Task[None] | None = None
+
+    def __call__(self) -> None:
+        """Handle one SIGINT."""
+        self.count += 1
+        if self.count == 1:
+            print(
+                "\nbatchexec: cancelling; the rows that finished are kept "
+                "(Ctrl-C again to quit at once)",
+                file=self._stream,
+            )
+            self._cancelling = asyncio.get_running_loop().create_task(self._cancel_quietly())
+            return
+        print("\nbatchexec: interrupted again; quitting now", file=self._stream)
+        self._stream.flush()
+        # Quitting at once is the point: nothing may wait, not even cleanup.
+        self._exit_now(EXIT_INTERRUPTED)
+
+    @contextlib.contextmanager
+    def installed(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+        """Handle SIGINT while the block runs, where the platform lets the loop do so."""
+        try:
+            loop.add_signal_handler(signal.SIGINT, self)
+        except (NotImplementedError, RuntimeError, ValueError):
+            # No loop signal handlers here (Windows, or not the main thread):
+            # Ctrl-C stays Python's KeyboardInterrupt.
+            yield
+            return
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    async def settled(self) -> None:
+        """Wait until a cancel the first Ctrl-C started has finished."""
+        if self._cancelling is not None:
+            await self._cancelling
+
+    async def _cancel_quietly(self) -> None:
+        # The batch may have ended on its own just before the key was pressed.
+        with contextlib.suppress(ConflictError):
+            await self._cancel()
+
+
+async def _follow(events: asyncio.Queue[Event], batch: Batch, display: ProgressDisplay) -> None:
+    """Feed the display the batch's progress until it is done."""
+    while (event := await events.get()).name != "done":
+        if event.name == "progress":
+            display.update(event.data)
+    display.update(progress_counts(batch))
+
+
+def _write_outputs(
+    batch: Batch, output: Path, csv_output: Path | None
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Write the workbook and the CSV: ``(what, path)`` of each written, why the others were not."""
+    written: list[tuple[str, str]] = []
+    failures: list[str] = []
+    writers: list[tuple[str, Path | None, Callable[[Path], None]]] = [
+        ("workbook", output, lambda path: write_xlsx(path, results_sheet(batch))),
+        ("csv", csv_output, lambda path: write_atomically(path, _csv_bytes(batch))),
+    ]
+    for what, path, write in writers:
+        if path is None:
+            continue
+        try:
+            write(path)
+        except OSError as exc:
+            # The batch has run: say what could not be saved, keep what could.
+            failures.append(f"cannot write {path}: {exc.strerror or exc}")
+            continue
+        written.append((what, str(path)))
+    return written, failures
+
+
+def _csv_bytes(batch: Batch) -> bytes:
+    return render_csv(csv_sheet(batch)).encode()
+
+
+def _summary(
+    batch: Batch, source: Source, elapsed_s: float, outputs: list[tuple[str, str]]
+) -> Summary:
+    unsuccessful = [
+        execution
+        for execution in batch.executions
+        if execution.status not in (ExecutionStatus.SUCCEEDED, ExecutionStatus.CANCELLED)
+    ]
+    problems = [
+        f"{source.rows.place(execution.index)} ({execution.status.value}): {execution.error}"
+        for execution in unsuccessful[:_PROBLEMS_SHOWN]
+    ]
+    if len(unsuccessful) > _PROBLEMS_SHOWN:
+        problems.append(f"... and {len(unsuccessful) - _PROBLEMS_SHOWN} more; see the workbook")
+    return Summary(
+        status=batch.status.value,
+        message=batch.message,
+        counts=progress_counts(batch),
+        elapsed_s=elapsed_s,
+        prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
+        completion_tokens=sum(e.completion_tokens or 0 for e in batch.executions),
+        outputs=outputs,
+        problems=problems,
+    )

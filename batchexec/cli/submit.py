@@ -1,0 +1,439 @@
+"""``python -m batchexec submit``: send a batch to a server, follow it, fetch its workbook."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, TextIO
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+from dotenv import dotenv_values
+
+from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from batchexec.cli.files import unwritable, write_atomically
+from batchexec.cli.inputfile import INPUT_HELP, Source, label_of, print_problems, read_source
+from batchexec.cli.options import PROG, Commands, positive_float
+from batchexec.cli.progress import DEFAULT_EVERY_S, ProgressDisplay, Summary, showing
+from batchexec.config import DEV_API_KEY
+from batchexec.errors import FieldError, InputError
+from batchexec.inputs import Rows
+from batchexec.registry import Batch
+from batchexec.web.middlewares import API_KEY_HEADER
+
+#: The key ``submit`` sends, unless ``--key`` gives one.
+KEY_ENV = "INTEGRATIONS_API_KEY"
+#: The server's accepted keys; ``submit`` sends the first when nothing else names one.
+KEYS_ENV = "INTEGRATIONS_API_KEYS"
+EXECUTE_PATH = "/experience/batch_execution/execute_batch/invoke"
+RESULTS_PATH = "/system/batch_execution/results"
+EVENTS_PATH = "/system/batch_execution/events/{}"
+DOWNLOAD_PATH = "/public/batch_execution_results/{}"
+DEFAULT_POLL_S = 1.0
+_CONNECT_S = 30.0
+#: The events route sends a keep-alive comment every 15 s; a longer silence is a dead link.
+_READ_S = 60.0
+_PROBLEMS_SHOWN = 5
+_NAMED = frozenset({"prompt", "model", "assistant"})
+_RUNNING = frozenset({"queued", "processing"})
+
+_EPILOG = f"""\
+examples:
+  {PROG} submit prompts.csv --url http://127.0.0.1:8080
+  {PROG} submit prompts.xlsx --url http://127.0.0.1:8080 --wait -o results.xlsx
+  INTEGRATIONS_API_KEY=... {PROG} submit batch.jsonl --url https://batch.example.com --wait
+
+The rows are read as 'run' reads them and sent to execute_batch; the server
+checks them against its own catalog and limits. The invocation id is printed
+on standard output. With --wait (implied by -o) the batch is followed through
+the server's events route, or by polling the results route where the server
+has no events route, with the same progress display as 'run'.
+
+The key is --key, else INTEGRATIONS_API_KEY, else the first of
+INTEGRATIONS_API_KEYS (from the environment, then .env), else the
+development key.
+
+Ctrl-C stops following; the batch keeps running on the server.
+
+exit status: 0 accepted (with --wait: every row succeeded), 1 some rows did not
+succeed, or the server could not be reached or was busy, 2 bad input or a
+request the server refused (401, 404, 413, 422), 130 interrupted.
+"""
+
+
+def register(commands: Commands) -> None:
+    """Add the ``submit`` command."""
+    parser = commands.add_parser(
+        "submit",
+        help="send a batch to a running server, optionally wait and download its workbook",
+        description="Send a batch of prompts to a running batchexec server.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", metavar="INPUT", help=INPUT_HELP)
+    parser.add_argument(
+        "--url", required=True, help="the server's base URL, with its mount prefix if any"
+    )
+    parser.add_argument(
+        "--key", help=f"API key to send (default: {KEY_ENV}, else the first of {KEYS_ENV})"
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="follow the batch until it ends, showing progress"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.xlsx",
+        type=Path,
+        help="download the results workbook here once the batch ends (implies --wait)",
+    )
+    parser.add_argument(
+        "--progress-every",
+        metavar="S",
+        type=positive_float,
+        default=DEFAULT_EVERY_S,
+        help="seconds between progress lines when standard error is not a terminal "
+        f"(default {DEFAULT_EVERY_S:g})",
+    )
+    parser.add_argument(
+        "--poll-every",
+        metavar="S",
+        type=positive_float,
+        default=DEFAULT_POLL_S,
+        help="seconds between polls where the server has no events route "
+        f"(default {DEFAULT_POLL_S:g})",
+    )
+    parser.set_defaults(handler=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``submit`` with parsed ``args``."""
+    stream = sys.stderr
+    url = str(args.url).rstrip("/")
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        print(f"batchexec: --url must be an http:// or https:// URL, not {args.url!r}", file=stream)
+        return EXIT_USAGE
+    key = resolve_key(args.key, os.environ, _dotenv())
+    if not (key.isascii() and key.isprintable()):
+        print("batchexec: the API key must be printable ASCII", file=stream)
+        return EXIT_USAGE
+    if args.output is not None and (problem := unwritable(args.output)):
+        print(f"batchexec: {problem}", file=stream)
+        return EXIT_USAGE
+    try:
+        source = read_source(args.input, max_rows=None)
+    except InputError as exc:
+        print_problems(exc, label_of(args.input), None, stream)
+        return EXIT_USAGE
+    try:
+        source.rows.check_readable()
+    except InputError as exc:
+        print_problems(exc, source.label, source.rows, stream)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(
+            submit_batch(
+                source,
+                url=url,
+                key=key,
+                wait=args.wait or args.output is not None,
+                output=args.output,
+                stream=stream,
+                out=sys.stdout,
+                every_s=args.progress_every,
+                poll_s=args.poll_every,
+            )
+        )
+    except KeyboardInterrupt:
+        print("\nbatchexec: stopped following; the batch keeps running on the server.", file=stream)
+        return EXIT_INTERRUPTED
+
+
+def resolve_key(
+    given: str | None, environ: Mapping[str, str], dotenv: Mapping[str, str | None]
+) -> str:
+    """The key to send: ``given``, else ``INTEGRATIONS_API_KEY``, else the first server key."""
+    if given:
+        return given.strip()
+    for values in (environ, dotenv):
+        if key := (values.get(KEY_ENV) or "").strip():
+            return key
+        listed = [key.strip() for key in (values.get(KEYS_ENV) or "").split(",")]
+        if first := next((key for key in listed if key), None):
+            return first
+    return DEV_API_KEY
+
+
+async def submit_batch(
+    source: Source,
+    *,
+    url: str,
+    key: str,
+    wait: bool,
+    output: Path | None,
+    stream: TextIO,
+    out: TextIO,
+    live: bool | None = None,
+    every_s: float = DEFAULT_EVERY_S,
+    poll_s: float = DEFAULT_POLL_S,
+) -> int:
+    """Send ``source`` to the server at ``url``; with ``wait``, follow it and fetch ``output``.
+
+    Returns the exit code; every refusal and failure is printed to ``stream``.
+    """
+    loop = asyncio.get_running_loop()
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_S, sock_read=_READ_S)
+    async with aiohttp.ClientSession(timeout=timeout, headers={API_KEY_HEADER: key}) as session:
+        client = _Client(session, url)
+        try:
+            invocation_id = await client.start(source.rows)
+            print(invocation_id, file=out, flush=True)
+            if not wait:
+                return EXIT_OK
+            started_s = loop.time()
+            display = ProgressDisplay(
+                stream, total=len(source.rows.rows), live=live, every_s=every_s
+            )
+            async with showing(display):
+                body = await client.follow(invocation_id, display, poll_s)
+            elapsed_s = loop.time() - started_s
+            outputs: list[tuple[str, str]] = []
+            xlsx_url = body.get("xlsx_url")
+            if output is not None and isinstance(xlsx_url, str):
+                await client.download(_file_name(xlsx_url, invocation_id), output)
+                outputs.append(("workbook", str(output)))
+            if isinstance(xlsx_url, str):
+                outputs.append(("on the server", xlsx_url))
+            elif output is not None:
+                print("batchexec: the server wrote no workbook for this batch", file=stream)
+        except Refused as exc:
+            exc.explain(source.rows, stream)
+            return exc.exit_code
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            print(f"batchexec: no usable answer from {url}: {_reason(exc)}", file=stream)
+            return EXIT_FAILED
+    summary = _summary(body, source.rows, elapsed_s, outputs)
+    print(summary.render(), file=stream)
+    succeeded = summary.all_succeeded and body.get("status") == "completed"
+    return EXIT_OK if succeeded and (output is None or outputs) else EXIT_FAILED
+
+
+class Refused(Exception):
+    """The server answered with an error status."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        errors: list[FieldError],
+        retry_after: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.errors = errors
+        self.retry_after = retry_after
+
+    @property
+    def exit_code(self) -> int:
+        """2 for a request the server will never accept; 1 for one worth trying again."""
+        return EXIT_FAILED if self.status == 429 or self.status >= 500 else EXIT_USAGE
+
+    def explain(self, rows: Rows, stream: TextIO) -> None:
+        """Print the refusal, each row's problem named by where it is in the input."""
+        what = _REFUSALS.get(self.status, "the server refused the request")
+        print(f"batchexec: {what} (HTTP {self.status}): {self.detail}", file=stream)
+        for error in self.errors:
+            print(f"  {rows.describe(error)}", file=stream)
+        if self.status == 401:
+            print(f"  pass --key, or set {KEY_ENV}", file=stream)
+        if self.retry_after:
+            print(f"  try again in {self.retry_after} s", file=stream)
+
+
+_REFUSALS = {
+    401: "the server did not accept the API key",
+    404: "the server does not know this batch or route",
+    413: "the batch is too large for the server",
+    422: "the server found problems with the batch",
+    429: "the server is busy",
+    503: "the server is shutting down",
+}
+
+
+class _NoEvents(Exception):
+    """The server has no events route."""
+
+
+@dataclass(frozen=True)
+class _Client:
+    """The routes ``submit`` uses, on one session that sends the key."""
+
+    session: aiohttp.ClientSession
+    base_url: str
+
+    async def start(self, rows: Rows) -> str:
+        """Send the rows to ``execute_batch``; the invocation id."""
+        body = await self._post(EXECUTE_PATH, {"executions": executions_of(rows)})
+        invocation_id = body.get("invocationId")
+        if not isinstance(invocation_id, str):
+            raise ValueError("the answer has no invocationId")
+        return invocation_id
+
+    async def follow(
+        self, invocation_id: str, display: ProgressDisplay, poll_s: float
+    ) -> dict[str, Any]:
+        """Follow the batch until it ends; its final results."""
+        try:
+            async with contextlib.aclosing(self._events(invocation_id)) as events:
+                async for name, data in events:
+                    if name == "progress":
+                        display.update(data)
+                    elif name == "done":
+                        break
+        except _NoEvents:
+            pass
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError):
+            pass  # the stream broke off; the results route still tells how it ends
+        return await self._poll(invocation_id, display, poll_s)
+
+    async def download(self, file_name: str, output: Path) -> None:
+        """Save the workbook ``file_name`` to ``output``."""
+        url = self.base_url + DOWNLOAD_PATH.format(quote(file_name, safe=""))
+        async with self.session.get(url) as response:
+            await _check(response)
+            data = await response.read()
+        await asyncio.to_thread(write_atomically, output, data)
+
+    async def _poll(
+        self, invocation_id: str, display: ProgressDisplay, poll_s: float
+    ) -> dict[str, Any]:
+        while True:
+            body = await self._post(RESULTS_PATH, {"invocation_id": invocation_id})
+            progress = body.get("progress")
+            if isinstance(progress, dict):
+                display.update(progress)
+            if body.get("status") not in _RUNNING:
+                return body
+            await asyncio.sleep(poll_s)
+
+    async def _events(self, invocation_id: str) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """The server-sent events of the batch, as ``(name, data)``."""
+        url = self.base_url + EVENTS_PATH.format(quote(invocation_id, safe=""))
+        async with self.session.get(url, headers={"Accept": "text/event-stream"}) as response:
+            if response.status in (404, 405):
+                raise _NoEvents
+            await _check(response)
+            name = "message"
+            data: list[str] = []
+            async for raw in response.content:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line:
+                    if data:
+                        yield name, json.loads("\n".join(data))
+                    name, data = "message", []
+                elif not line.startswith(":"):
+                    field, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if field == "event":
+                        name = value
+                    elif field == "data":
+                        data.append(value)
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with self.session.post(self.base_url + path, json=body) as response:
+            await _check(response)
+            answer = await response.json()
+        if not isinstance(answer, dict):
+            raise ValueError("the answer is not a JSON object")
+        return answer
+
+
+def executions_of(rows: Rows) -> list[dict[str, str]]:
+    """The rows as ``execute_batch`` executions; other columns go as extra keys."""
+    executions = []
+    for row in rows.rows:
+        execution = {"prompt": row.prompt}
+        if row.model and row.model.strip():
+            execution["model"] = row.model
+        if row.assistant and row.assistant.strip():
+            execution["assistant"] = row.assistant
+        cells = row.cells or {}
+        execution.update({name: value for name, value in cells.items() if name not in _NAMED})
+        executions.append(execution)
+    return executions
+
+
+async def _check(response: aiohttp.ClientResponse) -> None:
+    """Raise ``Refused`` for an error status, with the server's detail and row errors."""
+    if response.status < 400:
+        return
+    text = await response.text(errors="replace")
+    detail, errors = text.strip()[:500] or response.reason or "", []
+    with contextlib.suppress(ValueError):
+        body = json.loads(text)
+        if isinstance(body, dict):
+            detail = str(body.get("detail", detail))
+            errors = [
+                FieldError(
+                    error.get("index") if isinstance(error.get("index"), int) else None,
+                    error.get("field") if isinstance(error.get("field"), str) else None,
+                    str(error.get("message", "")),
+                )
+                for error in body.get("errors") or []
+                if isinstance(error, dict)
+            ]
+    raise Refused(response.status, detail, errors, response.headers.get("Retry-After"))
+
+
+def _file_name(xlsx_url: str, invocation_id: str) -> str:
+    """The workbook's file name, from its URL; the server's naming rule if the URL has none."""
+    name = unquote(PurePosixPath(urlsplit(xlsx_url).path).name)
+    return name or Batch.file_name_for(invocation_id)
+
+
+def _summary(
+    body: Mapping[str, Any], rows: Rows, elapsed_s: float, outputs: list[tuple[str, str]]
+) -> Summary:
+    executions = [e for e in body.get("executions") or [] if isinstance(e, dict)]
+    unsuccessful = [e for e in executions if e.get("status") not in ("succeeded", "cancelled")]
+    problems = [
+        f"{rows.place(e.get('index')) or e.get('index')} ({e.get('status')}): {e.get('error')}"
+        for e in unsuccessful[:_PROBLEMS_SHOWN]
+    ]
+    if len(unsuccessful) > _PROBLEMS_SHOWN:
+        problems.append(f"... and {len(unsuccessful) - _PROBLEMS_SHOWN} more; see the workbook")
+    usage = _mapping(body.get("usage"))
+    progress = {name: int(count) for name, count in _mapping(body.get("progress")).items()}
+    return Summary(
+        status=str(body.get("status")),
+        message=str(body.get("message", "")),
+        counts=progress,
+        elapsed_s=elapsed_s,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        outputs=outputs,
+        problems=problems,
+    )
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _dotenv() -> dict[str, str | None]:
+    path = Path(".env")
+    return dict(dotenv_values(path)) if path.is_file() else {}
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

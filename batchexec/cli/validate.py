@@ -1,0 +1,90 @@
+"""``python -m batchexec validate``: check an input as ``run`` would, without running it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections import Counter
+from typing import TextIO
+
+from batchexec.catalog import Catalog
+from batchexec.cli.exits import EXIT_OK, EXIT_USAGE
+from batchexec.cli.inputfile import (
+    INPUT_HELP,
+    Source,
+    label_of,
+    print_problems,
+    read_source,
+    warn_unconfigured,
+)
+from batchexec.cli.options import PROG, Commands, add_catalog_options, settings_from
+from batchexec.config import Settings
+from batchexec.errors import ConfigError, InputError
+from batchexec.inputs import plan_rows
+from batchexec.runtime import limits_from, load_catalog, open_runtime, provider_classes
+
+_EPILOG = f"""\
+examples:
+  {PROG} validate prompts.csv
+  {PROG} validate prompts.xlsx --models my-models.toml --model local-llama
+  cat batch.jsonl | {PROG} validate -
+
+Every problem is listed, each with the line (CSV, JSONL), sheet row (XLSX) or
+execution (JSON) it is on. A model that is in the catalog but cannot be called
+as configured (a missing key, say) is a warning: the file is valid, but those
+rows would fail.
+
+exit status: 0 valid, 2 invalid (or bad configuration).
+"""
+
+
+def register(commands: Commands) -> None:
+    """Add the ``validate`` command."""
+    parser = commands.add_parser(
+        "validate",
+        help="check an input file without running it, listing every problem",
+        description="Check an input file against the catalog and limits, as run and the "
+        "server do, without calling any model.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", metavar="INPUT", help=INPUT_HELP)
+    add_catalog_options(parser)
+    parser.set_defaults(handler=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``validate`` with parsed ``args``."""
+    try:
+        settings = settings_from(args)
+        catalog = load_catalog(settings, provider_classes())
+    except ConfigError as exc:
+        print(f"batchexec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        source = read_source(args.input, max_rows=settings.max_executions_per_batch)
+    except InputError as exc:
+        print_problems(exc, label_of(args.input), None, sys.stdout)
+        return EXIT_USAGE
+    return asyncio.run(validate(source, settings, catalog, sys.stdout))
+
+
+async def validate(source: Source, settings: Settings, catalog: Catalog, stream: TextIO) -> int:
+    """Check ``source`` against the catalog and limits; print the verdict; the exit code."""
+    async with open_runtime(settings, catalog) as runtime:
+        try:
+            plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
+        except InputError as exc:
+            print_problems(exc, source.label, source.rows, stream)
+            return EXIT_USAGE
+        warn_unconfigured(plan, runtime.providers, source.rows, stream)
+    models = Counter(row.target.assistant or row.target.model.name for row in plan.rows)
+    uses = ", ".join(f"{name} ({count})" for name, count in models.most_common())
+    noun = "row is" if len(plan.rows) == 1 else "rows are"
+    print(
+        f"{source.label}: {len(plan.rows)} {noun} valid ({source.fmt.value.upper()}; "
+        f"columns: {', '.join(plan.columns)}; uses: {uses})",
+        file=stream,
+    )
+    return EXIT_OK

@@ -1,0 +1,439 @@
+"""Input files to rows: CSV, JSON, JSONL and XLSX, each row named by where it came from.
+
+Every format ends as ``Rows``: the input columns, one ``RowInput`` per
+execution, and each row's place in its file (``line 3`` of a CSV or JSONL,
+``row 3`` of a sheet, ``execution 3`` of a JSON document), so that a problem
+can be reported where the user will look for it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import PurePath
+from typing import Any
+
+from pydantic import ValidationError
+
+from batchexec.catalog import Catalog
+from batchexec.csvinput import KNOWN_COLUMNS, RESERVED_COLUMNS, Table, parse_csv
+from batchexec.errors import FieldError, InputError
+from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
+from batchexec.schemas import ExecutionIn
+
+
+class Format(StrEnum):
+    """An input format."""
+
+    #: The original integration's columns: ``prompt``, optional ``model``, ``assistant``, more.
+    CSV = "csv"
+    #: ``{"executions": [...]}``, the body of ``execute_batch``.
+    JSON = "json"
+    #: One execution object a line.
+    JSONL = "jsonl"
+    #: A workbook's ``Results`` sheet, else its first sheet.
+    XLSX = "xlsx"
+
+
+_EXTENSIONS = {
+    ".csv": Format.CSV,
+    ".json": Format.JSON,
+    ".jsonl": Format.JSONL,
+    ".ndjson": Format.JSONL,
+    ".xlsx": Format.XLSX,
+    ".xlsm": Format.XLSX,
+}
+#: Every XLSX workbook is a zip archive, and starts as one.
+ZIP_MAGIC = b"PK\x03\x04"
+#: Excel 97-2003 ``.xls`` files are OLE2 compound documents.
+_OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_RESULTS_SHEET = "results"
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows read from an input, with each one's place in it."""
+
+    columns: tuple[str, ...]
+    rows: tuple[RowInput, ...]
+    #: Where each row came from: ``line 3``, ``row 3``, ``execution 3``.
+    places: tuple[str, ...]
+    #: Rows that could not be read at all; their entries in ``rows`` are placeholders.
+    problems: tuple[FieldError, ...] = ()
+
+    def place(self, index: int | None) -> str | None:
+        """Where execution ``index`` (1-based) came from; None for a batch-wide problem."""
+        if index is None or not 1 <= index <= len(self.places):
+            return None
+        return self.places[index - 1]
+
+    def located(self, error: FieldError) -> FieldError:
+        """``error`` with its message starting with its row's place, as the HTTP API reports it."""
+        place = self.place(error.index)
+        return replace(error, message=f"{place}: {error.message}") if place else error
+
+    def check_readable(self) -> None:
+        """Raise ``InputError`` listing the rows that could not be read, if there are any."""
+        if self.problems:
+            raise _invalid(list(self.problems), "")
+
+    def describe(self, error: FieldError) -> str:
+        """``error`` as one line for a person: place, field, message."""
+        parts = [self.place(error.index), error.field, error.message]
+        return ": ".join(part for part in parts if part)
+
+
+def format_of(name: str) -> Format | None:
+    """The format a file name's extension names, case-insensitively; None when it names none."""
+    return _EXTENSIONS.get(PurePath(name).suffix.lower())
+
+
+def sniff(data: bytes) -> Format:
+    """The format of content with no telling name: XLSX, a JSON object, JSONL lines, else CSV."""
+    if data.startswith(ZIP_MAGIC):
+        return Format.XLSX
+    _refuse_xls(data)
+    text = data.decode("utf-8", errors="replace").removeprefix("\ufeff").lstrip()
+    if not text.startswith("{"):
+        return Format.CSV
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        # Several objects, one a line, do not parse as one document.
+        return Format.JSONL
+    return Format.JSON if isinstance(document, dict) and "executions" in document else Format.JSONL
+
+
+def read_rows(
+    data: bytes, fmt: Format, *, max_rows: int | None = None, max_field_chars: int | None = None
+) -> Rows:
+    """Rows of ``data`` read as ``fmt``; raises ``InputError`` naming the line or row.
+
+    ``max_rows`` stops reading a sheet early; ``max_field_chars`` bounds a CSV
+    field (by default, the whole text may be one field).
+    """
+    if fmt is Format.XLSX:
+        return parse_xlsx(data, max_rows=max_rows)
+    text = decode(data, fmt)
+    if fmt is Format.JSON:
+        return parse_json(text)
+    if fmt is Format.JSONL:
+        return parse_jsonl(text)
+    return from_table(parse_csv(text, max_field_chars=max_field_chars or max(len(text), 1)))
+
+
+def decode(data: bytes, fmt: Format) -> str:
+    """``data`` as UTF-8 text without a byte order mark; ``InputError`` naming the bad byte."""
+    if fmt is not Format.XLSX:
+        _refuse_xls(data)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"The {fmt.value.upper()} is not UTF-8 text: byte {exc.start + 1} cannot be read. "
+            "Save it as UTF-8."
+        ) from exc
+
+
+def from_table(table: Table) -> Rows:
+    """Rows of a parsed CSV, each placed at the line it starts on."""
+    return Rows(
+        columns=table.columns,
+        rows=tuple(_row_of(cells) for cells in table.rows),
+        places=tuple(f"line {line}" for line in table.lines),
+    )
+
+
+def parse_json(text: str) -> Rows:
+    """Rows of a ``{"executions": [...]}`` document; each execution is checked on its own."""
+    try:
+        document: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"JSON line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("executions"), list):
+        raise InputError(
+            'The JSON must be an object with an "executions" list: '
+            '{"executions": [{"prompt": "...", "model": "..."}, ...]}.'
+        )
+    items: list[Any] = document["executions"]
+    return _from_items(items, [f"execution {number}" for number in range(1, len(items) + 1)])
+
+
+def parse_jsonl(text: str) -> Rows:
+    """Rows of JSON Lines text, one execution object a line; blank lines are skipped."""
+    items: list[Any] = []
+    places: list[str] = []
+    # Not splitlines(): JSON strings may hold U+2028 and other separators it splits on.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            items.append(_Unreadable(f"not valid JSON: {exc.msg} at column {exc.colno}"))
+        places.append(f"line {number}")
+    return _from_items(items, places)
+
+
+def parse_xlsx(
+    data: bytes, *, max_rows: int | None = None, max_unzipped_bytes: int | None = None
+) -> Rows:
+    """Rows of a workbook's ``Results`` sheet, else its first, each placed at its sheet row.
+
+    Every cell is read as text: the value a formula last showed, integral
+    numbers without ``.0``, dates in ISO form, empty cells as ``""``. Output
+    columns (``result``, ``status``, ...) are dropped as a CSV's are.
+    ``max_unzipped_bytes`` refuses a workbook whose parts unpack to more.
+    """
+    # Imported here: openpyxl pulls in numpy where it is installed, which would
+    # slow every start of the server and the command line, XLSX or not.
+    import openpyxl
+
+    if max_unzipped_bytes is not None:
+        _check_unzipped_size(data, max_unzipped_bytes)
+    try:
+        workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+    except Exception as exc:
+        # openpyxl fails on a bad file with whatever its zip or XML layer raised.
+        raise InputError(f"The XLSX file cannot be read: {_reason(exc)}.") from exc
+    try:
+        sheets = workbook.worksheets
+        if not sheets:
+            raise InputError("The XLSX workbook has no worksheet.")
+        sheet = next((s for s in sheets if s.title.casefold() == _RESULTS_SHEET), sheets[0])
+        # The dimension a writer records may be wrong; read every row there is.
+        sheet.reset_dimensions()
+        return _sheet_rows(sheet.title, sheet.iter_rows(values_only=True), max_rows)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"The XLSX file cannot be read: {_reason(exc)}.") from exc
+    finally:
+        workbook.close()
+
+
+def cell_text(value: object) -> str:
+    """A sheet cell as the text it shows: ``7`` not ``7.0``, ISO dates, ``TRUE``; None is ``""``."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, datetime.datetime):
+        if value.time() == datetime.time():
+            return value.date().isoformat()
+        return value.isoformat(sep=" ")
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return str(value)
+
+
+def rows_from_executions(
+    executions: Sequence[ExecutionIn | None],
+) -> tuple[list[str], list[RowInput]]:
+    """Columns and rows of ``execute_batch`` executions: extra keys become extra columns.
+
+    A None entry (an execution that could not be read) becomes a placeholder row.
+    """
+    columns = ["prompt", "model"]
+    if any(execution and execution.assistant for execution in executions):
+        columns.append("assistant")
+    rows: list[RowInput] = []
+    for execution in executions:
+        if execution is None:
+            rows.append(_PLACEHOLDER)
+            continue
+        extra = execution.extra_cells()
+        columns += [name for name in extra if name not in columns]
+        cells = {"prompt": execution.prompt, "model": execution.model or ""}
+        cells["assistant"] = execution.assistant or ""
+        rows.append(
+            RowInput(
+                prompt=execution.prompt,
+                model=execution.model,
+                assistant=execution.assistant,
+                cells={**extra, **cells},
+            )
+        )
+    return columns, rows
+
+
+def plan_rows(rows: Rows, catalog: Catalog, limits: Limits) -> BatchPlan:
+    """Validate ``rows`` as the server does; ``InputError`` lists every problem, rows unread too."""
+    try:
+        plan = plan_batch(list(rows.rows), list(rows.columns), catalog, limits)
+    except InputError as exc:
+        if not rows.problems:
+            raise
+        unread = {problem.index for problem in rows.problems}
+        errors = [*rows.problems, *(e for e in exc.errors if e.index not in unread)]
+        raise _invalid(errors, exc.detail) from None
+    if rows.problems:
+        raise _invalid(list(rows.problems), "")
+    return plan
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A JSONL line that is not JSON, kept in place so later lines keep their numbers."""
+
+    message: str
+
+
+#: Stands in for an execution that could not be read, so the others keep their numbers.
+_PLACEHOLDER = RowInput(prompt="(unreadable)")
+
+
+def _row_of(cells: dict[str, str]) -> RowInput:
+    return RowInput(
+        prompt=cells["prompt"],
+        model=cells.get("model"),
+        assistant=cells.get("assistant"),
+        cells=cells,
+    )
+
+
+def _from_items(items: Sequence[Any], places: Sequence[str]) -> Rows:
+    """Rows of JSON values, each validated as the server validates an execution."""
+    executions: list[ExecutionIn | None] = []
+    problems: list[FieldError] = []
+    for index, item in enumerate(items, start=1):
+        execution: ExecutionIn | None = None
+        if isinstance(item, _Unreadable):
+            problems.append(FieldError(index, None, item.message))
+        elif not isinstance(item, dict):
+            problems.append(FieldError(index, None, 'must be an object: {"prompt": "..."}'))
+        else:
+            try:
+                execution = ExecutionIn.model_validate(item)
+            except ValidationError as exc:
+                problems.extend(_field_errors(index, exc))
+        executions.append(execution)
+    columns, rows = rows_from_executions(executions)
+    return Rows(tuple(columns), tuple(rows), tuple(places), tuple(problems))
+
+
+def _field_errors(index: int, exc: ValidationError) -> Iterable[FieldError]:
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"]) or None
+        yield FieldError(index, field, error["msg"])
+
+
+def _invalid(errors: list[FieldError], detail: str) -> InputError:
+    """One error listing ``errors`` by row; a batch-wide problem keeps ``detail``."""
+    errors.sort(key=lambda error: error.index or 0)
+    if all(error.index is not None for error in errors):
+        count = len({error.index for error in errors})
+        noun = "execution is" if count == 1 else "executions are"
+        detail = f"{count} {noun} invalid."
+    return InputError(detail, errors)
+
+
+def _refuse_xls(data: bytes) -> None:
+    if data.startswith(_OLE2_MAGIC):
+        raise InputError(
+            "This is an Excel 97-2003 (.xls) file, which batchexec cannot read; "
+            "save it as .xlsx or .csv."
+        )
+
+
+def _check_unzipped_size(data: bytes, limit: int) -> None:
+    """Refuse a workbook whose parts unpack to more than ``limit`` bytes.
+
+    The zip module never unpacks a part past its recorded size, so summing
+    those sizes bounds the work before any of it is done.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except zipfile.BadZipFile as exc:
+        raise InputError(f"The XLSX file cannot be read: {exc}.") from exc
+    if total > limit:
+        raise InputError(f"The XLSX workbook unpacks to {total} bytes; the limit is {limit}.")
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc).rstrip(".") or type(exc).__name__
+
+
+def _sheet_rows(title: str, values: Iterable[Sequence[object]], max_rows: int | None) -> Rows:
+    lines = iter(values)
+    header: list[str] | None = None
+    header_number = 0
+    for number, raw in enumerate(lines, start=1):
+        cells = [cell_text(value) for value in raw]
+        if any(cell.strip() for cell in cells):
+            header, header_number = cells, number
+            break
+    if header is None:
+        raise InputError(
+            f"The sheet {title!r} is empty: it needs a header row with a 'prompt' column."
+        )
+    where = f"Sheet {title!r} row {header_number}"
+    names = _columns(header, where)
+    rows: list[RowInput] = []
+    places: list[str] = []
+    for number, raw in enumerate(lines, start=header_number + 1):
+        cells = [cell_text(value) for value in raw]
+        if not any(cell.strip() for cell in cells):
+            continue
+        for position, cell in enumerate(cells):
+            if cell.strip() and (position >= len(names) or names[position] == ""):
+                letter = _column_letter(position + 1)
+                message = (
+                    f"Sheet {title!r} row {number}: column {letter} has a value "
+                    f"but no name in the header (row {header_number})."
+                )
+                raise InputError(message, [FieldError(len(rows) + 1, None, message)])
+        if max_rows is not None and len(rows) == max_rows:
+            message = f"The sheet {title!r} has more than {max_rows} rows; the limit is {max_rows}."
+            raise InputError(message, [FieldError(None, "executions", message)])
+        row = {
+            name: cells[position] if position < len(cells) else ""
+            for position, name in enumerate(names)
+            if name
+        }
+        rows.append(_row_of(row))
+        places.append(f"row {number}")
+    if not rows:
+        raise InputError(f"The sheet {title!r} has a header but no rows.")
+    columns = tuple(name for name in names if name)
+    return Rows(columns=columns, rows=tuple(rows), places=tuple(places))
+
+
+def _column_letter(number: int) -> str:
+    """A spreadsheet's name for column ``number`` (1-based): A, B, ..., Z, AA, AB, ..."""
+    letters = ""
+    while number:
+        number, remainder = divmod(number - 1, 26)
+        letters = chr(ord("A") + remainder) + letters
+    return letters
+
+
+def _columns(header: list[str], where: str) -> list[str | None]:
+    """Column names by the CSV's rules; None for output columns to drop, "" for unnamed ones.
+
+    Unlike a CSV's, a sheet's unnamed column is fine as long as it stays
+    empty: spreadsheets often carry formatted but empty columns.
+    """
+    columns: list[str | None] = []
+    seen: set[str] = set()
+    for raw in header:
+        name = raw.strip()
+        if name.lower() in KNOWN_COLUMNS or name.lower() in RESERVED_COLUMNS:
+            name = name.lower()
+        if name and name in seen:
+            raise InputError(f"{where}: column {name!r} appears twice.")
+        seen.add(name)
+        columns.append(None if name in RESERVED_COLUMNS else name)
+    if "prompt" not in seen:
+        raise InputError(f"{where}: the header has no 'prompt' column.")
+    return columns

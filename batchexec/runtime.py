@@ -1,0 +1,100 @@
+"""What the server and the command line share at run time: catalog, client session, providers.
+
+Both build them here, so a batch run from a terminal meets the same catalog,
+the same models discovered at ``OPENAI_BASE_URL`` and the same providers as
+one sent to the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from batchexec.catalog import Catalog, ModelSpec
+from batchexec.config import Settings
+from batchexec.errors import ConfigError, ProviderError
+from batchexec.planning import Limits
+from batchexec.providers import BUILTIN_PROVIDERS, Provider, build_providers
+from batchexec.providers.openai import discover_models
+
+log = logging.getLogger(__name__)
+
+#: Outbound HTTP: connections per host stay modest so one provider can't take them all.
+_CONNECTOR_LIMIT = 200
+_CONNECTOR_LIMIT_PER_HOST = 64
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The long-lived objects batches run with, alive while ``open_runtime`` is."""
+
+    session: aiohttp.ClientSession
+    providers: dict[str, Provider]
+    #: The catalog plus the models ``OPENAI_BASE_URL`` lists.
+    catalog: Catalog
+
+
+def provider_classes(extra: Sequence[type[Provider]] = ()) -> dict[str, type[Provider]]:
+    """Provider classes by name: the built-in ones, then ``extra`` (which may replace one)."""
+    return {cls.name: cls for cls in (*BUILTIN_PROVIDERS, *extra)}
+
+
+def load_catalog(settings: Settings, classes: Mapping[str, type[Provider]]) -> Catalog:
+    """The catalog ``settings`` names; ``ConfigError`` if invalid or naming an unknown provider."""
+    catalog = Catalog.load(settings.models_path)
+    for model in catalog.models:
+        if model.provider not in classes:
+            known = ", ".join(sorted(classes))
+            raise ConfigError(
+                f"model {model.name!r}: unknown provider {model.provider!r} (known: {known})"
+            )
+    return catalog
+
+
+@asynccontextmanager
+async def open_runtime(
+    settings: Settings, catalog: Catalog, extra_providers: Sequence[type[Provider]] = ()
+) -> AsyncIterator[Runtime]:
+    """A client session, the providers sharing it and the catalog with discovered models."""
+    connector = aiohttp.TCPConnector(
+        limit=_CONNECTOR_LIMIT, limit_per_host=_CONNECTOR_LIMIT_PER_HOST
+    )
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        providers = build_providers(settings, session)
+        providers.update({cls.name: cls(settings, session) for cls in extra_providers})
+        discovered = await _with_discovered_models(catalog, settings, session)
+        yield Runtime(session=session, providers=providers, catalog=discovered)
+
+
+async def _with_discovered_models(
+    catalog: Catalog, settings: Settings, session: aiohttp.ClientSession
+) -> Catalog:
+    """The catalog plus the models ``OPENAI_BASE_URL`` lists; a failed listing only warns."""
+    try:
+        models = await discover_models(settings, session)
+    except ProviderError as exc:
+        log.warning("OPENAI_BASE_URL: could not list its models: %s", exc)
+        return catalog
+    if models:
+        log.info("OPENAI_BASE_URL lists %d models", len(models))
+    return catalog.with_models(models)
+
+
+def limits_from(settings: Settings) -> Limits:
+    """The submission limits ``settings`` set."""
+    return Limits(
+        max_executions=settings.max_executions_per_batch,
+        max_prompt_length=settings.max_prompt_length,
+        default_model=settings.default_model,
+    )
+
+
+def is_configured(providers: Mapping[str, Provider], model: ModelSpec) -> bool:
+    """Whether ``model``'s provider exists and has what it needs to be called."""
+    provider = providers.get(model.provider)
+    return provider is not None and provider.missing_configuration(model) is None

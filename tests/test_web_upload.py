@@ -1,0 +1,201 @@
+"""The spreadsheet upload route: a multipart CSV or XLSX answered like ``process_csv``."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import aiohttp
+import openpyxl
+import pytest
+
+from batchexec.web.keys import SETTINGS
+from tests.conftest import AUTH, PROCESS_CSV, finished
+
+UPLOAD = "/system/batch_execution/upload/invoke"
+
+
+def form(
+    data: bytes, filename: str | None = "prompts.csv", execute: str | None = None
+) -> aiohttp.FormData:
+    body = aiohttp.FormData()
+    # A stream rather than bytes, so that a part with no filename is still a file part.
+    body.add_field(
+        "file", io.BytesIO(data), filename=filename, content_type="application/octet-stream"
+    )
+    if execute is not None:
+        body.add_field("execute", execute)
+    return body
+
+
+def workbook(rows: list[list[Any]], title: str = "Results") -> bytes:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.title = title
+    for row in rows:
+        sheet.append(row)
+    buffer = io.BytesIO()
+    book.save(buffer)
+    return buffer.getvalue()
+
+
+def template_rows(client: Any, body: dict[str, Any]) -> list[list[Any]]:
+    path = client.app[SETTINGS].results_dir / body["xlsx_url"].rsplit("/", 1)[1]
+    sheet = openpyxl.load_workbook(path)["Results"]
+    return [[cell.value for cell in row] for row in sheet.iter_rows()]
+
+
+async def test_csv_upload_answers_exactly_like_process_csv(make_client):
+    client = await make_client()
+    content = 'prompt,model,topic\n"Hello, world",echo,greeting\n'
+    uploaded = await client.post(UPLOAD, data=form(content.encode()), headers=AUTH)
+    posted = await client.post(PROCESS_CSV, json={"csv_content": content}, headers=AUTH)
+    assert uploaded.status == posted.status == 200
+    upload_body, csv_body = await uploaded.json(), await posted.json()
+    assert upload_body.keys() == csv_body.keys()
+    assert upload_body["response"][0]["message"] == csv_body["response"][0]["message"]
+    assert (
+        upload_body["response"][0]["message"]
+        == "CSV processed: 1 row written to the XLSX template."
+    )
+    assert template_rows(client, upload_body) == template_rows(client, csv_body)
+
+
+async def test_xlsx_upload_with_execute_runs_and_keeps_every_column(make_client):
+    client = await make_client()
+    data = workbook(
+        [
+            ["id", "Prompt", "model", "result"],
+            [1, "first", "echo", None],
+            [2, "then ${output.1}", "echo", "old"],
+        ]
+    )
+    response = await client.post(
+        UPLOAD, data=form(data, "batch.XLSX", execute="true"), headers=AUTH
+    )
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert body["response"][0]["message"].startswith(
+        "XLSX processed: 2 rows. Batch execution started."
+    )
+    results = await finished(client, body["invocationId"])
+    assert results["status"] == "completed"
+    assert list(csv.DictReader(io.StringIO(results["csv_content"]))) == [
+        {"id": "1", "prompt": "first", "model": "echo", "result": "first"},
+        {"id": "2", "prompt": "then first", "model": "echo", "result": "then first"},
+    ]
+
+
+@pytest.mark.parametrize("filename", [None, "upload", "upload.bin", "wrongly-named.csv"])
+async def test_a_workbook_is_recognised_by_its_content(make_client, filename):
+    client = await make_client()
+    data = workbook([["prompt"], ["hi"]], title="Sheet1")
+    response = await client.post(UPLOAD, data=form(data, filename), headers=AUTH)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["response"][0]["message"].startswith("XLSX processed: 1 row")
+
+
+@pytest.mark.parametrize(("flag", "runs"), [("1", True), ("TRUE", True), ("0", False), ("", False)])
+async def test_execute_field_accepts_true_1_false_0(make_client, flag, runs):
+    client = await make_client()
+    response = await client.post(
+        UPLOAD, data=form(b"prompt,model\nhi,echo\n", execute=flag), headers=AUTH
+    )
+    body = await response.json()
+    assert ("Batch execution started" in body["response"][0]["message"]) is runs
+
+
+async def test_xlsx_row_errors_name_their_sheet_row(make_client):
+    client = await make_client()
+    data = workbook([["prompt", "model"], ["ok", "echo"], [None, None], ["bad", "nope"]])
+    response = await client.post(UPLOAD, data=form(data, "p.xlsx"), headers=AUTH)
+    assert response.status == 422
+    body = await response.json()
+    assert body["detail"] == "1 execution is invalid."
+    assert body["errors"][0]["index"] == 2
+    assert body["errors"][0]["field"] == "model"
+    assert body["errors"][0]["message"].startswith("row 4: Unknown model 'nope'")
+
+
+async def test_csv_row_errors_name_their_line(make_client):
+    client = await make_client()
+    response = await client.post(
+        UPLOAD, data=form(b"prompt,model\nok,echo\n\nbad,nope\n"), headers=AUTH
+    )
+    assert response.status == 422
+    assert (await response.json())["errors"][0]["message"].startswith("line 4: Unknown model")
+
+
+@pytest.mark.parametrize(
+    ("data", "filename", "fragment"),
+    [
+        (b"model\necho\n", "p.csv", "no 'prompt' column"),
+        (b"prompt\ncaf\xe9\n", "p.csv", "not UTF-8"),
+        (b"PK\x03\x04 broken", "p.xlsx", "The XLSX file cannot be read"),
+        (b"not a zip", "p.xlsx", "The XLSX file cannot be read"),
+        (b'{"executions": []}', "p.json", "Upload a CSV or XLSX file"),
+        (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 64, "old.xls", ".xls"),
+    ],
+)
+async def test_bad_content_is_422(make_client, data, filename, fragment):
+    client = await make_client()
+    response = await client.post(UPLOAD, data=form(data, filename), headers=AUTH)
+    assert response.status == 422
+    assert fragment in (await response.json())["detail"]
+
+
+async def test_no_file_field_is_422(make_client):
+    client = await make_client()
+    body = aiohttp.FormData()
+    body.add_field("execute", "true")
+    body.add_field("other", b"x", filename="x.csv")
+    response = await client.post(UPLOAD, data=body, headers=AUTH)
+    assert response.status == 422
+    assert (await response.json())["errors"] == [
+        {"index": None, "field": "file", "message": "attach a CSV or XLSX file"}
+    ]
+
+
+async def test_bad_execute_value_is_422(make_client):
+    client = await make_client()
+    response = await client.post(UPLOAD, data=form(b"prompt\nhi\n", execute="maybe"), headers=AUTH)
+    assert response.status == 422
+    assert (await response.json())["errors"][0]["field"] == "execute"
+
+
+async def test_a_body_that_is_not_multipart_is_422(make_client):
+    client = await make_client()
+    response = await client.post(UPLOAD, json={"csv_content": "prompt\nhi\n"}, headers=AUTH)
+    assert response.status == 422
+    assert "multipart/form-data" in (await response.json())["detail"]
+
+
+async def test_a_body_over_the_limit_is_413(make_client):
+    client = await make_client(max_body_bytes=4096)
+    big = b"prompt\n" + b"x" * 5000 + b"\n"
+    response = await client.post(UPLOAD, data=form(big), headers=AUTH)
+    assert response.status == 413
+    assert "detail" in await response.json()
+
+
+async def test_a_chunked_body_over_the_limit_is_413_too(make_client):
+    client = await make_client(max_body_bytes=4096)
+
+    async def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="p.csv"\r\n\r\n'
+        yield b"prompt\n"
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b"\r\n--b--\r\n"
+
+    headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
+    response = await client.post(UPLOAD, data=chunks(), headers=headers)
+    assert "Content-Length" not in response.request_info.headers
+    assert response.status == 413
+
+
+async def test_upload_needs_the_key(make_client):
+    client = await make_client()
+    response = await client.post(UPLOAD, data=form(b"prompt\nhi\n"))
+    assert response.status == 401
