@@ -16,7 +16,16 @@ from batchexec.engine import Engine
 from batchexec.providers import Provider
 from batchexec.registry import Registry
 from batchexec.runtime import load_catalog, open_runtime, provider_classes
-from batchexec.web.keys import CATALOG, CLIENT_SESSION, ENGINE, PROVIDERS, REGISTRY, SETTINGS
+from batchexec.web.cache import RenderedResults
+from batchexec.web.keys import (
+    CATALOG,
+    CLIENT_SESSION,
+    ENGINE,
+    PROVIDERS,
+    REGISTRY,
+    RESULTS_CACHE,
+    SETTINGS,
+)
 from batchexec.web.middlewares import auth_middleware, error_middleware
 from batchexec.web.routes import setup_routes
 
@@ -44,6 +53,7 @@ def create_app(
     app[SETTINGS] = settings
     app[CATALOG] = catalog
     app[REGISTRY] = Registry()
+    app[RESULTS_CACHE] = RenderedResults()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         async with open_runtime(settings, catalog, extra_providers) as runtime:

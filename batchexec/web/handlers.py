@@ -57,7 +57,15 @@ from batchexec.schemas import (
     RetryResponse,
     Usage,
 )
-from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
+from batchexec.web.keys import (
+    CATALOG,
+    ENGINE,
+    OWNER,
+    PROVIDERS,
+    REGISTRY,
+    RESULTS_CACHE,
+    SETTINGS,
+)
 
 _Body = TypeVar("_Body", bound=BaseModel)
 XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
@@ -214,7 +222,15 @@ async def results(request: web.Request) -> web.Response:
     """A batch's status, progress, finished executions and, once ended, its outputs."""
     body = await _parse(request, ResultsRequest)
     batch = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
-    return _answer(_results(request, batch))
+    if not batch.status.finished:
+        return _answer(_results(request, batch))
+    cache = request.app[RESULTS_CACHE]
+    base_url = _xlsx_url(request, "")
+    rendered = cache.get(batch.id, base_url)
+    if rendered is None:
+        rendered = json.dumps(_results(request, batch).model_dump(mode="json")).encode()
+        cache.put(batch.id, base_url, rendered)
+    return web.Response(body=rendered, content_type="application/json")
 
 
 async def cancel(request: web.Request) -> web.Response:

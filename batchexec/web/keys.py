@@ -10,6 +10,7 @@ from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.providers import Provider
 from batchexec.registry import Registry
+from batchexec.web.cache import RenderedResults
 
 SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -17,6 +18,7 @@ REGISTRY = web.AppKey("registry", Registry)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 PROVIDERS: web.AppKey[dict[str, Provider]] = web.AppKey("providers")
 ENGINE = web.AppKey("engine", Engine)
+RESULTS_CACHE = web.AppKey("results_cache", RenderedResults)
 
 #: Who is calling: a digest of the API key, so the raw key is never stored.
 OWNER = web.RequestKey("owner", str)
