@@ -23,9 +23,10 @@ from batchexec.providers.openai import discover_models
 
 log = logging.getLogger(__name__)
 
-#: Outbound HTTP: connections per host stay modest so one provider can't take them all.
-_CONNECTOR_LIMIT = 200
-_CONNECTOR_LIMIT_PER_HOST = 64
+#: Outbound connections in all. No cap per host: calls in flight are already
+#: bounded by the batch limits and each model's ``max_concurrency``, and a cap
+#: here would silently undercut a DEFAULT_MAX_THREADS above it.
+_CONNECTOR_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,7 @@ async def open_runtime(
     settings: Settings, catalog: Catalog, extra_providers: Sequence[type[Provider]] = ()
 ) -> AsyncIterator[Runtime]:
     """A client session, the providers sharing it and the catalog with discovered models."""
-    connector = aiohttp.TCPConnector(
-        limit=_CONNECTOR_LIMIT, limit_per_host=_CONNECTOR_LIMIT_PER_HOST
-    )
+    connector = aiohttp.TCPConnector(limit=_CONNECTOR_LIMIT, limit_per_host=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         providers = build_providers(settings, session)

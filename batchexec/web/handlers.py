@@ -312,31 +312,52 @@ async def events(request: web.Request) -> web.StreamResponse:
         if batch.status.finished:
             backlog.append(done_event(batch))
         try:
-            for event in backlog:
-                await _send(response, request, batch, event)
-            while not batch.status.finished or not queue.empty():
+            await _send(response, request, batch, backlog)
+            done = batch.status.finished
+            while not done:
                 try:
-                    event = await asyncio.wait_for(queue.get(), _HEARTBEAT_S)
+                    first = await asyncio.wait_for(queue.get(), _HEARTBEAT_S)
                 except TimeoutError:
                     await response.write(b": keep-alive\n\n")
                     continue
-                await _send(response, request, batch, event)
-                if event.name == "done":
-                    break
+                # Everything that happened since the last write goes out in one
+                # write, with only the latest progress: a fast batch ends
+                # hundreds of rows per loop turn.
+                events = [first]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                await _send(response, request, batch, _coalesced(events))
+                done = any(event.name == "done" for event in events)
         except ConnectionResetError:
             pass  # the client went away; nothing to tell it
     return response
 
 
+def _coalesced(events: list[Event]) -> list[Event]:
+    """``events`` with every ``progress`` but the last dropped, keeping order otherwise."""
+    last_progress = max(
+        (position for position, event in enumerate(events) if event.name == "progress"),
+        default=None,
+    )
+    return [
+        event
+        for position, event in enumerate(events)
+        if event.name != "progress" or position == last_progress
+    ]
+
+
 async def _send(
-    response: web.StreamResponse, request: web.Request, batch: Batch, event: Event
+    response: web.StreamResponse, request: web.Request, batch: Batch, events: list[Event]
 ) -> None:
-    data = dict(event.data)
-    if event.name == "done":
-        data["invocationId"] = batch.id
-        data["xlsx_url"] = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
-    payload = json.dumps(data, ensure_ascii=False)
-    await response.write(f"event: {event.name}\ndata: {payload}\n\n".encode())
+    """Write ``events`` in the server-sent events format, in one write."""
+    chunks = []
+    for event in events:
+        data = dict(event.data)
+        if event.name == "done":
+            data["invocationId"] = batch.id
+            data["xlsx_url"] = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
+        chunks.append(f"event: {event.name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n")
+    await response.write("".join(chunks).encode())
 
 
 def _results(request: web.Request, batch: Batch) -> ResultsResponse:

@@ -1,0 +1,179 @@
+"""``python -m benchmarks [SCENARIO ...]``: run the scenarios, print the table, write the files.
+
+With no argument every scenario runs, in about four minutes on two cores.
+Name scenarios to run only those (for profiling one of them), e.g.
+``python -m benchmarks xlsx``. Knobs: ``BENCH_RUNS`` (runs per figure,
+default 3), ``BENCH_FULL=1`` (the sequential baseline over all 2,000 rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks import client as http
+from benchmarks import makespan, overhead, polling, report
+from benchmarks.common import RESULTS_DIR, RUNS, Figure, Target, progress
+from benchmarks.memory import memory
+from benchmarks.profiling import profile_overhead
+from benchmarks.providers import providers
+from benchmarks.server import Server
+from benchmarks.xlsx import xlsx
+
+#: Scenarios that run against the shared server, in the order they run.
+HTTP_SCENARIOS: dict[str, Callable[[http.BatchClient], Awaitable[Figure]]] = {
+    "independent": makespan.independent,
+    "chains": makespan.chains,
+    "overhead": overhead.overhead,
+    "polling": polling.polling,
+}
+SCENARIOS = (*HTTP_SCENARIOS, "sequential", "profile", "providers", "xlsx")
+#: Each scenario's figure (key and title), in the issue's order: the table's.
+FIGURES = {
+    "independent": ("makespan_independent", "makespan vs ideal, independent rows"),
+    "chains": ("makespan_chains", "makespan vs ideal, chains"),
+    "sequential": ("vs_sequential", "vs the original integration's algorithm"),
+    "overhead": ("overhead", "overhead per row"),
+    "providers": ("provider_client", "provider client vs the official SDK"),
+    "xlsx": ("xlsx", "XLSX writing"),
+    "polling": ("polling", "results polling"),
+    "memory": ("memory", "memory"),
+}
+ORDER = [key for key, _ in FIGURES.values()]
+WARM_UP_ROWS = 200
+
+
+def _failed(scenario: str, error: BaseException) -> Figure:
+    """The row of a scenario that could not finish: the error, instead of figures."""
+    key, title = FIGURES[scenario]
+    progress(scenario, f"FAILED: {type(error).__name__}: {error}")
+    traceback.print_exception(error, file=sys.stderr)
+    return Figure(
+        key=key,
+        title=title,
+        how="-",
+        measured=f"failed: {type(error).__name__}: {str(error)[:200]}",
+        reference="-",
+        ratio=None,
+        target=Target(None, label="-"),
+        data={"error": f"{type(error).__name__}: {error}"},
+    )
+
+
+def _arguments(argv: list[str]) -> list[str]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run batchexec's benchmarks, print the table, write bench-results/.",
+        epilog=f"scenarios: {', '.join(SCENARIOS)} (all by default); memory is reported "
+        "whenever an HTTP scenario ran. BENCH_RUNS sets the runs a figure (default 3), "
+        "BENCH_FULL=1 runs the sequential baseline over all 2,000 rows.",
+    )
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO")
+    chosen: list[str] = parser.parse_args(argv).scenarios or list(SCENARIOS)
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
+    if "sequential" in chosen and "independent" not in chosen:
+        chosen.append("independent")  # its speed-up is over scenario 1's makespan
+    return chosen
+
+
+async def _http_scenarios(server: Server, chosen: list[str]) -> list[Figure]:
+    figures: list[Figure] = []
+    async with http.session() as session:
+        client = http.BatchClient(session, server.url)
+        progress("server", f"warming up with {WARM_UP_ROWS} rows")
+        await client.run(overhead.instant_rows(WARM_UP_ROWS))
+        for name in chosen:
+            progress(name, "starting")
+            try:
+                figures.append(await HTTP_SCENARIOS[name](client))
+            except Exception as error:
+                figures.append(_failed(name, error))
+    return figures
+
+
+def _run_http(workdir: Path, chosen: list[str]) -> list[Figure]:
+    """The HTTP scenarios on one server, then its peak memory over all of them."""
+    try:
+        with Server(workdir / "server") as server:
+            progress("server", f"pid {server.pid} on {server.url}")
+            figures = asyncio.run(_http_scenarios(server, chosen))
+            peak_mb = server.peak_rss_mb()
+    except Exception as error:
+        return [_failed(name, error) for name in chosen]
+    return [*figures, memory(peak_mb, chosen)]
+
+
+def _median(figures: list[Figure], key: str) -> float | None:
+    """The median of a figure's samples, if it ran and did not fail."""
+    found = next((f for f in figures if f.key == key and "samples" in f.data), None)
+    return None if found is None else float(found.data["samples"]["median"])
+
+
+def main(argv: list[str]) -> int:
+    chosen = _arguments(argv)
+    started = time.perf_counter()
+    revision = report.revision()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    figures: list[Figure] = []
+    extra: dict[str, Any] = {}
+    changed = f" + {len(revision['changed'])} changed files" if revision["changed"] else ""
+    progress(
+        "harness",
+        f"measuring {revision['commit']}{changed}; scenarios: {', '.join(chosen)}; "
+        f"{RUNS} runs each",
+    )
+    with tempfile.TemporaryDirectory(prefix="batchexec-bench-") as temporary:
+        workdir = Path(temporary)
+        http_chosen = [name for name in HTTP_SCENARIOS if name in chosen]
+        if http_chosen:
+            figures += _run_http(workdir, http_chosen)
+        steps: list[tuple[str, Callable[[], Figure | None]]] = [
+            (
+                "sequential",
+                lambda: asyncio.run(makespan.sequential(_median(figures, "makespan_independent"))),
+            ),
+            ("profile", lambda: _profile(workdir, figures, extra)),
+            ("providers", lambda: providers(workdir)),
+            ("xlsx", lambda: xlsx(workdir)),
+        ]
+        for name, step in steps:
+            if name not in chosen:
+                continue
+            progress(name, "starting")
+            try:
+                figure = step()
+            except Exception as error:
+                figure = _failed(name, error) if name in FIGURES else None
+                extra.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"
+            if figure is not None:
+                figures.append(figure)
+    figures.sort(key=lambda figure: ORDER.index(figure.key))
+    elapsed = time.perf_counter() - started
+    report.write_json(RESULTS_DIR / "results.json", figures, extra, elapsed, revision)
+    report.plot(RESULTS_DIR / "bench.png", figures)
+    rendered = report.table(figures)
+    (RESULTS_DIR / "table.md").write_text(rendered + "\n")
+    print(rendered)
+    progress("harness", f"done in {elapsed:.0f} s; wrote {RESULTS_DIR}/results.json, bench.png")
+    failed = [f.key for f in figures if "error" in f.data] + list(extra.get("errors", {}))
+    return 1 if failed else 0
+
+
+def _profile(workdir: Path, figures: list[Figure], extra: dict[str, Any]) -> None:
+    """The profiled overhead run; its summary goes into ``results.json``, not the table."""
+    rows_per_s = _median(figures, "overhead")
+    unprofiled_us = 1e6 / rows_per_s if rows_per_s else None
+    extra["profile"] = profile_overhead(workdir, unprofiled_us=unprofiled_us)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

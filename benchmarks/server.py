@@ -1,0 +1,162 @@
+"""The real service as a subprocess: a catalog and settings in a temporary folder, start, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from benchmarks.common import ROOT, mb
+
+API_KEY = "bench-token"
+#: Echo models the harness's catalog defines: name -> simulated latency in seconds.
+ECHO_MODELS: Mapping[str, float] = {"bench-echo-100ms": 0.1, "bench-echo-0": 0.0}
+_START_TIMEOUT_S = 60.0
+_STOP_TIMEOUT_S = 60.0
+#: Variables that would change what the server does and that the harness does not set.
+_CLEARED = ("OPENAI_BASE_URL", "SERVER_NAME", "HOST", "PORT")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment, with the repository importable, the given variables set."""
+    env = {name: value for name, value in os.environ.items() if name not in _CLEARED}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Block until ``url`` answers 200; raise if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 - loopback
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
+
+
+def stop_process(process: subprocess.Popen[bytes], what: str) -> int:
+    """SIGINT, as a person at the terminal would; SIGKILL if it does not exit in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(f"benchmarks: {what} ignored SIGINT; killing it", file=sys.stderr)
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+class Server:
+    """``python -m batchexec serve`` with the harness's catalog and limits, in ``workdir``.
+
+    ``command`` replaces ``-m batchexec`` (the profiled launcher uses it). The
+    server runs with ``workdir`` as its working directory, so no ``.env`` of the
+    repository is read, and writes its log there rather than to a pipe that
+    could fill up.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        max_threads: int = 100,
+        command: Sequence[str] = ("-m", "batchexec"),
+        name: str = "server",
+    ) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._command = [sys.executable, *command, "serve", "--port", str(self.port)]
+        self._max_threads = max_threads
+        self._process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"{name}.log"
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        catalog = self.workdir / "models.toml"
+        catalog.write_text(
+            "".join(
+                f'[models."{model}"]\nprovider = "echo"\nlatency_s = {latency}\n\n'
+                for model, latency in ECHO_MODELS.items()
+            )
+        )
+        env = child_env(
+            {
+                "INTEGRATIONS_API_KEYS": API_KEY,
+                "BATCHEXEC_MODELS": str(catalog),
+                "PUBLIC_DIR": str(self.workdir / "public"),
+                "DEFAULT_MAX_THREADS": str(self._max_threads),
+                "MAX_EXECUTIONS_PER_BATCH": "10000",
+                "MAX_PROMPT_LENGTH": "100000",
+                "MAX_BODY_BYTES": str(64 * 1024 * 1024),
+                "SHUTDOWN_GRACE_S": "5",
+            }
+        )
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+                self._command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_http(f"{self.url}/health", self._process, _START_TIMEOUT_S)
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the server is not running")
+        return self._process.pid
+
+    def peak_rss_mb(self) -> float:
+        """The server's peak resident memory so far (``VmHWM``), in MB."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return mb(float(line.split()[1]))
+        raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        code = stop_process(self._process, self.name)
+        self._process = None
+        if code != 0:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            print(
+                f"benchmarks: {self.name} exited with {code}; its log ends:\n{tail}",
+                file=sys.stderr,
+            )
