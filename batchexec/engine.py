@@ -56,6 +56,7 @@ class Engine:
         self._providers = providers
         self._batch_slots = asyncio.Semaphore(settings.max_concurrent_batches)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._batches: dict[str, Batch] = {}
         self._queued: set[str] = set()
         self._cancel_reasons: dict[str, str] = {}
         self._limits = ModelLimits()
@@ -86,6 +87,7 @@ class Engine:
         batch = self._registry.add(owner, plan, batch_id=batch_id, retry_of=retry_of)
         task = asyncio.create_task(self._run_batch(batch), name=f"batch-{batch.id}")
         self._tasks[batch.id] = task
+        self._batches[batch.id] = batch
         self._queued.add(batch.id)
         task.add_done_callback(lambda done: self._forget(batch.id, done))
         return batch
@@ -100,13 +102,15 @@ class Engine:
     async def cancel(self, batch_id: str) -> None:
         """Cancel a queued or running batch and wait until its outputs are written.
 
-        Raises ``ConflictError`` when the batch has already ended.
+        Raises ``ConflictError`` when the batch has ended, or when every row has
+        and only its outputs are still being written.
         """
         task = self._tasks.get(batch_id)
-        if task is None:
+        batch = self._batches.get(batch_id)
+        if task is None or batch is None or _all_rows_ended(batch):
             raise ConflictError("The batch has already ended; there is nothing to cancel.")
         self._cancel_reasons.setdefault(batch_id, "Cancelled by request.")
-        task.cancel()
+        self._cancel(task)
         await self.join(batch_id)
 
     async def drain(self, grace_s: float) -> None:
@@ -114,9 +118,8 @@ class Engine:
         give running executions ``grace_s`` to finish, then cancel what remains."""
         self._stopping = True
         for batch_id in self._queued:
-            task = self._tasks[batch_id]
             self._cancel_reasons.setdefault(batch_id, _SHUTDOWN)
-            task.cancel()
+            self._cancel(self._tasks[batch_id])
         tasks = list(self._tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
@@ -128,11 +131,18 @@ class Engine:
         tasks = list(self._tasks.items())
         for batch_id, task in tasks:
             self._cancel_reasons.setdefault(batch_id, _SHUTDOWN)
-            task.cancel()
+            self._cancel(task)
         await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+
+    @staticmethod
+    def _cancel(task: asyncio.Task[None]) -> None:
+        # Once is enough: a second cancel would interrupt the first one's bookkeeping.
+        if not task.cancelling():
+            task.cancel()
 
     def _forget(self, batch_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(batch_id, None)
+        self._batches.pop(batch_id, None)
         self._queued.discard(batch_id)
         self._cancel_reasons.pop(batch_id, None)
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -145,23 +155,49 @@ class Engine:
                 self._queued.discard(batch.id)
                 registry.start_batch(batch)
                 await self._run_rows(batch)
-                await self._write_outputs(batch)
-                if batch.counts[ExecutionStatus.CANCELLED]:
-                    status, message = BatchStatus.CANCELLED, _cancelled_message(_SHUTDOWN)
-                else:
-                    status, message = BatchStatus.COMPLETED, _completed_message(batch)
-                registry.finish_batch(batch, status, message)
+            if batch.counts[ExecutionStatus.CANCELLED]:
+                status, message = BatchStatus.CANCELLED, _cancelled_message(_SHUTDOWN)
+            else:
+                status, message = BatchStatus.COMPLETED, _completed_message(batch)
+            await self._settle(batch, status, message)
         except asyncio.CancelledError:
-            reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
-            registry.cancel_unfinished(batch, reason)
-            # Shielded: a second cancellation must not lose the partial results.
-            await asyncio.shield(self._write_outputs(batch))
-            registry.finish_batch(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
+            if not batch.status.finished:
+                reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
+                registry.cancel_unfinished(batch, reason)
+                await self._settle(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
             raise
         except Exception as exc:
             log.exception("batch %s failed", batch.id)
             registry.cancel_unfinished(batch, "The batch failed before this execution ended.")
             registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed: {exc}")
+
+    async def _settle(self, batch: Batch, status: BatchStatus, message: str) -> None:
+        """Write the outputs and end the batch as ``status``, whatever happens meanwhile.
+
+        Once every row has ended, a cancellation can no longer change the
+        outcome: the write runs to its end and the batch is finished, and only
+        then is the cancellation passed on. A write that fails ends the batch
+        ``failed``, its executions kept.
+        """
+        writing = asyncio.ensure_future(self._write_outputs(batch))
+        cancelled = False
+        while not writing.done():
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:
+                break
+        error = writing.exception()
+        if error is not None:
+            log.error("batch %s: could not write its outputs", batch.id, exc_info=error)
+            status, message = (
+                BatchStatus.FAILED,
+                f"Batch failed: could not write its outputs: {error}",
+            )
+        self._registry.finish_batch(batch, status, message)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _run_rows(self, batch: Batch) -> None:
         # Only rows that others name get an event to wait on.
@@ -206,6 +242,11 @@ class Engine:
                 missing = sorted(index for index in row.depends_on if index not in outputs)
             else:
                 missing = []
+            if missing and self._stopping:
+                # Its input was cancelled by the shutdown, not failed: so is it.
+                outcome = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
+                self._registry.finish_execution(batch, row.index, outcome)
+                return
             if missing:
                 names = ", ".join(f"${{output.{index}}}" for index in missing)
                 outcome = Outcome(
@@ -303,6 +344,11 @@ _SHUTDOWN = "Cancelled: the server shut down."
 
 def _cancelled_message(reason: str) -> str:
     return f"Batch cancelled ({reason.rstrip('.')}); finished executions kept."
+
+
+def _all_rows_ended(batch: Batch) -> bool:
+    counts = batch.counts
+    return counts[ExecutionStatus.PENDING] + counts[ExecutionStatus.RUNNING] == 0
 
 
 def _completed_message(batch: Batch) -> str:

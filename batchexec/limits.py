@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
@@ -13,18 +14,25 @@ _UNLIMITED: AbstractAsyncContextManager[object] = nullcontext()
 
 
 class _Pacer:
-    """Spaces requests evenly, ``60 / rpm`` seconds apart, instead of letting bursts through."""
+    """Spaces requests evenly, ``60 / rpm`` seconds apart, instead of letting bursts through.
+
+    Waiters queue on a lock and each sleeps only once it is first, so one that
+    is cancelled while queued (its batch cancelled, its row timed out) holds
+    back nobody after it.
+    """
 
     def __init__(self, rpm: float) -> None:
         self._interval_s = 60.0 / rpm
-        self._next_s = 0.0
+        self._last_s = -math.inf
+        self._turn = asyncio.Lock()
 
     async def wait(self) -> None:
-        now = asyncio.get_running_loop().time()
-        start = max(now, self._next_s)
-        self._next_s = start + self._interval_s
-        if start > now:
-            await asyncio.sleep(start - now)
+        loop = asyncio.get_running_loop()
+        async with self._turn:
+            delay_s = self._last_s + self._interval_s - loop.time()
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            self._last_s = loop.time()
 
 
 class ModelLimits:

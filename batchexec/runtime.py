@@ -7,6 +7,7 @@ one sent to the server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 #: bounded by the batch limits and each model's ``max_concurrency``, and a cap
 #: here would silently undercut a DEFAULT_MAX_THREADS above it.
 _CONNECTOR_LIMIT = 1000
+#: How long start-up waits for OPENAI_BASE_URL to list its models.
+_DISCOVERY_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,17 @@ async def _with_discovered_models(
 ) -> Catalog:
     """The catalog plus the models ``OPENAI_BASE_URL`` lists; a failed listing only warns."""
     try:
-        models = await discover_models(settings, session)
+        # Bounded: a server that accepts the connection and never answers (a
+        # vLLM still loading its weights) must not keep batchexec from starting.
+        async with asyncio.timeout(_DISCOVERY_TIMEOUT_S):
+            models = await discover_models(settings, session)
     except ProviderError as exc:
         log.warning("OPENAI_BASE_URL: could not list its models: %s", exc)
+        return catalog
+    except TimeoutError:
+        log.warning(
+            "OPENAI_BASE_URL: could not list its models: no answer in %g s", _DISCOVERY_TIMEOUT_S
+        )
         return catalog
     if models:
         log.info("OPENAI_BASE_URL lists %d models", len(models))

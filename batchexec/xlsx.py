@@ -21,8 +21,9 @@ _ROWS_PER_CHUNK = 512
 #: zlib level 1: output about a third larger than the default level, written
 #: several times faster; results are downloaded once and rarely archived.
 _COMPRESS_LEVEL = 1
-#: Characters XML 1.0 forbids; they become U+FFFD rather than a broken file.
-_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+#: Characters XML 1.0 forbids, and lone surrogates (which JSON can carry but
+#: UTF-8 cannot); they become U+FFFD rather than a broken file.
+_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _TRUNCATED = "… [truncated by batchexec: {} characters in all]"
 
 _MAIN_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"

@@ -274,3 +274,32 @@ async def test_long_chains_get_scarce_slots_before_independent_rows(make_harness
 def test_chain_lengths_count_the_longest_chain_from_each_row(catalog):
     prompts = ["a", "b ${output.1}", "c ${output.2}", "d ${output.1}", "e"]
     assert plan(catalog, *prompts).chain_lengths() == {1: 3, 2: 2, 3: 1, 4: 1, 5: 1}
+
+
+async def test_cancelling_twice_still_ends_the_batch(make_harness, catalog):
+    harness = make_harness()
+    batch = harness.engine.submit("owner", plan(catalog, "stuck", "also stuck"))
+    await harness.gated.wait_started(2)
+    results = await asyncio.gather(
+        harness.engine.cancel(batch.id), harness.engine.cancel(batch.id), return_exceptions=True
+    )
+    assert all(result is None or isinstance(result, ConflictError) for result in results)
+    assert batch.status is BatchStatus.CANCELLED
+    assert batch.finished_at is not None
+    assert batch.xlsx_name is not None
+
+
+async def test_shutdown_cancels_the_dependents_of_cancelled_rows(make_harness, catalog):
+    harness = make_harness(max_threads=1)
+    running = harness.engine.submit(
+        "owner", plan(catalog, "head", "mid ${output.1}", "tail ${output.2}")
+    )
+    await harness.gated.wait_started(1)
+    draining = asyncio.create_task(harness.engine.drain(grace_s=30))
+    await asyncio.sleep(0)
+    harness.gated.open("head")
+    await draining
+    # "mid" never started; "tail" lacks its input because of the shutdown, not
+    # because anything failed, so it is cancelled too rather than skipped.
+    assert harness.statuses(running) == ["succeeded", "cancelled", "cancelled"]
+    assert harness.gated.started == ["head"]

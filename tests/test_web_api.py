@@ -289,8 +289,9 @@ async def test_process_csv_writes_the_template(make_client):
     body = await response.json()
     name = f"batch_execution_{body['invocationId']}.xlsx"
     assert body["status"] == "success"
-    public_dir = client.app[SETTINGS].public_dir
-    assert body["xlsx_path"] == f"{public_dir}/batch_execution_results/{name}"
+    # The original contract's relative path, never the server's own folder.
+    assert body["xlsx_path"] == f"public/batch_execution_results/{name}"
+    assert (client.app[SETTINGS].public_dir / "batch_execution_results" / name).is_file()
     assert body["xlsx_url"].endswith(f"/public/batch_execution_results/{name}")
     assert body["response"][0]["type"] == "text"
     status, xlsx = await download(client, body["xlsx_url"])
@@ -378,3 +379,15 @@ async def test_json_extras_become_columns(make_client):
         await submit(client, [{"prompt": "p", "model": "echo", "id": 7, "tags": ["a"]}]),
     )
     assert body["csv_content"] == 'prompt,model,id,tags,result\np,echo,7,"[""a""]",p\n'
+
+
+async def test_a_lone_surrogate_neither_breaks_the_workbook_nor_the_batch(make_client):
+    client = await make_client()
+    raw = b'{"executions": [{"prompt": "broken \\ud800 emoji", "model": "echo"}]}'
+    response = await client.post(EXECUTE, data=raw, headers=AUTH)
+    assert response.status == 200
+    body = await finished(client, (await response.json())["invocationId"])
+    assert body["status"] == "completed"
+    status, content = await download(client, body["xlsx_url"])
+    assert status == 200
+    assert xlsx_rows(content)[1][0] == "broken \ufffd emoji"

@@ -73,8 +73,10 @@ XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml
 _HEARTBEAT_S = 15.0
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
-#: An uploaded workbook may unpack to this many times the body limit; XML packs ~10:1.
-_UNZIP_FACTOR = 50
+#: An uploaded workbook may unpack to this many times the body limit. Ordinary
+#: sheets pack about 10:1; the bound keeps a crafted one (millions of tiny
+#: shared strings, all held in memory by the reader) from taking the server down.
+_UNZIP_FACTOR = 10
 
 
 async def health(request: web.Request) -> web.Response:
@@ -159,7 +161,9 @@ async def _process_rows(
         ProcessCsvResponse(
             invocationId=batch_id,
             response=[Message(message=message)],
-            xlsx_path=f"{settings.public_dir.as_posix()}/batch_execution_results/{file_name}",
+            # The original contract's relative path, whatever PUBLIC_DIR is: the
+            # server's own folders are none of the client's business.
+            xlsx_path=f"public/batch_execution_results/{file_name}",
             xlsx_url=_xlsx_url(request, file_name),
         )
     )
@@ -313,7 +317,9 @@ async def events(request: web.Request) -> web.StreamResponse:
             backlog.append(done_event(batch))
         try:
             await _send(response, request, batch, backlog)
-            done = batch.status.finished
+            # Decided from what was sent, not from the batch now: the write above
+            # may have waited for a slow client while the batch finished.
+            done = backlog[-1].name == "done"
             while not done:
                 try:
                     first = await asyncio.wait_for(queue.get(), _HEARTBEAT_S)
@@ -356,7 +362,7 @@ async def _send(
         if event.name == "done":
             data["invocationId"] = batch.id
             data["xlsx_url"] = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
-        chunks.append(f"event: {event.name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n")
+        chunks.append(f"event: {event.name}\ndata: {json.dumps(data)}\n\n")
     await response.write("".join(chunks).encode())
 
 
