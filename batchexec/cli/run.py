@@ -299,7 +299,8 @@ def _write_outputs(
 
 
 def _csv_bytes(batch: Batch) -> bytes:
-    return render_csv(csv_sheet(batch)).encode()
+    # "replace": a lone surrogate (JSON input may hold one) cannot be UTF-8.
+    return render_csv(csv_sheet(batch)).encode("utf-8", "replace")
 
 
 def _summary(
