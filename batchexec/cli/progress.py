@@ -7,6 +7,7 @@ Both ``run`` and ``submit`` feed it the same counts: the ``progress`` event's
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import shutil
@@ -15,6 +16,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
+
+from batchexec.cli.options import positive_float
 
 #: A live bar is redrawn this often, so a terminal never sees more than ~10 frames a second.
 LIVE_PERIOD_S = 0.1
@@ -184,3 +187,15 @@ class Summary:
             lines += [f"    {problem}" for problem in self.problems]
         lines += [f"  {what}: {path}" for what, path in self.outputs]
         return "\n".join(lines)
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """``--progress-every S``: how often a non-terminal gets a progress line."""
+    parser.add_argument(
+        "--progress-every",
+        metavar="S",
+        type=positive_float,
+        default=DEFAULT_EVERY_S,
+        help="seconds between progress lines when standard error is not a terminal "
+        f"(default {DEFAULT_EVERY_S:g})",
+    )

@@ -31,7 +31,13 @@ from batchexec.cli.options import (
     positive_int,
     settings_from,
 )
-from batchexec.cli.progress import DEFAULT_EVERY_S, ProgressDisplay, Summary, showing
+from batchexec.cli.progress import (
+    DEFAULT_EVERY_S,
+    ProgressDisplay,
+    Summary,
+    add_progress_option,
+    showing,
+)
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.errors import ConfigError, ConflictError, InputError
@@ -107,14 +113,7 @@ def register(commands: Commands) -> None:
         type=positive_float,
         help="seconds for one execution, retries included (overrides EXECUTION_TIMEOUT)",
     )
-    parser.add_argument(
-        "--progress-every",
-        metavar="S",
-        type=positive_float,
-        default=DEFAULT_EVERY_S,
-        help="seconds between progress lines when standard error is not a terminal "
-        f"(default {DEFAULT_EVERY_S:g})",
-    )
+    add_progress_option(parser)
     parser.set_defaults(handler=command)
 
 

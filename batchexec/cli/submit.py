@@ -21,7 +21,13 @@ from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USA
 from batchexec.cli.files import unwritable, write_atomically
 from batchexec.cli.inputfile import INPUT_HELP, Source, label_of, print_problems, read_source
 from batchexec.cli.options import PROG, Commands, positive_float
-from batchexec.cli.progress import DEFAULT_EVERY_S, ProgressDisplay, Summary, showing
+from batchexec.cli.progress import (
+    DEFAULT_EVERY_S,
+    ProgressDisplay,
+    Summary,
+    add_progress_option,
+    showing,
+)
 from batchexec.config import DEV_API_KEY
 from batchexec.errors import FieldError, InputError
 from batchexec.inputs import Rows
@@ -94,14 +100,7 @@ def register(commands: Commands) -> None:
         type=Path,
         help="download the results workbook here once the batch ends (implies --wait)",
     )
-    parser.add_argument(
-        "--progress-every",
-        metavar="S",
-        type=positive_float,
-        default=DEFAULT_EVERY_S,
-        help="seconds between progress lines when standard error is not a terminal "
-        f"(default {DEFAULT_EVERY_S:g})",
-    )
+    add_progress_option(parser)
     parser.add_argument(
         "--poll-every",
         metavar="S",
