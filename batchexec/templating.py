@@ -10,12 +10,17 @@ from collections.abc import Mapping
 _REFERENCE = re.compile(r"\$\{\s*output\.([^}]*)\}")
 
 
+_NONE: frozenset[int] = frozenset()
+
+
 class TemplateError(ValueError):
     """A prompt holds a reference that is not ``${output.n}`` with n a positive integer."""
 
 
 def references(prompt: str) -> frozenset[int]:
     """The 1-based row numbers that ``prompt`` names with ``${output.n}``."""
+    if "${" not in prompt:
+        return _NONE
     found: set[int] = set()
     for match in _REFERENCE.finditer(prompt):
         raw = match.group(1).strip()
