@@ -155,6 +155,9 @@ def _escape(text: str) -> str:
         text = text.replace("<", "&lt;")
     if ">" in text:
         text = text.replace(">", "&gt;")
+    if "\r" in text:
+        # A literal CR would be read back as LF (XML normalises line ends).
+        text = text.replace("\r", "&#13;")
     if _ILLEGAL_XML.search(text):
         text = _ILLEGAL_XML.sub("\ufffd", text)
     return text
