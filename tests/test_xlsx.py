@@ -10,13 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchexec.xlsx import CELL_LIMIT, column_letter, fit, write_sheet
+from batchexec.xlsx import CELL_LIMIT, Cell, column_letter, fit, write_sheet
 
 #: What the writer replaces: characters XML 1.0 forbids, and lone surrogates.
 _REPLACED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
-def written(tmp_path: Path, header: list[str], rows: list[list[object]]) -> list[list[object]]:
+def written(tmp_path: Path, header: list[str], rows: list[list[Cell]]) -> list[list[object]]:
     path = tmp_path / "book.xlsx"
     write_sheet(str(path), "Results", header, rows, [12.0] * len(header))
     sheet = openpyxl.load_workbook(path)["Results"]
