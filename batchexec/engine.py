@@ -284,9 +284,18 @@ class Engine:
         started = loop.time()
         attempts = Attempts()
 
-        def ended(status: ExecutionStatus, **fields: object) -> Outcome:
-            latency_ms = round((loop.time() - started) * 1000)
-            return Outcome(status, latency_ms=latency_ms, attempts=attempts.count, **fields)  # type: ignore[arg-type]
+        def ended(
+            status: ExecutionStatus, error: str | None = None, answer: Completion | None = None
+        ) -> Outcome:
+            return Outcome(
+                status,
+                result=answer.text if answer else None,
+                error=error,
+                latency_ms=round((loop.time() - started) * 1000),
+                attempts=attempts.count,
+                prompt_tokens=answer.prompt_tokens if answer else None,
+                completion_tokens=answer.completion_tokens if answer else None,
+            )
 
         try:
             async with asyncio.timeout(timeout_s):
@@ -307,12 +316,7 @@ class Engine:
                 "execution %d: unexpected error from %s", row.index, target.model.provider
             )
             return ended(ExecutionStatus.FAILED, error=f"Internal error: {type(exc).__name__}")
-        return ended(
-            ExecutionStatus.SUCCEEDED,
-            result=completion.text,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-        )
+        return ended(ExecutionStatus.SUCCEEDED, answer=completion)
 
     async def _call(self, row: PlannedRow, request: ChatRequest) -> Completion:
         model = row.target.model
