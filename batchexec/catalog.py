@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -10,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batchexec.errors import ConfigError
 
@@ -48,6 +49,24 @@ class ModelSpec(Entry):
     max_concurrency: Annotated[int | None, Field(ge=1)] = None
     #: Requests per minute across all batches.
     rpm: Annotated[float | None, Field(gt=0)] = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"must hold only JSON values (strings, numbers, lists, tables): {exc}"
+            ) from None
+        return value
 
     @property
     def wire_id(self) -> str:
@@ -103,6 +122,9 @@ class _Names(Generic[_Entry]):
                         f"{kind} name {name!r} of {entry.name!r} is also used by {other.name!r}"
                     )
 
+    def __contains__(self, name: str) -> bool:
+        return fold(name) in self._index
+
     def get(self, name: str) -> _Entry:
         try:
             return self._index[fold(name)]
@@ -141,8 +163,9 @@ class Catalog:
         return cls(models.values(), assistants.values())
 
     def with_models(self, models: Iterable[ModelSpec]) -> Catalog:
-        """A catalog with ``models`` added; existing names keep their entries."""
-        added = [model for model in models if fold(model.name) not in self._models.entries]
+        """A catalog with ``models`` added; a name already taken (by a name or an alias)
+        keeps its entry."""
+        added = [model for model in models if model.name not in self._models]
         return Catalog([*self._models.entries.values(), *added], self._assistants.entries.values())
 
     @property
@@ -156,8 +179,17 @@ class Catalog:
         return list(self._assistants.entries.values())
 
     def model(self, name: str) -> ModelSpec:
-        """The model called ``name``; raises ``UnknownNameError``."""
-        return self._models.get(name)
+        """The model called ``name``, or else the one model whose ``model_id`` it is.
+
+        Raises ``UnknownNameError``.
+        """
+        try:
+            return self._models.get(name)
+        except UnknownNameError:
+            matches = [m for m in self._models.entries.values() if fold(m.wire_id) == fold(name)]
+            if len(matches) == 1:
+                return matches[0]
+            raise
 
     def assistant(self, name: str) -> AssistantSpec:
         """The assistant called ``name``; raises ``UnknownNameError``."""

@@ -161,6 +161,10 @@ def load_settings(**overrides: Any) -> Settings:
     """Build ``Settings``; a bad value raises ``ConfigError`` naming the variable."""
     try:
         return Settings(**overrides)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f".env: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f".env: cannot read it: {exc.strerror or exc}") from exc
     except ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else "settings"

@@ -51,7 +51,7 @@ def parse_csv(text: str, *, max_field_chars: int) -> Table:
         header = next((row for row in reader if any(cell.strip() for cell in row)), None)
         if header is None:
             raise InputError("The CSV is empty: it needs a header line with a 'prompt' column.")
-        columns = _columns(header, reader.line_num)
+        columns = header_columns(header, f"CSV line {reader.line_num}", unnamed_ok=False)
         rows: list[dict[str, str]] = []
         lines: list[int] = []
         while True:
@@ -78,22 +78,33 @@ def parse_csv(text: str, *, max_field_chars: int) -> Table:
     return Table(tuple(name for name in columns if name is not None), tuple(rows), tuple(lines))
 
 
-def _columns(header: list[str], line: int) -> list[str | None]:
-    """Column names, known ones lower-cased; None for output columns to drop."""
+def header_columns(header: list[str], where: str, *, unnamed_ok: bool) -> list[str | None]:
+    """Column names of an input header, known ones lower-cased; None for output columns to drop.
+
+    A results file fed back in carries batchexec's output columns; they are
+    dropped, and so is a ``model`` column after ``result``, which is the
+    output's (the model that ran), not the input's. With ``unnamed_ok`` an
+    unnamed column is kept as "" (a spreadsheet's formatted, empty column).
+    """
     columns: list[str | None] = []
     seen: set[str] = set()
+    after_result = False
     for position, raw in enumerate(header, start=1):
         name = raw.strip()
         if name.lower() in KNOWN_COLUMNS or name.lower() in RESERVED_COLUMNS:
             name = name.lower()
-        if not name:
-            raise InputError(f"CSV line {line}: column {position} has no name.")
-        if name in seen:
-            raise InputError(f"CSV line {line}: column {name!r} appears twice.")
+        if name in RESERVED_COLUMNS or (name == "model" and after_result):
+            after_result = after_result or name == "result"
+            columns.append(None)
+            continue
+        if not name and not unnamed_ok:
+            raise InputError(f"{where}: column {position} has no name.")
+        if name and name in seen:
+            raise InputError(f"{where}: column {name!r} appears twice.")
         seen.add(name)
-        columns.append(None if name in RESERVED_COLUMNS else name)
+        columns.append(name)
     if "prompt" not in seen:
-        raise InputError(f"CSV line {line}: the header has no 'prompt' column.")
+        raise InputError(f"{where}: the header has no 'prompt' column.")
     return columns
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from batchexec.catalog import Catalog
-from batchexec.csvinput import KNOWN_COLUMNS, RESERVED_COLUMNS, Table, parse_csv
+from batchexec.csvinput import Table, header_columns, parse_csv
 from batchexec.errors import FieldError, InputError
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.schemas import ExecutionIn
@@ -99,12 +99,20 @@ def sniff(data: bytes) -> Format:
         return Format.XLSX
     _refuse_xls(data)
     text = data.decode("utf-8", errors="replace").removeprefix("\ufeff").lstrip()
+    if text.startswith("["):
+        return Format.JSON  # read as JSON, which says what it expects instead
     if not text.startswith("{"):
         return Format.CSV
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
-        # Several objects, one a line, do not parse as one document.
+        # Several objects, one a line, do not parse as one document; but when
+        # not even the first line does, it is one document with a mistake in it.
+        first_line = text.split("\n", 1)[0]
+        try:
+            json.loads(first_line)
+        except json.JSONDecodeError:
+            return Format.JSON
         return Format.JSONL
     return Format.JSON if isinstance(document, dict) and "executions" in document else Format.JSONL
 
@@ -378,7 +386,7 @@ def _sheet_rows(title: str, values: Iterable[Sequence[object]], max_rows: int | 
             f"The sheet {title!r} is empty: it needs a header row with a 'prompt' column."
         )
     where = f"Sheet {title!r} row {header_number}"
-    names = _columns(header, where)
+    names = header_columns(header, where, unnamed_ok=True)
     rows: list[RowInput] = []
     places: list[str] = []
     for number, raw in enumerate(lines, start=header_number + 1):
@@ -416,24 +424,3 @@ def _column_letter(number: int) -> str:
         number, remainder = divmod(number - 1, 26)
         letters = chr(ord("A") + remainder) + letters
     return letters
-
-
-def _columns(header: list[str], where: str) -> list[str | None]:
-    """Column names by the CSV's rules; None for output columns to drop, "" for unnamed ones.
-
-    Unlike a CSV's, a sheet's unnamed column is fine as long as it stays
-    empty: spreadsheets often carry formatted but empty columns.
-    """
-    columns: list[str | None] = []
-    seen: set[str] = set()
-    for raw in header:
-        name = raw.strip()
-        if name.lower() in KNOWN_COLUMNS or name.lower() in RESERVED_COLUMNS:
-            name = name.lower()
-        if name and name in seen:
-            raise InputError(f"{where}: column {name!r} appears twice.")
-        seen.add(name)
-        columns.append(None if name in RESERVED_COLUMNS else name)
-    if "prompt" not in seen:
-        raise InputError(f"{where}: the header has no 'prompt' column.")
-    return columns

@@ -237,6 +237,10 @@ class Registry:
         """Record that ``owner`` may download the workbook ``file_name``."""
         self._files[file_name] = (owner, time.time())
 
+    def forget_file(self, file_name: str) -> None:
+        """Nobody may download ``file_name`` any more (it was removed)."""
+        self._files.pop(file_name, None)
+
     def check_file(self, file_name: str, owner: str) -> None:
         """Raise ``NotFoundError`` unless ``owner`` may download ``file_name``."""
         entry = self._files.get(file_name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from batchexec.catalog import Catalog, ModelSpec
+from batchexec.catalog import Catalog, ModelSpec, UnknownNameError
 from batchexec.config import Settings
 from batchexec.errors import ConfigError, ProviderError
 from batchexec.planning import Limits
@@ -50,6 +50,10 @@ def provider_classes(extra: Sequence[type[Provider]] = ()) -> dict[str, type[Pro
 def load_catalog(settings: Settings, classes: Mapping[str, type[Provider]]) -> Catalog:
     """The catalog ``settings`` names; ``ConfigError`` if invalid or naming an unknown provider."""
     catalog = Catalog.load(settings.models_path)
+    try:
+        catalog.model(settings.default_model)
+    except UnknownNameError as exc:
+        raise ConfigError(f"ASSISTANTS_DEFAULT_MODEL_ID_OR_NAME: {exc}") from None
     for model in catalog.models:
         if model.provider not in classes:
             known = ", ".join(sorted(classes))
@@ -92,7 +96,11 @@ async def _with_discovered_models(
         return catalog
     if models:
         log.info("OPENAI_BASE_URL lists %d models", len(models))
-    return catalog.with_models(models)
+    try:
+        return catalog.with_models(models)
+    except ConfigError as exc:
+        log.warning("OPENAI_BASE_URL: its models could not join the catalog: %s", exc)
+        return catalog
 
 
 def limits_from(settings: Settings) -> Limits:

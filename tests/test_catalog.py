@@ -298,3 +298,30 @@ def test_name_key_inside_an_entry_is_a_config_error(tmp_path: Path) -> None:
     error = load_error(tmp_path, '[models."x"]\nprovider = "echo"\nname = "y"\n')
     assert "models.'x'" in str(error)
     assert "name" in str(error)
+
+
+def test_discovered_ids_that_are_aliases_keep_the_catalog_entry():
+    catalog = Catalog.load()
+    merged = catalog.with_models(
+        [ModelSpec(name="granite-13b", provider="openai"), ModelSpec(name="new", provider="openai")]
+    )
+    assert merged.model("granite-13b").name == "Granite 13B V2.1"
+    assert merged.model("new").provider == "openai"
+
+
+def test_a_model_id_finds_its_model():
+    assert Catalog.load().model("meta-llama/llama-3-1-70b-instruct").name == "Llama3.1 70b Instruct"
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ('base_url = "localhost:8000/v1"', "http:// or https://"),
+        ("params = { when = 1979-05-27 }", "JSON values"),
+    ],
+)
+def test_catalog_entries_that_cannot_work_are_refused_at_load(tmp_path, entry, fragment):
+    path = tmp_path / "models.toml"
+    path.write_text(f'[models."m"]\nprovider = "openai"\n{entry}\n')
+    with pytest.raises(ConfigError, match=fragment):
+        Catalog.load(path)

@@ -272,3 +272,10 @@ def test_settings_are_frozen() -> None:
     settings = load_settings()
     with pytest.raises(ValidationError):
         settings.max_threads = 9  # type: ignore[misc]
+
+
+def test_a_dotenv_that_is_not_utf8_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_bytes(b"SERVER_NAME=caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"^\.env: not UTF-8"):
+        load_settings()

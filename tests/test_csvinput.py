@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from batchexec.csvinput import OUTPUT_COLUMNS, Table, parse_csv
+from batchexec.csvinput import OUTPUT_COLUMNS, Table, header_columns, parse_csv
 from batchexec.errors import InputError
 
 LIMIT = 1_000
@@ -163,3 +163,18 @@ def test_output_columns_of_a_results_file_are_dropped() -> None:
 def test_cells_are_not_stripped_or_converted() -> None:
     table = parse('prompt,n\n"  padded  ",007\n')
     assert table.rows[0] == {"prompt": "  padded  ", "n": "007"}
+
+
+def test_a_results_sheets_model_column_is_output_not_input():
+    header = ["prompt", "assistant", "result", "status", "error", "model", "latency_ms"]
+    assert header_columns(header, "here", unnamed_ok=False) == [
+        "prompt",
+        "assistant",
+        None,
+        None,
+        None,
+        None,
+        None,
+    ]
+    table = parse_csv("prompt,model,result,status\nhi,echo,old,succeeded\n", max_field_chars=100)
+    assert table.columns == ("prompt", "model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+from pathlib import Path
 from typing import Any
 
 import openpyxl
@@ -391,3 +392,16 @@ async def test_a_lone_surrogate_neither_breaks_the_workbook_nor_the_batch(make_c
     status, content = await download(client, body["xlsx_url"])
     assert status == 200
     assert xlsx_rows(content)[1][0] == "broken \ufffd emoji"
+
+
+async def test_a_refused_process_csv_leaves_no_workbook(make_client, tmp_path):
+    client = await make_client(max_concurrent_batches=1, max_queued_batches=0)
+    await submit(client, [{"prompt": "busy", "model": "gated"}])
+    await gated(client).wait_started(1)
+    response = await client.post(
+        PROCESS_CSV, json={"csv_content": "prompt\nhi\n", "execute": True}, headers=AUTH
+    )
+    assert response.status == 429
+    results_dir = Path(tmp_path / "public" / "batch_execution_results")
+    assert [path.name for path in results_dir.glob("*.xlsx")] == []
+    gated(client).open()

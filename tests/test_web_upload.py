@@ -199,3 +199,18 @@ async def test_upload_needs_the_key(make_client):
     client = await make_client()
     response = await client.post(UPLOAD, data=form(b"prompt\nhi\n"))
     assert response.status == 401
+
+
+async def test_a_malformed_multipart_body_is_422(make_client):
+    client = await make_client()
+    for content_type, body in [
+        ("multipart/form-data", b"xx"),
+        ("multipart/form-data; boundary=abc", b"garbage"),
+    ]:
+        response = await client.post(
+            "/system/batch_execution/upload/invoke",
+            data=body,
+            headers={**AUTH, "Content-Type": content_type},
+        )
+        assert response.status == 422, await response.text()
+        assert "multipart" in (await response.json())["detail"]

@@ -126,7 +126,12 @@ async def showing(display: ProgressDisplay) -> AsyncIterator[ProgressDisplay]:
 
     async def draw_forever() -> None:
         while True:
-            display.draw()
+            try:
+                display.draw()
+            except OSError:
+                # Standard error went away (a closed pipe): the batch and its
+                # outputs matter more than the progress, so stop drawing only.
+                return
             await asyncio.sleep(display.period_s)
 
     task = asyncio.create_task(draw_forever(), name="progress")
@@ -136,7 +141,8 @@ async def showing(display: ProgressDisplay) -> AsyncIterator[ProgressDisplay]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        display.close()
+        with contextlib.suppress(OSError):
+            display.close()
 
 
 def clock_text(seconds: float) -> str:

@@ -188,6 +188,8 @@ def _connection_error(wire: Wire, exc: BaseException, secrets: tuple[str, ...]) 
     error: type[ProviderError] = RetryableProviderError
     if isinstance(exc, aiohttp.InvalidURL):
         error, message = FatalProviderError, f"invalid URL {exc.url}"
+    elif isinstance(exc, aiohttp.NonHttpUrlClientError):
+        error, message = FatalProviderError, f"not an http:// or https:// URL: {exc}"
     elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
         error, message = FatalProviderError, f"the TLS certificate of {exc.host} was refused"
     elif isinstance(exc, aiohttp.ClientConnectorDNSError):

@@ -13,7 +13,14 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel
 
 from batchexec.csvinput import parse_csv
-from batchexec.errors import ConflictError, FieldError, InputError, NotFoundError
+from batchexec.errors import (
+    ConflictError,
+    FieldError,
+    InputError,
+    NotFoundError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from batchexec.exports import template_sheet, write_xlsx
 from batchexec.inputs import (
     ZIP_MAGIC,
@@ -150,7 +157,13 @@ async def _process_rows(
     registry.add_file(file_name, request[OWNER])
     count = f"{len(plan.rows)} row{'s' if len(plan.rows) != 1 else ''}"
     if execute:
-        request.app[ENGINE].submit(request[OWNER], plan, batch_id=batch_id)
+        try:
+            request.app[ENGINE].submit(request[OWNER], plan, batch_id=batch_id)
+        except (QueueFullError, ShuttingDownError):
+            # Refused: leave nothing behind for a batch that will not run.
+            registry.forget_file(file_name)
+            (settings.results_dir / file_name).unlink(missing_ok=True)
+            raise
         message = (
             f"{kind} processed: {count}. Batch execution started. Use invocation ID "
             f"{batch_id} to check status and retrieve results."
@@ -187,20 +200,24 @@ async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
     data: bytes | None = None
     execute = False
     size = 0
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise InputError("Nested multipart parts are not supported.")
-        chunks: list[bytes] = []
-        while chunk := await part.read_chunk():
-            size += len(chunk)
-            if size > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-            chunks.append(chunk)
-        if part.name == "file":
-            name, data = part.filename, b"".join(chunks)
-        elif part.name == "execute":
-            execute = _flag(b"".join(chunks).decode("utf-8", errors="replace"))
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InputError("Nested multipart parts are not supported.")
+            chunks: list[bytes] = []
+            while chunk := await part.read_chunk():
+                size += len(chunk)
+                if size > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                chunks.append(chunk)
+            if part.name == "file":
+                name, data = part.filename, b"".join(chunks)
+            elif part.name == "execute":
+                execute = _flag(b"".join(chunks).decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        # aiohttp's multipart reader says "boundary missed" and the like.
+        raise InputError(f"The multipart body cannot be read: {exc}.") from exc
     if data is None:
         raise InputError(
             "The upload has no 'file' field.",
