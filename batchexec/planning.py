@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchexec.catalog import Catalog, Target, UnknownNameError
@@ -73,8 +74,14 @@ def plan_batch(
         raise InputError(message, [FieldError(None, "executions", message)])
     errors: list[FieldError] = []
     planned: list[PlannedRow] = []
+    # Batches name few distinct models: resolve each (model, assistant) once.
+    resolve = functools.cache(
+        lambda model, assistant: catalog.resolve(
+            model=model, assistant=assistant, default_model=limits.default_model
+        )
+    )
     for index, row in enumerate(rows, start=1):
-        problems = _check_row(index, row, catalog, limits)
+        problems = _check_row(index, row, resolve, limits)
         if isinstance(problems, list):
             errors.extend(problems)
         else:
@@ -87,7 +94,7 @@ def plan_batch(
 
 
 def _check_row(
-    index: int, row: RowInput, catalog: Catalog, limits: Limits
+    index: int, row: RowInput, resolve: Callable[[str | None, str | None], Target], limits: Limits
 ) -> PlannedRow | list[FieldError]:
     errors: list[FieldError] = []
     prompt = row.prompt
@@ -124,9 +131,7 @@ def _check_row(
         errors.append(FieldError(index, "assistant", "set either model or assistant, not both"))
     else:
         try:
-            target = catalog.resolve(
-                model=model, assistant=assistant, default_model=limits.default_model
-            )
+            target = resolve(model, assistant)
         except UnknownNameError as exc:
             field = "assistant" if assistant else "model"
             errors.append(FieldError(index, field, str(exc)))
