@@ -2,9 +2,10 @@
 
 Each accepted batch is one asyncio task. A semaphore of
 ``max_concurrent_batches`` decides which batches run; the others stay
-``queued``. Inside a batch every execution is a task that first waits for the
-executions its prompt names, then for one of ``max_threads`` slots, then calls
-its model under ``execution_timeout_s`` (retries included).
+``queued``. Inside a batch, ``max_threads`` workers take ready executions (those
+whose named executions have ended) from a queue, the longest remaining chain
+first, and call each one's model under ``execution_timeout_s`` (retries
+included).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from batchexec.config import Settings
@@ -30,7 +30,6 @@ from batchexec.planning import BatchPlan, PlannedRow
 from batchexec.providers import ChatRequest, Completion, Provider
 from batchexec.registry import Batch, BatchStatus, ExecutionStatus, Outcome, Registry
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
-from batchexec.slots import PrioritySlots
 from batchexec.templating import substitute
 
 log = logging.getLogger(__name__)
@@ -200,78 +199,80 @@ class Engine:
             raise asyncio.CancelledError
 
     async def _run_rows(self, batch: Batch) -> None:
-        # Only rows that others name get an event to wait on.
-        named = {index for row in batch.plan.rows for index in row.depends_on}
-        ended = {index: asyncio.Event() for index in named}
+        """Run every row not yet ended on ``max_threads`` workers, in dependency order.
+
+        A row is ready once every row it names has ended. Ready rows wait in a
+        priority queue: the head of the longest remaining chain first (then
+        row order), so a long ``${output.n}`` chain never waits behind rows
+        that could run at any time. A worker that ends a row queues the rows
+        it made ready before it takes its next one.
+        """
+        rows = {row.index: row for row in batch.plan.rows}
         outputs: dict[int, str] = {}
         for execution in batch.executions:
             # A retry's rows that succeeded before are already ended; their
             # results feed the ${output.n} of the rows that run again.
-            if execution.status.finished:
-                if execution.index in ended:
-                    ended[execution.index].set()
-                if execution.status is ExecutionStatus.SUCCEEDED and execution.result is not None:
-                    outputs[execution.index] = execution.result
-        # Rows at the head of the longest chains go first when slots are short,
-        # so a long chain never waits behind rows that could run any time.
+            if execution.status is ExecutionStatus.SUCCEEDED and execution.result is not None:
+                outputs[execution.index] = execution.result
+        pending = {
+            index for index, row in rows.items() if not batch.executions[index - 1].status.finished
+        }
+        if not pending:
+            return
         lengths = batch.plan.chain_lengths()
-        in_flight = PrioritySlots(self._settings.max_threads)
-        pending = [
-            row for row in batch.plan.rows if not batch.executions[row.index - 1].status.finished
-        ]
-        # Started in priority order, since free slots go to whoever asks first.
-        pending.sort(key=lambda row: (-lengths[row.index], row.index))
-        async with asyncio.TaskGroup() as group:
-            for row in pending:
-                slot = in_flight.hold((-lengths[row.index], row.index))
-                group.create_task(self._run_row(batch, row, ended, outputs, slot))
+        unmet: dict[int, int] = {}
+        dependents: dict[int, list[int]] = {}
+        ready: asyncio.PriorityQueue[tuple[int, int]] = asyncio.PriorityQueue()
+        for index in sorted(pending):
+            waits_for = [name for name in rows[index].depends_on if name in pending]
+            unmet[index] = len(waits_for)
+            for name in waits_for:
+                dependents.setdefault(name, []).append(index)
+            if not waits_for:
+                ready.put_nowait((-lengths[index], index))
+        workers = min(self._settings.max_threads, len(pending))
+        left = len(pending)
 
-    async def _run_row(
-        self,
-        batch: Batch,
-        row: PlannedRow,
-        ended: Mapping[int, asyncio.Event],
-        outputs: dict[int, str],
-        slot: AbstractAsyncContextManager[None],
-    ) -> None:
-        done = ended.get(row.index)
-        try:
-            if row.depends_on:
-                for index in sorted(row.depends_on):
-                    await ended[index].wait()
-                missing = sorted(index for index in row.depends_on if index not in outputs)
-            else:
-                missing = []
-            if missing and self._stopping:
-                # Its input was cancelled by the shutdown, not failed: so is it.
+        async def work() -> None:
+            nonlocal left
+            while True:
+                _, index = await ready.get()
+                if index == _NO_MORE_ROWS:
+                    return
+                await self._run_row(batch, rows[index], outputs)
+                for dependent in dependents.get(index, ()):
+                    unmet[dependent] -= 1
+                    if unmet[dependent] == 0:
+                        ready.put_nowait((-lengths[dependent], dependent))
+                left -= 1
+                if left == 0:
+                    for _ in range(workers):
+                        ready.put_nowait((0, _NO_MORE_ROWS))
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(workers):
+                group.create_task(work())
+
+    async def _run_row(self, batch: Batch, row: PlannedRow, outputs: dict[int, str]) -> None:
+        """End one ready row: run it, or skip or cancel it without calling its model."""
+        missing = sorted(index for index in row.depends_on if index not in outputs)
+        if missing or self._stopping:
+            if self._stopping:
+                # Not started because of the shutdown (or its input was not), not failed.
                 outcome = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
-                self._registry.finish_execution(batch, row.index, outcome)
-                return
-            if missing:
+            else:
                 names = ", ".join(f"${{output.{index}}}" for index in missing)
                 outcome = Outcome(
                     ExecutionStatus.SKIPPED, error=f"Skipped: {names} did not succeed."
                 )
-                self._registry.finish_execution(batch, row.index, outcome)
-                return
-            async with slot:
-                if self._stopping:
-                    outcome = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
-                    self._registry.finish_execution(batch, row.index, outcome)
-                    return
-                prompt = substitute(row.prompt, outputs)
-                self._registry.start_execution(batch, row.index, prompt)
-                outcome = await self._execute(row, prompt)
-                self._registry.finish_execution(batch, row.index, outcome)
-                if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
-                    outputs[row.index] = outcome.result
-                # Inside the slot: dependents wake before it is handed over, so
-                # they compete for it rather than queue behind everything else.
-                if done is not None:
-                    done.set()
-        finally:
-            if done is not None:
-                done.set()
+            self._registry.finish_execution(batch, row.index, outcome)
+            return
+        prompt = substitute(row.prompt, outputs)
+        self._registry.start_execution(batch, row.index, prompt)
+        outcome = await self._execute(row, prompt)
+        self._registry.finish_execution(batch, row.index, outcome)
+        if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
+            outputs[row.index] = outcome.result
 
     async def _execute(self, row: PlannedRow, prompt: str) -> Outcome:
         """One execution: its model call with retries, all under the execution timeout."""
@@ -344,6 +345,8 @@ def _render_outputs(batch: Batch, path: Path) -> str:
 
 
 _SHUTDOWN = "Cancelled: the server shut down."
+#: Queued once per worker when every row has ended; row numbers start at 1.
+_NO_MORE_ROWS = 0
 
 
 def _cancelled_message(reason: str) -> str:

@@ -303,3 +303,19 @@ async def test_shutdown_cancels_the_dependents_of_cancelled_rows(make_harness, c
     # because anything failed, so it is cancelled too rather than skipped.
     assert harness.statuses(running) == ["succeeded", "cancelled", "cancelled"]
     assert harness.gated.started == ["head"]
+
+
+async def test_a_large_batch_runs_on_a_few_workers_not_a_task_per_row(make_harness, catalog):
+    harness = make_harness(max_threads=4)
+    batch = harness.engine.submit("owner", plan(catalog, *(f"row {n}" for n in range(500))))
+    await harness.gated.wait_started(4)
+    engine_tasks = [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").startswith("Engine.")
+    ]
+    # The batch's own task and its four workers: memory does not grow with rows.
+    assert len(engine_tasks) == 5
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    assert batch.counts[ExecutionStatus.SUCCEEDED] == 500
