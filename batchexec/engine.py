@@ -214,9 +214,7 @@ class Engine:
             # results feed the ${output.n} of the rows that run again.
             if execution.status is ExecutionStatus.SUCCEEDED and execution.result is not None:
                 outputs[execution.index] = execution.result
-        pending = {
-            index for index, row in rows.items() if not batch.executions[index - 1].status.finished
-        }
+        pending = {index for index in rows if not batch.executions[index - 1].status.finished}
         if not pending:
             return
         lengths = batch.plan.chain_lengths()
