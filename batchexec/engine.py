@@ -141,7 +141,13 @@ class Engine:
 
     def _forget(self, batch_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(batch_id, None)
-        self._batches.pop(batch_id, None)
+        batch = self._batches.pop(batch_id, None)
+        if task.cancelled() and batch is not None and not batch.status.finished:
+            # Cancelled before its first step (a shutdown right after the
+            # submit): _run_batch never ran, so its bookkeeping happens here.
+            reason = self._cancel_reasons.get(batch_id, _SHUTDOWN)
+            self._registry.cancel_unfinished(batch, reason)
+            self._registry.finish_batch(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
         self._queued.discard(batch_id)
         self._cancel_reasons.pop(batch_id, None)
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -167,6 +173,9 @@ class Engine:
             raise
         except Exception as exc:
             log.exception("batch %s failed", batch.id)
+            # A worker's error arrives wrapped by the TaskGroup: name the error itself.
+            while isinstance(exc, ExceptionGroup):
+                exc = exc.exceptions[0]
             registry.cancel_unfinished(batch, "The batch failed before this execution ended.")
             registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed: {exc}")
 

@@ -319,3 +319,25 @@ async def test_a_large_batch_runs_on_a_few_workers_not_a_task_per_row(make_harne
     harness.gated.open()
     await harness.engine.join(batch.id)
     assert batch.counts[ExecutionStatus.SUCCEEDED] == 500
+
+
+async def test_a_batch_cancelled_before_it_started_still_ends(make_harness, catalog):
+    harness = make_harness()
+    batch = harness.engine.submit("owner", plan(catalog, "never started"))
+    await harness.engine.close()
+    assert batch.status is BatchStatus.CANCELLED
+    assert harness.statuses(batch) == ["cancelled"]
+    assert harness.gated.started == []
+
+
+async def test_an_engine_bug_fails_the_batch_naming_the_error(make_harness, catalog, caplog):
+    harness = make_harness()
+
+    def broken(*args):
+        raise RuntimeError("registry is broken")
+
+    harness.registry.start_execution = broken
+    batch = harness.engine.submit("owner", plan(catalog, "a"))
+    await harness.engine.join(batch.id)
+    assert batch.status is BatchStatus.FAILED
+    assert batch.message == "Batch failed: registry is broken"
