@@ -12,10 +12,8 @@ from pathlib import Path
 from batchexec.csvinput import OUTPUT_COLUMNS
 from batchexec.planning import BatchPlan
 from batchexec.registry import Batch, Execution, ExecutionStatus
-from batchexec.xlsx import CELL_LIMIT, write_sheet
+from batchexec.xlsx import write_sheet
 
-#: Excel refuses longer cell text.
-XLSX_CELL_LIMIT = CELL_LIMIT
 _MAX_WIDTH = 80
 _SHEET = "Results"
 

@@ -16,7 +16,6 @@ from batchexec import exports
 from batchexec.catalog import Catalog
 from batchexec.csvinput import parse_csv
 from batchexec.exports import (
-    XLSX_CELL_LIMIT,
     Sheet,
     csv_sheet,
     render_csv,
@@ -27,6 +26,7 @@ from batchexec.exports import (
 )
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.registry import Batch, ExecutionStatus, Outcome, Registry
+from batchexec.xlsx import CELL_LIMIT
 
 FORMULA = '=HYPERLINK("http://x","y")'
 TRICKY = [
@@ -346,15 +346,15 @@ def test_text_over_the_cell_limit_is_cut_with_a_visible_marker(tmp_path: Path) -
     write_xlsx(path, Sheet(["prompt", "result"], [["short", long_text]]))
     cell = load_sheet(path).cell(2, 2)
     assert cell.data_type == "s"
-    assert len(cell.value) == XLSX_CELL_LIMIT
+    assert len(cell.value) == CELL_LIMIT
     tail = cell.value[-80:]
     assert "truncated" in tail
     assert "40000" in tail
-    assert long_text.startswith(cell.value[: XLSX_CELL_LIMIT - 80])
+    assert long_text.startswith(cell.value[: CELL_LIMIT - 80])
 
 
 def test_text_at_the_cell_limit_is_kept_whole(tmp_path: Path) -> None:
-    text = "x" * XLSX_CELL_LIMIT
+    text = "x" * CELL_LIMIT
     path = tmp_path / "limit.xlsx"
     write_xlsx(path, Sheet(["result"], [[text]]))
     assert load_sheet(path).cell(2, 1).value == text

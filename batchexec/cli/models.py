@@ -10,10 +10,10 @@ from typing import TextIO
 
 from batchexec.catalog import Catalog, fold
 from batchexec.cli.exits import EXIT_OK, EXIT_USAGE
-from batchexec.cli.options import PROG, Commands, add_catalog_options, settings_from
+from batchexec.cli.options import PROG, Commands, add_catalog_options, configuration
 from batchexec.config import Settings
 from batchexec.errors import ConfigError
-from batchexec.runtime import is_configured, load_catalog, open_runtime, provider_classes
+from batchexec.runtime import is_configured, open_runtime
 
 _EPILOG = f"""\
 examples:
@@ -43,8 +43,7 @@ def register(commands: Commands) -> None:
 def command(args: argparse.Namespace) -> int:
     """Run ``models`` with parsed ``args``."""
     try:
-        settings = settings_from(args)
-        catalog = load_catalog(settings, provider_classes())
+        settings, catalog = configuration(args)
     except ConfigError as exc:
         print(f"batchexec: {exc}", file=sys.stderr)
         return EXIT_USAGE

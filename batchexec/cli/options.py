@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
+from batchexec.catalog import Catalog
 from batchexec.config import Settings, load_settings
+from batchexec.runtime import load_catalog, provider_classes
 
 #: The object ``add_subparsers`` returns, that each command module adds its parser to.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -55,7 +57,7 @@ def add_catalog_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the environment and ``.env``, with the options ``args`` carry over them.
 
     Unless MAX_EXECUTIONS_PER_BATCH is set, a batch may hold ``LOCAL_MAX_EXECUTIONS``.
@@ -68,7 +70,13 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
         "execution_timeout_s": getattr(args, "timeout", None),
     }
     overrides = {name: value for name, value in options.items() if value is not None}
-    settings = load_settings(**overrides, **extra)
+    settings = load_settings(**overrides)
     if "max_executions_per_batch" not in settings.model_fields_set:
         settings = settings.model_copy(update={"max_executions_per_batch": LOCAL_MAX_EXECUTIONS})
     return settings
+
+
+def configuration(args: argparse.Namespace) -> tuple[Settings, Catalog]:
+    """The settings ``args`` make and the catalog they name; ``ConfigError`` names what is wrong."""
+    settings = settings_from(args)
+    return settings, load_catalog(settings, provider_classes())

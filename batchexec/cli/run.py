@@ -27,9 +27,9 @@ from batchexec.cli.options import (
     PROG,
     Commands,
     add_catalog_options,
+    configuration,
     positive_float,
     positive_int,
-    settings_from,
 )
 from batchexec.cli.progress import (
     DEFAULT_EVERY_S,
@@ -45,7 +45,7 @@ from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
 from batchexec.inputs import plan_rows
 from batchexec.providers import Provider
 from batchexec.registry import Batch, Event, ExecutionStatus, Registry, progress_counts
-from batchexec.runtime import limits_from, load_catalog, open_runtime, provider_classes
+from batchexec.runtime import limits_from, open_runtime
 
 #: Whose batch it is, for the registry; there is only ever one here.
 _OWNER = "cli"
@@ -127,8 +127,7 @@ def command(args: argparse.Namespace) -> int:
             print(f"batchexec: {problem}", file=stream)
             return EXIT_USAGE
     try:
-        settings = settings_from(args)
-        catalog = load_catalog(settings, provider_classes())
+        settings, catalog = configuration(args)
     except ConfigError as exc:
         print(f"batchexec: {exc}", file=stream)
         return EXIT_USAGE

@@ -18,11 +18,11 @@ from batchexec.cli.inputfile import (
     read_source,
     warn_unconfigured,
 )
-from batchexec.cli.options import PROG, Commands, add_catalog_options, settings_from
+from batchexec.cli.options import PROG, Commands, add_catalog_options, configuration
 from batchexec.config import Settings
 from batchexec.errors import ConfigError, InputError
 from batchexec.inputs import plan_rows
-from batchexec.runtime import limits_from, load_catalog, open_runtime, provider_classes
+from batchexec.runtime import limits_from, open_runtime
 
 _EPILOG = f"""\
 examples:
@@ -57,8 +57,7 @@ def register(commands: Commands) -> None:
 def command(args: argparse.Namespace) -> int:
     """Run ``validate`` with parsed ``args``."""
     try:
-        settings = settings_from(args)
-        catalog = load_catalog(settings, provider_classes())
+        settings, catalog = configuration(args)
     except ConfigError as exc:
         print(f"batchexec: {exc}", file=sys.stderr)
         return EXIT_USAGE

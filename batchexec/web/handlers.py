@@ -34,7 +34,7 @@ from batchexec.inputs import (
     rows_from_executions,
     sniff,
 )
-from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
+from batchexec.planning import BatchPlan, RowInput, plan_batch
 from batchexec.registry import (
     Batch,
     Event,
@@ -490,12 +490,7 @@ async def _parse(request: web.Request, model: type[_Body]) -> _Body:
 
 
 def _plan(request: web.Request, rows: Sequence[RowInput], columns: Sequence[str]) -> BatchPlan:
-    settings = request.app[SETTINGS]
-    limits = Limits(
-        max_executions=settings.max_executions_per_batch,
-        max_prompt_length=settings.max_prompt_length,
-        default_model=settings.default_model,
-    )
+    limits = limits_from(request.app[SETTINGS])
     return plan_batch(rows, list(columns), request.app[CATALOG], limits)
 
 
