@@ -16,6 +16,11 @@ from batchexec.errors import ConfigError
 
 DEV_API_KEY = "dev-only-token"
 RESULTS_SUBDIR = "batch_execution_results"
+#: Excel's longest cell text: the default bound of a prompt as sent and of a result,
+#: so that both fit a workbook cell whole.
+EXCEL_CELL_CHARS = 32_767
+#: Excel's 16,384 columns less the eight that the results workbook adds.
+MAX_INPUT_COLUMNS = 16_384 - 8
 
 
 def _env(name: str, field_name: str) -> Any:
@@ -75,6 +80,28 @@ class Settings(BaseSettings):
     shutdown_grace_s: Annotated[
         float, _env("SHUTDOWN_GRACE_S", "shutdown_grace_s"), Field(ge=0)
     ] = 30.0
+    max_sent_prompt_length: Annotated[
+        int, _env("MAX_SENT_PROMPT_LENGTH", "max_sent_prompt_length"), Field(ge=1)
+    ] = EXCEL_CELL_CHARS
+    max_result_length: Annotated[
+        int, _env("MAX_RESULT_LENGTH", "max_result_length"), Field(ge=1)
+    ] = EXCEL_CELL_CHARS
+    max_response_bytes: Annotated[
+        int, _env("MAX_RESPONSE_BYTES", "max_response_bytes"), Field(ge=1024)
+    ] = 2 * 1024 * 1024
+    max_columns: Annotated[
+        int, _env("MAX_COLUMNS", "max_columns"), Field(ge=1, le=MAX_INPUT_COLUMNS)
+    ] = 256
+    max_input_cells: Annotated[int, _env("MAX_INPUT_CELLS", "max_input_cells"), Field(ge=1)] = (
+        1_000_000
+    )
+    parse_timeout_s: Annotated[float, _env("PARSE_TIMEOUT_S", "parse_timeout_s"), Field(gt=0)] = (
+        10.0
+    )
+    max_templates: Annotated[int, _env("MAX_TEMPLATES", "max_templates"), Field(ge=0)] = 100
+    results_cache_bytes: Annotated[
+        int, _env("RESULTS_CACHE_BYTES", "results_cache_bytes"), Field(ge=0)
+    ] = 64 * 1024 * 1024
 
     openai_base_url: Annotated[str | None, _env("OPENAI_BASE_URL", "openai_base_url")] = None
     watsonx_url: Annotated[str | None, _env("WATSONX_URL", "watsonx_url")] = None
