@@ -35,11 +35,13 @@ class Table:
     lines: tuple[int, ...]
 
 
-def parse_csv(text: str, *, max_field_chars: int) -> Table:
+def parse_csv(text: str, *, max_field_chars: int, max_columns: int | None = None) -> Table:
     """Parse CSV text whose header names a ``prompt`` column.
 
     Handles a UTF-8 byte order mark, quoted commas and newlines, and fields up
-    to ``max_field_chars``. Blank lines are skipped. Raises ``InputError``.
+    to ``max_field_chars``. Blank lines are skipped. A header of more than
+    ``max_columns`` fields is refused before any row is read, since every row
+    becomes a mapping of that many cells. Raises ``InputError``.
     """
     text = text.removeprefix("\ufeff")
     # The csv module's field limit is process-wide; it is only ever raised,
@@ -51,6 +53,12 @@ def parse_csv(text: str, *, max_field_chars: int) -> Table:
         header = next((row for row in reader if any(cell.strip() for cell in row)), None)
         if header is None:
             raise InputError("The CSV is empty: it needs a header line with a 'prompt' column.")
+        if max_columns is not None and len(header) > max_columns:
+            message = (
+                f"CSV line {reader.line_num}: the header has {len(header)} columns; "
+                f"the limit (MAX_COLUMNS) is {max_columns}."
+            )
+            raise InputError(message, [FieldError(None, "columns", message)])
         columns = header_columns(header, f"CSV line {reader.line_num}", unnamed_ok=False)
         rows: list[dict[str, str]] = []
         lines: list[int] = []

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
-from pathlib import Path
 
 from batchexec.config import Settings
 from batchexec.errors import (
@@ -30,7 +29,7 @@ from batchexec.planning import BatchPlan, PlannedRow
 from batchexec.providers import ChatRequest, Completion, Provider
 from batchexec.registry import Batch, BatchStatus, ExecutionStatus, Outcome, Registry
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
-from batchexec.templating import substitute
+from batchexec.templating import substitute, substituted_length
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +155,17 @@ class Engine:
     async def _run_batch(self, batch: Batch) -> None:
         registry = self._registry
         try:
+            # The outputs are written inside the slot, so the batches that show
+            # ``processing`` never outnumber ``max_concurrent_batches``.
             async with self._batch_slots:
                 self._queued.discard(batch.id)
                 registry.start_batch(batch)
                 await self._run_rows(batch)
-            if batch.counts[ExecutionStatus.CANCELLED]:
-                status, message = BatchStatus.CANCELLED, _cancelled_message(_SHUTDOWN)
-            else:
-                status, message = BatchStatus.COMPLETED, _completed_message(batch)
-            await self._settle(batch, status, message)
+                if batch.counts[ExecutionStatus.CANCELLED]:
+                    status, message = BatchStatus.CANCELLED, _cancelled_message(_SHUTDOWN)
+                else:
+                    status, message = BatchStatus.COMPLETED, _completed_message(batch)
+                await self._settle(batch, status, message)
         except asyncio.CancelledError:
             if not batch.status.finished:
                 reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
@@ -184,8 +185,9 @@ class Engine:
 
         Once every row has ended, a cancellation can no longer change the
         outcome: the write runs to its end and the batch is finished, and only
-        then is the cancellation passed on. A write that fails ends the batch
-        ``failed``, its executions kept.
+        then is the cancellation passed on. A workbook that cannot be written
+        leaves the batch's status and CSV content as they are and says so in
+        the message; only a CSV that cannot be rendered fails the batch.
         """
         writing = asyncio.ensure_future(self._write_outputs(batch))
         cancelled = False
@@ -203,6 +205,8 @@ class Engine:
                 BatchStatus.FAILED,
                 f"Batch failed: could not write its outputs: {error}",
             )
+        elif note := writing.result():
+            message = f"{message} {note}"
         self._registry.finish_batch(batch, status, message)
         if cancelled:
             raise asyncio.CancelledError
@@ -263,14 +267,22 @@ class Engine:
     async def _run_row(self, batch: Batch, row: PlannedRow, outputs: dict[int, str]) -> None:
         """End one ready row: run it, or skip or cancel it without calling its model."""
         missing = sorted(index for index in row.depends_on if index not in outputs)
-        if missing or self._stopping:
+        limit = self._settings.max_sent_prompt_length
+        length = 0 if missing else substituted_length(row.prompt, outputs)
+        if missing or self._stopping or length > limit:
             if self._stopping:
                 # Not started because of the shutdown (or its input was not), not failed.
                 outcome = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
-            else:
+            elif missing:
                 names = ", ".join(f"${{output.{index}}}" for index in missing)
                 outcome = Outcome(
                     ExecutionStatus.SKIPPED, error=f"Skipped: {names} did not succeed."
+                )
+            else:
+                outcome = Outcome(
+                    ExecutionStatus.FAILED,
+                    error=f"Not sent: with ${{output.n}} filled in the prompt is {length} "
+                    f"characters; the limit (MAX_SENT_PROMPT_LENGTH) is {limit}.",
                 )
             self._registry.finish_execution(batch, row.index, outcome)
             return
@@ -324,6 +336,14 @@ class Engine:
                 "execution %d: unexpected error from %s", row.index, target.model.provider
             )
             return ended(ExecutionStatus.FAILED, error=f"Internal error: {type(exc).__name__}")
+        limit = self._settings.max_result_length
+        if len(completion.text) > limit:
+            # Not kept: every result is held in memory and written to both outputs.
+            return ended(
+                ExecutionStatus.FAILED,
+                error=f"The answer is {len(completion.text)} characters; "
+                f"the limit (MAX_RESULT_LENGTH) is {limit}.",
+            )
         return ended(ExecutionStatus.SUCCEEDED, answer=completion)
 
     async def _call(self, row: PlannedRow, request: ChatRequest) -> Completion:
@@ -337,18 +357,26 @@ class Engine:
         async with self._limits.call(model):
             return await provider.complete(model, request)
 
-    async def _write_outputs(self, batch: Batch) -> None:
-        """Render the CSV and write the workbook, off the event loop."""
+    async def _write_outputs(self, batch: Batch) -> str | None:
+        """Render the CSV and write the workbook, off the event loop.
+
+        Returns a note for the batch's message when the workbook could not be
+        written; the CSV content is kept either way.
+        """
         if not self._write_files:
-            return
+            return None
+        csv_content = await asyncio.to_thread(lambda: render_csv(csv_sheet(batch)))
         path = self._settings.results_dir / batch.file_name
-        csv_content = await asyncio.to_thread(_render_outputs, batch, path)
-        self._registry.set_outputs(batch, csv_content=csv_content, xlsx_name=path.name)
-
-
-def _render_outputs(batch: Batch, path: Path) -> str:
-    write_xlsx(path, results_sheet(batch))
-    return render_csv(csv_sheet(batch))
+        note: str | None = None
+        try:
+            await asyncio.to_thread(write_xlsx, path, results_sheet(batch))
+        except Exception as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("batch %s: could not write its workbook: %s", batch.id, reason)
+            note = f"The workbook could not be written ({reason}); the CSV content is complete."
+        xlsx_name = None if note else path.name
+        self._registry.set_outputs(batch, csv_content=csv_content, xlsx_name=xlsx_name)
+        return note
 
 
 _SHUTDOWN = "Cancelled: the server shut down."

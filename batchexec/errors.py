@@ -37,7 +37,16 @@ class InputError(BatchexecError):
 
 
 class QueueFullError(BatchexecError):
-    """No room to queue another batch; the client should try again later."""
+    """No room for another batch or workbook; the client should try again later."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        #: When trying again may succeed.
+        self.retry_after_s = retry_after_s
+
+
+class StorageError(BatchexecError):
+    """The server could not write a file it needs (a full or read-only disk)."""
 
 
 class ShuttingDownError(BatchexecError):

@@ -97,11 +97,29 @@ def template_sheet(plan: BatchPlan) -> Sheet:
 
 
 def render_csv(sheet: Sheet) -> str:
-    """``sheet`` as CSV text that round-trips through ``csv.DictReader``."""
+    """``sheet`` as CSV text that round-trips through ``csv.DictReader``, whatever the text.
+
+    Lines end in ``\n``. Python 3.11's writer quotes a field holding ``\n``
+    (the line terminator) but not one holding a lone ``\r``, which a reader
+    then takes for a line end; a row with a ``\r`` anywhere is therefore
+    written with every field quoted (3.12 and later quote it themselves).
+
+    Cells are written exactly as they are, including those that start with
+    ``=``, ``+``, ``-`` or ``@``: ``csv_content`` is data for programs and must
+    read back unchanged. A spreadsheet application may take such a cell for
+    a formula, so people should open the XLSX workbook, where every cell is
+    text, or import the CSV with its columns as text.
+    """
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(sheet.header)
-    writer.writerows(["" if cell is None else cell for cell in row] for row in sheet.rows)
+    quoting_all = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    rows: list[list[str | int | None]] = [list(sheet.header), *sheet.rows]
+    for row in rows:
+        cells = ["" if cell is None else cell for cell in row]
+        if any(isinstance(cell, str) and "\r" in cell for cell in cells):
+            quoting_all.writerow(cells)
+        else:
+            writer.writerow(cells)
     return buffer.getvalue()
 
 

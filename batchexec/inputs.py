@@ -11,8 +11,9 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import time
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import PurePath
@@ -53,6 +54,11 @@ ZIP_MAGIC = b"PK\x03\x04"
 #: Excel 97-2003 ``.xls`` files are OLE2 compound documents.
 _OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _RESULTS_SHEET = "results"
+#: Why ``json.loads`` raises a ValueError that is no JSONDecodeError: Python
+#: refuses to read integers longer than this.
+_TOO_MANY_DIGITS = "a number has more than 4300 digits"
+#: Excel's last column, XFD; a value said to lie past it is refused whatever the limit.
+_EXCEL_COLUMNS = 16_384
 
 
 @dataclass(frozen=True)
@@ -105,28 +111,44 @@ def sniff(data: bytes) -> Format:
         return Format.CSV
     try:
         document = json.loads(text)
-    except json.JSONDecodeError:
+    except RecursionError:
+        return Format.JSON  # read as JSON, which says what is wrong with it
+    except ValueError:
         # Several objects, one a line, do not parse as one document; but when
         # not even the first line does, it is one document with a mistake in it.
         first_line = text.split("\n", 1)[0]
         try:
             json.loads(first_line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return Format.JSON
         return Format.JSONL
     return Format.JSON if isinstance(document, dict) and "executions" in document else Format.JSONL
 
 
 def read_rows(
-    data: bytes, fmt: Format, *, max_rows: int | None = None, max_field_chars: int | None = None
+    data: bytes,
+    fmt: Format,
+    *,
+    max_rows: int | None = None,
+    max_field_chars: int | None = None,
+    max_columns: int | None = None,
+    max_cells: int | None = None,
+    timeout_s: float | None = None,
 ) -> Rows:
     """Rows of ``data`` read as ``fmt``; raises ``InputError`` naming the line or row.
 
     ``max_rows`` stops reading a sheet early; ``max_field_chars`` bounds a CSV
-    field (by default, the whole text may be one field).
+    field (by default, the whole text may be one field); ``max_columns``,
+    ``max_cells`` and ``timeout_s`` bound reading a sheet, as ``parse_xlsx`` says.
     """
     if fmt is Format.XLSX:
-        return parse_xlsx(data, max_rows=max_rows)
+        return parse_xlsx(
+            data,
+            max_rows=max_rows,
+            max_columns=max_columns,
+            max_cells=max_cells,
+            timeout_s=timeout_s,
+        )
     text = decode(data, fmt)
     if fmt is Format.JSON:
         return parse_json(text)
@@ -163,6 +185,10 @@ def parse_json(text: str) -> Rows:
         document: Any = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"JSON line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
+    except ValueError as exc:
+        raise InputError(f"The JSON cannot be read: {_TOO_MANY_DIGITS}.") from exc
+    except RecursionError:
+        raise InputError("The JSON is nested too deeply.") from None
     if not isinstance(document, dict) or not isinstance(document.get("executions"), list):
         raise InputError(
             'The JSON must be an object with an "executions" list: '
@@ -184,20 +210,36 @@ def parse_jsonl(text: str) -> Rows:
             items.append(json.loads(line))
         except json.JSONDecodeError as exc:
             items.append(_Unreadable(f"not valid JSON: {exc.msg} at column {exc.colno}"))
+        except ValueError:
+            items.append(_Unreadable(f"cannot be read: {_TOO_MANY_DIGITS}"))
+        except RecursionError:
+            items.append(_Unreadable("nested too deeply"))
         places.append(f"line {number}")
     return _from_items(items, places)
 
 
 def parse_xlsx(
-    data: bytes, *, max_rows: int | None = None, max_unzipped_bytes: int | None = None
+    data: bytes,
+    *,
+    max_rows: int | None = None,
+    max_unzipped_bytes: int | None = None,
+    max_columns: int | None = None,
+    max_cells: int | None = None,
+    timeout_s: float | None = None,
 ) -> Rows:
     """Rows of a workbook's ``Results`` sheet, else its first, each placed at its sheet row.
 
     Every cell is read as text: the value a formula last showed, integral
     numbers without ``.0``, dates in ISO form, empty cells as ``""``. Output
     columns (``result``, ``status``, ...) are dropped as a CSV's are.
-    ``max_unzipped_bytes`` refuses a workbook whose parts unpack to more.
+
+    Reading costs what the sheet's XML holds, never the row and column numbers
+    it claims. ``max_unzipped_bytes`` refuses a workbook whose parts unpack to
+    more; ``max_cells`` bounds the ``<row>`` and ``<c>`` elements read, empty
+    ones included; ``max_columns`` refuses a value past that column;
+    ``timeout_s`` bounds the whole read, checked at every row.
     """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     # Imported here: openpyxl pulls in numpy where it is installed, which would
     # slow every start of the server and the command line, XLSX or not.
     import openpyxl
@@ -214,9 +256,8 @@ def parse_xlsx(
         if not sheets:
             raise InputError("The XLSX workbook has no worksheet.")
         sheet = next((s for s in sheets if s.title.casefold() == _RESULTS_SHEET), sheets[0])
-        # The dimension a writer records may be wrong; read every row there is.
-        sheet.reset_dimensions()
-        return _sheet_rows(sheet.title, sheet.iter_rows(values_only=True), max_rows)
+        limits = _SheetLimits(sheet.title, max_columns, max_cells, timeout_s, deadline)
+        return _sheet_rows(sheet.title, limits.rows(_parsed_rows(sheet)), max_rows)
     except InputError:
         raise
     except Exception as exc:
@@ -372,14 +413,91 @@ def _reason(exc: Exception) -> str:
     return str(exc).rstrip(".") or type(exc).__name__
 
 
-def _sheet_rows(title: str, values: Iterable[Sequence[object]], max_rows: int | None) -> Rows:
-    lines = iter(values)
+def _parsed_rows(sheet: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """The rows a read-only sheet's XML holds: each one's number and openpyxl's cell dicts.
+
+    ``iter_rows`` fills every gap the XML claims, so ``<row r="2000000000"/>``
+    costs two billion empty rows and one empty cell at XFD makes a row 16,384
+    wide; openpyxl has no public way to read only what is there. This drives
+    the parser ``ReadOnlyWorksheet._cells_by_row`` uses, with the same
+    arguments, keeping its private names in this one place. Checked against
+    openpyxl 3.1.5.
+    """
+    from openpyxl.worksheet._reader import WorkSheetParser
+
+    workbook = sheet.parent
+    with sheet._get_source() as source:
+        parser = WorkSheetParser(
+            source,
+            sheet._shared_strings,
+            data_only=workbook.data_only,
+            epoch=workbook.epoch,
+            date_formats=workbook._date_formats,
+            timedelta_formats=workbook._timedelta_formats,
+        )
+        yield from parser.parse()
+
+
+@dataclass(frozen=True)
+class _SheetLimits:
+    """What reading one sheet may cost: its columns, its elements, its time."""
+
+    title: str
+    max_columns: int | None
+    max_cells: int | None
+    timeout_s: float | None
+    #: ``time.monotonic()`` past which reading stops; None for no limit.
+    deadline: float | None
+
+    def rows(
+        self, parsed: Iterable[tuple[int, list[dict[str, Any]]]]
+    ) -> Iterator[tuple[int, dict[int, str]]]:
+        """Each row of ``parsed`` as its number and its cells' text by column (1-based)."""
+        last_column = min(self.max_columns or _EXCEL_COLUMNS, _EXCEL_COLUMNS)
+        elements = 0
+        previous = 0
+        for number, cells in parsed:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise InputError(
+                    f"The sheet {self.title!r} took too long to read; "
+                    f"the limit is {self.timeout_s:g} s."
+                )
+            elements += 1 + len(cells)
+            if self.max_cells is not None and elements > self.max_cells:
+                raise InputError(
+                    f"The sheet {self.title!r} has more than {self.max_cells} cells, "
+                    f"counting rows and empty cells; the limit is {self.max_cells}."
+                )
+            # openpyxl's own reader skipped a row that comes out of order; so do we.
+            if number <= previous:
+                continue
+            previous = number
+            texts: dict[int, str] = {}
+            for cell in cells:
+                column: int = cell["column"]
+                text = cell_text(cell["value"])
+                if column <= last_column:
+                    texts[column] = text
+                elif text.strip():
+                    raise InputError(
+                        f"Sheet {self.title!r} row {number}: column {_column_letter(column)} "
+                        f"has a value; the limit is {last_column} columns "
+                        f"(up to {_column_letter(last_column)})."
+                    )
+            yield number, texts
+
+
+def _sheet_rows(
+    title: str, sheet_rows: Iterable[tuple[int, dict[int, str]]], max_rows: int | None
+) -> Rows:
+    lines = iter(sheet_rows)
     header: list[str] | None = None
     header_number = 0
-    for number, raw in enumerate(lines, start=1):
-        cells = [cell_text(value) for value in raw]
-        if any(cell.strip() for cell in cells):
-            header, header_number = cells, number
+    for number, texts in lines:
+        filled = [column for column, text in texts.items() if text.strip()]
+        if filled:
+            header = [texts.get(column, "") for column in range(1, max(filled) + 1)]
+            header_number = number
             break
     if header is None:
         raise InputError(
@@ -389,26 +507,21 @@ def _sheet_rows(title: str, values: Iterable[Sequence[object]], max_rows: int | 
     names = header_columns(header, where, unnamed_ok=True)
     rows: list[RowInput] = []
     places: list[str] = []
-    for number, raw in enumerate(lines, start=header_number + 1):
-        cells = [cell_text(value) for value in raw]
-        if not any(cell.strip() for cell in cells):
+    for number, texts in lines:
+        filled = sorted(column for column, text in texts.items() if text.strip())
+        if not filled:
             continue
-        for position, cell in enumerate(cells):
-            if cell.strip() and (position >= len(names) or names[position] == ""):
-                letter = _column_letter(position + 1)
+        for column in filled:
+            if column > len(names) or names[column - 1] == "":
                 message = (
-                    f"Sheet {title!r} row {number}: column {letter} has a value "
+                    f"Sheet {title!r} row {number}: column {_column_letter(column)} has a value "
                     f"but no name in the header (row {header_number})."
                 )
                 raise InputError(message, [FieldError(len(rows) + 1, None, message)])
         if max_rows is not None and len(rows) == max_rows:
             message = f"The sheet {title!r} has more than {max_rows} rows; the limit is {max_rows}."
             raise InputError(message, [FieldError(None, "executions", message)])
-        row = {
-            name: cells[position] if position < len(cells) else ""
-            for position, name in enumerate(names)
-            if name
-        }
+        row = {name: texts.get(column, "") for column, name in enumerate(names, start=1) if name}
         rows.append(_row_of(row))
         places.append(f"row {number}")
     if not rows:

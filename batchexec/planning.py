@@ -59,6 +59,25 @@ class Limits:
     max_executions: int
     max_prompt_length: int
     default_model: str
+    max_columns: int = 256
+
+    def check_count(self, count: int) -> None:
+        """Raise ``InputError`` when a batch of ``count`` executions is over the limit.
+
+        Called before the rows are read in full where that is costly, and by
+        ``plan_batch`` in any case.
+        """
+        if count > self.max_executions:
+            message = f"The batch has {count} executions; the limit is {self.max_executions}."
+            raise InputError(message, [FieldError(None, "executions", message)])
+
+    def check_columns(self, count: int) -> None:
+        """Raise ``InputError`` when an input has more than ``max_columns`` columns."""
+        if count > self.max_columns:
+            message = (
+                f"The input has {count} columns; the limit (MAX_COLUMNS) is {self.max_columns}."
+            )
+            raise InputError(message, [FieldError(None, "columns", message)])
 
 
 def plan_batch(
@@ -69,9 +88,8 @@ def plan_batch(
         raise InputError(
             "The batch has no executions.", [FieldError(None, "executions", "must not be empty")]
         )
-    if len(rows) > limits.max_executions:
-        message = f"The batch has {len(rows)} executions; the limit is {limits.max_executions}."
-        raise InputError(message, [FieldError(None, "executions", message)])
+    limits.check_count(len(rows))
+    limits.check_columns(len(columns))
     errors: list[FieldError] = []
     planned: list[PlannedRow] = []
     # Batches name few distinct models: resolve each (model, assistant) once.

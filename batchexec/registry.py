@@ -180,6 +180,8 @@ class Registry:
         self._batches: dict[str, Batch] = {}
         #: Workbooks in the results folder, by file name: owner and when written.
         self._files: dict[str, tuple[str, float]] = {}
+        #: The workbooks among them that are templates, no batch's outputs.
+        self._templates: set[str] = set()
 
     @staticmethod
     def new_id() -> str:
@@ -233,13 +235,31 @@ class Registry:
                     break
         return found
 
-    def add_file(self, file_name: str, owner: str) -> None:
-        """Record that ``owner`` may download the workbook ``file_name``."""
+    def add_file(self, file_name: str, owner: str, *, template: bool = False) -> None:
+        """Record that ``owner`` may download the workbook ``file_name``.
+
+        A ``template`` is a workbook of rows not (yet) run; ``templates_of``
+        counts them.
+        """
         self._files[file_name] = (owner, time.time())
+        if template:
+            self._templates.add(file_name)
+        else:
+            self._templates.discard(file_name)
 
     def forget_file(self, file_name: str) -> None:
         """Nobody may download ``file_name`` any more (it was removed)."""
         self._files.pop(file_name, None)
+        self._templates.discard(file_name)
+
+    def templates_of(self, owner: str) -> list[float]:
+        """When each of ``owner``'s template workbooks was written, oldest first."""
+        return sorted(
+            written_at
+            for name in self._templates
+            for file_owner, written_at in (self._files[name],)
+            if file_owner == owner
+        )
 
     def check_file(self, file_name: str, owner: str) -> None:
         """Raise ``NotFoundError`` unless ``owner`` may download ``file_name``."""
@@ -307,6 +327,7 @@ class Registry:
         ]
         for name in expired:
             del self._files[name]
+            self._templates.discard(name)
         return expired
 
     @contextmanager

@@ -109,6 +109,7 @@ def limits_from(settings: Settings) -> Limits:
         max_executions=settings.max_executions_per_batch,
         max_prompt_length=settings.max_prompt_length,
         default_model=settings.default_model,
+        max_columns=settings.max_columns,
     )
 
 

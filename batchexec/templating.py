@@ -11,6 +11,8 @@ _REFERENCE = re.compile(r"\$\{\s*output\.([^}]*)\}")
 
 
 _NONE: frozenset[int] = frozenset()
+#: Digits of the longest row number a reference may hold.
+_MAX_DIGITS = 18
 
 
 class TemplateError(ValueError):
@@ -24,10 +26,25 @@ def references(prompt: str) -> frozenset[int]:
     found: set[int] = set()
     for match in _REFERENCE.finditer(prompt):
         raw = match.group(1).strip()
-        if not raw.isdigit() or not raw.isascii() or int(raw) < 1:
+        # Length first: int() of thousands of digits raises, and no batch has that many rows.
+        if len(raw) > _MAX_DIGITS or not raw.isdigit() or not raw.isascii() or int(raw) < 1:
             raise TemplateError(f"{match.group(0)} is not a reference of the form ${{output.n}}")
         found.add(int(raw))
     return frozenset(found)
+
+
+def substituted_length(prompt: str, outputs: Mapping[int, str]) -> int:
+    """The length ``substitute(prompt, outputs)`` would have, without building it.
+
+    A prompt of a thousand characters can name one output a hundred times, so
+    the length is checked before the text is made.
+    """
+    if "${" not in prompt:
+        return len(prompt)
+    length = len(prompt)
+    for match in _REFERENCE.finditer(prompt):
+        length += len(outputs[int(match.group(1).strip())]) - len(match.group(0))
+    return length
 
 
 def substitute(prompt: str, outputs: Mapping[int, str]) -> str:

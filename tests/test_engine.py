@@ -162,14 +162,19 @@ async def test_close_cancels_running_batches_and_keeps_what_finished(make_harnes
         harness.engine.submit("owner", plan(catalog, "late"))
 
 
-async def test_a_crashing_batch_ends_failed_with_its_reason(make_harness, catalog, tmp_path):
+async def test_a_workbook_that_cannot_be_written_keeps_the_csv(make_harness, catalog, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the results folder should be")
     harness = make_harness(public_dir=blocker)
     batch = harness.engine.submit("owner", plan(catalog, "hello", model="echo"))
     await harness.engine.join(batch.id)
-    assert batch.status is BatchStatus.FAILED
-    assert batch.message.startswith("Batch failed: ")
+    assert batch.status is BatchStatus.COMPLETED
+    assert batch.message == (
+        "Execution completed successfully. The workbook could not be written "
+        "(Not a directory); the CSV content is complete."
+    )
+    assert batch.xlsx_name is None
+    assert batch.csv_content == "prompt,model,result\nhello,echo,hello\n"
     assert batch.executions[0].status is ExecutionStatus.SUCCEEDED
 
 

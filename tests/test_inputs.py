@@ -6,6 +6,7 @@ import csv
 import datetime
 import io
 import json
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,34 @@ def workbook_bytes(*sheets: tuple[str, list[list[Any]]]) -> bytes:
     buffer = io.BytesIO()
     workbook.save(buffer)
     return buffer.getvalue()
+
+
+def with_sheet_data(data: bytes, sheet_data: str) -> bytes:
+    """``data``, a one-sheet workbook, with that sheet's rows replaced by ``sheet_data``.
+
+    For XML no writer makes: rows numbered in the billions, empty cells at XFD.
+    """
+    rows = f"<sheetData>{sheet_data}</sheetData>".encode()
+    buffer = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as source,
+        zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as target,
+    ):
+        for info in source.infolist():
+            part = source.read(info)
+            if info.filename == "xl/worksheets/sheet1.xml":
+                part = re.sub(rb"<sheetData>.*</sheetData>", lambda _: rows, part)
+            target.writestr(info, part)
+    return buffer.getvalue()
+
+
+def text_row(number: int, *texts: str) -> str:
+    """A ``<row>`` of inline strings from column A, as a sheet's XML holds it."""
+    cells = "".join(
+        f'<c r="{letter}{number}" t="inlineStr"><is><t>{text}</t></is></c>'
+        for letter, text in zip("ABCDEFGHIJ", texts, strict=False)
+    )
+    return f'<row r="{number}">{cells}</row>'
 
 
 def cells(rows: Rows) -> list[dict[str, str]]:
@@ -282,6 +311,95 @@ def test_reading_stops_past_max_rows():
     error = input_error(parse_xlsx, data, max_rows=4)
     assert error.detail == "The sheet 'S' has more than 4 rows; the limit is 4."
     assert error.errors == [FieldError(None, "executions", error.detail)]
+
+
+def test_blank_rows_do_not_count_against_max_rows():
+    data = with_sheet_data(
+        workbook_bytes(("S", [])),
+        text_row(1, "prompt")
+        + text_row(2, "a")
+        + "".join(f'<row r="{n}"><c r="B{n}"/></row>' for n in range(3, 90))
+        + text_row(90, "b"),
+    )
+    assert parse_xlsx(data, max_rows=2).places == ("row 2", "row 90")
+    error = input_error(parse_xlsx, data, max_rows=1)
+    assert error.detail == "The sheet 'S' has more than 1 rows; the limit is 1."
+
+
+def test_a_row_numbered_in_the_billions_costs_nothing():
+    # iter_rows would yield two billion empty rows before this one.
+    data = with_sheet_data(
+        workbook_bytes(("S", [])),
+        text_row(1, "prompt", "note") + text_row(2, "a", "n") + '<row r="2000000000"/>',
+    )
+    rows = parse_xlsx(data, max_rows=10, max_cells=100)
+    assert cells(rows) == [{"prompt": "a", "note": "n"}]
+    assert rows.places == ("row 2",)
+
+
+def test_empty_cells_at_xfd_count_against_the_cell_budget():
+    # iter_rows would make each blank row 16,384 cells wide.
+    blank_rows = "".join(f'<row r="{n}"><c r="XFD{n}"/></row>' for n in range(3, 5003))
+    data = with_sheet_data(
+        workbook_bytes(("S", [])), text_row(1, "prompt") + text_row(2, "a") + blank_rows
+    )
+    # Every <row> and every <c> counts one: two of each per row.
+    elements = 2 * 5002
+    assert parse_xlsx(data, max_cells=elements).places == ("row 2",)
+    assert read_rows(data, Format.XLSX).places == ("row 2",)
+    error = input_error(parse_xlsx, data, max_cells=elements - 1)
+    assert error.detail == (
+        f"The sheet 'S' has more than {elements - 1} cells, counting rows and empty cells; "
+        f"the limit is {elements - 1}."
+    )
+    error = input_error(read_rows, data, Format.XLSX, max_cells=1000)
+    assert "the limit is 1000." in error.detail
+
+
+@pytest.mark.parametrize(
+    ("sheet", "max_columns", "message"),
+    [
+        (
+            [["prompt", "note"], ["a", None, None, None, "far"]],
+            4,
+            "Sheet 'S' row 2: column E has a value; the limit is 4 columns (up to D).",
+        ),
+        (
+            [["prompt", None, None, "note", "extra"], ["a"]],
+            4,
+            "Sheet 'S' row 1: column E has a value; the limit is 4 columns (up to D).",
+        ),
+    ],
+)
+def test_a_value_past_max_columns_names_its_column_and_the_limit(sheet, max_columns, message):
+    data = workbook_bytes(("S", sheet))
+    assert input_error(parse_xlsx, data, max_columns=max_columns).detail == message
+    assert input_error(read_rows, data, Format.XLSX, max_columns=max_columns).detail == message
+
+
+def test_empty_cells_past_max_columns_are_ignored():
+    data = workbook_bytes(("S", [["prompt", "note"], ["a", "n", None, ""]]))
+    assert cells(parse_xlsx(data, max_columns=2)) == [{"prompt": "a", "note": "n"}]
+
+
+def test_no_value_lies_past_excels_last_column():
+    data = with_sheet_data(
+        workbook_bytes(("S", [])),
+        text_row(1, "prompt") + '<row r="2"><c r="ZZZ2" t="inlineStr"><is><t>x</t></is></c></row>',
+    )
+    error = input_error(parse_xlsx, data)
+    assert error.detail == (
+        "Sheet 'S' row 2: column ZZZ has a value; the limit is 16384 columns (up to XFD)."
+    )
+
+
+def test_reading_stops_at_the_time_limit():
+    data = workbook_bytes(("S", [["prompt"], *([f"p{n}"] for n in range(50))]))
+    assert len(parse_xlsx(data, timeout_s=60).rows) == 50
+    error = input_error(parse_xlsx, data, timeout_s=0)
+    assert error.detail == "The sheet 'S' took too long to read; the limit is 0 s."
+    error = input_error(read_rows, data, Format.XLSX, timeout_s=0)
+    assert "the limit is 0 s." in error.detail
 
 
 def test_a_workbook_that_unpacks_too_large_is_refused_before_reading():

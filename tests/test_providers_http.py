@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 
 from batchexec.errors import FatalProviderError, RetryableProviderError
@@ -25,6 +26,7 @@ pytest_plugins = ["tests.providerfakes"]
 
 KEY = "sk-test-0123456789abcdef"
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+MAX_BYTES = 4096
 
 
 def _read_error(body: object) -> ErrorDetail:
@@ -37,7 +39,13 @@ WIRE = Wire("Test server", _read_error)
 
 async def fetch(fake, http_session, path="/x"):
     return await fetch_json(
-        http_session, "POST", fake.url(path), WIRE, payload={"q": 1}, secrets=(KEY, None)
+        http_session,
+        "POST",
+        fake.url(path),
+        WIRE,
+        payload={"q": 1},
+        secrets=(KEY, None),
+        max_bytes=MAX_BYTES,
     )
 
 
@@ -120,7 +128,7 @@ async def test_error_body_can_override_the_status(fake, http_session):
     wire = Wire("Test server", lambda body: ErrorDetail("quota gone", retryable=False))
     fake.on("/x", fake.reply({}, status=429))
     with pytest.raises(FatalProviderError, match="quota gone"):
-        await fetch_json(http_session, "GET", fake.url("/x"), wire)
+        await fetch_json(http_session, "GET", fake.url("/x"), wire, max_bytes=MAX_BYTES)
 
 
 async def test_unreadable_error_bodies_fall_back_to_the_reason(fake, http_session):
@@ -172,15 +180,55 @@ async def test_dropped_connection_is_retryable(fake, http_session):
 async def test_refused_connection_is_retryable(http_session, unused_tcp_port):
     url = f"http://127.0.0.1:{unused_tcp_port}/x"
     with pytest.raises(RetryableProviderError) as caught:
-        await fetch_json(http_session, "POST", url, WIRE, payload={})
+        await fetch_json(http_session, "POST", url, WIRE, payload={}, max_bytes=MAX_BYTES)
     assert str(caught.value) == f"Test server: cannot connect to 127.0.0.1:{unused_tcp_port}"
 
 
 async def test_invalid_url_is_fatal(http_session):
     with pytest.raises(FatalProviderError, match="invalid URL"):
-        await fetch_json(http_session, "POST", "http://", WIRE, payload={})
+        await fetch_json(http_session, "POST", "http://", WIRE, payload={}, max_bytes=MAX_BYTES)
 
 
 async def test_a_server_that_never_answers_leaves_the_call_pending(fake, http_session):
     fake.on("/x", fake.hang)
     await fake.assert_never_answered(fetch(fake, http_session))
+
+
+async def test_a_body_announced_larger_than_the_limit_is_refused_unread(fake, http_session):
+    fake.on("/x", fake.reply({"text": "x" * 10_000}))
+    with pytest.raises(FatalProviderError) as caught:
+        await fetch(fake, http_session)
+    assert str(caught.value) == (
+        "Test server: the response is larger than 4096 bytes, "
+        "the limit (MAX_RESPONSE_BYTES) (HTTP 200)"
+    )
+
+
+async def test_a_streamed_body_is_cut_off_at_the_limit(fake, http_session):
+    async def endless(request):
+        response = web.StreamResponse()  # chunked: no Content-Length to go by
+        await response.prepare(request)
+        await response.write(b'{"text": "')
+        for _ in range(1_000):
+            await response.write(b"x" * 1024)
+        await response.write(b'"}')
+        return response
+
+    fake.on("/x", endless)
+    with pytest.raises(FatalProviderError, match="larger than 4096 bytes"):
+        await fetch(fake, http_session)
+
+
+async def test_a_body_at_the_limit_is_read(fake, http_session):
+    body = {"text": "x" * (MAX_BYTES - len('{"text": ""}'))}
+    fake.on("/x", fake.reply(body))
+    assert await fetch(fake, http_session) == body
+
+
+async def test_a_huge_error_body_is_read_only_as_far_as_its_message(fake, http_session):
+    fake.on("/x", fake.reply_raw("boom " * 1_000_000, status=503, content_type="text/plain"))
+    with pytest.raises(RetryableProviderError) as caught:
+        await fetch(fake, http_session)
+    message = str(caught.value)
+    assert message.startswith("Test server: boom boom")
+    assert len(message) < 600

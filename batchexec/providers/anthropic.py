@@ -59,6 +59,7 @@ class AnthropicProvider(Provider):
             payload=payload,
             headers={"x-api-key": key, "anthropic-version": API_VERSION},
             secrets=(key,),
+            max_bytes=self.settings.max_response_bytes,
         )
         if dig(body, "stop_reason") == "refusal":
             raise FatalProviderError(f"{WIRE.label}: the model declined to answer this prompt")

@@ -20,6 +20,10 @@ from batchexec.providers.base import ChatRequest
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 #: Longest provider message quoted in an error; some servers send whole HTML pages.
 MAX_MESSAGE_CHARS = 500
+#: Bytes of an error body read: enough for any message, whatever the server sends.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+#: Bytes read from the socket at a time.
+_READ_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,14 @@ async def fetch_json(
     form: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     secrets: Iterable[str | None] = (),
+    max_bytes: int,
 ) -> object:
     """Make one request and return its parsed JSON body; raise a ``ProviderError`` otherwise.
 
-    Any of ``secrets`` found in a message (some servers echo keys back) is masked.
+    At most ``max_bytes`` of a successful body are read (``MAX_RESPONSE_BYTES``):
+    a larger one is a ``FatalProviderError``, since asking again would bring
+    the same. Any of ``secrets`` found in a message (some servers echo keys
+    back) is masked.
     """
     hidden = tuple(secret for secret in secrets if secret)
     try:
@@ -66,11 +74,18 @@ async def fetch_json(
             allow_redirects=False,
             raise_for_status=False,
         ) as response:
-            raw = await response.read()
+            ok = 200 <= response.status < 300
+            raw = await _read_at_most(response, max_bytes if ok else MAX_ERROR_BODY_BYTES)
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
         raise _connection_error(wire, exc, hidden) from exc
-    if not 200 <= response.status < 300:
-        raise _status_error(wire, response, raw, hidden)
+    if not ok:
+        raise _status_error(wire, response, raw or b"", hidden)
+    if raw is None:
+        raise FatalProviderError(
+            f"{wire.label}: the response is larger than {max_bytes} bytes, "
+            "the limit (MAX_RESPONSE_BYTES)",
+            status=response.status,
+        )
     try:
         return json.loads(raw)
     except ValueError as exc:
@@ -78,6 +93,28 @@ async def fetch_json(
         raise RetryableProviderError(
             f"{wire.label}: the response is not valid JSON", status=response.status
         ) from exc
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body if it is at most ``limit`` bytes; None for a larger success body.
+
+    An error body is cut at ``limit`` instead: only its message is wanted.
+    Nothing past ``limit`` is read, whatever the server announced or sends.
+    """
+    ok = 200 <= response.status < 300
+    if ok and response.content_length is not None and response.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            if ok:
+                return None
+            chunks.append(chunk[: limit - size])
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def chat_messages(request: ChatRequest) -> list[dict[str, str]]:

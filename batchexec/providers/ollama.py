@@ -51,7 +51,14 @@ class OllamaProvider(Provider):
         }
         if options:
             payload["options"] = options
-        body = await fetch_json(self.session, "POST", f"{base_url}/api/chat", WIRE, payload=payload)
+        body = await fetch_json(
+            self.session,
+            "POST",
+            f"{base_url}/api/chat",
+            WIRE,
+            payload=payload,
+            max_bytes=self.settings.max_response_bytes,
+        )
         return Completion(
             text=require_str(body, WIRE, "message", "content"),
             prompt_tokens=token_count(dig(body, "prompt_eval_count")),

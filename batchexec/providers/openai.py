@@ -65,6 +65,7 @@ class OpenAIProvider(Provider):
             payload=payload,
             headers=bearer(key),
             secrets=(key,),
+            max_bytes=self.settings.max_response_bytes,
         )
         message = dig(body, "choices", 0, "message")
         if not isinstance(message, dict) or "content" not in message:
@@ -88,7 +89,15 @@ async def discover_models(settings: Settings, session: aiohttp.ClientSession) ->
         return []
     key = settings.secret(KEY_ENV)
     url = f"{_strip(settings.openai_base_url)}/models"
-    body = await fetch_json(session, "GET", url, WIRE, headers=bearer(key), secrets=(key,))
+    body = await fetch_json(
+        session,
+        "GET",
+        url,
+        WIRE,
+        headers=bearer(key),
+        secrets=(key,),
+        max_bytes=settings.max_response_bytes,
+    )
     listed = dig(body, "data")
     if not isinstance(listed, list):
         raise malformed(WIRE, "data")

@@ -111,6 +111,7 @@ class WatsonxProvider(Provider):
                 payload=payload,
                 headers={**bearer(token), "Accept": "application/json"},
                 secrets=(apikey, token),
+                max_bytes=self.settings.max_response_bytes,
             )
         except ProviderError as exc:
             if exc.status == 401:
@@ -144,6 +145,7 @@ class WatsonxProvider(Provider):
             form={"grant_type": _GRANT_TYPE, "apikey": apikey},
             headers={"Accept": "application/json"},
             secrets=(apikey,),
+            max_bytes=self.settings.max_response_bytes,
         )
         value = require_str(body, IAM_WIRE, "access_token")
         lifetime_s = _lifetime_s(body)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from batchexec.web.keys import (
     CATALOG,
     CLIENT_SESSION,
     ENGINE,
+    INPUT_POOL,
     PROVIDERS,
     REGISTRY,
     RESULTS_CACHE,
@@ -32,6 +34,7 @@ from batchexec.web.routes import setup_routes
 log = logging.getLogger(__name__)
 
 _MAX_SWEEP_PERIOD_S = 60.0
+_INPUT_THREADS = 2
 
 
 def create_app(
@@ -53,7 +56,7 @@ def create_app(
     app[SETTINGS] = settings
     app[CATALOG] = catalog
     app[REGISTRY] = Registry()
-    app[RESULTS_CACHE] = RenderedResults()
+    app[RESULTS_CACHE] = RenderedResults(settings.results_cache_bytes)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         async with open_runtime(settings, catalog, extra_providers) as runtime:
@@ -73,12 +76,25 @@ def create_app(
         # streams see their batches end instead of being cut off.
         await app[ENGINE].drain(settings.shutdown_grace_s)
 
+    app.cleanup_ctx.append(_input_pool)
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(engine)
     app.cleanup_ctx.append(_sweeper)
     app.on_shutdown.append(drain)
     setup_routes(app)
     return app
+
+
+async def _input_pool(app: web.Application) -> AsyncIterator[None]:
+    """The threads that read uploaded files.
+
+    Their own pool, of ``_INPUT_THREADS``: however many uploads arrive, the
+    default pool's threads stay free to write batches' outputs. Each read is
+    bounded by ``PARSE_TIMEOUT_S``, so a queue here drains.
+    """
+    pool = app[INPUT_POOL] = ThreadPoolExecutor(_INPUT_THREADS, thread_name_prefix="input")
+    yield
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:

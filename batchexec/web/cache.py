@@ -2,32 +2,58 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 
 class RenderedResults:
-    """The JSON bodies of finished batches' results, by batch id and public URL, LRU-bounded.
+    """Rendered results of finished batches by batch id, bounded by bytes, least recent out.
 
     A finished batch never changes, and clients poll it: rendering a
-    1,000-row answer costs milliseconds, serving it again microseconds. The
-    URL is part of the key because ``xlsx_url`` follows the request's host.
+    1,000-row answer costs milliseconds, serving it again microseconds. What
+    is kept is the part of the answer that depends on the batch alone; the
+    fields that follow the request (``xlsx_url`` follows its host) are
+    rendered per request, so no request header can multiply what is kept.
+    Concurrent requests for the same batch share one rendering.
     """
 
-    def __init__(self, max_entries: int = 256) -> None:
-        self._max_entries = max_entries
-        self._bodies: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._size = 0
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        self._rendering: dict[str, asyncio.Future[bytes]] = {}
 
-    def get(self, batch_id: str, base_url: str) -> bytes | None:
-        """The body rendered for this batch and URL, if any."""
-        key = (batch_id, base_url)
-        body = self._bodies.get(key)
+    @property
+    def size_bytes(self) -> int:
+        """Bytes kept now."""
+        return self._size
+
+    async def get(self, batch_id: str, render: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The rendered body of ``batch_id``: kept, being rendered, or rendered now by ``render``.
+
+        A body larger than the whole budget is served but not kept.
+        """
+        body = self._bodies.get(batch_id)
         if body is not None:
-            self._bodies.move_to_end(key)
-        return body
+            self._bodies.move_to_end(batch_id)
+            return body
+        rendering = self._rendering.get(batch_id)
+        if rendering is None:
+            rendering = self._rendering[batch_id] = asyncio.ensure_future(render())
+            rendering.add_done_callback(lambda done: self._rendered(batch_id, done))
+        # Shielded: a client that goes away must not cancel the others' rendering.
+        return await asyncio.shield(rendering)
 
-    def put(self, batch_id: str, base_url: str, body: bytes) -> None:
-        """Keep ``body``, dropping the least recently used answer when full."""
-        self._bodies[(batch_id, base_url)] = body
-        self._bodies.move_to_end((batch_id, base_url))
-        while len(self._bodies) > self._max_entries:
-            self._bodies.popitem(last=False)
+    def _rendered(self, batch_id: str, done: asyncio.Future[bytes]) -> None:
+        self._rendering.pop(batch_id, None)
+        if done.cancelled() or done.exception() is not None:
+            return
+        body = done.result()
+        if len(body) > self._max_bytes:
+            return
+        self._bodies[batch_id] = body
+        self._size += len(body)
+        while self._size > self._max_bytes:
+            _, dropped = self._bodies.popitem(last=False)
+            self._size -= len(dropped)

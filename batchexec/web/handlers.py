@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel
 
 from batchexec.csvinput import parse_csv
@@ -20,6 +23,7 @@ from batchexec.errors import (
     NotFoundError,
     QueueFullError,
     ShuttingDownError,
+    StorageError,
 )
 from batchexec.exports import template_sheet, write_xlsx
 from batchexec.inputs import (
@@ -67,12 +71,15 @@ from batchexec.schemas import (
 from batchexec.web.keys import (
     CATALOG,
     ENGINE,
+    INPUT_POOL,
     OWNER,
     PROVIDERS,
     REGISTRY,
     RESULTS_CACHE,
     SETTINGS,
 )
+
+log = logging.getLogger(__name__)
 
 _Body = TypeVar("_Body", bound=BaseModel)
 XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
@@ -84,6 +91,13 @@ _INLINE_CSV_CHARS = 64 * 1024
 #: sheets pack about 10:1; the bound keeps a crafted one (millions of tiny
 #: shared strings, all held in memory by the reader) from taking the server down.
 _UNZIP_FACTOR = 10
+#: Bytes of an answer written at a time, so a client that reads slowly holds a
+#: chunk in the server's buffers, not a copy of the whole answer.
+_WRITE_CHUNK_BYTES = 64 * 1024
+#: Seconds a client may take to read one chunk before its connection is closed.
+_WRITE_TIMEOUT_S = 30.0
+#: Fields of the results answer rendered per request, ahead of the cached rest.
+_HEAD_FIELDS = ("status", "invocationId", "message", "xlsx_url")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -93,7 +107,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def execute_batch(request: web.Request) -> web.Response:
     """Validate a batch of executions and start it in the background."""
-    body = await _parse(request, ExecuteBatchRequest)
+    body = await _parse(request, ExecuteBatchRequest, count_of="executions")
     columns, rows = rows_from_executions(body.executions)
     plan = _plan(request, rows, columns)
     batch = request.app[ENGINE].submit(request[OWNER], plan)
@@ -118,11 +132,16 @@ async def upload(request: web.Request) -> web.Response:
     # A workbook is a zip whatever its name says; otherwise the name decides, then the content.
     fmt = Format.XLSX if data.startswith(ZIP_MAGIC) else format_of(name or "") or sniff(data)
     if fmt is Format.XLSX:
-        rows = await asyncio.to_thread(
-            parse_xlsx,
-            data,
-            max_rows=settings.max_executions_per_batch,
-            max_unzipped_bytes=_UNZIP_FACTOR * settings.max_body_bytes,
+        rows = await _off_loop(
+            request,
+            lambda: parse_xlsx(
+                data,
+                max_rows=settings.max_executions_per_batch,
+                max_unzipped_bytes=_UNZIP_FACTOR * settings.max_body_bytes,
+                max_columns=settings.max_columns,
+                max_cells=settings.max_input_cells,
+                timeout_s=settings.parse_timeout_s,
+            ),
         )
         return await _process_rows(request, rows, execute=execute, kind="XLSX")
     if fmt is not Format.CSV:
@@ -134,11 +153,21 @@ async def upload(request: web.Request) -> web.Response:
 async def _csv_rows(request: web.Request, text: str) -> Rows:
     settings = request.app[SETTINGS]
     max_field_chars = max(settings.max_prompt_length, settings.max_body_bytes)
+
+    def parse() -> Rows:
+        return from_table(
+            parse_csv(text, max_field_chars=max_field_chars, max_columns=settings.max_columns)
+        )
+
     if len(text) > _INLINE_CSV_CHARS:
-        table = await asyncio.to_thread(parse_csv, text, max_field_chars=max_field_chars)
-    else:
-        table = parse_csv(text, max_field_chars=max_field_chars)
-    return from_table(table)
+        return await _off_loop(request, parse)
+    return parse()
+
+
+async def _off_loop(request: web.Request, parse: Callable[[], Rows]) -> Rows:
+    """Run ``parse`` on the input pool: its own threads, so uploads never hold up the
+    threads that write batches' outputs."""
+    return await asyncio.get_running_loop().run_in_executor(request.app[INPUT_POOL], parse)
 
 
 async def _process_rows(
@@ -151,10 +180,20 @@ async def _process_rows(
     except InputError as exc:
         raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
     registry = request.app[REGISTRY]
+    owner = request[OWNER]
+    if not execute:
+        _check_templates(request)
     batch_id = registry.new_id()
     file_name = Batch.file_name_for(batch_id)
-    await asyncio.to_thread(write_xlsx, settings.results_dir / file_name, template_sheet(plan))
-    registry.add_file(file_name, request[OWNER])
+    # Recorded before the write, so concurrent requests cannot all pass the bound.
+    registry.add_file(file_name, owner, template=not execute)
+    try:
+        await asyncio.to_thread(write_xlsx, settings.results_dir / file_name, template_sheet(plan))
+    except OSError as exc:
+        registry.forget_file(file_name)
+        raise StorageError(
+            f"The server cannot write the workbook: {exc.strerror or exc}. Try again later."
+        ) from exc
     count = f"{len(plan.rows)} row{'s' if len(plan.rows) != 1 else ''}"
     if execute:
         try:
@@ -180,6 +219,20 @@ async def _process_rows(
             xlsx_url=_xlsx_url(request, file_name),
         )
     )
+
+
+def _check_templates(request: web.Request) -> None:
+    """Refuse another template workbook when the caller keeps ``max_templates`` already."""
+    settings = request.app[SETTINGS]
+    kept = request.app[REGISTRY].templates_of(request[OWNER])
+    if len(kept) >= settings.max_templates:
+        wait_s = kept[0] + settings.results_ttl_s - time.time() if kept else settings.results_ttl_s
+        raise QueueFullError(
+            f"This API key keeps {len(kept)} template workbooks; the limit (MAX_TEMPLATES) "
+            f"is {settings.max_templates}. They expire after RESULTS_TTL_HOURS; "
+            'send "execute": true to run the rows instead.',
+            retry_after_s=max(wait_s, 1.0),
+        )
 
 
 async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
@@ -218,6 +271,10 @@ async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
     except ValueError as exc:
         # aiohttp's multipart reader says "boundary missed" and the like.
         raise InputError(f"The multipart body cannot be read: {exc}.") from exc
+    except HttpProcessingError as exc:
+        # A part's headers: not a header, a line over 8 KB, bytes a header cannot hold.
+        reason = " ".join(exc.message.split()) if exc.message else type(exc).__name__
+        raise InputError(f"The multipart body cannot be read: {reason}.") from exc
     if data is None:
         raise InputError(
             "The upload has no 'file' field.",
@@ -239,19 +296,50 @@ def _flag(value: str) -> bool:
     )
 
 
-async def results(request: web.Request) -> web.Response:
+async def results(request: web.Request) -> web.StreamResponse:
     """A batch's status, progress, finished executions and, once ended, its outputs."""
     body = await _parse(request, ResultsRequest)
     batch = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
-    if not batch.status.finished:
-        return _answer(_results(request, batch))
-    cache = request.app[RESULTS_CACHE]
-    base_url = _xlsx_url(request, "")
-    rendered = cache.get(batch.id, base_url)
-    if rendered is None:
-        rendered = json.dumps(_results(request, batch).model_dump(mode="json")).encode()
-        cache.put(batch.id, base_url, rendered)
-    return web.Response(body=rendered, content_type="application/json")
+    answer = _results(request, batch).model_dump(mode="json")
+    head = {name: answer.pop(name) for name in _HEAD_FIELDS}
+    if batch.status.finished:
+
+        async def render() -> bytes:
+            return await asyncio.to_thread(_dumps, answer)
+
+        rest = await request.app[RESULTS_CACHE].get(batch.id, render)
+    else:
+        rest = _dumps(answer)
+    # The head's closing brace gives way to the rest's fields.
+    return await _stream(request, [_dumps(head)[:-1], b",", rest[1:]])
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+async def _stream(request: web.Request, parts: list[bytes]) -> web.StreamResponse:
+    """A JSON answer of ``parts``, written a chunk at a time to the client's pace.
+
+    A client that takes longer than ``_WRITE_TIMEOUT_S`` to read a chunk is
+    disconnected, so clients that never read cannot pin answers in memory.
+    """
+    response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+    response.content_length = sum(len(part) for part in parts)
+    await response.prepare(request)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), _WRITE_CHUNK_BYTES):
+                async with asyncio.timeout(_WRITE_TIMEOUT_S):
+                    await response.write(view[start : start + _WRITE_CHUNK_BYTES])
+    except TimeoutError:
+        log.info("%s: the client read too slowly; connection closed", request.path)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -384,13 +472,13 @@ async def _send(
 
 
 def _results(request: web.Request, batch: Batch) -> ResultsResponse:
-    has_outputs = batch.status.finished and batch.xlsx_name is not None
+    finished = batch.status.finished
     return ResultsResponse(
         status=batch.status,
         invocationId=batch.id,
         message=batch.message,
-        xlsx_url=_xlsx_url(request, batch.xlsx_name) if has_outputs and batch.xlsx_name else None,
-        csv_content=batch.csv_content if has_outputs else None,
+        xlsx_url=_xlsx_url(request, batch.xlsx_name) if finished and batch.xlsx_name else None,
+        csv_content=batch.csv_content if finished else None,
         progress=_progress(batch),
         usage=Usage(
             prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
@@ -475,8 +563,13 @@ async def models(request: web.Request) -> web.Response:
     )
 
 
-async def _parse(request: web.Request, model: type[_Body]) -> _Body:
-    """The JSON body as ``model``: 400 when it is not JSON, 422 when it does not fit."""
+async def _parse(request: web.Request, model: type[_Body], *, count_of: str | None = None) -> _Body:
+    """The JSON body as ``model``: 400 when it is not JSON, 422 when it does not fit.
+
+    With ``count_of``, the list under that key is checked against
+    ``MAX_EXECUTIONS_PER_BATCH`` before the body is validated, so an
+    oversized batch costs no more than its parsed JSON.
+    """
     raw = await request.read()
     if not raw.strip():
         raise InputError("The request body is empty; send a JSON object.")
@@ -484,8 +577,21 @@ async def _parse(request: web.Request, model: type[_Body]) -> _Body:
         data: Any = json.loads(raw)
     except UnicodeDecodeError:
         raise web.HTTPBadRequest(text="The request body is not UTF-8 JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise web.HTTPBadRequest(
+            text=f"The request body is not valid JSON: {exc.msg} at position {exc.pos}."
+        ) from None
+    except ValueError:
+        # Python refuses integers of more than 4,300 digits; nothing else raises this.
+        raise web.HTTPBadRequest(
+            text="The request body cannot be read: a number has more than 4300 digits."
+        ) from None
+    except RecursionError:
+        raise web.HTTPBadRequest(text="The request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise InputError("The request body must be a JSON object.")
+    if count_of is not None and isinstance(items := data.get(count_of), list):
+        limits_from(request.app[SETTINGS]).check_count(len(items))
     return model.model_validate(data)
 
 

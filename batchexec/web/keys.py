@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import aiohttp
 from aiohttp import web
 
@@ -19,6 +21,8 @@ CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 PROVIDERS: web.AppKey[dict[str, Provider]] = web.AppKey("providers")
 ENGINE = web.AppKey("engine", Engine)
 RESULTS_CACHE = web.AppKey("results_cache", RenderedResults)
+#: Threads that read uploaded files, apart from those that write outputs.
+INPUT_POOL = web.AppKey("input_pool", ThreadPoolExecutor)
 
 #: Who is calling: a digest of the API key, so the raw key is never stored.
 OWNER = web.RequestKey("owner", str)

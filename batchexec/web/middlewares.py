@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
+import math
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -17,6 +17,7 @@ from batchexec.errors import (
     NotFoundError,
     QueueFullError,
     ShuttingDownError,
+    StorageError,
 )
 from batchexec.web.keys import OWNER, SETTINGS
 
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 API_KEY_HEADER = "Integrations-API-Key"
 #: Routes anyone may call.
 _OPEN_PATHS = frozenset({"/health"})
-#: Seconds a client refused for a full queue is told to wait.
-_QUEUE_RETRY_AFTER_S = 5
+#: Seconds a client refused by a stopping server is told to wait (for another replica
+#: or the restart).
+_SHUTDOWN_RETRY_AFTER_S = 5
 
 
 def json_error(status: int, detail: str, **extra: object) -> web.Response:
@@ -55,22 +57,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(422, exc.detail, errors=errors)
     except ValidationError as exc:
         return json_error(422, "The request body is invalid.", errors=_pydantic_errors(exc))
-    except json.JSONDecodeError as exc:
-        return json_error(
-            400, f"The request body is not valid JSON: {exc.msg} at position {exc.pos}."
-        )
+    except RecursionError:
+        # JSON a thousand levels deep parses, then fails whatever walks it.
+        return json_error(400, "The request body is nested too deeply.")
     except NotFoundError as exc:
         return json_error(404, str(exc))
     except ConflictError as exc:
         return json_error(409, str(exc))
     except QueueFullError as exc:
         response = json_error(429, str(exc))
-        response.headers["Retry-After"] = str(_QUEUE_RETRY_AFTER_S)
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         return response
     except ShuttingDownError as exc:
         response = json_error(503, str(exc))
-        response.headers["Retry-After"] = str(_QUEUE_RETRY_AFTER_S)
+        response.headers["Retry-After"] = str(_SHUTDOWN_RETRY_AFTER_S)
         return response
+    except StorageError as exc:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return json_error(503, str(exc))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "Internal server error.")
