@@ -87,6 +87,8 @@ XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml
 _HEARTBEAT_S = 15.0
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
+#: JSON bodies above this are parsed off the event loop, two at a time.
+_INLINE_JSON_BYTES = 64 * 1024
 #: An uploaded workbook may unpack to this many times the body limit. Ordinary
 #: sheets pack about 10:1; the bound keeps a crafted one (millions of tiny
 #: shared strings, all held in memory by the reader) from taking the server down.
@@ -315,7 +317,15 @@ async def results(request: web.Request) -> web.StreamResponse:
 
 
 def _dumps(value: object) -> bytes:
-    return json.dumps(value).encode()
+    """``value`` as UTF-8 JSON: a third of the bytes of ``\\u`` escapes for most non-ASCII text.
+
+    A lone surrogate (JSON input can carry one) has no UTF-8 form; a body
+    holding one is written with escapes instead.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value).encode()
 
 
 async def _stream(request: web.Request, parts: list[bytes]) -> web.StreamResponse:
@@ -566,15 +576,31 @@ async def models(request: web.Request) -> web.Response:
 async def _parse(request: web.Request, model: type[_Body], *, count_of: str | None = None) -> _Body:
     """The JSON body as ``model``: 400 when it is not JSON, 422 when it does not fit.
 
-    With ``count_of``, the list under that key is checked against
-    ``MAX_EXECUTIONS_PER_BATCH`` before the body is validated, so an
-    oversized batch costs no more than its parsed JSON.
+    A body above ``_INLINE_JSON_BYTES`` is parsed on the input pool: parsed
+    JSON can take 25 times the bytes of its text, and the pool's two threads
+    bound how many such parses hold memory at once. With ``count_of``, the
+    list under that key is checked against ``MAX_EXECUTIONS_PER_BATCH`` before
+    the body is validated, so an oversized batch costs no more than its JSON.
     """
     raw = await request.read()
     if not raw.strip():
         raise InputError("The request body is empty; send a JSON object.")
+    if len(raw) > _INLINE_JSON_BYTES:
+        pool = request.app[INPUT_POOL]
+        data = await asyncio.get_running_loop().run_in_executor(pool, _loads, raw)
+    else:
+        data = _loads(raw)
+    if not isinstance(data, dict):
+        raise InputError("The request body must be a JSON object.")
+    if count_of is not None and isinstance(items := data.get(count_of), list):
+        limits_from(request.app[SETTINGS]).check_count(len(items))
+    return model.model_validate(data)
+
+
+def _loads(raw: bytes) -> Any:
+    """``raw`` as JSON; ``HTTPBadRequest`` saying why it cannot be."""
     try:
-        data: Any = json.loads(raw)
+        return json.loads(raw)
     except UnicodeDecodeError:
         raise web.HTTPBadRequest(text="The request body is not UTF-8 JSON.") from None
     except json.JSONDecodeError as exc:
@@ -588,11 +614,6 @@ async def _parse(request: web.Request, model: type[_Body], *, count_of: str | No
         ) from None
     except RecursionError:
         raise web.HTTPBadRequest(text="The request body is nested too deeply.") from None
-    if not isinstance(data, dict):
-        raise InputError("The request body must be a JSON object.")
-    if count_of is not None and isinstance(items := data.get(count_of), list):
-        limits_from(request.app[SETTINGS]).check_count(len(items))
-    return model.model_validate(data)
 
 
 def _plan(request: web.Request, rows: Sequence[RowInput], columns: Sequence[str]) -> BatchPlan:

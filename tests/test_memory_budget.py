@@ -1,0 +1,73 @@
+"""The worst batch the default limits admit stays within the memory budget the README states."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+
+from batchexec.config import Settings
+from batchexec.registry import ExecutionStatus
+from batchexec.web.keys import ENGINE
+from tests.conftest import AUTH, RESULTS, batch_of, submit
+
+MB = 1024 * 1024
+#: The README's budget for one worst-case batch, run and answered (measured: about 115 MB).
+BUDGET_MB = 160
+#: What the finished batch keeps, its cached results aside (measured: about 40 MB).
+HELD_MB = 60
+#: A character that takes four bytes in a Python string, the most any character takes.
+WIDE = "\U0001f600"
+
+
+@pytest.fixture
+def traced() -> Iterator[None]:
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+def worst_case_rows(settings: Settings) -> list[dict[str, str]]:
+    """Every row at the length limits: the prompt as written, as sent, and its answer."""
+    written, sent = settings.max_prompt_length, settings.max_sent_prompt_length
+    reference = "${output.1}"
+    copies = sent // written  # each reference to row 1 sends its whole prompt again
+    padding = min(written - copies * len(reference), sent - copies * written)
+    rows = [{"prompt": WIDE * written, "model": "echo"}]
+    rows += [
+        {"prompt": reference * copies + WIDE * padding, "model": "echo"}
+        for _ in range(settings.max_executions_per_batch - 1)
+    ]
+    return rows
+
+
+async def test_the_worst_batch_under_the_default_limits_stays_within_budget(
+    make_client, make_settings, traced
+):
+    settings = make_settings()
+    defaults = Settings(_env_file=None)
+    for name in ("max_executions_per_batch", "max_prompt_length", "max_sent_prompt_length"):
+        assert getattr(settings, name) == getattr(defaults, name), f"{name} is not the default"
+    client = await make_client(settings)
+    rows = worst_case_rows(settings)
+    base = tracemalloc.get_traced_memory()[0]
+
+    invocation_id = await submit(client, rows)
+    await client.app[ENGINE].join(invocation_id)
+    counts = batch_of(client, invocation_id).counts
+    assert counts[ExecutionStatus.SUCCEEDED] == settings.max_executions_per_batch
+    held = tracemalloc.get_traced_memory()[0] - base
+
+    # Read and dropped a chunk at a time, so the test's own copy does not count.
+    response = await client.post(RESULTS, json={"invocation_id": invocation_id}, headers=AUTH)
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+    _, peak = tracemalloc.get_traced_memory()
+
+    assert size > 30 * MB, "the answer is as large as the worst case makes it"
+    assert (peak - base) / MB < BUDGET_MB
+    assert held / MB < HELD_MB
