@@ -93,7 +93,7 @@ class Settings(BaseSettings):
         int, _env("MAX_COLUMNS", "max_columns"), Field(ge=1, le=MAX_INPUT_COLUMNS)
     ] = 256
     max_input_cells: Annotated[int, _env("MAX_INPUT_CELLS", "max_input_cells"), Field(ge=1)] = (
-        1_000_000
+        200_000
     )
     parse_timeout_s: Annotated[float, _env("PARSE_TIMEOUT_S", "parse_timeout_s"), Field(gt=0)] = (
         10.0

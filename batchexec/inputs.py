@@ -244,8 +244,7 @@ def parse_xlsx(
     # slow every start of the server and the command line, XLSX or not.
     import openpyxl
 
-    if max_unzipped_bytes is not None:
-        _check_unzipped_size(data, max_unzipped_bytes)
+    _check_archive(data, max_unzipped_bytes, max_cells)
     try:
         workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     except Exception as exc:
@@ -365,6 +364,10 @@ def _from_items(items: Sequence[Any], places: Sequence[str]) -> Rows:
                 execution = ExecutionIn.model_validate(item)
             except ValidationError as exc:
                 problems.extend(_field_errors(index, exc))
+            except RecursionError:
+                # Extra values are written back as JSON cells: one nested just
+                # under the parser's limit can be read but not written.
+                problems.append(FieldError(index, None, "nested too deeply"))
         executions.append(execution)
     columns, rows = rows_from_executions(executions)
     return Rows(tuple(columns), tuple(rows), tuple(places), tuple(problems))
@@ -394,19 +397,41 @@ def _refuse_xls(data: bytes) -> None:
         )
 
 
-def _check_unzipped_size(data: bytes, limit: int) -> None:
-    """Refuse a workbook whose parts unpack to more than ``limit`` bytes.
+def _check_archive(data: bytes, max_unzipped_bytes: int | None, max_cells: int | None) -> None:
+    """Refuse a workbook whose parts unpack to more than ``max_unzipped_bytes``, or whose
+    sheets hold more than ``max_cells`` cell elements, before openpyxl reads any of it.
 
     The zip module never unpacks a part past its recorded size, so summing
-    those sizes bounds the work before any of it is done.
+    those sizes bounds the work before it is done. Cells are counted in the
+    sheets' XML as bytes (a ``<c`` each, an overcount by the few ``<col``
+    elements): openpyxl builds a whole row before the per-row bounds can look
+    at it, and one row of a million empty cells costs gigabytes.
     """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            total = sum(info.file_size for info in archive.infolist())
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"The XLSX file cannot be read: {exc}.") from exc
-    if total > limit:
-        raise InputError(f"The XLSX workbook unpacks to {total} bytes; the limit is {limit}.")
+            parts = archive.infolist()
+            total = sum(info.file_size for info in parts)
+            if max_unzipped_bytes is not None and total > max_unzipped_bytes:
+                raise InputError(
+                    f"The XLSX workbook unpacks to {total} bytes; "
+                    f"the limit is {max_unzipped_bytes}."
+                )
+            if max_cells is None:
+                return
+            for info in parts:
+                if info.filename.startswith("xl/worksheets/") and info.filename.endswith(".xml"):
+                    cells = archive.read(info).count(b"<c")
+                    if cells > max_cells:
+                        raise InputError(
+                            f"The XLSX sheet {info.filename} holds {cells} cells, empty ones "
+                            f"included; the limit is {max_cells}."
+                        )
+    except InputError:
+        raise
+    except Exception as exc:
+        # The zip module fails on a damaged archive with BadZipFile, and on odd
+        # headers with NotImplementedError, UnicodeDecodeError and others.
+        raise InputError(f"The XLSX file cannot be read: {_reason(exc)}.") from exc
 
 
 def _reason(exc: Exception) -> str:

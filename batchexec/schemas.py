@@ -11,7 +11,15 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictStr,
+    model_validator,
+)
 
 from batchexec.registry import BatchStatus, ExecutionStatus
 
@@ -24,10 +32,18 @@ class ExecutionIn(BaseModel):
     prompt: StrictStr
     model: StrictStr | None = None
     assistant: StrictStr | None = None
+    _cells: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _write_extra_cells(self) -> ExecutionIn:
+        # Once, while validating: a value nested just under the JSON parser's
+        # limit raises RecursionError here, where the caller expects errors.
+        self._cells = {key: _cell(value) for key, value in (self.model_extra or {}).items()}
+        return self
 
     def extra_cells(self) -> dict[str, str]:
         """Extra keys as text cells: scalars as they read, lists and objects as JSON."""
-        return {key: _cell(value) for key, value in (self.model_extra or {}).items()}
+        return self._cells
 
 
 def _cell(value: Any) -> str:

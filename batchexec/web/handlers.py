@@ -312,8 +312,9 @@ async def results(request: web.Request) -> web.StreamResponse:
         rest = await request.app[RESULTS_CACHE].get(batch.id, render)
     else:
         rest = _dumps(answer)
-    # The head's closing brace gives way to the rest's fields.
-    return await _stream(request, [_dumps(head)[:-1], b",", rest[1:]])
+    # The head's closing brace gives way to the rest's fields; a view, not a copy,
+    # of the cached rest, which may be tens of megabytes.
+    return await _stream(request, [_dumps(head)[:-1], b",", memoryview(rest)[1:]])
 
 
 def _dumps(value: object) -> bytes:
@@ -328,11 +329,12 @@ def _dumps(value: object) -> bytes:
         return json.dumps(value).encode()
 
 
-async def _stream(request: web.Request, parts: list[bytes]) -> web.StreamResponse:
+async def _stream(request: web.Request, parts: list[bytes | memoryview]) -> web.StreamResponse:
     """A JSON answer of ``parts``, written a chunk at a time to the client's pace.
 
     A client that takes longer than ``_WRITE_TIMEOUT_S`` to read a chunk is
-    disconnected, so clients that never read cannot pin answers in memory.
+    disconnected, so clients that never read cannot pin answers in memory; one
+    that goes away mid-answer is no error of the server's.
     """
     response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
     response.content_length = sum(len(part) for part in parts)
@@ -347,6 +349,9 @@ async def _stream(request: web.Request, parts: list[bytes]) -> web.StreamRespons
         log.info("%s: the client read too slowly; connection closed", request.path)
         if request.transport is not None:
             request.transport.abort()
+        return response
+    except ConnectionError:
+        log.info("%s: the client went away before the answer ended", request.path)
         return response
     await response.write_eof()
     return response
