@@ -23,6 +23,21 @@ EXCEL_CELL_CHARS = 32_767
 MAX_INPUT_COLUMNS = 16_384 - 8
 
 
+SQLITE_URL_PREFIX = "sqlite:///"
+MEMORY_URL = "memory://"
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if it names a store batchexec has; ``ValueError`` saying what it accepts."""
+    if url == MEMORY_URL:
+        return url
+    if url.startswith(SQLITE_URL_PREFIX) and url.removeprefix(SQLITE_URL_PREFIX).strip():
+        return url
+    raise ValueError(
+        "must be sqlite:///PATH (a relative path; sqlite:////PATH for an absolute one) or memory://"
+    )
+
+
 def _env(name: str, field_name: str) -> Any:
     """Accept a setting by its environment name or, in code, by its field name."""
     return Field(validation_alias=AliasChoices(name, field_name))
@@ -102,6 +117,10 @@ class Settings(BaseSettings):
     results_cache_bytes: Annotated[
         int, _env("RESULTS_CACHE_BYTES", "results_cache_bytes"), Field(ge=0)
     ] = 64 * 1024 * 1024
+    database_url: Annotated[str, _env("DATABASE_URL", "database_url")] = "sqlite:///batchexec.db"
+    batch_cache_bytes: Annotated[
+        int, _env("BATCH_CACHE_BYTES", "batch_cache_bytes"), Field(ge=0)
+    ] = 64 * 1024 * 1024
 
     openai_base_url: Annotated[str | None, _env("OPENAI_BASE_URL", "openai_base_url")] = None
     watsonx_url: Annotated[str | None, _env("WATSONX_URL", "watsonx_url")] = None
@@ -118,6 +137,11 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        return check_database_url(value.strip())
 
     @field_validator("integrations_api_keys")
     @classmethod

@@ -5,7 +5,12 @@ Each accepted batch is one asyncio task. A semaphore of
 ``queued``. Inside a batch, ``max_threads`` workers take ready executions (those
 whose named executions have ended) from a queue, the longest remaining chain
 first, and call each one's model under ``execution_timeout_s`` (retries
-included).
+included). The engine changes state only through the registry, and writes a
+finished batch's outputs through the ``OutputWriter`` it was given.
+
+With a durable store a stopping engine ends no batch it has not finished:
+rows that had not started stay pending, rows cut off stay running, and the
+next process resumes them (``resume``). With ``memory://`` they are cancelled.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 
 from batchexec.config import Settings
 from batchexec.errors import (
@@ -23,12 +29,14 @@ from batchexec.errors import (
     QueueFullError,
     ShuttingDownError,
 )
-from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
+from batchexec.exports import OutputWriter
 from batchexec.limits import ModelLimits
 from batchexec.planning import BatchPlan, PlannedRow
 from batchexec.providers import ChatRequest, Completion, Provider
-from batchexec.registry import Batch, BatchStatus, ExecutionStatus, Outcome, Registry
+from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
+from batchexec.registry import Registry
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
+from batchexec.store import StoreError
 from batchexec.templating import substitute, substituted_length
 
 log = logging.getLogger(__name__)
@@ -44,25 +52,32 @@ class Engine:
         providers: Mapping[str, Provider],
         *,
         rng: random.Random | None = None,
-        write_outputs: bool = True,
+        outputs: OutputWriter | None = None,
     ) -> None:
-        """``write_outputs=False`` leaves a batch's CSV content and workbook to the caller
-        (the command line writes only the files it was asked for)."""
+        """``outputs`` writes a finished batch's CSV content and workbook; without one they
+        are left to the caller (the command line writes only the files it was asked for)."""
         self._settings = settings
-        self._write_files = write_outputs
+        self._outputs = outputs
         self._registry = registry
+        registry.on_store_failure = self._store_failed
+        #: Whether unfinished batches are left to the next process when this one stops.
+        self._keep_unfinished = registry.store.durable
         self._providers = providers
         self._batch_slots = asyncio.Semaphore(settings.max_concurrent_batches)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._batches: dict[str, Batch] = {}
         self._queued: set[str] = set()
         self._cancel_reasons: dict[str, str] = {}
+        #: Batches whose changes the store refused, with why.
+        self._failures: dict[str, str] = {}
+        #: Batches whose end has been recorded.
+        self._ended: set[str] = set()
         self._limits = ModelLimits()
         self._retry = RetryPolicy(max_retries=settings.max_retries)
         self._rng = rng or random.Random()  # jitter, not security
         self._stopping = False
 
-    def submit(
+    async def submit(
         self,
         owner: str,
         plan: BatchPlan,
@@ -72,30 +87,47 @@ class Engine:
     ) -> Batch:
         """Register ``plan`` as a batch of ``owner`` and start it in the background.
 
-        With ``retry_of``, rows that succeeded there keep their results and
-        only the others run. Raises ``QueueFullError`` when every batch slot is
-        busy and ``max_queued_batches`` batches already wait, and
-        ``ShuttingDownError`` once the engine is stopping.
+        The batch is in the store when this returns. With ``retry_of``, rows
+        that succeeded there keep their results and only the others run.
+        Raises ``QueueFullError`` when every batch slot is busy and
+        ``max_queued_batches`` batches already wait, and ``ShuttingDownError``
+        once the engine is stopping.
         """
+        self._check_room()
+        batch = await self._registry.add(owner, plan, batch_id=batch_id, retry_of=retry_of)
+        self._check_room()  # the store took its time: others may have come first
+        self._start(batch)
+        return batch
+
+    def resume(self, batch: Batch, plan: BatchPlan) -> None:
+        """Run ``batch``, which a previous process left unfinished, to its end with ``plan``.
+
+        Rows that ended keep their outcome; the others run (again).
+        """
+        batch.plan = plan
+        self._start(batch)
+
+    def _check_room(self) -> None:
         if self._stopping:
             raise ShuttingDownError("The server is shutting down; try again later.")
         limit = self._settings.max_concurrent_batches + self._settings.max_queued_batches
         if len(self._tasks) >= limit:
             raise QueueFullError("Too many batches are queued; try again later.")
-        batch = self._registry.add(owner, plan, batch_id=batch_id, retry_of=retry_of)
+
+    def _start(self, batch: Batch) -> None:
         task = asyncio.create_task(self._run_batch(batch), name=f"batch-{batch.id}")
         self._tasks[batch.id] = task
         self._batches[batch.id] = batch
         self._queued.add(batch.id)
         task.add_done_callback(lambda done: self._forget(batch.id, done))
-        return batch
 
     async def join(self, batch_id: str) -> None:
-        """Wait until batch ``batch_id`` has finished; returns at once if it has."""
+        """Wait until batch ``batch_id`` has finished, and its end is durable and visible."""
         task = self._tasks.get(batch_id)
         if task is not None:
             # Shielded: a waiter that gives up must not cancel the batch.
             await asyncio.shield(asyncio.wait([task]))
+        await self._registry.flush()
 
     async def cancel(self, batch_id: str) -> None:
         """Cancel a queued or running batch and wait until its outputs are written.
@@ -112,11 +144,14 @@ class Engine:
         await self.join(batch_id)
 
     async def drain(self, grace_s: float) -> None:
-        """Stop gently: refuse new batches, start no new executions, cancel queued batches,
-        give running executions ``grace_s`` to finish, then cancel what remains."""
+        """Stop gently: refuse new batches, start no new executions, stop queued batches,
+        give running executions ``grace_s`` to finish, then stop what remains.
+
+        With a durable store, stopped batches are left for the next process to
+        resume; otherwise they are cancelled.
+        """
         self._stopping = True
-        for batch_id in self._queued:
-            self._cancel_reasons.setdefault(batch_id, _SHUTDOWN)
+        for batch_id in list(self._queued):
             self._cancel(self._tasks[batch_id])
         tasks = list(self._tasks.values())
         if tasks:
@@ -124,13 +159,12 @@ class Engine:
         await self.close()
 
     async def close(self) -> None:
-        """Refuse new batches, cancel running ones and wait until each has written its state."""
+        """Refuse new batches, stop running ones and wait until each has written its state."""
         self._stopping = True
-        tasks = list(self._tasks.items())
-        for batch_id, task in tasks:
-            self._cancel_reasons.setdefault(batch_id, _SHUTDOWN)
+        tasks = list(self._tasks.values())
+        for task in tasks:
             self._cancel(task)
-        await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @staticmethod
     def _cancel(task: asyncio.Task[None]) -> None:
@@ -141,16 +175,49 @@ class Engine:
     def _forget(self, batch_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(batch_id, None)
         batch = self._batches.pop(batch_id, None)
-        if task.cancelled() and batch is not None and not batch.status.finished:
+        if task.cancelled() and batch is not None and batch_id not in self._ended:
             # Cancelled before its first step (a shutdown right after the
             # submit): _run_batch never ran, so its bookkeeping happens here.
-            reason = self._cancel_reasons.get(batch_id, _SHUTDOWN)
-            self._registry.cancel_unfinished(batch, reason)
-            self._registry.finish_batch(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
+            self._stopped(batch)
         self._queued.discard(batch_id)
         self._cancel_reasons.pop(batch_id, None)
+        self._failures.pop(batch_id, None)
+        self._ended.discard(batch_id)
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("batch %s: background task failed", batch_id, exc_info=error)
+
+    def _store_failed(self, batch_id: str, error: StoreError) -> None:
+        """The store refused a change to ``batch_id``: the batch fails, the server goes on."""
+        task = self._tasks.get(batch_id)
+        if task is not None and batch_id not in self._failures:
+            self._failures[batch_id] = str(error)
+            self._cancel(task)
+
+    def _leaves_unfinished(self, batch: Batch) -> bool:
+        """Whether a batch being stopped is left for the next process rather than ended."""
+        return (
+            self._stopping
+            and self._keep_unfinished
+            and batch.id not in self._cancel_reasons
+            and batch.id not in self._failures
+        )
+
+    def _stopped(self, batch: Batch) -> None:
+        """End (or leave) a batch whose task was cancelled; its outputs are not written."""
+        failure = self._failures.get(batch.id)
+        if failure is not None:
+            self._end(batch, "The batch failed before this execution ended.")
+            self._registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed: {failure}")
+        elif self._leaves_unfinished(batch):
+            self._registry.leave(batch)
+        else:
+            reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
+            self._end(batch, reason)
+            self._registry.finish_batch(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
+        self._ended.add(batch.id)
+
+    def _end(self, batch: Batch, reason: str) -> None:
+        self._registry.cancel_unfinished(batch, reason)
 
     async def _run_batch(self, batch: Batch) -> None:
         registry = self._registry
@@ -161,16 +228,25 @@ class Engine:
                 self._queued.discard(batch.id)
                 registry.start_batch(batch)
                 await self._run_rows(batch)
+                # Every row's end is visible from here on: the counts are complete.
+                await registry.flush()
+                if _rows_left(batch) and self._leaves_unfinished(batch):
+                    registry.leave(batch)
+                    self._ended.add(batch.id)
+                    return
                 if batch.counts[ExecutionStatus.CANCELLED]:
                     status, message = BatchStatus.CANCELLED, _cancelled_message(_SHUTDOWN)
                 else:
                     status, message = BatchStatus.COMPLETED, _completed_message(batch)
                 await self._settle(batch, status, message)
         except asyncio.CancelledError:
-            if not batch.status.finished:
-                reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
-                registry.cancel_unfinished(batch, reason)
-                await self._settle(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
+            if batch.id not in self._ended:
+                if batch.id in self._failures or self._leaves_unfinished(batch):
+                    self._stopped(batch)
+                else:
+                    reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
+                    registry.cancel_unfinished(batch, reason)
+                    await self._settle(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
             raise
         except Exception as exc:
             log.exception("batch %s failed", batch.id)
@@ -179,6 +255,7 @@ class Engine:
                 exc = exc.exceptions[0]
             registry.cancel_unfinished(batch, "The batch failed before this execution ended.")
             registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed: {exc}")
+            self._ended.add(batch.id)
 
     async def _settle(self, batch: Batch, status: BatchStatus, message: str) -> None:
         """Write the outputs and end the batch as ``status``, whatever happens meanwhile.
@@ -208,6 +285,7 @@ class Engine:
         elif note := writing.result():
             message = f"{message} {note}"
         self._registry.finish_batch(batch, status, message)
+        self._ended.add(batch.id)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -220,7 +298,10 @@ class Engine:
         that could run at any time. A worker that ends a row queues the rows
         it made ready before it takes its next one.
         """
-        rows = {row.index: row for row in batch.plan.rows}
+        plan = batch.plan
+        if plan is None:
+            raise RuntimeError("a batch runs with a plan")
+        rows = {row.index: row for row in plan.rows}
         outputs: dict[int, str] = {}
         for execution in batch.executions:
             # A retry's rows that succeeded before are already ended; their
@@ -230,7 +311,7 @@ class Engine:
         pending = {index for index in rows if not batch.executions[index - 1].status.finished}
         if not pending:
             return
-        lengths = batch.plan.chain_lengths()
+        lengths = plan.chain_lengths()
         unmet: dict[int, int] = {}
         dependents: dict[int, list[int]] = {}
         ready: asyncio.PriorityQueue[tuple[int, int]] = asyncio.PriorityQueue()
@@ -269,6 +350,8 @@ class Engine:
         missing = sorted(index for index in row.depends_on if index not in outputs)
         limit = self._settings.max_sent_prompt_length
         length = 0 if missing else substituted_length(row.prompt, outputs)
+        if self._stopping and self._leaves_unfinished(batch):
+            return  # left pending, for the next process to run
         if missing or self._stopping or length > limit:
             if self._stopping:
                 # Not started because of the shutdown (or its input was not), not failed.
@@ -284,16 +367,21 @@ class Engine:
                     error=f"Not sent: with ${{output.n}} filled in the prompt is {length} "
                     f"characters; the limit (MAX_SENT_PROMPT_LENGTH) is {limit}.",
                 )
-            self._registry.finish_execution(batch, row.index, outcome)
+            attempts = batch.executions[row.index - 1].attempts
+            self._registry.finish_execution(
+                batch, row.index, replace(outcome, attempts=attempts), None
+            )
             return
         prompt = substitute(row.prompt, outputs)
-        self._registry.start_execution(batch, row.index, prompt)
-        outcome = await self._execute(row, prompt)
-        self._registry.finish_execution(batch, row.index, outcome)
+        # Calls made in earlier lives of the row (it was running when a process died).
+        earlier = batch.executions[row.index - 1].attempts
+        self._registry.start_execution(batch, row.index, prompt, earlier + 1)
+        outcome = await self._execute(row, prompt, earlier)
+        self._registry.finish_execution(batch, row.index, outcome, prompt)
         if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
             outputs[row.index] = outcome.result
 
-    async def _execute(self, row: PlannedRow, prompt: str) -> Outcome:
+    async def _execute(self, row: PlannedRow, prompt: str, earlier_attempts: int = 0) -> Outcome:
         """One execution: its model call with retries, all under the execution timeout."""
         target = row.target
         request = ChatRequest(
@@ -302,7 +390,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         timeout_s = self._settings.execution_timeout_s
         started = loop.time()
-        attempts = Attempts()
+        attempts = Attempts(earlier_attempts)
 
         def ended(
             status: ExecutionStatus, error: str | None = None, answer: Completion | None = None
@@ -358,25 +446,16 @@ class Engine:
             return await provider.complete(model, request)
 
     async def _write_outputs(self, batch: Batch) -> str | None:
-        """Render the CSV and write the workbook, off the event loop.
-
-        Returns a note for the batch's message when the workbook could not be
-        written; the CSV content is kept either way.
-        """
-        if not self._write_files:
+        """Write the batch's outputs; returns a note for its message when one is missing."""
+        if self._outputs is None:
             return None
-        csv_content = await asyncio.to_thread(lambda: render_csv(csv_sheet(batch)))
-        path = self._settings.results_dir / batch.file_name
-        note: str | None = None
-        try:
-            await asyncio.to_thread(write_xlsx, path, results_sheet(batch))
-        except Exception as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            log.error("batch %s: could not write its workbook: %s", batch.id, reason)
-            note = f"The workbook could not be written ({reason}); the CSV content is complete."
-        xlsx_name = None if note else path.name
-        self._registry.set_outputs(batch, csv_content=csv_content, xlsx_name=xlsx_name)
-        return note
+        # Rows ended just before (a cancel) must be in the outputs.
+        await self._registry.flush()
+        outputs = await self._outputs(batch)
+        await self._registry.set_outputs(
+            batch, csv_content=outputs.csv_content, xlsx_name=outputs.xlsx_name
+        )
+        return outputs.note
 
 
 _SHUTDOWN = "Cancelled: the server shut down."
@@ -388,9 +467,13 @@ def _cancelled_message(reason: str) -> str:
     return f"Batch cancelled ({reason.rstrip('.')}); finished executions kept."
 
 
-def _all_rows_ended(batch: Batch) -> bool:
+def _rows_left(batch: Batch) -> int:
     counts = batch.counts
-    return counts[ExecutionStatus.PENDING] + counts[ExecutionStatus.RUNNING] == 0
+    return counts[ExecutionStatus.PENDING] + counts[ExecutionStatus.RUNNING]
+
+
+def _all_rows_ended(batch: Batch) -> bool:
+    return _rows_left(batch) == 0
 
 
 def _completed_message(batch: Batch) -> str:

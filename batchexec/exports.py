@@ -1,18 +1,23 @@
-"""The batch's outputs: CSV content and the XLSX workbook."""
+"""The batch's outputs: CSV content and the XLSX workbook, built from its records alone."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import logging
 import os
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchexec.csvinput import OUTPUT_COLUMNS
 from batchexec.planning import BatchPlan
-from batchexec.registry import Batch, Execution, ExecutionStatus
+from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.xlsx import write_sheet
+
+log = logging.getLogger(__name__)
 
 _MAX_WIDTH = 80
 _SHEET = "Results"
@@ -35,33 +40,30 @@ def result_text(execution: Execution) -> str:
     return ""
 
 
-def _input_cells(batch: Batch, position: int) -> list[str]:
+def _input_cells(batch: Batch, execution: Execution) -> list[str]:
     """A row's input cells as run.
 
     ``prompt`` shows the prompt as sent, with ``${output.n}`` filled in; a
     blank ``model`` shows the model that ran, unless an assistant did.
     """
-    row = batch.plan.rows[position]
-    sent = batch.executions[position].prompt_sent
+    sent = execution.prompt_sent
     cells = []
-    for column in batch.plan.columns:
-        value = row.cells.get(column, "")
+    for column in batch.columns:
+        value = execution.cells.get(column, "")
         if column == "prompt" and sent is not None:
             value = sent
-        elif column == "model" and not value.strip() and row.target.assistant is None:
-            value = row.target.model.name
+        elif column == "model" and not value.strip() and not execution.by_assistant:
+            value = execution.model
         cells.append(value)
     return cells
 
 
 def csv_sheet(batch: Batch) -> Sheet:
     """The ``csv_content`` table: the input columns, then ``result``."""
-    plan = batch.plan
     rows: list[list[str | int | None]] = [
-        [*_input_cells(batch, position), result_text(execution)]
-        for position, execution in enumerate(batch.executions)
+        [*_input_cells(batch, execution), result_text(execution)] for execution in batch.executions
     ]
-    return Sheet([*plan.columns, "result"], rows)
+    return Sheet([*batch.columns, "result"], rows)
 
 
 def results_sheet(batch: Batch) -> Sheet:
@@ -70,10 +72,9 @@ def results_sheet(batch: Batch) -> Sheet:
     ``model`` is added only when the input has no such column; the input's own
     ``model`` cells already show the model that ran.
     """
-    plan = batch.plan
-    extra = [name for name in OUTPUT_COLUMNS if name != "model" or name not in plan.columns]
+    extra = [name for name in OUTPUT_COLUMNS if name != "model" or name not in batch.columns]
     rows: list[list[str | int | None]] = []
-    for position, execution in enumerate(batch.executions):
+    for execution in batch.executions:
         values: dict[str, str | int | None] = {
             "result": result_text(execution),
             "status": execution.status.value,
@@ -84,8 +85,8 @@ def results_sheet(batch: Batch) -> Sheet:
             "prompt_tokens": execution.prompt_tokens,
             "completion_tokens": execution.completion_tokens,
         }
-        rows.append([*_input_cells(batch, position), *(values[name] for name in extra)])
-    return Sheet([*plan.columns, *extra], rows)
+        rows.append([*_input_cells(batch, execution), *(values[name] for name in extra)])
+    return Sheet([*batch.columns, *extra], rows)
 
 
 def template_sheet(plan: BatchPlan) -> Sheet:
@@ -151,3 +152,40 @@ def _widths(sheet: Sheet, sample: int = 200) -> list[float]:
                 longest = max((len(line) for line in str(cell).splitlines()), default=0)
                 widths[column] = max(widths[column], float(min(longest, _MAX_WIDTH)))
     return [width + 2 for width in widths]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What writing a finished batch's outputs gave."""
+
+    csv_content: str | None
+    #: The workbook's file name in the results folder, when it was written.
+    xlsx_name: str | None
+    #: Why an output is missing, for the batch's message.
+    note: str | None = None
+
+
+#: Writes a finished batch's outputs; the engine is given one.
+OutputWriter = Callable[[Batch], Awaitable[Outputs]]
+
+
+def results_writer(folder: Path) -> OutputWriter:
+    """The server's outputs: the CSV content, and the workbook written to ``folder``.
+
+    Both are made off the event loop. A workbook that cannot be written (a
+    full or read-only disk) leaves the CSV content as it is and says why.
+    """
+
+    async def write(batch: Batch) -> Outputs:
+        csv_content = await asyncio.to_thread(lambda: render_csv(csv_sheet(batch)))
+        path = folder / batch.file_name
+        try:
+            await asyncio.to_thread(write_xlsx, path, results_sheet(batch))
+        except Exception as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("batch %s: could not write its workbook: %s", batch.id, reason)
+            note = f"The workbook could not be written ({reason}); the CSV content is complete."
+            return Outputs(csv_content, None, note)
+        return Outputs(csv_content, path.name)
+
+    return write

@@ -1,194 +1,101 @@
 """The invocation registry: every batch and execution, and the only place their state changes.
 
-Handlers and the engine read ``Batch`` objects but change them only through
-``Registry`` methods, so a journal to disk can later sit behind these methods
-without touching either of them.
+Handlers and the engine read ``Batch`` records but change them only through
+``Registry`` methods. Every change is written through the ``BatchStore``
+behind it and becomes visible (in the records handlers read, and as an event
+to watchers) only once the store has made it durable: at once for
+``memory://``, after the group commit it joins for SQLite. A client can
+therefore never see a row finished that a crash could take back.
+
+Batches that are queued or running live here in memory. Finished ones are
+read back from the store when asked and kept in a small cache bounded by
+bytes, so memory does not grow with the batches kept.
+
+Layering: ``web/`` and ``cli/`` above; the engine calls this; this calls the
+store; the records (``records.py``) are plain data that all of them share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable
 
 from batchexec.errors import NotFoundError
+from batchexec.events import EventHub, done_event, execution_event, progress_event
 from batchexec.planning import BatchPlan
+from batchexec.records import (
+    Batch,
+    BatchStatus,
+    Execution,
+    ExecutionStatus,
+    Outcome,
+    Summary,
+)
+from batchexec.store import (
+    BatchEnded,
+    BatchStarted,
+    BatchStore,
+    Change,
+    ExecutionEnded,
+    ExecutionStarted,
+    FileEntry,
+    StoreError,
+)
 
+log = logging.getLogger(__name__)
 
-class BatchStatus(StrEnum):
-    """Where a batch is in its life."""
-
-    #: Accepted, waiting for a free batch slot.
-    QUEUED = "queued"
-    #: Its executions are running.
-    PROCESSING = "processing"
-    #: Every execution ended, whatever its outcome.
-    COMPLETED = "completed"
-    #: The batch itself could not run.
-    FAILED = "failed"
-    #: Stopped before every execution ended.
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        """Whether the batch will change no more."""
-        return self not in (BatchStatus.QUEUED, BatchStatus.PROCESSING)
-
-
-class ExecutionStatus(StrEnum):
-    """Where one execution is in its life."""
-
-    #: Waiting for its inputs or for a free slot.
-    PENDING = "pending"
-    #: A model call is in progress.
-    RUNNING = "running"
-    #: The model answered.
-    SUCCEEDED = "succeeded"
-    #: The model call failed.
-    FAILED = "failed"
-    #: The model did not answer within the execution timeout.
-    TIMED_OUT = "timed_out"
-    #: Not sent: an execution it uses did not succeed.
-    SKIPPED = "skipped"
-    #: Stopped by a cancel or shutdown before it ended.
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        """Whether the execution has ended."""
-        return self not in (ExecutionStatus.PENDING, ExecutionStatus.RUNNING)
-
-
-@dataclass
-class Execution:
-    """One row of a batch and its outcome."""
-
-    index: int
-    model: str
-    status: ExecutionStatus = ExecutionStatus.PENDING
-    #: The prompt as sent, ``${output.n}`` filled in; None until it is sent.
-    prompt_sent: str | None = None
-    result: str | None = None
-    error: str | None = None
-    latency_ms: int | None = None
-    attempts: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How an execution ended."""
-
-    status: ExecutionStatus
-    result: str | None = None
-    error: str | None = None
-    latency_ms: int | None = None
-    attempts: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-@dataclass
-class Batch:
-    """One submitted batch; read it freely, change it through ``Registry``."""
-
-    id: str
-    owner: str
-    plan: BatchPlan
-    executions: list[Execution]
-    created_at: float
-    status: BatchStatus = BatchStatus.QUEUED
-    message: str = "Batch is queued."
-    started_at: float | None = None
-    finished_at: float | None = None
-    csv_content: str | None = None
-    xlsx_name: str | None = None
-    #: The batch whose failed rows this one reruns.
-    retry_of: str | None = None
-    counts: Counter[ExecutionStatus] = field(default_factory=Counter)
-    #: Queues of the event streams watching this batch.
-    watchers: set[asyncio.Queue[Event]] = field(default_factory=set, repr=False)
-
-    @property
-    def file_name(self) -> str:
-        """Name of this batch's workbook in the results folder."""
-        return self.file_name_for(self.id)
-
-    @staticmethod
-    def file_name_for(batch_id: str) -> str:
-        """Name of the workbook of batch ``batch_id``."""
-        return f"batch_execution_{batch_id}.xlsx"
-
-
-@dataclass(frozen=True)
-class Event:
-    """A change worth telling a watcher: ``execution``, ``progress`` or ``done``."""
-
-    name: str
-    data: Mapping[str, Any]
-
-
-def execution_event(execution: Execution) -> Event:
-    """The ``execution`` event of an execution that has ended."""
-    return Event(
-        "execution",
-        {
-            "index": execution.index,
-            "status": execution.status.value,
-            "latency_ms": execution.latency_ms,
-            "error": execution.error,
-            "attempts": execution.attempts,
-        },
-    )
-
-
-def progress_event(batch: Batch) -> Event:
-    """The ``progress`` event: how many executions are in each state."""
-    return Event("progress", progress_counts(batch))
-
-
-def done_event(batch: Batch) -> Event:
-    """The ``done`` event of a batch that has ended."""
-    return Event("done", {"status": batch.status.value, "message": batch.message})
-
-
-def progress_counts(batch: Batch) -> dict[str, int]:
-    """Executions per state; ``failed`` includes timed out, and the counts add up to ``total``."""
-    counts = batch.counts
-    return {
-        "total": len(batch.executions),
-        "succeeded": counts[ExecutionStatus.SUCCEEDED],
-        "failed": counts[ExecutionStatus.FAILED] + counts[ExecutionStatus.TIMED_OUT],
-        "skipped": counts[ExecutionStatus.SKIPPED],
-        "cancelled": counts[ExecutionStatus.CANCELLED],
-        "running": counts[ExecutionStatus.RUNNING],
-        "pending": counts[ExecutionStatus.PENDING],
-    }
+#: Called with a batch's id when a change to it could not be written.
+StoreFailure = Callable[[str, StoreError], None]
 
 
 class Registry:
-    """In-memory batches by id, each owned by the API key (a digest of it) that created it."""
+    """Batches by id, each owned by the API key (a fingerprint of it) that created it."""
 
-    def __init__(self) -> None:
-        self._batches: dict[str, Batch] = {}
-        #: Workbooks in the results folder, by file name: owner and when written.
-        self._files: dict[str, tuple[str, float]] = {}
-        #: The workbooks among them that are templates, no batch's outputs.
-        self._templates: set[str] = set()
+    def __init__(
+        self,
+        store: BatchStore,
+        *,
+        cache_bytes: int = 64 * 1024 * 1024,
+        events: EventHub | None = None,
+    ) -> None:
+        self.store = store
+        self.events = events or EventHub()
+        self._active: dict[str, Batch] = {}
+        self._finished = _BatchCache(cache_bytes)
+        #: Changes waiting for the next group commit, each with what it makes visible.
+        self._pending: list[tuple[Change | None, Callable[[], None]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        #: Told when a change could not be written, so the batch can be failed.
+        self.on_store_failure: StoreFailure | None = None
+        self._templates_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Start committing changes; call once the store is open."""
+        if self.store.durable and self._writer is None:
+            self._writer = asyncio.create_task(self._write_forever(), name="registry-writer")
+
+    async def close(self) -> None:
+        """Commit what is pending, then stop."""
+        if self._writer is None:
+            return
+        await self.flush()
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        self._writer = None
 
     @staticmethod
     def new_id() -> str:
         """A fresh invocation id."""
         return str(uuid.uuid4())
 
-    def add(
+    async def add(
         self,
         owner: str,
         plan: BatchPlan,
@@ -198,167 +105,291 @@ class Registry:
     ) -> Batch:
         """Register a new ``queued`` batch for ``plan``, under ``batch_id`` when given.
 
-        With ``retry_of``, the rows that succeeded there are copied over as
-        already ``succeeded``; only the others are left to run.
+        It is in the store when this returns. With ``retry_of``, the rows that
+        succeeded there are copied over as already ``succeeded``; only the
+        others are left to run.
         """
         batch = Batch(
             id=batch_id or self.new_id(),
             owner=owner,
-            plan=plan,
-            executions=[Execution(row.index, row.target.model.name) for row in plan.rows],
+            columns=plan.columns,
+            executions=[
+                Execution(row.index, row.target.model.name, row.cells) for row in plan.rows
+            ],
             created_at=time.time(),
             retry_of=retry_of.id if retry_of else None,
+            plan=plan,
         )
-        batch.counts[ExecutionStatus.PENDING] = len(batch.executions)
         for earlier in retry_of.executions if retry_of else ():
             if earlier.status is ExecutionStatus.SUCCEEDED:
                 execution = batch.executions[earlier.index - 1]
                 execution.prompt_sent = earlier.prompt_sent
-                self._end(batch, execution, _outcome_of(earlier))
-        self._batches[batch.id] = batch
+                _end(batch, execution, _outcome_of(earlier))
+        await self.store.create(batch)
+        self._active[batch.id] = batch
         return batch
 
-    def get(self, batch_id: str, owner: str) -> Batch:
+    async def get(self, batch_id: str, owner: str) -> Batch:
         """The batch ``batch_id`` if ``owner`` created it; otherwise ``NotFoundError``."""
-        batch = self._batches.get(batch_id)
+        batch = self.cached(batch_id)
+        if batch is None:
+            batch = await self.store.load(batch_id)
+            if batch is not None and batch.status.finished:
+                self._finished.put(batch)
         if batch is None or batch.owner != owner:
             raise NotFoundError("Invocation ID not found")
         return batch
 
-    def owned_by(self, owner: str, *, status: BatchStatus | None = None, limit: int) -> list[Batch]:
-        """``owner``'s batches, newest first, of ``status`` when given, at most ``limit``."""
-        found: list[Batch] = []
-        for batch in reversed(self._batches.values()):
-            if batch.owner == owner and (status is None or batch.status is status):
-                found.append(batch)
-                if len(found) == limit:
-                    break
-        return found
+    def cached(self, batch_id: str) -> Batch | None:
+        """The batch ``batch_id`` if it is in memory (running, or finished and cached)."""
+        return self._active.get(batch_id) or self._finished.get(batch_id)
 
-    def add_file(self, file_name: str, owner: str, *, template: bool = False) -> None:
+    async def owned_by(
+        self, owner: str, *, status: BatchStatus | None = None, limit: int
+    ) -> list[Summary]:
+        """``owner``'s batches, newest first, of ``status`` when given, at most ``limit``."""
+        return await self.store.summaries(owner, status=status, limit=limit)
+
+    async def resumable(self) -> list[Batch]:
+        """The batches a previous process left queued or running, now this one's to run.
+
+        Rows that were running are pending again: they run again (at least
+        once, not exactly once), their ``attempts`` counting on.
+        """
+        batches = await self.store.unfinished()
+        for batch in batches:
+            for execution in batch.executions:
+                if execution.status is ExecutionStatus.RUNNING:
+                    _move(batch, execution, ExecutionStatus.PENDING)
+            self._active[batch.id] = batch
+        return batches
+
+    async def add_file(
+        self, file_name: str, owner: str, *, batch_id: str, template: bool = False
+    ) -> None:
         """Record that ``owner`` may download the workbook ``file_name``.
 
         A ``template`` is a workbook of rows not (yet) run; ``templates_of``
         counts them.
         """
-        self._files[file_name] = (owner, time.time())
-        if template:
-            self._templates.add(file_name)
-        else:
-            self._templates.discard(file_name)
+        await self.store.add_file(FileEntry(file_name, owner, time.time(), batch_id, template))
 
-    def forget_file(self, file_name: str) -> None:
-        """Nobody may download ``file_name`` any more (it was removed)."""
-        self._files.pop(file_name, None)
-        self._templates.discard(file_name)
+    async def forget_file(self, file_name: str) -> None:
+        """Nobody may download ``file_name`` any more (it was removed, or never written)."""
+        await self.store.forget_file(file_name)
 
-    def templates_of(self, owner: str) -> list[float]:
-        """When each of ``owner``'s template workbooks was written, oldest first."""
-        return sorted(
-            written_at
-            for name in self._templates
-            for file_owner, written_at in (self._files[name],)
-            if file_owner == owner
-        )
-
-    def check_file(self, file_name: str, owner: str) -> None:
-        """Raise ``NotFoundError`` unless ``owner`` may download ``file_name``."""
-        entry = self._files.get(file_name)
-        if entry is None or entry[0] != owner:
+    async def check_file(self, file_name: str, owner: str) -> FileEntry:
+        """The entry of ``file_name`` if ``owner`` may download it; else ``NotFoundError``."""
+        entry = await self.store.file(file_name)
+        if entry is None or entry.owner != owner:
             raise NotFoundError("File not found")
+        return entry
+
+    async def templates_of(self, owner: str) -> list[float]:
+        """When each of ``owner``'s template workbooks was written, oldest first."""
+        return await self.store.templates_of(owner)
+
+    async def add_template(
+        self, file_name: str, owner: str, *, batch_id: str, limit: int
+    ) -> list[float] | None:
+        """Record the template ``file_name`` unless ``owner`` keeps ``limit`` already.
+
+        Returns None once it is recorded, else when each kept template was
+        written. Checked and recorded under one lock, so concurrent requests
+        cannot all pass the bound.
+        """
+        async with self._templates_lock:
+            kept = await self.store.templates_of(owner)
+            if len(kept) >= limit:
+                return kept
+            await self.add_file(file_name, owner, batch_id=batch_id, template=True)
+            return None
 
     def start_batch(self, batch: Batch) -> None:
         """The batch got a slot and its executions begin."""
-        batch.status = BatchStatus.PROCESSING
-        batch.message = "Batch execution in progress."
-        batch.started_at = time.time()
-        if batch.watchers:
-            self._publish(batch, progress_event(batch))
+        started_at = time.time()
 
-    def start_execution(self, batch: Batch, index: int, prompt: str) -> None:
-        """Execution ``index`` (1-based) is being sent to its model as ``prompt``."""
-        execution = batch.executions[index - 1]
-        execution.prompt_sent = prompt
-        self._move(batch, execution, ExecutionStatus.RUNNING)
+        def visible() -> None:
+            batch.status = BatchStatus.PROCESSING
+            batch.message = "Batch execution in progress."
+            batch.started_at = started_at
+            self.events.publish(batch.id, progress_event(batch))
 
-    def finish_execution(self, batch: Batch, index: int, outcome: Outcome) -> None:
-        """Execution ``index`` (1-based) ended with ``outcome``."""
+        self._record(BatchStarted(batch.id, started_at), visible)
+
+    def start_execution(self, batch: Batch, index: int, prompt: str, attempts: int) -> None:
+        """Execution ``index`` (1-based) is being sent to its model as ``prompt``.
+
+        ``attempts`` counts the calls made for it so far, this one included.
+        """
         execution = batch.executions[index - 1]
-        self._end(batch, execution, outcome)
-        if batch.watchers:
-            self._publish(batch, execution_event(execution))
-            self._publish(batch, progress_event(batch))
+
+        def visible() -> None:
+            execution.prompt_sent = prompt
+            execution.attempts = attempts
+            _move(batch, execution, ExecutionStatus.RUNNING)
+
+        self._record(ExecutionStarted(batch.id, index, prompt, attempts), visible)
+
+    def finish_execution(
+        self, batch: Batch, index: int, outcome: Outcome, prompt: str | None
+    ) -> None:
+        """Execution ``index`` (1-based) ended with ``outcome``, sent as ``prompt`` if at all."""
+        execution = batch.executions[index - 1]
+
+        def visible() -> None:
+            if prompt is not None:
+                execution.prompt_sent = prompt
+            _end(batch, execution, outcome)
+            if self.events.watched(batch.id):
+                self.events.publish(batch.id, execution_event(execution), progress_event(batch))
+
+        self._record(ExecutionEnded(batch.id, index, outcome, prompt), visible)
 
     def cancel_unfinished(self, batch: Batch, reason: str) -> None:
         """Every execution that has not ended becomes ``cancelled``."""
         for execution in batch.executions:
-            if not execution.status.finished:
-                self._end(batch, execution, Outcome(ExecutionStatus.CANCELLED, error=reason))
-                self._publish(batch, execution_event(execution))
-        self._publish(batch, progress_event(batch))
+            if execution.status.finished:
+                continue
+            cancelled = Outcome(
+                ExecutionStatus.CANCELLED, error=reason, attempts=execution.attempts
+            )
 
-    def set_outputs(self, batch: Batch, *, csv_content: str | None, xlsx_name: str | None) -> None:
-        """Record the batch's CSV content and workbook."""
+            def visible(execution: Execution = execution, cancelled: Outcome = cancelled) -> None:
+                if not execution.status.finished:
+                    _end(batch, execution, cancelled)
+                    self.events.publish(batch.id, execution_event(execution))
+
+            self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), visible)
+        self._record(None, lambda: self.events.publish(batch.id, progress_event(batch)))
+
+    async def set_outputs(
+        self, batch: Batch, *, csv_content: str | None, xlsx_name: str | None
+    ) -> None:
+        """Record the batch's CSV content (kept in memory only) and its workbook."""
         batch.csv_content = csv_content
         batch.xlsx_name = xlsx_name
         if xlsx_name is not None:
-            self.add_file(xlsx_name, batch.owner)
+            await self.add_file(xlsx_name, batch.owner, batch_id=batch.id)
 
     def finish_batch(self, batch: Batch, status: BatchStatus, message: str) -> None:
         """The batch ended as ``status``; its watchers get ``done``."""
-        batch.status = status
-        batch.message = message
-        batch.finished_at = time.time()
-        self._publish(batch, done_event(batch))
+        finished_at = time.time()
 
-    def expire(self, older_than: float) -> list[str]:
+        def visible() -> None:
+            batch.status = status
+            batch.message = message
+            batch.finished_at = finished_at
+            batch.plan = None
+            self._active.pop(batch.id, None)
+            self._finished.put(batch)
+            self.events.publish(batch.id, done_event(batch))
+
+        self._record(BatchEnded(batch.id, status, message, finished_at, batch.xlsx_name), visible)
+
+    def leave(self, batch: Batch) -> None:
+        """Let go of an unfinished batch without ending it: a later process resumes it."""
+        self._active.pop(batch.id, None)
+
+    async def flush(self) -> None:
+        """Wait until every change recorded so far is durable and visible."""
+        if self._writer is None:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def visible() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self._record(None, visible)
+        await asyncio.shield(done)
+
+    async def expire(self, older_than: float) -> list[str]:
         """Forget finished batches and workbooks from before ``older_than`` (epoch seconds).
 
         Returns the file names whose workbooks should now be deleted.
         """
-        for batch_id, batch in list(self._batches.items()):
+        self._finished.drop_older(older_than)
+        return await self.store.expire(older_than)
+
+    def _record(self, change: Change | None, visible: Callable[[], None]) -> None:
+        if self._writer is None:
+            visible()
+            return
+        self._pending.append((change, visible))
+        self._wake.set()
+
+    async def _write_forever(self) -> None:
+        """Commit what is pending, a group a transaction, then make it visible."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            group, self._pending = self._pending, []
+            changes = [change for change, _ in group if change is not None]
+            try:
+                if changes:
+                    await self.store.apply(changes)
+            except StoreError as exc:
+                log.error("could not write %d changes: %s", len(changes), exc)
+                for batch_id in dict.fromkeys(change.batch_id for change in changes):
+                    if self.on_store_failure is not None:
+                        self.on_store_failure(batch_id, exc)
+            except Exception:
+                log.exception("could not write %d changes", len(changes))
+            # Shown even when the write failed: this process goes on with them, and
+            # the batch fails; a restart resumes it from what the store holds.
+            for _, visible in group:
+                visible()
+
+
+class _BatchCache:
+    """Finished batches by id, least recently used out once over ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._size = 0
+        self._batches: OrderedDict[str, tuple[Batch, int]] = OrderedDict()
+
+    def get(self, batch_id: str) -> Batch | None:
+        entry = self._batches.get(batch_id)
+        if entry is None:
+            return None
+        self._batches.move_to_end(batch_id)
+        return entry[0]
+
+    def put(self, batch: Batch) -> None:
+        size = batch.size_bytes()
+        if batch.id in self._batches:
+            self._size -= self._batches.pop(batch.id)[1]
+        if size > self._max_bytes:
+            return
+        self._batches[batch.id] = (batch, size)
+        self._size += size
+        while self._size > self._max_bytes:
+            _, (_, dropped) = self._batches.popitem(last=False)
+            self._size -= dropped
+
+    def drop_older(self, older_than: float) -> None:
+        for batch_id, (batch, size) in list(self._batches.items()):
             if batch.finished_at is not None and batch.finished_at < older_than:
                 del self._batches[batch_id]
-        active = {batch.file_name for batch in self._batches.values()}
-        expired = [
-            name
-            for name, (_, written_at) in self._files.items()
-            if written_at < older_than and name not in active
-        ]
-        for name in expired:
-            del self._files[name]
-            self._templates.discard(name)
-        return expired
+                self._size -= size
 
-    @contextmanager
-    def watch(self, batch: Batch) -> Iterator[asyncio.Queue[Event]]:
-        """A queue that receives the batch's events while the block runs."""
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        batch.watchers.add(queue)
-        try:
-            yield queue
-        finally:
-            batch.watchers.discard(queue)
 
-    @staticmethod
-    def _publish(batch: Batch, event: Event) -> None:
-        for queue in batch.watchers:
-            queue.put_nowait(event)
+def _end(batch: Batch, execution: Execution, outcome: Outcome) -> None:
+    execution.result = outcome.result
+    execution.error = outcome.error
+    execution.latency_ms = outcome.latency_ms
+    execution.attempts = outcome.attempts
+    execution.prompt_tokens = outcome.prompt_tokens
+    execution.completion_tokens = outcome.completion_tokens
+    _move(batch, execution, outcome.status)
 
-    def _end(self, batch: Batch, execution: Execution, outcome: Outcome) -> None:
-        execution.result = outcome.result
-        execution.error = outcome.error
-        execution.latency_ms = outcome.latency_ms
-        execution.attempts = outcome.attempts
-        execution.prompt_tokens = outcome.prompt_tokens
-        execution.completion_tokens = outcome.completion_tokens
-        self._move(batch, execution, outcome.status)
 
-    @staticmethod
-    def _move(batch: Batch, execution: Execution, status: ExecutionStatus) -> None:
-        batch.counts[execution.status] -= 1
-        batch.counts[status] += 1
-        execution.status = status
+def _move(batch: Batch, execution: Execution, status: ExecutionStatus) -> None:
+    batch.counts[execution.status] -= 1
+    batch.counts[status] += 1
+    execution.status = status
 
 
 def _outcome_of(execution: Execution) -> Outcome:

@@ -11,16 +11,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 
 from batchexec.catalog import Catalog, ModelSpec, UnknownNameError
 from batchexec.config import Settings
 from batchexec.errors import ConfigError, ProviderError
-from batchexec.planning import Limits
+from batchexec.planning import BatchPlan, Limits, plan_batch
 from batchexec.providers import BUILTIN_PROVIDERS, Provider, build_providers
 from batchexec.providers.openai import discover_models
+from batchexec.records import Batch
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,28 @@ async def _with_discovered_models(
     except ConfigError as exc:
         log.warning("OPENAI_BASE_URL: its models could not join the catalog: %s", exc)
         return catalog
+
+
+def plan_again(batch: Batch, catalog: Catalog, settings: Settings) -> BatchPlan:
+    """The plan of a batch read back from the store, to resume it as it was submitted.
+
+    Each row runs on the model it was planned with (not today's default);
+    the limits it passed then are not applied again. ``InputError`` when the
+    catalog no longer has a model or assistant it names.
+    """
+    rows = [
+        replace(execution.row_input, model=execution.model)
+        if not execution.by_assistant
+        else execution.row_input
+        for execution in batch.executions
+    ]
+    limits = Limits(
+        max_executions=max(len(rows), 1),
+        max_prompt_length=max((len(row.prompt) for row in rows), default=1) or 1,
+        default_model=settings.default_model,
+        max_columns=max(len(batch.columns), 1),
+    )
+    return plan_batch(rows, list(batch.columns), catalog, limits)
 
 
 def limits_from(settings: Settings) -> Limits:

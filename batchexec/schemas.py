@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from batchexec.registry import BatchStatus, ExecutionStatus
+from batchexec.records import BatchStatus, ExecutionStatus
 
 
 class ExecutionIn(BaseModel):

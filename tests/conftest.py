@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from batchexec import Settings, create_app
 from batchexec.providers import Provider
-from batchexec.registry import Batch
+from batchexec.records import Batch
 from batchexec.web.keys import ENGINE, PROVIDERS, REGISTRY
 from tests.fakes import GATED_CATALOG, GatedProvider
 
@@ -109,14 +108,16 @@ async def results(
 
 
 def batch_of(client: TestClient[Any, Any], invocation_id: str) -> Batch:
-    """The registry's record of a batch, whoever owns it."""
-    batch: Batch = client.app[REGISTRY].get(invocation_id, owner_digest(API_KEY))
+    """The registry's record of a batch in memory (running, or finished and cached)."""
+    batch: Batch | None = client.app[REGISTRY].cached(invocation_id)
+    assert batch is not None, f"batch {invocation_id} is not in memory"
     return batch
 
 
-def owner_digest(key: str) -> str:
-    """The owner a key's batches are recorded under."""
-    return hashlib.sha256(key.encode()).hexdigest()
+def owner_of(app: Any, key: str = API_KEY) -> str:
+    """The owner a key's batches are recorded under in ``app``: its keyed fingerprint."""
+    owner: str = app[REGISTRY].store.fingerprint(key)
+    return owner
 
 
 async def until(condition: Callable[[], bool], *, rounds: int = 10_000) -> None:

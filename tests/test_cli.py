@@ -137,6 +137,8 @@ def test_sigterm_lets_running_rows_finish_and_writes_the_rest_cancelled(tmp_path
         "BATCHEXEC_MODELS": "models.toml",
         "DEFAULT_MAX_THREADS": "2",
         "SHUTDOWN_GRACE_S": "20",
+        # What a store that keeps nothing does; a durable one leaves the rest to resume.
+        "DATABASE_URL": "memory://",
     }
     base = f"http://127.0.0.1:{port}"
     with server(["serve", "--port", str(port)], env, tmp_path) as process:

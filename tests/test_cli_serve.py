@@ -145,6 +145,7 @@ def test_a_second_signal_cancels_running_executions_at_once(tmp_path):
     base = f"http://127.0.0.1:{port}"
     # Neither the model nor the grace period ends before the test's timeout.
     env = slow_model_env(tmp_path, latency_s=600, grace_s=600)
+    env["DATABASE_URL"] = "memory://"  # a durable store would leave the rows to resume
     with server(["serve", "--port", str(port)], env, tmp_path) as process:
         log = LogLines(process.stderr)
         log.wait_for("listening")

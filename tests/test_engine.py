@@ -12,9 +12,12 @@ from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.errors import ConflictError, QueueFullError, ShuttingDownError
+from batchexec.exports import results_writer
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.providers.echo import EchoProvider
-from batchexec.registry import Batch, BatchStatus, ExecutionStatus, Registry
+from batchexec.records import Batch, BatchStatus, ExecutionStatus
+from batchexec.registry import Registry
+from batchexec.store.memory import MemoryStore
 from tests.conftest import until
 from tests.fakes import GATED_CATALOG, GatedProvider
 
@@ -38,10 +41,11 @@ class Harness:
     def __init__(self, tmp_path: Path, **overrides: Any) -> None:
         overrides.setdefault("public_dir", tmp_path / "public")
         self.settings = Settings(_env_file=None, **overrides)
-        self.registry = Registry()
+        self.registry = Registry(MemoryStore())
         self.gated = GatedProvider(self.settings, None)
         providers = {"gated": self.gated, "echo": EchoProvider(self.settings, None)}  # type: ignore[arg-type]
-        self.engine = Engine(self.settings, self.registry, providers)
+        outputs = results_writer(self.settings.results_dir)
+        self.engine = Engine(self.settings, self.registry, providers, outputs=outputs)
 
     def statuses(self, batch: Batch) -> list[str]:
         return [execution.status.value for execution in batch.executions]
@@ -63,7 +67,7 @@ async def make_harness(tmp_path: Path):
 
 async def test_independent_rows_fill_every_slot_and_no_more(make_harness, catalog):
     harness = make_harness(max_threads=8)
-    batch = harness.engine.submit("owner", plan(catalog, *(f"p{i}" for i in range(16))))
+    batch = await harness.engine.submit("owner", plan(catalog, *(f"p{i}" for i in range(16))))
     await harness.gated.wait_started(8)
     await asyncio.sleep(0)  # give any ninth call its chance to start
     assert len(harness.gated.started) == 8
@@ -86,7 +90,7 @@ async def test_a_chain_waits_only_for_its_own_links(make_harness, catalog):
         "i6",
         "i7",
     ]
-    batch = harness.engine.submit("owner", plan(catalog, *prompts))
+    batch = await harness.engine.submit("owner", plan(catalog, *prompts))
     await harness.gated.wait_started(4)
     # The chain's head and every independent row run at once; links 2-4 wait.
     assert sorted(harness.gated.started) == ["c1", "i5", "i6", "i7"]
@@ -104,7 +108,7 @@ async def test_a_chain_waits_only_for_its_own_links(make_harness, catalog):
 async def test_failed_dependency_skips_its_dependents_only(make_harness, catalog):
     harness = make_harness()
     prompts = ["fail: one", "uses ${output.1}", "uses ${output.2}", "independent"]
-    batch = harness.engine.submit("owner", plan(catalog, *prompts))
+    batch = await harness.engine.submit("owner", plan(catalog, *prompts))
     harness.gated.open()
     await harness.engine.join(batch.id)
     assert harness.statuses(batch) == ["failed", "skipped", "skipped", "succeeded"]
@@ -117,7 +121,9 @@ async def test_failed_dependency_skips_its_dependents_only(make_harness, catalog
 
 async def test_timeout_ends_the_row_not_the_batch(make_harness, catalog):
     harness = make_harness(execution_timeout_s=0.05)
-    batch = harness.engine.submit("owner", plan(catalog, "stuck", "after ${output.1}", "free"))
+    batch = await harness.engine.submit(
+        "owner", plan(catalog, "stuck", "after ${output.1}", "free")
+    )
     harness.gated.open("free")
     await harness.engine.join(batch.id)
     assert harness.statuses(batch) == ["timed_out", "skipped", "succeeded"]
@@ -128,25 +134,25 @@ async def test_timeout_ends_the_row_not_the_batch(make_harness, catalog):
 
 async def test_batches_beyond_the_running_limit_queue_then_refuse(make_harness, catalog):
     harness = make_harness(max_concurrent_batches=1, max_queued_batches=1)
-    first = harness.engine.submit("owner", plan(catalog, "first"))
-    second = harness.engine.submit("owner", plan(catalog, "second"))
+    first = await harness.engine.submit("owner", plan(catalog, "first"))
+    second = await harness.engine.submit("owner", plan(catalog, "second"))
     await harness.gated.wait_started(1)
     assert first.status is BatchStatus.PROCESSING
     assert second.status is BatchStatus.QUEUED
     with pytest.raises(QueueFullError):
-        harness.engine.submit("owner", plan(catalog, "third"))
+        await harness.engine.submit("owner", plan(catalog, "third"))
     harness.gated.open()
     await harness.engine.join(first.id)
     await harness.engine.join(second.id)
     assert second.status is BatchStatus.COMPLETED
-    third = harness.engine.submit("owner", plan(catalog, "third"))
+    third = await harness.engine.submit("owner", plan(catalog, "third"))
     await harness.engine.join(third.id)
     assert third.status is BatchStatus.COMPLETED
 
 
 async def test_close_cancels_running_batches_and_keeps_what_finished(make_harness, catalog):
     harness = make_harness()
-    batch = harness.engine.submit("owner", plan(catalog, "done", "stuck"))
+    batch = await harness.engine.submit("owner", plan(catalog, "done", "stuck"))
     harness.gated.open("done")
     await harness.gated.wait_started(2)
     await until(lambda: batch.executions[0].status is ExecutionStatus.SUCCEEDED)
@@ -159,14 +165,14 @@ async def test_close_cancels_running_batches_and_keeps_what_finished(make_harnes
     assert batch.xlsx_name is not None
     assert (harness.settings.results_dir / batch.xlsx_name).is_file()
     with pytest.raises(ShuttingDownError):
-        harness.engine.submit("owner", plan(catalog, "late"))
+        await harness.engine.submit("owner", plan(catalog, "late"))
 
 
 async def test_a_workbook_that_cannot_be_written_keeps_the_csv(make_harness, catalog, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the results folder should be")
     harness = make_harness(public_dir=blocker)
-    batch = harness.engine.submit("owner", plan(catalog, "hello", model="echo"))
+    batch = await harness.engine.submit("owner", plan(catalog, "hello", model="echo"))
     await harness.engine.join(batch.id)
     assert batch.status is BatchStatus.COMPLETED
     assert batch.message == (
@@ -185,7 +191,7 @@ async def test_provider_bug_fails_its_row_only(make_harness, catalog, caplog):
         raise KeyError("oops")
 
     harness.gated.complete = broken
-    batch = harness.engine.submit("owner", plan(catalog, "a", "b"))
+    batch = await harness.engine.submit("owner", plan(catalog, "a", "b"))
     await harness.engine.join(batch.id)
     assert harness.statuses(batch) == ["failed", "failed"]
     assert batch.executions[0].error == "Internal error: KeyError"
@@ -196,7 +202,7 @@ async def test_provider_bug_fails_its_row_only(make_harness, catalog, caplog):
 
 async def test_cancel_stops_pending_and_running_rows_and_writes_outputs(make_harness, catalog):
     harness = make_harness(max_threads=2)
-    batch = harness.engine.submit("owner", plan(catalog, "done", "running", "pending"))
+    batch = await harness.engine.submit("owner", plan(catalog, "done", "running", "pending"))
     harness.gated.open("done")
     await harness.gated.wait_started(3)
     await until(lambda: batch.counts[ExecutionStatus.SUCCEEDED] == 1)
@@ -215,12 +221,12 @@ async def test_cancel_stops_pending_and_running_rows_and_writes_outputs(make_har
 
 async def test_drain_lets_running_rows_finish_and_cancels_the_rest(make_harness, catalog):
     harness = make_harness(max_threads=2)
-    running = harness.engine.submit("owner", plan(catalog, "a", "b", "c", "d"))
+    running = await harness.engine.submit("owner", plan(catalog, "a", "b", "c", "d"))
     await harness.gated.wait_started(2)
     draining = asyncio.create_task(harness.engine.drain(grace_s=30))
     await asyncio.sleep(0)
     with pytest.raises(ShuttingDownError):
-        harness.engine.submit("owner", plan(catalog, "late"))
+        await harness.engine.submit("owner", plan(catalog, "late"))
     harness.gated.open("a", "b")
     await draining
     assert harness.statuses(running) == ["succeeded", "succeeded", "cancelled", "cancelled"]
@@ -231,8 +237,8 @@ async def test_drain_lets_running_rows_finish_and_cancels_the_rest(make_harness,
 
 async def test_drain_cancels_queued_batches_and_gives_up_after_the_grace(make_harness, catalog):
     harness = make_harness(max_concurrent_batches=1)
-    running = harness.engine.submit("owner", plan(catalog, "never answers"))
-    queued = harness.engine.submit("owner", plan(catalog, "queued"))
+    running = await harness.engine.submit("owner", plan(catalog, "never answers"))
+    queued = await harness.engine.submit("owner", plan(catalog, "queued"))
     await harness.gated.wait_started(1)
     await harness.engine.drain(grace_s=0.01)
     assert queued.status is BatchStatus.CANCELLED
@@ -244,12 +250,12 @@ async def test_drain_cancels_queued_batches_and_gives_up_after_the_grace(make_ha
 async def test_retry_reruns_only_rows_that_did_not_succeed(make_harness, catalog):
     harness = make_harness()
     prompts = ["ok", "fail: once", "uses ${output.1}", "uses ${output.2}"]
-    first = harness.engine.submit("owner", plan(catalog, *prompts))
+    first = await harness.engine.submit("owner", plan(catalog, *prompts))
     harness.gated.open()
     await harness.engine.join(first.id)
     assert harness.statuses(first) == ["succeeded", "failed", "succeeded", "skipped"]
     harness.gated.started.clear()
-    second = harness.engine.submit("owner", first.plan, retry_of=first)
+    second = await harness.engine.submit("owner", plan(catalog, *prompts), retry_of=first)
     await harness.engine.join(second.id)
     assert second.retry_of == first.id
     # The failed row and its skipped dependent run again; row 1 and 3 keep their results.
@@ -261,7 +267,7 @@ async def test_retry_reruns_only_rows_that_did_not_succeed(make_harness, catalog
 async def test_long_chains_get_scarce_slots_before_independent_rows(make_harness, catalog):
     harness = make_harness(max_threads=1)
     prompts = ["free 1", "head", "free 2", "link ${output.2}", "link ${output.4}"]
-    batch = harness.engine.submit("owner", plan(catalog, *prompts))
+    batch = await harness.engine.submit("owner", plan(catalog, *prompts))
     harness.gated.open()
     await harness.engine.join(batch.id)
     # The chain 2 -> 4 -> 5 is the critical path: its head runs first and its
@@ -283,7 +289,7 @@ def test_chain_lengths_count_the_longest_chain_from_each_row(catalog):
 
 async def test_cancelling_twice_still_ends_the_batch(make_harness, catalog):
     harness = make_harness()
-    batch = harness.engine.submit("owner", plan(catalog, "stuck", "also stuck"))
+    batch = await harness.engine.submit("owner", plan(catalog, "stuck", "also stuck"))
     await harness.gated.wait_started(2)
     results = await asyncio.gather(
         harness.engine.cancel(batch.id), harness.engine.cancel(batch.id), return_exceptions=True
@@ -296,7 +302,7 @@ async def test_cancelling_twice_still_ends_the_batch(make_harness, catalog):
 
 async def test_shutdown_cancels_the_dependents_of_cancelled_rows(make_harness, catalog):
     harness = make_harness(max_threads=1)
-    running = harness.engine.submit(
+    running = await harness.engine.submit(
         "owner", plan(catalog, "head", "mid ${output.1}", "tail ${output.2}")
     )
     await harness.gated.wait_started(1)
@@ -312,7 +318,7 @@ async def test_shutdown_cancels_the_dependents_of_cancelled_rows(make_harness, c
 
 async def test_a_large_batch_runs_on_a_few_workers_not_a_task_per_row(make_harness, catalog):
     harness = make_harness(max_threads=4)
-    batch = harness.engine.submit("owner", plan(catalog, *(f"row {n}" for n in range(500))))
+    batch = await harness.engine.submit("owner", plan(catalog, *(f"row {n}" for n in range(500))))
     await harness.gated.wait_started(4)
     engine_tasks = [
         task
@@ -328,7 +334,7 @@ async def test_a_large_batch_runs_on_a_few_workers_not_a_task_per_row(make_harne
 
 async def test_a_batch_cancelled_before_it_started_still_ends(make_harness, catalog):
     harness = make_harness()
-    batch = harness.engine.submit("owner", plan(catalog, "never started"))
+    batch = await harness.engine.submit("owner", plan(catalog, "never started"))
     await harness.engine.close()
     assert batch.status is BatchStatus.CANCELLED
     assert harness.statuses(batch) == ["cancelled"]
@@ -342,7 +348,7 @@ async def test_an_engine_bug_fails_the_batch_naming_the_error(make_harness, cata
         raise RuntimeError("registry is broken")
 
     harness.registry.start_execution = broken
-    batch = harness.engine.submit("owner", plan(catalog, "a"))
+    batch = await harness.engine.submit("owner", plan(catalog, "a"))
     await harness.engine.join(batch.id)
     assert batch.status is BatchStatus.FAILED
     assert batch.message == "Batch failed: registry is broken"

@@ -25,7 +25,9 @@ from batchexec.exports import (
     write_xlsx,
 )
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
-from batchexec.registry import Batch, ExecutionStatus, Outcome, Registry
+from batchexec.records import Batch, Execution, ExecutionStatus, Outcome
+from batchexec.registry import Registry
+from batchexec.store.memory import MemoryStore
 from batchexec.xlsx import CELL_LIMIT
 
 FORMULA = '=HYPERLINK("http://x","y")'
@@ -71,17 +73,26 @@ def make_plan(
 def make_batch(
     rows: Sequence[dict[str, str]], columns: Sequence[str], catalog: Catalog | None = None
 ) -> tuple[Registry, Batch]:
-    registry = Registry()
-    return registry, registry.add("owner-digest", make_plan(rows, columns, catalog))
+    """A batch record of ``rows``, as the registry makes one, and a registry to change it."""
+    plan = make_plan(rows, columns, catalog)
+    batch = Batch(
+        id="batch-id",
+        owner="owner-digest",
+        columns=plan.columns,
+        executions=[Execution(row.index, row.target.model.name, row.cells) for row in plan.rows],
+        created_at=0.0,
+        plan=plan,
+    )
+    return Registry(MemoryStore()), batch
 
 
 def finish(
     registry: Registry, batch: Batch, index: int, status: ExecutionStatus, **fields: Any
 ) -> None:
     """Run execution ``index`` through the registry: sent as ``prompt_sent``, ended as given."""
-    prompt = fields.pop("prompt_sent", batch.plan.rows[index - 1].prompt)
-    registry.start_execution(batch, index, prompt)
-    registry.finish_execution(batch, index, Outcome(status=status, **fields))
+    prompt = fields.pop("prompt_sent", batch.executions[index - 1].cells["prompt"])
+    registry.start_execution(batch, index, prompt, 1)
+    registry.finish_execution(batch, index, Outcome(status=status, **fields), prompt)
 
 
 def finished_batch() -> tuple[Registry, Batch]:
@@ -95,7 +106,7 @@ def finished_batch() -> tuple[Registry, Batch]:
     finish(registry, batch, 1, ExecutionStatus.SUCCEEDED, result="hi!", latency_ms=12, attempts=1)
     finish(registry, batch, 2, ExecutionStatus.FAILED, error="HTTP 400: bad", attempts=1)
     registry.finish_execution(
-        batch, 3, Outcome(ExecutionStatus.SKIPPED, error="execution 2 did not succeed")
+        batch, 3, Outcome(ExecutionStatus.SKIPPED, error="execution 2 did not succeed"), None
     )
     return registry, batch
 
@@ -139,7 +150,7 @@ def test_result_text(
 def test_result_text_of_an_unfinished_execution_is_empty() -> None:
     registry, batch = make_batch([{"prompt": "p"}], ["prompt"])
     assert result_text(batch.executions[0]) == ""
-    registry.start_execution(batch, 1, "p")
+    registry.start_execution(batch, 1, "p", 1)
     assert result_text(batch.executions[0]) == ""
 
 

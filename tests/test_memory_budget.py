@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from batchexec.config import Settings
-from batchexec.registry import ExecutionStatus
+from batchexec.records import ExecutionStatus
 from batchexec.web.keys import ENGINE
 from tests.conftest import AUTH, RESULTS, batch_of, submit
 

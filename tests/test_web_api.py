@@ -11,7 +11,7 @@ from typing import Any
 import openpyxl
 import pytest
 
-from batchexec.registry import ExecutionStatus
+from batchexec.records import ExecutionStatus
 from batchexec.web.keys import ENGINE, SETTINGS
 from tests.conftest import (
     AUTH,

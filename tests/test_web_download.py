@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.conftest import AUTH, finished, submit
+from tests.conftest import AUTH, PROCESS_CSV, finished, submit
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-RESULTS-FOLDER"
 
@@ -82,8 +82,23 @@ async def test_download_needs_a_key(served):
     assert response.status == 200
 
 
-async def test_file_removed_from_disk_is_404(served, tmp_path):
+async def test_a_batch_workbook_removed_from_disk_is_made_again(served, tmp_path):
     client, name = served
+    path = tmp_path / "public" / "batch_execution_results" / name
+    original = path.read_bytes()
+    path.unlink()
+    response = await client.get(f"/public/batch_execution_results/{name}", headers=AUTH)
+    assert response.status == 200
+    again = await response.read()
+    assert again.startswith(b"PK")
+    assert path.read_bytes() == again
+    assert len(again) == len(original)
+
+
+async def test_a_template_removed_from_disk_is_404(make_client, tmp_path):
+    client = await make_client()
+    response = await client.post(PROCESS_CSV, json={"csv_content": "prompt\nhi\n"}, headers=AUTH)
+    name = (await response.json())["xlsx_path"].rsplit("/", 1)[1]
     (tmp_path / "public" / "batch_execution_results" / name).unlink()
     response = await client.get(f"/public/batch_execution_results/{name}", headers=AUTH)
     assert response.status == 404

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import FormData
 
 from batchexec.exports import write_xlsx
-from batchexec.registry import BatchStatus
+from batchexec.records import BatchStatus
 from batchexec.web.keys import ENGINE, REGISTRY
 from tests.conftest import (
     API_KEY,
@@ -27,7 +27,7 @@ from tests.conftest import (
     batch_of,
     finished,
     gated,
-    owner_digest,
+    owner_of,
     results,
     submit,
     until,
@@ -196,7 +196,7 @@ async def test_a_workbook_that_cannot_be_written_is_a_clear_503(make_client, tmp
         response = await client.post(route, data=form, headers=AUTH)
     detail = await error_of(response, 503)
     assert detail == "The server cannot write the workbook: Not a directory. Try again later."
-    assert client.app[REGISTRY].templates_of(owner_digest(API_KEY)) == []
+    assert await client.app[REGISTRY].templates_of(owner_of(client.app)) == []
 
 
 # 7. template workbooks are bounded
@@ -277,7 +277,7 @@ async def test_a_batch_keeps_its_slot_while_it_writes_its_outputs(make_client, m
         release.wait(timeout=30)
         write_xlsx(*args)
 
-    monkeypatch.setattr("batchexec.engine.write_xlsx", slow_write)
+    monkeypatch.setattr("batchexec.exports.write_xlsx", slow_write)
     first = await submit(client, [{"prompt": "a", "model": "echo"}])
     second = await submit(client, [{"prompt": "b", "model": "echo"}])
     await until(writing.is_set)

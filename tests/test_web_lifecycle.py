@@ -9,7 +9,7 @@ from typing import Any
 
 import openpyxl
 
-from batchexec.registry import ExecutionStatus
+from batchexec.records import ExecutionStatus
 from batchexec.web.keys import ENGINE
 from tests.conftest import AUTH, RESULTS, batch_of, finished, gated, results, submit, until
 

@@ -41,11 +41,14 @@ from batchexec.cli.progress import (
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.errors import ConfigError, ConflictError, InputError
+from batchexec.events import Event
 from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
 from batchexec.inputs import plan_rows
 from batchexec.providers import Provider
-from batchexec.registry import Batch, Event, ExecutionStatus, Registry, progress_counts
+from batchexec.records import Batch, ExecutionStatus, progress_counts
+from batchexec.registry import Registry
 from batchexec.runtime import limits_from, open_runtime
+from batchexec.store.memory import MemoryStore
 
 #: Whose batch it is, for the registry; there is only ever one here.
 _OWNER = "cli"
@@ -178,17 +181,17 @@ async def run_batch(
     async with open_runtime(settings, catalog, extra_providers) as runtime:
         plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
         warn_unconfigured(plan, runtime.providers, source.rows, stream)
-        registry = Registry()
+        registry = Registry(MemoryStore())
         # The server keeps its own copy of each workbook; a run from the terminal
         # writes only the files it was asked for.
-        engine = Engine(settings, registry, runtime.providers, write_outputs=False)
+        engine = Engine(settings, registry, runtime.providers)
         started_s = loop.time()
         try:
-            batch = engine.submit(_OWNER, plan)
+            batch = await engine.submit(_OWNER, plan)
             interrupts = Interrupts(lambda: engine.cancel(batch.id), stream, exit_now=exit_now)
             display = ProgressDisplay(stream, total=len(plan.rows), live=live, every_s=every_s)
             with interrupts.installed(loop):
-                with registry.watch(batch) as events:
+                with registry.events.watch(batch.id) as events:
                     async with showing(display):
                         await _follow(events, batch, display)
                 await interrupts.settled()
@@ -270,7 +273,7 @@ async def _follow(events: asyncio.Queue[Event], batch: Batch, display: ProgressD
     while (event := await events.get()).name != "done":
         if event.name == "progress":
             display.update(event.data)
-    display.update(progress_counts(batch))
+    display.update(progress_counts(batch.counts))
 
 
 def _write_outputs(
@@ -318,7 +321,7 @@ def _summary(
     return Summary(
         status=batch.status.value,
         message=batch.message,
-        counts=progress_counts(batch),
+        counts=progress_counts(batch.counts),
         elapsed_s=elapsed_s,
         prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
         completion_tokens=sum(e.completion_tokens or 0 for e in batch.executions),

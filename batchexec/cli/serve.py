@@ -15,6 +15,7 @@ from batchexec.cli.options import Commands
 from batchexec.config import DEV_API_KEY, Settings, load_settings
 from batchexec.engine import Engine
 from batchexec.errors import ConfigError
+from batchexec.store import StoreError
 from batchexec.web.app import create_app
 from batchexec.web.keys import CATALOG, ENGINE
 from batchexec.web.server import JSONErrorAppRunner
@@ -98,7 +99,12 @@ async def _serve(app: web.Application, settings: Settings) -> int:
         shutdown_timeout=_REQUEST_DRAIN_S,
         keepalive_timeout=_KEEPALIVE_S,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except StoreError as exc:
+        # A database file that cannot be used: corrupt, locked, read-only, too new.
+        print(f"batchexec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:

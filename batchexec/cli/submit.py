@@ -31,7 +31,7 @@ from batchexec.cli.progress import (
 from batchexec.config import DEV_API_KEY
 from batchexec.errors import FieldError, InputError
 from batchexec.inputs import Rows
-from batchexec.registry import Batch
+from batchexec.records import Batch
 from batchexec.web.middlewares import API_KEY_HEADER
 
 #: The key ``submit`` sends, unless ``--key`` gives one.

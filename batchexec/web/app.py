@@ -12,11 +12,16 @@ from pathlib import Path
 
 from aiohttp import web
 
+from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
+from batchexec.errors import InputError
+from batchexec.exports import results_writer
 from batchexec.providers import Provider
+from batchexec.records import Batch, BatchStatus
 from batchexec.registry import Registry
-from batchexec.runtime import load_catalog, open_runtime, provider_classes
+from batchexec.runtime import load_catalog, open_runtime, plan_again, provider_classes
+from batchexec.store import store_for
 from batchexec.web.cache import RenderedResults
 from batchexec.web.keys import (
     CATALOG,
@@ -55,8 +60,18 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[CATALOG] = catalog
-    app[REGISTRY] = Registry()
+    registry = app[REGISTRY] = Registry(
+        store_for(settings.database_url), cache_bytes=settings.batch_cache_bytes
+    )
     app[RESULTS_CACHE] = RenderedResults(settings.results_cache_bytes)
+
+    async def store(app: web.Application) -> AsyncIterator[None]:
+        # Raises StoreError, naming DATABASE_URL, for a file that cannot be used.
+        await registry.store.open()
+        await registry.start()
+        yield
+        await registry.close()
+        await registry.store.close()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         async with open_runtime(settings, catalog, extra_providers) as runtime:
@@ -67,7 +82,9 @@ def create_app(
 
     async def engine(app: web.Application) -> AsyncIterator[None]:
         providers: dict[str, Provider] = app[PROVIDERS]
-        runner = app[ENGINE] = Engine(settings, app[REGISTRY], providers)
+        outputs = results_writer(settings.results_dir)
+        runner = app[ENGINE] = Engine(settings, registry, providers, outputs=outputs)
+        await _resume(registry, runner, app[CATALOG], settings)
         yield
         await runner.close()
 
@@ -77,12 +94,32 @@ def create_app(
         await app[ENGINE].drain(settings.shutdown_grace_s)
 
     app.cleanup_ctx.append(_input_pool)
+    app.cleanup_ctx.append(store)
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(engine)
     app.cleanup_ctx.append(_sweeper)
     app.on_shutdown.append(drain)
     setup_routes(app)
     return app
+
+
+async def _resume(registry: Registry, engine: Engine, catalog: Catalog, settings: Settings) -> None:
+    """Run to their end the batches a previous process left queued or running."""
+    for batch in await registry.resumable():
+        try:
+            plan = plan_again(batch, catalog, settings)
+        except InputError as exc:
+            reason = "; ".join(error.message for error in exc.errors) or exc.detail
+            log.error("batch %s cannot resume: %s", batch.id, reason)
+            registry.cancel_unfinished(batch, f"Not resumed: {reason}")
+            registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed to resume: {reason}")
+            continue
+        log.info("resuming batch %s (%d rows left)", batch.id, _rows_left(batch))
+        engine.resume(batch, plan)
+
+
+def _rows_left(batch: Batch) -> int:
+    return sum(1 for execution in batch.executions if not execution.status.finished)
 
 
 async def _input_pool(app: web.Application) -> AsyncIterator[None]:
@@ -114,7 +151,7 @@ async def _sweep_forever(registry: Registry, settings: Settings) -> None:
     while True:
         await asyncio.sleep(period_s)
         try:
-            expired = registry.expire(older_than=time.time() - ttl_s)
+            expired = await registry.expire(older_than=time.time() - ttl_s)
             if expired:
                 await asyncio.to_thread(_delete, settings.results_dir, expired)
                 log.info("removed %d expired result files", len(expired))

@@ -25,7 +25,8 @@ from batchexec.errors import (
     ShuttingDownError,
     StorageError,
 )
-from batchexec.exports import template_sheet, write_xlsx
+from batchexec.events import Event, done_event, execution_event, progress_event
+from batchexec.exports import csv_sheet, render_csv, results_sheet, template_sheet, write_xlsx
 from batchexec.inputs import (
     ZIP_MAGIC,
     Format,
@@ -39,15 +40,7 @@ from batchexec.inputs import (
     sniff,
 )
 from batchexec.planning import BatchPlan, RowInput, plan_batch
-from batchexec.registry import (
-    Batch,
-    Event,
-    ExecutionStatus,
-    done_event,
-    execution_event,
-    progress_counts,
-    progress_event,
-)
+from batchexec.records import Batch, ExecutionStatus, Summary, progress_counts
 from batchexec.runtime import limits_from
 from batchexec.schemas import (
     AssistantOut,
@@ -112,7 +105,7 @@ async def execute_batch(request: web.Request) -> web.Response:
     body = await _parse(request, ExecuteBatchRequest, count_of="executions")
     columns, rows = rows_from_executions(body.executions)
     plan = _plan(request, rows, columns)
-    batch = request.app[ENGINE].submit(request[OWNER], plan)
+    batch = await request.app[ENGINE].submit(request[OWNER], plan)
     message = (
         f"Batch execution started. Use invocation ID {batch.id} "
         "to check status and retrieve results."
@@ -183,26 +176,27 @@ async def _process_rows(
         raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
     registry = request.app[REGISTRY]
     owner = request[OWNER]
-    if not execute:
-        _check_templates(request)
     batch_id = registry.new_id()
     file_name = Batch.file_name_for(batch_id)
-    # Recorded before the write, so concurrent requests cannot all pass the bound.
-    registry.add_file(file_name, owner, template=not execute)
+    # Recorded before the write: a template counts against the bound at once.
+    if execute:
+        await registry.add_file(file_name, owner, batch_id=batch_id)
+    else:
+        await _add_template(request, file_name, batch_id)
     try:
         await asyncio.to_thread(write_xlsx, settings.results_dir / file_name, template_sheet(plan))
     except OSError as exc:
-        registry.forget_file(file_name)
+        await registry.forget_file(file_name)
         raise StorageError(
             f"The server cannot write the workbook: {exc.strerror or exc}. Try again later."
         ) from exc
     count = f"{len(plan.rows)} row{'s' if len(plan.rows) != 1 else ''}"
     if execute:
         try:
-            request.app[ENGINE].submit(request[OWNER], plan, batch_id=batch_id)
+            await request.app[ENGINE].submit(request[OWNER], plan, batch_id=batch_id)
         except (QueueFullError, ShuttingDownError):
             # Refused: leave nothing behind for a batch that will not run.
-            registry.forget_file(file_name)
+            await registry.forget_file(file_name)
             (settings.results_dir / file_name).unlink(missing_ok=True)
             raise
         message = (
@@ -223,11 +217,13 @@ async def _process_rows(
     )
 
 
-def _check_templates(request: web.Request) -> None:
-    """Refuse another template workbook when the caller keeps ``max_templates`` already."""
+async def _add_template(request: web.Request, file_name: str, batch_id: str) -> None:
+    """Record a template workbook, refused when the caller keeps ``max_templates`` already."""
     settings = request.app[SETTINGS]
-    kept = request.app[REGISTRY].templates_of(request[OWNER])
-    if len(kept) >= settings.max_templates:
+    kept = await request.app[REGISTRY].add_template(
+        file_name, request[OWNER], batch_id=batch_id, limit=settings.max_templates
+    )
+    if kept is not None:
         wait_s = kept[0] + settings.results_ttl_s - time.time() if kept else settings.results_ttl_s
         raise QueueFullError(
             f"This API key keeps {len(kept)} template workbooks; the limit (MAX_TEMPLATES) "
@@ -301,20 +297,54 @@ def _flag(value: str) -> bool:
 async def results(request: web.Request) -> web.StreamResponse:
     """A batch's status, progress, finished executions and, once ended, its outputs."""
     body = await _parse(request, ResultsRequest)
-    batch = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
-    answer = _results(request, batch).model_dump(mode="json")
-    head = {name: answer.pop(name) for name in _HEAD_FIELDS}
+    batch = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    xlsx_url = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
     if batch.status.finished:
 
         async def render() -> bytes:
-            return await asyncio.to_thread(_dumps, answer)
+            return await asyncio.to_thread(lambda: _dumps_in_pieces(_tail(_results(batch))))
 
         rest = await request.app[RESULTS_CACHE].get(batch.id, render)
+        head = _head(_results(batch, with_rows=False), xlsx_url)
     else:
-        rest = _dumps(answer)
+        answer = _results(batch)
+        rest = _dumps(_tail(answer))
+        head = _head(answer, xlsx_url)
     # The head's closing brace gives way to the rest's fields; a view, not a copy,
     # of the cached rest, which may be tens of megabytes.
     return await _stream(request, [_dumps(head)[:-1], b",", memoryview(rest)[1:]])
+
+
+def _head(answer: ResultsResponse, xlsx_url: str | None) -> dict[str, object]:
+    """The fields of a results answer that follow the request (``xlsx_url``), and come first."""
+    fields = answer.model_dump(mode="json", include=set(_HEAD_FIELDS))
+    fields["xlsx_url"] = xlsx_url if answer.status.finished else None
+    return {name: fields[name] for name in _HEAD_FIELDS}
+
+
+def _tail(answer: ResultsResponse) -> dict[str, object]:
+    """The fields of a results answer that depend on the batch alone."""
+    return answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS))
+
+
+def _dumps_in_pieces(fields: dict[str, object]) -> bytes:
+    """``_dumps(fields)``, made a field and a list item at a time.
+
+    The same bytes; but the C encoder holds the interpreter lock for the whole
+    of one call, so one call over a large answer would stall the event loop
+    even from another thread.
+    """
+    chunks = [b"{"]
+    for position, (name, value) in enumerate(fields.items()):
+        if position:
+            chunks.append(b", ")
+        chunks.append(_dumps(name) + b": ")
+        if isinstance(value, list):
+            chunks.append(b"[" + b", ".join(_dumps(item) for item in value) + b"]")
+        else:
+            chunks.append(_dumps(value))
+    chunks.append(b"}")
+    return b"".join(chunks)
 
 
 def _dumps(value: object) -> bytes:
@@ -360,21 +390,26 @@ async def _stream(request: web.Request, parts: list[bytes | memoryview]) -> web.
 async def cancel(request: web.Request) -> web.Response:
     """Cancel a queued or running batch; answers like the results route once it has stopped."""
     body = await _parse(request, ResultsRequest)
-    batch = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    batch = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
     await request.app[ENGINE].cancel(batch.id)
-    return _answer(_results(request, batch))
+    xlsx_url = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
+    answer = _results(batch)
+    return web.json_response({**_head(answer, xlsx_url), **_tail(answer)})
 
 
 async def retry(request: web.Request) -> web.Response:
     """Start a new batch that reruns only the rows of a finished batch that did not succeed."""
     body = await _parse(request, ResultsRequest)
-    original = request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    original = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
     if not original.status.finished:
         raise ConflictError("The batch is still running; retry it once it has ended.")
     rerun = [e.index for e in original.executions if e.status is not ExecutionStatus.SUCCEEDED]
     if not rerun:
         raise ConflictError("Every execution of the batch succeeded; there is nothing to retry.")
-    batch = request.app[ENGINE].submit(request[OWNER], original.plan, retry_of=original)
+    # Planned again, against today's catalog: the rows run now, not when first sent.
+    rows = [execution.row_input for execution in original.executions]
+    plan = _plan(request, rows, original.columns)
+    batch = await request.app[ENGINE].submit(request[OWNER], plan, retry_of=original)
     message = (
         f"Retrying {len(rerun)} of {len(original.executions)} executions of {original.id}. "
         f"Use invocation ID {batch.id} to check status and retrieve results."
@@ -392,22 +427,21 @@ async def retry(request: web.Request) -> web.Response:
 async def batches(request: web.Request) -> web.Response:
     """The caller's batches, newest first; ``limit`` and ``status`` filter them."""
     query = ListQuery.model_validate(dict(request.query))
-    found = request.app[REGISTRY].owned_by(request[OWNER], status=query.status, limit=query.limit)
-    return _answer(
-        BatchList(
-            batches=[
-                BatchSummary(
-                    invocationId=batch.id,
-                    status=batch.status,
-                    message=batch.message,
-                    progress=_progress(batch),
-                    created_at=_utc(batch.created_at),
-                    finished_at=_utc(batch.finished_at) if batch.finished_at else None,
-                    retry_of=batch.retry_of,
-                )
-                for batch in found
-            ]
-        )
+    found = await request.app[REGISTRY].owned_by(
+        request[OWNER], status=query.status, limit=query.limit
+    )
+    return _answer(BatchList(batches=[_summary(batch) for batch in found]))
+
+
+def _summary(batch: Summary) -> BatchSummary:
+    return BatchSummary(
+        invocationId=batch.id,
+        status=batch.status,
+        message=batch.message,
+        progress=Progress(**progress_counts(batch.counts)),
+        created_at=_utc(batch.created_at),
+        finished_at=_utc(batch.finished_at) if batch.finished_at else None,
+        retry_of=batch.retry_of,
     )
 
 
@@ -419,7 +453,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     ``done`` if the batch has ended).
     """
     registry = request.app[REGISTRY]
-    batch = registry.get(request.match_info["invocation_id"], request[OWNER])
+    batch = await registry.get(request.match_info["invocation_id"], request[OWNER])
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -430,7 +464,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     # Subscribing and taking the snapshot happen with no await between them,
     # so no event is missed or sent twice.
-    with registry.watch(batch) as queue:
+    with registry.events.watch(batch.id) as queue:
         backlog = [execution_event(e) for e in batch.executions if e.status.finished]
         backlog.append(progress_event(batch))
         if batch.status.finished:
@@ -486,14 +520,23 @@ async def _send(
     await response.write("".join(chunks).encode())
 
 
-def _results(request: web.Request, batch: Batch) -> ResultsResponse:
-    finished = batch.status.finished
+def _results(batch: Batch, *, with_rows: bool = True) -> ResultsResponse:
+    """The results answer of ``batch``, ``xlsx_url`` left to ``_head``.
+
+    A finished batch read back from the store has no CSV content in memory:
+    it is rendered from the records (off the event loop, by the caller).
+    """
+    csv_content = None
+    if batch.status.finished and with_rows:
+        csv_content = batch.csv_content
+        if csv_content is None:
+            csv_content = render_csv(csv_sheet(batch))
     return ResultsResponse(
         status=batch.status,
         invocationId=batch.id,
         message=batch.message,
-        xlsx_url=_xlsx_url(request, batch.xlsx_name) if finished and batch.xlsx_name else None,
-        csv_content=batch.csv_content if finished else None,
+        xlsx_url=None,
+        csv_content=csv_content,
         progress=_progress(batch),
         usage=Usage(
             prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
@@ -512,7 +555,7 @@ def _results(request: web.Request, batch: Batch) -> ResultsResponse:
                 completion_tokens=execution.completion_tokens,
             )
             for execution in batch.executions
-            if execution.status.finished
+            if with_rows and execution.status.finished
         ],
     )
 
@@ -524,8 +567,14 @@ def _utc(timestamp: float) -> datetime:
 async def download(request: web.Request) -> web.StreamResponse:
     """A workbook of the caller's, by its plain file name; anything else is 404."""
     name = request.match_info["file_name"]
-    request.app[REGISTRY].check_file(name, request[OWNER])
+    registry = request.app[REGISTRY]
+    entry = await registry.check_file(name, request[OWNER])
     folder = request.app[SETTINGS].results_dir
+    if not entry.template and not (folder / name).is_file():
+        # Gone (a new disk, a cleaned folder): made again from the batch's records.
+        batch = await registry.get(entry.batch_id, request[OWNER])
+        if batch.status.finished and _plain_name(name):
+            await asyncio.to_thread(write_xlsx, folder / name, results_sheet(batch))
     path = _inside(folder, name)
     return web.FileResponse(
         path,
@@ -640,18 +689,22 @@ def _xlsx_url(request: web.Request, file_name: str) -> str:
 
 
 def _progress(batch: Batch) -> Progress:
-    return Progress(**progress_counts(batch))
+    return Progress(**progress_counts(batch.counts))
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` is a plain file name: no folder, not hidden, nothing odd in it."""
+    return (
+        bool(name)
+        and name == Path(name).name
+        and not name.startswith(".")
+        and not any(char in name for char in "\\\x00")
+    )
 
 
 def _inside(folder: Path, name: str) -> Path:
     """``folder / name`` if ``name`` is a plain file name of a regular file there, else 404."""
-    if (
-        not name
-        or name != Path(name).name
-        or name.startswith(".")
-        or "\\" in name
-        or "\x00" in name
-    ):
+    if not _plain_name(name):
         raise NotFoundError("File not found")
     path = folder / name
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import math
@@ -19,7 +18,7 @@ from batchexec.errors import (
     ShuttingDownError,
     StorageError,
 )
-from batchexec.web.keys import OWNER, SETTINGS
+from batchexec.web.keys import OWNER, REGISTRY, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             text=f"Missing or invalid {API_KEY_HEADER} header.",
             headers={"WWW-Authenticate": API_KEY_HEADER},
         )
-    request[OWNER] = hashlib.sha256(matched.encode("ascii")).hexdigest()
+    request[OWNER] = request.app[REGISTRY].store.fingerprint(matched)
     return await handler(request)
 
 

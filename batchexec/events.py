@@ -1,0 +1,79 @@
+"""What a batch's watchers are told, and the hub that tells them.
+
+The registry publishes an event once the change it reports is durable; the
+event-stream route and the command line's progress subscribe here, by batch
+id, so a batch record carries no live state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from batchexec.records import Batch, Execution, progress_counts
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change worth telling a watcher: ``execution``, ``progress`` or ``done``."""
+
+    name: str
+    data: Mapping[str, Any]
+
+
+def execution_event(execution: Execution) -> Event:
+    """The ``execution`` event of an execution that has ended."""
+    return Event(
+        "execution",
+        {
+            "index": execution.index,
+            "status": execution.status.value,
+            "latency_ms": execution.latency_ms,
+            "error": execution.error,
+            "attempts": execution.attempts,
+        },
+    )
+
+
+def progress_event(batch: Batch) -> Event:
+    """The ``progress`` event: how many executions are in each state."""
+    return Event("progress", progress_counts(batch.counts))
+
+
+def done_event(batch: Batch) -> Event:
+    """The ``done`` event of a batch that has ended."""
+    return Event("done", {"status": batch.status.value, "message": batch.message})
+
+
+class EventHub:
+    """Queues of the watchers of each batch, by batch id."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
+
+    def watched(self, batch_id: str) -> bool:
+        """Whether anyone watches ``batch_id`` (so events need not be built otherwise)."""
+        return batch_id in self._watchers
+
+    def publish(self, batch_id: str, *events: Event) -> None:
+        """Give ``events`` to every watcher of ``batch_id``."""
+        for queue in self._watchers.get(batch_id, ()):
+            for event in events:
+                queue.put_nowait(event)
+
+    @contextmanager
+    def watch(self, batch_id: str) -> Iterator[asyncio.Queue[Event]]:
+        """A queue that receives the batch's events while the block runs."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._watchers.setdefault(batch_id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            watchers = self._watchers.get(batch_id)
+            if watchers is not None:
+                watchers.discard(queue)
+                if not watchers:
+                    del self._watchers[batch_id]

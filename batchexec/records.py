@@ -1,0 +1,187 @@
+"""The records of batches and executions: plain data that a store saves and loads.
+
+Nothing here knows of live state (event watchers, tasks, the plan a running
+batch follows): a ``Batch`` read back from a database after a restart is the
+same as the one the process that ran it held, and everything presented to
+clients (results, outputs, the list) is built from these records alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from batchexec.planning import BatchPlan, RowInput
+
+
+class BatchStatus(StrEnum):
+    """Where a batch is in its life."""
+
+    #: Accepted, waiting for a free batch slot.
+    QUEUED = "queued"
+    #: Its executions are running.
+    PROCESSING = "processing"
+    #: Every execution ended, whatever its outcome.
+    COMPLETED = "completed"
+    #: The batch itself could not run.
+    FAILED = "failed"
+    #: Stopped before every execution ended.
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the batch will change no more."""
+        return self not in (BatchStatus.QUEUED, BatchStatus.PROCESSING)
+
+
+class ExecutionStatus(StrEnum):
+    """Where one execution is in its life."""
+
+    #: Waiting for its inputs or for a free slot.
+    PENDING = "pending"
+    #: A model call is in progress.
+    RUNNING = "running"
+    #: The model answered.
+    SUCCEEDED = "succeeded"
+    #: The model call failed.
+    FAILED = "failed"
+    #: The model did not answer within the execution timeout.
+    TIMED_OUT = "timed_out"
+    #: Not sent: an execution it uses did not succeed.
+    SKIPPED = "skipped"
+    #: Stopped by a cancel or shutdown before it ended.
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the execution has ended."""
+        return self not in (ExecutionStatus.PENDING, ExecutionStatus.RUNNING)
+
+
+@dataclass
+class Execution:
+    """One row of a batch: its input cells and its outcome."""
+
+    index: int
+    #: The model that runs it (an assistant's model for an assistant's row).
+    model: str
+    #: The row's input cells by column, ``prompt`` (as written) among them.
+    cells: Mapping[str, str]
+    status: ExecutionStatus = ExecutionStatus.PENDING
+    #: The prompt as sent, ``${output.n}`` filled in; None until it is sent.
+    prompt_sent: str | None = None
+    result: str | None = None
+    error: str | None = None
+    latency_ms: int | None = None
+    #: Calls made to the model, over every run of this row (a restart runs a
+    #: row that was running again, and counts on).
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    @property
+    def row_input(self) -> RowInput:
+        """The row as it was submitted, to plan it again (a resume, a retry)."""
+        cells = self.cells
+        return RowInput(
+            prompt=cells.get("prompt", ""),
+            model=cells.get("model"),
+            assistant=cells.get("assistant"),
+            cells=cells,
+        )
+
+    @property
+    def by_assistant(self) -> bool:
+        """Whether the row named an assistant rather than a model."""
+        return bool((self.cells.get("assistant") or "").strip())
+
+    def size_bytes(self) -> int:
+        """About what the row holds in memory: its text, and a fixed overhead."""
+        text = sum(len(value) for value in self.cells.values())
+        for value in (self.prompt_sent, self.result, self.error):
+            text += len(value) if value else 0
+        return 400 + text
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an execution ended."""
+
+    status: ExecutionStatus
+    result: str | None = None
+    error: str | None = None
+    latency_ms: int | None = None
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass
+class Batch:
+    """One submitted batch; read it freely, change it through ``Registry``."""
+
+    id: str
+    owner: str
+    #: The input columns, in the input's order.
+    columns: tuple[str, ...]
+    executions: list[Execution]
+    created_at: float
+    status: BatchStatus = BatchStatus.QUEUED
+    message: str = "Batch is queued."
+    started_at: float | None = None
+    finished_at: float | None = None
+    csv_content: str | None = None
+    xlsx_name: str | None = None
+    #: The batch whose failed rows this one reruns.
+    retry_of: str | None = None
+    counts: Counter[ExecutionStatus] = field(default_factory=Counter)
+    #: What a running batch follows: targets and dependencies. None for a batch
+    #: read back from a store, until it is planned again to run.
+    plan: BatchPlan | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts.update(execution.status for execution in self.executions)
+
+    @property
+    def file_name(self) -> str:
+        """Name of this batch's workbook in the results folder."""
+        return self.file_name_for(self.id)
+
+    @staticmethod
+    def file_name_for(batch_id: str) -> str:
+        """Name of the workbook of batch ``batch_id``."""
+        return f"batch_execution_{batch_id}.xlsx"
+
+    def size_bytes(self) -> int:
+        """About what the batch holds in memory, its CSV content included."""
+        rows = sum(execution.size_bytes() for execution in self.executions)
+        return 1000 + rows + len(self.csv_content or "")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A batch as the list route shows it, without its rows."""
+
+    id: str
+    status: BatchStatus
+    message: str
+    created_at: float
+    finished_at: float | None
+    retry_of: str | None
+    counts: Counter[ExecutionStatus]
+
+
+def progress_counts(counts: Counter[ExecutionStatus]) -> dict[str, int]:
+    """Executions per state; ``failed`` includes timed out, and the counts add up to ``total``."""
+    return {
+        "total": sum(counts.values()),
+        "succeeded": counts[ExecutionStatus.SUCCEEDED],
+        "failed": counts[ExecutionStatus.FAILED] + counts[ExecutionStatus.TIMED_OUT],
+        "skipped": counts[ExecutionStatus.SKIPPED],
+        "cancelled": counts[ExecutionStatus.CANCELLED],
+        "running": counts[ExecutionStatus.RUNNING],
+        "pending": counts[ExecutionStatus.PENDING],
+    }

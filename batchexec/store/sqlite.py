@@ -1,0 +1,418 @@
+"""``sqlite:///PATH``: one process's batches in a SQLite file, durable across restarts.
+
+The standard library's ``sqlite3`` on one thread of its own: every query of
+this store runs there, on the one connection, so there is a single writer and
+no lock is ever contended inside the process. The registry hands ``apply``
+whole groups of changes, each written in one transaction, which is what keeps
+the hot path fast (a commit per group, not per row).
+
+The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives
+the process being killed at any moment (``kill -9``, the OOM killer); after a
+power cut the last commits before it may be lost. The schema is versioned by
+``PRAGMA user_version`` and the files in ``sql/sqlite``; a database written
+by a newer batchexec is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Summary
+from batchexec.store.base import (
+    BatchEnded,
+    BatchStarted,
+    BatchStore,
+    Change,
+    ExecutionEnded,
+    ExecutionStarted,
+    FileEntry,
+    StoreError,
+)
+from batchexec.store.migrations import latest, migrations
+
+_T = TypeVar("_T")
+_DIALECT = "sqlite"
+#: How long a query waits for another process's lock before it fails.
+_BUSY_TIMEOUT_MS = 5000
+#: Lone surrogates (JSON text can carry them) have no UTF-8 form for SQLite.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INSERT_EXECUTION = (
+    "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
+    "latency_ms, attempts, prompt_tokens, completion_tokens) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_EXECUTIONS = (
+    "SELECT idx, model, cells, status, prompt_sent, result, error, latency_ms, attempts, "
+    "prompt_tokens, completion_tokens FROM executions WHERE batch_id = ? ORDER BY idx"
+)
+_SELECT_SUMMARIES = (
+    "SELECT id, status, message, created_at, finished_at, retry_of FROM batches "
+    "WHERE owner = ? AND (? IS NULL OR status = ?) "
+    "ORDER BY created_at DESC, rowid DESC LIMIT ?"
+)
+
+
+class SQLiteStore(BatchStore):
+    """Batches in the SQLite database at ``path``."""
+
+    durable = True
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        def in_thread() -> _T:
+            if self._db is None:
+                raise StoreError("The SQLite store is not open.")
+            return work(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, in_thread)
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._db, self._secret = await loop.run_in_executor(self._thread, self._open)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"DATABASE_URL: cannot use the SQLite file {self.path}: {exc}"
+            ) from exc
+
+    def _open(self) -> tuple[sqlite3.Connection, bytes]:
+        if self.path.parent != Path() and not self.path.parent.is_dir():
+            raise StoreError(f"DATABASE_URL: the folder {self.path.parent} does not exist")
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            newest = latest(_DIALECT)
+            if version > newest:
+                raise StoreError(
+                    f"DATABASE_URL: {self.path} was written by a newer batchexec (schema "
+                    f"{version}; this one knows up to {newest}); upgrade batchexec"
+                )
+            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                raise StoreError(f"DATABASE_URL: {self.path} cannot use WAL mode")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            for migration in migrations(_DIALECT)[version:]:
+                # One transaction a version: a failed migration leaves the previous one.
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _statements(migration.sql):
+                        db.execute(statement)
+                    if migration.version == 1:
+                        db.execute(
+                            "INSERT INTO meta (key, value) VALUES ('secret', ?)",
+                            (secrets.token_bytes(32),),
+                        )
+                    db.execute(f"PRAGMA user_version = {migration.version}")
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            row = db.execute("SELECT value FROM meta WHERE key = 'secret'").fetchone()
+            if row is None:
+                raise StoreError(f"DATABASE_URL: {self.path} has no secret; is it batchexec's?")
+            return db, bytes(row[0])
+        except BaseException:
+            db.close()
+            raise
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(lambda db: db.close())
+            self._db = None
+        self._thread.shutdown(wait=True)
+
+    async def create(self, batch: Batch) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "INSERT INTO batches (id, owner, columns, status, message, created_at, "
+                    "started_at, finished_at, xlsx_name, retry_of) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        batch.id,
+                        batch.owner,
+                        json.dumps(batch.columns),
+                        batch.status.value,
+                        batch.message,
+                        batch.created_at,
+                        batch.started_at,
+                        batch.finished_at,
+                        batch.xlsx_name,
+                        batch.retry_of,
+                    ),
+                )
+                db.executemany(
+                    _INSERT_EXECUTION,
+                    (
+                        (
+                            batch.id,
+                            e.index,
+                            e.model,
+                            json.dumps(e.cells),
+                            e.status.value,
+                            _text(e.prompt_sent),
+                            _text(e.result),
+                            _text(e.error),
+                            e.latency_ms,
+                            e.attempts,
+                            e.prompt_tokens,
+                            e.completion_tokens,
+                        )
+                        for e in batch.executions
+                    ),
+                )
+
+        await self._run(write)
+
+    async def apply(self, changes: Sequence[Change]) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                for change in changes:
+                    _apply(db, change)
+
+        await self._run(write)
+
+    async def load(self, batch_id: str) -> Batch | None:
+        def read(db: sqlite3.Connection) -> Batch | None:
+            row = db.execute(
+                "SELECT id, owner, columns, status, message, created_at, started_at, "
+                "finished_at, xlsx_name, retry_of FROM batches WHERE id = ?",
+                (batch_id,),
+            ).fetchone()
+            return None if row is None else _batch(db, row)
+
+        return await self._run(read)
+
+    async def summaries(
+        self, owner: str, *, status: BatchStatus | None, limit: int
+    ) -> list[Summary]:
+        def read(db: sqlite3.Connection) -> list[Summary]:
+            value = None if status is None else status.value
+            rows = db.execute(_SELECT_SUMMARIES, (owner, value, value, limit)).fetchall()
+            found = []
+            for batch_id, batch_status, message, created_at, finished_at, retry_of in rows:
+                counts: Counter[ExecutionStatus] = Counter()
+                for execution_status, count in db.execute(
+                    "SELECT status, count(*) FROM executions WHERE batch_id = ? GROUP BY status",
+                    (batch_id,),
+                ):
+                    counts[ExecutionStatus(execution_status)] = count
+                found.append(
+                    Summary(
+                        batch_id,
+                        BatchStatus(batch_status),
+                        message,
+                        created_at,
+                        finished_at,
+                        retry_of,
+                        counts,
+                    )
+                )
+            return found
+
+        return await self._run(read)
+
+    async def unfinished(self) -> list[Batch]:
+        def read(db: sqlite3.Connection) -> list[Batch]:
+            rows = db.execute(
+                "SELECT id, owner, columns, status, message, created_at, started_at, "
+                "finished_at, xlsx_name, retry_of FROM batches "
+                "WHERE status IN ('queued', 'processing') ORDER BY created_at, rowid"
+            ).fetchall()
+            return [_batch(db, row) for row in rows]
+
+        return await self._run(read)
+
+    async def add_file(self, entry: FileEntry) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO files (name, owner, written_at, batch_id, template) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (entry.name, entry.owner, entry.written_at, entry.batch_id, int(entry.template)),
+            )
+        )
+
+    async def file(self, name: str) -> FileEntry | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT name, owner, written_at, batch_id, template FROM files WHERE name = ?",
+                (name,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return FileEntry(row[0], row[1], row[2], row[3], bool(row[4]))
+
+    async def forget_file(self, name: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM files WHERE name = ?", (name,)))
+
+    async def templates_of(self, owner: str) -> list[float]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT written_at FROM files WHERE owner = ? AND template ORDER BY written_at",
+                (owner,),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
+    async def expire(self, older_than: float) -> list[str]:
+        def write(db: sqlite3.Connection) -> list[str]:
+            with _transaction(db):
+                db.execute(
+                    "DELETE FROM batches WHERE finished_at IS NOT NULL AND finished_at < ?",
+                    (older_than,),
+                )
+                # A workbook goes with its batch; a template once it is old enough.
+                names = [
+                    row[0]
+                    for row in db.execute(
+                        "SELECT name FROM files WHERE written_at < ? AND batch_id NOT IN "
+                        "(SELECT id FROM batches)",
+                        (older_than,),
+                    )
+                ]
+                db.executemany("DELETE FROM files WHERE name = ?", ((name,) for name in names))
+                return names
+
+        return await self._run(write)
+
+
+class _transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on error, mapped to ``StoreError``."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _: Any
+    ) -> None:
+        if error is None:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error as exc:
+                error = exc
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        if isinstance(error, sqlite3.Error):
+            raise StoreError(f"The SQLite store cannot be written: {error}") from error
+
+
+def _apply(db: sqlite3.Connection, change: Change) -> None:
+    match change:
+        case ExecutionEnded(batch_id, index, outcome, prompt_sent):
+            db.execute(
+                "UPDATE executions SET status = ?, prompt_sent = ?, result = ?, error = ?, "
+                "latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ? "
+                "WHERE batch_id = ? AND idx = ?",
+                (
+                    outcome.status.value,
+                    _text(prompt_sent),
+                    _text(outcome.result),
+                    _text(outcome.error),
+                    outcome.latency_ms,
+                    outcome.attempts,
+                    outcome.prompt_tokens,
+                    outcome.completion_tokens,
+                    batch_id,
+                    index,
+                ),
+            )
+        case ExecutionStarted(batch_id, index, prompt_sent, attempts):
+            db.execute(
+                "UPDATE executions SET status = 'running', prompt_sent = ?, attempts = ? "
+                "WHERE batch_id = ? AND idx = ?",
+                (_text(prompt_sent), attempts, batch_id, index),
+            )
+        case BatchStarted(batch_id, started_at):
+            db.execute(
+                "UPDATE batches SET status = 'processing', message = ?, started_at = ? "
+                "WHERE id = ?",
+                ("Batch execution in progress.", started_at, batch_id),
+            )
+        case BatchEnded(batch_id, status, message, finished_at, xlsx_name):
+            db.execute(
+                "UPDATE batches SET status = ?, message = ?, finished_at = ?, xlsx_name = ? "
+                "WHERE id = ?",
+                (status.value, message, finished_at, xlsx_name, batch_id),
+            )
+
+
+def _batch(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
+    batch_id, owner, columns, status, message, created_at, started_at, finished_at = row[:8]
+    executions = [
+        Execution(
+            index=idx,
+            model=model,
+            cells=json.loads(cells),
+            status=ExecutionStatus(execution_status),
+            prompt_sent=prompt_sent,
+            result=result,
+            error=error,
+            latency_ms=latency_ms,
+            attempts=attempts,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        for (
+            idx,
+            model,
+            cells,
+            execution_status,
+            prompt_sent,
+            result,
+            error,
+            latency_ms,
+            attempts,
+            prompt_tokens,
+            completion_tokens,
+        ) in db.execute(_SELECT_EXECUTIONS, (batch_id,))
+    ]
+    return Batch(
+        id=batch_id,
+        owner=owner,
+        columns=tuple(json.loads(columns)),
+        executions=executions,
+        created_at=created_at,
+        status=BatchStatus(status),
+        message=message,
+        started_at=started_at,
+        finished_at=finished_at,
+        xlsx_name=row[8],
+        retry_of=row[9],
+    )
+
+
+def _text(value: str | None) -> str | None:
+    """``value`` as SQLite can hold it: lone surrogates become U+FFFD, as in the workbook."""
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration file, comments dropped (none holds a ``;`` in a string)."""
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
