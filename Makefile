@@ -42,6 +42,14 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-.PHONY: bench
+.PHONY: bench hostile stress
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks
+
+# The hardening issue's defects replayed against a real server, with peak RSS and /health latency.
+hostile: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.hostile
+
+# SIGKILLs of a real server during batches: rows lost (must be 0) and calls sent twice.
+stress: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.stress
