@@ -8,7 +8,9 @@ import contextlib
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -44,14 +46,18 @@ from batchexec.errors import ConfigError, ConflictError, InputError
 from batchexec.events import Event
 from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
 from batchexec.inputs import plan_rows
+from batchexec.planning import BatchPlan
 from batchexec.providers import Provider
-from batchexec.records import Batch, ExecutionStatus, progress_counts
+from batchexec.records import Batch, BatchStatus, ExecutionStatus, progress_counts
 from batchexec.registry import Registry
 from batchexec.runtime import limits_from, open_runtime
+from batchexec.store import StoreError
 from batchexec.store.memory import MemoryStore
+from batchexec.store.sqlite import SQLiteStore
 
 #: Whose batch it is, for the registry; there is only ever one here.
 _OWNER = "cli"
+_STOPPED = "Cancelled by request."
 _PROBLEMS_SHOWN = 5
 
 _EPILOG = f"""\
@@ -73,8 +79,13 @@ The rows are checked first, against the same limits and catalog as the server
 is sent to a model unless every row is valid. Progress goes to standard error:
 a live bar on a terminal, otherwise a line every --progress-every seconds.
 
-Ctrl-C once cancels the batch and writes the outputs with the rows that
-finished; Ctrl-C again quits at once.
+The run is journaled to OUT.xlsx.journal (--journal to choose the file): if
+it is killed, or stopped with Ctrl-C, running the same command again continues
+it, without sending a finished row again (rows that were running are sent
+again); --fresh starts over instead. The journal is removed once the run ends.
+
+Ctrl-C once stops the batch and writes the outputs with the rows that
+finished (the others show as cancelled); Ctrl-C again quits at once.
 
 exit status: 0 every row succeeded, 1 some rows did not, 2 bad input or
 configuration (nothing was run), 130 interrupted.
@@ -116,6 +127,17 @@ def register(commands: Commands) -> None:
         type=positive_float,
         help="seconds for one execution, retries included (overrides EXECUTION_TIMEOUT)",
     )
+    parser.add_argument(
+        "--journal",
+        metavar="PATH",
+        type=Path,
+        help="where the run is journaled, to be continued (default: OUT.xlsx.journal)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the journal of an earlier run of this command and start over",
+    )
     add_progress_option(parser)
     parser.set_defaults(handler=command)
 
@@ -147,6 +169,8 @@ def command(args: argparse.Namespace) -> int:
                 catalog,
                 output=args.output,
                 csv_output=args.csv,
+                journal=args.journal or journal_for(args.output),
+                fresh=args.fresh,
                 stream=stream,
                 every_s=args.progress_every,
             )
@@ -154,9 +178,17 @@ def command(args: argparse.Namespace) -> int:
     except InputError as exc:
         print_problems(exc, source.label, source.rows, stream)
         return EXIT_USAGE
+    except StoreError as exc:
+        print(f"batchexec: {exc}", file=stream)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("\nbatchexec: interrupted before the batch started.", file=stream)
         return EXIT_INTERRUPTED
+
+
+def journal_for(output: Path) -> Path:
+    """Where the run writing ``output`` is journaled by default: beside it."""
+    return output.with_name(output.name + ".journal")
 
 
 async def run_batch(
@@ -166,6 +198,8 @@ async def run_batch(
     *,
     output: Path,
     csv_output: Path | None = None,
+    journal: Path | None = None,
+    fresh: bool = False,
     stream: TextIO,
     live: bool | None = None,
     every_s: float = DEFAULT_EVERY_S,
@@ -174,40 +208,122 @@ async def run_batch(
 ) -> int:
     """Validate, run and write the outputs of ``source``; returns the exit code.
 
-    Raises ``InputError`` listing every problem before any model is called.
-    ``exit_now`` ends the process on a second Ctrl-C.
+    Raises ``InputError`` listing every problem before any model is called,
+    and ``StoreError`` when the journal cannot be used. With a ``journal``
+    (None keeps nothing), an earlier run of the same rows that did not end is
+    continued (``fresh`` discards it). ``exit_now`` ends the process on a
+    second Ctrl-C.
     """
     loop = asyncio.get_running_loop()
     async with open_runtime(settings, catalog, extra_providers) as runtime:
         plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
         warn_unconfigured(plan, runtime.providers, source.rows, stream)
-        registry = Registry(MemoryStore())
+        if journal is not None and fresh:
+            _remove_journal(journal)
+        if journal is not None:
+            try:
+                journal.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"--journal: cannot create {journal.parent}: {exc}") from exc
+        store = MemoryStore() if journal is None else SQLiteStore(journal, setting="--journal")
+        await store.open()
+        registry = Registry(store)
+        await registry.start()
         # The server keeps its own copy of each workbook; a run from the terminal
         # writes only the files it was asked for.
         engine = Engine(settings, registry, runtime.providers)
         started_s = loop.time()
         try:
-            batch = await engine.submit(_OWNER, plan)
-            interrupts = Interrupts(lambda: engine.cancel(batch.id), stream, exit_now=exit_now)
+            batch = await _start(engine, registry, plan, journal, stream)
+            stopped = asyncio.Event()
+
+            async def stop() -> None:
+                # Left in the journal, not cancelled: the next run continues it.
+                await engine.close()
+                stopped.set()
+
+            interrupts = Interrupts(stop, stream, exit_now=exit_now)
             display = ProgressDisplay(stream, total=len(plan.rows), live=live, every_s=every_s)
             with interrupts.installed(loop):
                 with registry.events.watch(batch.id) as events:
                     async with showing(display):
-                        await _follow(events, batch, display)
+                        await _follow(events, batch, display, stopped)
                 await interrupts.settled()
                 elapsed_s = loop.time() - started_s
+                shown = _as_stopped(batch) if interrupts.count else batch
                 written, failures = await asyncio.to_thread(
-                    _write_outputs, batch, output, csv_output
+                    _write_outputs, shown, output, csv_output
                 )
         finally:
             await engine.close()
-    summary = _summary(batch, source, elapsed_s, written)
+            await registry.close()
+            await store.close()
+    if journal is not None:
+        if interrupts.count:
+            print(
+                f"batchexec: the run is kept in {journal}; run the same command again "
+                "to continue it",
+                file=stream,
+            )
+        elif not failures:
+            _remove_journal(journal)
+    summary = _summary(shown, source, elapsed_s, written)
     print(summary.render(), file=stream)
     for failure in failures:
         print(f"batchexec: {failure}", file=stream)
     if interrupts.count:
         return EXIT_INTERRUPTED
     return EXIT_OK if summary.all_succeeded and not failures else EXIT_FAILED
+
+
+async def _start(
+    engine: Engine, registry: Registry, plan: BatchPlan, journal: Path | None, stream: TextIO
+) -> Batch:
+    """Continue the journal's unfinished run of these rows, else start a new one."""
+    for earlier in await registry.resumable():
+        rows = [dict(row.cells) for row in plan.rows]
+        if (
+            list(earlier.columns) != list(plan.columns)
+            or [dict(execution.cells) for execution in earlier.executions] != rows
+        ):
+            raise StoreError(
+                f"{journal} holds an unfinished run of other rows; run that command "
+                "again to finish it, or pass --fresh to discard it"
+            )
+        done = sum(1 for execution in earlier.executions if execution.status.finished)
+        print(
+            f"batchexec: continuing the run in {journal}: {done} of "
+            f"{len(earlier.executions)} rows had finished",
+            file=stream,
+        )
+        engine.resume(earlier, plan)
+        return earlier
+    return await engine.submit(_OWNER, plan)
+
+
+def _remove_journal(journal: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        journal.with_name(journal.name + suffix).unlink(missing_ok=True)
+
+
+def _as_stopped(batch: Batch) -> Batch:
+    """The batch as its outputs show it after Ctrl-C: rows not ended read ``cancelled``.
+
+    A copy: the journal keeps those rows unfinished, for the next run.
+    """
+    executions = [
+        execution
+        if execution.status.finished
+        else replace(execution, status=ExecutionStatus.CANCELLED, error=_STOPPED)
+        for execution in batch.executions
+    ]
+    return replace(
+        batch,
+        executions=executions,
+        counts=Counter(execution.status for execution in executions),
+        status=BatchStatus.CANCELLED,
+        message="Batch cancelled (stopped by Ctrl-C); finished executions kept.",
+    )
 
 
 class Interrupts:
@@ -268,9 +384,21 @@ class Interrupts:
             await self._cancel()
 
 
-async def _follow(events: asyncio.Queue[Event], batch: Batch, display: ProgressDisplay) -> None:
-    """Feed the display the batch's progress until it is done."""
-    while (event := await events.get()).name != "done":
+async def _follow(
+    events: asyncio.Queue[Event], batch: Batch, display: ProgressDisplay, stopped: asyncio.Event
+) -> None:
+    """Feed the display the batch's progress until it is done, or stopped."""
+    while not stopped.is_set():
+        getting = asyncio.ensure_future(events.get())
+        stopping = asyncio.ensure_future(stopped.wait())
+        await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not getting.done():
+            getting.cancel()
+            break
+        event = getting.result()
+        if event.name == "done":
+            break
         if event.name == "progress":
             display.update(event.data)
     display.update(progress_counts(batch.counts))

@@ -66,9 +66,11 @@ class SQLiteStore(BatchStore):
 
     durable = True
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, setting: str = "DATABASE_URL") -> None:
+        """``setting`` is what errors name as the source of ``path``."""
         super().__init__()
         self.path = path
+        self._setting = setting
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
 
@@ -86,12 +88,12 @@ class SQLiteStore(BatchStore):
             self._db, self._secret = await loop.run_in_executor(self._thread, self._open)
         except sqlite3.Error as exc:
             raise StoreError(
-                f"DATABASE_URL: cannot use the SQLite file {self.path}: {exc}"
+                f"{self._setting}: cannot use the SQLite file {self.path}: {exc}"
             ) from exc
 
     def _open(self) -> tuple[sqlite3.Connection, bytes]:
         if self.path.parent != Path() and not self.path.parent.is_dir():
-            raise StoreError(f"DATABASE_URL: the folder {self.path.parent} does not exist")
+            raise StoreError(f"{self._setting}: the folder {self.path.parent} does not exist")
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         try:
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -99,11 +101,11 @@ class SQLiteStore(BatchStore):
             newest = latest(_DIALECT)
             if version > newest:
                 raise StoreError(
-                    f"DATABASE_URL: {self.path} was written by a newer batchexec (schema "
+                    f"{self._setting}: {self.path} was written by a newer batchexec (schema "
                     f"{version}; this one knows up to {newest}); upgrade batchexec"
                 )
             if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-                raise StoreError(f"DATABASE_URL: {self.path} cannot use WAL mode")
+                raise StoreError(f"{self._setting}: {self.path} cannot use WAL mode")
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute("PRAGMA foreign_keys = ON")
             for migration in migrations(_DIALECT)[version:]:
@@ -124,7 +126,7 @@ class SQLiteStore(BatchStore):
                     raise
             row = db.execute("SELECT value FROM meta WHERE key = 'secret'").fetchone()
             if row is None:
-                raise StoreError(f"DATABASE_URL: {self.path} has no secret; is it batchexec's?")
+                raise StoreError(f"{self._setting}: {self.path} has no secret; is it batchexec's?")
             return db, bytes(row[0])
         except BaseException:
             db.close()
