@@ -302,7 +302,7 @@ async def _start(
 
 
 def _remove_journal(journal: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", ".lock"):
         journal.with_name(journal.name + suffix).unlink(missing_ok=True)
 
 

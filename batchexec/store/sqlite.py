@@ -16,6 +16,7 @@ by a newer batchexec is refused.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import re
 import secrets
@@ -24,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Summary
 from batchexec.store.base import (
@@ -73,6 +74,7 @@ class SQLiteStore(BatchStore):
         self._setting = setting
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
+        self._lock: BinaryIO | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         def in_thread() -> _T:
@@ -94,6 +96,7 @@ class SQLiteStore(BatchStore):
     def _open(self) -> tuple[sqlite3.Connection, bytes]:
         if self.path.parent != Path() and not self.path.parent.is_dir():
             raise StoreError(f"{self._setting}: the folder {self.path.parent} does not exist")
+        self._lock = self._claim()
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         try:
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -130,6 +133,9 @@ class SQLiteStore(BatchStore):
             return db, bytes(row[0])
         except BaseException:
             db.close()
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
             raise
 
     async def close(self) -> None:
@@ -137,6 +143,31 @@ class SQLiteStore(BatchStore):
             await self._run(lambda db: db.close())
             self._db = None
         self._thread.shutdown(wait=True)
+        if self._lock is not None:
+            self._lock.close()  # and with it the claim
+            self._lock = None
+
+    def _claim(self) -> BinaryIO:
+        """Hold ``PATH.lock`` for as long as the store is open: one process a file.
+
+        Two processes on one file would both resume its unfinished batches and
+        send their rows twice; the second is refused at once instead. The
+        claim is an advisory lock the kernel drops when the process dies.
+        """
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            lock = lock_path.open("ab")
+        except OSError as exc:
+            raise StoreError(f"{self._setting}: cannot create {lock_path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise StoreError(
+                f"{self._setting}: {self.path} is in use by another batchexec process; "
+                "a SQLite store serves one process"
+            ) from None
+        return lock
 
     async def create(self, batch: Batch) -> None:
         def write(db: sqlite3.Connection) -> None:
