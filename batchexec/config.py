@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     database_url: Annotated[str, _env("DATABASE_URL", "database_url")] = "sqlite:///batchexec.db"
     batch_cache_bytes: Annotated[
         int, _env("BATCH_CACHE_BYTES", "batch_cache_bytes"), Field(ge=0)
-    ] = 64 * 1024 * 1024
+    ] = 8 * 1024 * 1024
 
     openai_base_url: Annotated[str | None, _env("OPENAI_BASE_URL", "openai_base_url")] = None
     watsonx_url: Annotated[str | None, _env("WATSONX_URL", "watsonx_url")] = None

@@ -60,7 +60,7 @@ class Registry:
         self,
         store: BatchStore,
         *,
-        cache_bytes: int = 64 * 1024 * 1024,
+        cache_bytes: int = 8 * 1024 * 1024,
         events: EventHub | None = None,
     ) -> None:
         self.store = store

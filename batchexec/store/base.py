@@ -26,7 +26,7 @@ class StoreError(BatchexecError):
     """The store cannot be opened or written; the message says what to do."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchStarted:
     """A batch got a slot and its rows begin."""
 
@@ -34,7 +34,7 @@ class BatchStarted:
     started_at: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ExecutionStarted:
     """Row ``index`` was sent to its model; ``attempts`` counts this run's first call."""
 
@@ -44,7 +44,7 @@ class ExecutionStarted:
     attempts: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ExecutionEnded:
     """Row ``index`` ended; ``prompt_sent`` is None for a row never sent."""
 
@@ -54,7 +54,7 @@ class ExecutionEnded:
     prompt_sent: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchEnded:
     """A batch ended as ``status``, with its workbook's name if one was written."""
 

@@ -55,6 +55,15 @@ _SELECT_EXECUTIONS = (
     "SELECT idx, model, cells, status, prompt_sent, result, error, latency_ms, attempts, "
     "prompt_tokens, completion_tokens FROM executions WHERE batch_id = ? ORDER BY idx"
 )
+_UPDATE_STARTED = (
+    "UPDATE executions SET status = 'running', prompt_sent = ?, attempts = ? "
+    "WHERE batch_id = ? AND idx = ?"
+)
+_UPDATE_ENDED = (
+    "UPDATE executions SET status = ?, prompt_sent = ?, result = ?, error = ?, "
+    "latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ? "
+    "WHERE batch_id = ? AND idx = ?"
+)
 _SELECT_SUMMARIES = (
     "SELECT id, status, message, created_at, finished_at, retry_of FROM batches "
     "WHERE owner = ? AND (? IS NULL OR status = ?) "
@@ -214,8 +223,12 @@ class SQLiteStore(BatchStore):
 
     async def apply(self, changes: Sequence[Change]) -> None:
         def write(db: sqlite3.Connection) -> None:
+            # Here, not on the event loop: a group can hold thousands of changes.
+            started, ended, batches = _coalesced(changes)
             with _transaction(db):
-                for change in changes:
+                db.executemany(_UPDATE_STARTED, started)
+                db.executemany(_UPDATE_ENDED, ended)
+                for change in batches:
                     _apply(db, change)
 
         await self._run(write)
@@ -349,32 +362,46 @@ class _transaction:
             raise StoreError(f"The SQLite store cannot be written: {error}") from error
 
 
+def _coalesced(
+    changes: Sequence[Change],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[Change]]:
+    """A group's changes as rows' starts and ends to write in bulk, and the batches' changes.
+
+    A row's end overwrites everything its start wrote, so a start whose end
+    is in the same group is not written at all: a fast row costs one update,
+    not two. Rows are independent of each other and of their batch's record,
+    so writing each kind in bulk leaves the same state as writing in order.
+    """
+    started: dict[tuple[str, int], tuple[Any, ...]] = {}
+    ended: dict[tuple[str, int], tuple[Any, ...]] = {}
+    batches: list[Change] = []
+    text = _text
+    for change in changes:
+        if isinstance(change, ExecutionEnded):
+            key = (change.batch_id, change.index)
+            started.pop(key, None)
+            outcome = change.outcome
+            ended[key] = (
+                outcome.status.value,
+                text(change.prompt_sent),
+                text(outcome.result),
+                text(outcome.error),
+                outcome.latency_ms,
+                outcome.attempts,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                *key,
+            )
+        elif isinstance(change, ExecutionStarted):
+            key = (change.batch_id, change.index)
+            started[key] = (text(change.prompt_sent), change.attempts, *key)
+        else:
+            batches.append(change)
+    return list(started.values()), list(ended.values()), batches
+
+
 def _apply(db: sqlite3.Connection, change: Change) -> None:
     match change:
-        case ExecutionEnded(batch_id, index, outcome, prompt_sent):
-            db.execute(
-                "UPDATE executions SET status = ?, prompt_sent = ?, result = ?, error = ?, "
-                "latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ? "
-                "WHERE batch_id = ? AND idx = ?",
-                (
-                    outcome.status.value,
-                    _text(prompt_sent),
-                    _text(outcome.result),
-                    _text(outcome.error),
-                    outcome.latency_ms,
-                    outcome.attempts,
-                    outcome.prompt_tokens,
-                    outcome.completion_tokens,
-                    batch_id,
-                    index,
-                ),
-            )
-        case ExecutionStarted(batch_id, index, prompt_sent, attempts):
-            db.execute(
-                "UPDATE executions SET status = 'running', prompt_sent = ?, attempts = ? "
-                "WHERE batch_id = ? AND idx = ?",
-                (_text(prompt_sent), attempts, batch_id, index),
-            )
         case BatchStarted(batch_id, started_at):
             db.execute(
                 "UPDATE batches SET status = 'processing', message = ?, started_at = ? "
