@@ -206,8 +206,7 @@ class Engine:
         """End (or leave) a batch whose task was cancelled; its outputs are not written."""
         failure = self._failures.get(batch.id)
         if failure is not None:
-            self._end(batch, "The batch failed before this execution ended.")
-            self._registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed: {failure}")
+            self._registry.fail(batch, f"Batch failed: {failure}")
         elif self._leaves_unfinished(batch):
             self._registry.leave(batch)
         else:
@@ -378,6 +377,11 @@ class Engine:
         self._registry.start_execution(batch, row.index, prompt, earlier + 1)
         outcome = await self._execute(row, prompt, earlier)
         self._registry.finish_execution(batch, row.index, outcome, prompt)
+        # The worker takes no other row until this one's end is durable: a process
+        # killed at any moment then sends again only the rows in flight, one a
+        # worker, and a dependent only ever uses a stored output. Commits are
+        # grouped, so this costs one commit's wait, shared by every worker.
+        await self._registry.flush()
         if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
             outputs[row.index] = outcome.result
 

@@ -48,6 +48,22 @@ def done_event(batch: Batch) -> Event:
     return Event("done", {"status": batch.status.value, "message": batch.message})
 
 
+def interrupted_event(batch: Batch) -> Event:
+    """The ``interrupted`` event: this process stops, and the batch resumes where it restarts."""
+    return Event(
+        "interrupted",
+        {
+            "status": batch.status.value,
+            "message": "The server is stopping; the batch resumes when it starts again. "
+            "Reconnect to follow it.",
+        },
+    )
+
+
+#: Events after which a stream has nothing more to send.
+FINAL_EVENTS = frozenset({"done", "interrupted"})
+
+
 class EventHub:
     """Queues of the watchers of each batch, by batch id."""
 

@@ -26,7 +26,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from batchexec.errors import NotFoundError
-from batchexec.events import EventHub, done_event, execution_event, progress_event
+from batchexec.events import (
+    EventHub,
+    done_event,
+    execution_event,
+    interrupted_event,
+    progress_event,
+)
 from batchexec.planning import BatchPlan
 from batchexec.records import (
     Batch,
@@ -288,8 +294,42 @@ class Registry:
         self._record(BatchEnded(batch.id, status, message, finished_at, batch.xlsx_name), visible)
 
     def leave(self, batch: Batch) -> None:
-        """Let go of an unfinished batch without ending it: a later process resumes it."""
+        """Let go of an unfinished batch without ending it: a later process resumes it.
+
+        Its watchers get ``interrupted``, so an event stream ends rather than
+        waiting for a ``done`` that this process will not send.
+        """
         self._active.pop(batch.id, None)
+        self.events.publish(batch.id, interrupted_event(batch))
+
+    def fail(self, batch: Batch, message: str) -> None:
+        """End a batch whose changes the store refused: ``failed``, shown at once.
+
+        What the store could not write was never shown (see ``_write_forever``);
+        this end is shown whether or not it can be written, since this process
+        will not go on with the batch. A later process resumes it from what the
+        store holds.
+        """
+        reason = "The batch failed before this execution ended."
+        for execution in batch.executions:
+            if not execution.status.finished:
+                cancelled = Outcome(
+                    ExecutionStatus.CANCELLED, error=reason, attempts=execution.attempts
+                )
+                _end(batch, execution, cancelled)
+                self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), _nothing)
+        finished_at = time.time()
+        batch.status = BatchStatus.FAILED
+        batch.message = message
+        batch.finished_at = finished_at
+        batch.plan = None
+        self._active.pop(batch.id, None)
+        self._finished.put(batch)
+        self.events.publish(batch.id, progress_event(batch), done_event(batch))
+        self._record(
+            BatchEnded(batch.id, BatchStatus.FAILED, message, finished_at, batch.xlsx_name),
+            _nothing,
+        )
 
     async def flush(self) -> None:
         """Wait until every change recorded so far is durable and visible."""
@@ -297,11 +337,11 @@ class Registry:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def visible() -> None:
+        def barrier() -> None:
             if not done.done():
                 done.set_result(None)
 
-        self._record(None, visible)
+        self._record(None, barrier)
         await asyncio.shield(done)
 
     async def expire(self, older_than: float) -> list[str]:
@@ -329,15 +369,18 @@ class Registry:
             try:
                 if changes:
                     await self.store.apply(changes)
-            except StoreError as exc:
-                log.error("could not write %d changes: %s", len(changes), exc)
+            except Exception as exc:
+                error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+                log.error("could not write %d changes: %s", len(changes), error)
+                # Not shown: a client must never see what a restart would take back.
+                # Each batch they touch fails; waiters on a flush are let go.
+                for _, visible in group:
+                    if visible is _nothing or visible.__name__ == _BARRIER:
+                        visible()
                 for batch_id in dict.fromkeys(change.batch_id for change in changes):
                     if self.on_store_failure is not None:
-                        self.on_store_failure(batch_id, exc)
-            except Exception:
-                log.exception("could not write %d changes", len(changes))
-            # Shown even when the write failed: this process goes on with them, and
-            # the batch fails; a restart resumes it from what the store holds.
+                        self.on_store_failure(batch_id, error)
+                continue
             for _, visible in group:
                 visible()
 
@@ -374,6 +417,14 @@ class _BatchCache:
             if batch.finished_at is not None and batch.finished_at < older_than:
                 del self._batches[batch_id]
                 self._size -= size
+
+
+def _nothing() -> None:
+    """What a change shown before it was written makes visible when written: nothing more."""
+
+
+#: The name of the callbacks that only mark a point in the queue (``flush``).
+_BARRIER = "barrier"
 
 
 def _end(batch: Batch, execution: Execution, outcome: Outcome) -> None:

@@ -154,9 +154,14 @@ def malformed(wire: Wire, *path: str | int) -> RetryableProviderError:
     return RetryableProviderError(f"{wire.label}: the response has no {where.lstrip('.')}")
 
 
+#: Counts above this (JSON's largest exact integer) are no token counts; a store could not
+#: hold them either.
+_MAX_TOKEN_COUNT = 2**53
+
+
 def token_count(value: object) -> int | None:
     """A token count from a response; None when absent or not a count, never a made-up 0."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_TOKEN_COUNT:
         return value
     return None
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
-import re
 import secrets
 import sqlite3
 from collections import Counter
@@ -44,8 +43,6 @@ _T = TypeVar("_T")
 _DIALECT = "sqlite"
 #: How long a query waits for another process's lock before it fails.
 _BUSY_TIMEOUT_MS = 5000
-#: Lone surrogates (JSON text can carry them) have no UTF-8 form for SQLite.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _INSERT_EXECUTION = (
     "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
     "latency_ms, attempts, prompt_tokens, completion_tokens) "
@@ -86,11 +83,19 @@ class SQLiteStore(BatchStore):
         self._lock: BinaryIO | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` on the store's thread; every SQLite error is a ``StoreError``."""
+
         def in_thread() -> _T:
             if self._db is None:
                 raise StoreError("The SQLite store is not open.")
-            return work(self._db)
+            try:
+                return work(self._db)
+            except (sqlite3.Error, OverflowError) as exc:
+                # OverflowError: an integer past SQLite's 64 bits (a provider's usage count).
+                raise StoreError(f"The SQLite store cannot be used: {exc}") from exc
 
+        if self._db is None:
+            raise StoreError("The SQLite store is not open.")
         return await asyncio.get_running_loop().run_in_executor(self._thread, in_thread)
 
     async def open(self) -> None:
@@ -190,7 +195,7 @@ class SQLiteStore(BatchStore):
                         batch.owner,
                         json.dumps(batch.columns),
                         batch.status.value,
-                        batch.message,
+                        _text(batch.message),
                         batch.created_at,
                         batch.started_at,
                         batch.finished_at,
@@ -204,7 +209,7 @@ class SQLiteStore(BatchStore):
                         (
                             batch.id,
                             e.index,
-                            e.model,
+                            _text(e.model),
                             json.dumps(e.cells),
                             e.status.value,
                             _text(e.prompt_sent),
@@ -262,7 +267,7 @@ class SQLiteStore(BatchStore):
                     Summary(
                         batch_id,
                         BatchStatus(batch_status),
-                        message,
+                        _read_text(message) or "",
                         created_at,
                         finished_at,
                         retry_of,
@@ -345,7 +350,11 @@ class _transaction:
         self._db = db
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            # Locked by another program past the busy timeout, or a broken file.
+            raise StoreError(f"The SQLite store cannot be written: {exc}") from exc
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, _: Any
@@ -412,7 +421,7 @@ def _apply(db: sqlite3.Connection, change: Change) -> None:
             db.execute(
                 "UPDATE batches SET status = ?, message = ?, finished_at = ?, xlsx_name = ? "
                 "WHERE id = ?",
-                (status.value, message, finished_at, xlsx_name, batch_id),
+                (status.value, _text(message), finished_at, xlsx_name, batch_id),
             )
 
 
@@ -421,12 +430,12 @@ def _batch(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
     executions = [
         Execution(
             index=idx,
-            model=model,
+            model=_read_text(model) or "",
             cells=json.loads(cells),
             status=ExecutionStatus(execution_status),
-            prompt_sent=prompt_sent,
-            result=result,
-            error=error,
+            prompt_sent=_read_text(prompt_sent),
+            result=_read_text(result),
+            error=_read_text(error),
             latency_ms=latency_ms,
             attempts=attempts,
             prompt_tokens=prompt_tokens,
@@ -453,7 +462,7 @@ def _batch(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
         executions=executions,
         created_at=created_at,
         status=BatchStatus(status),
-        message=message,
+        message=_read_text(message) or "",
         started_at=started_at,
         finished_at=finished_at,
         xlsx_name=row[8],
@@ -461,14 +470,25 @@ def _batch(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
     )
 
 
-def _text(value: str | None) -> str | None:
-    """``value`` as SQLite can hold it: lone surrogates become U+FFFD, as in the workbook."""
+def _text(value: str | None) -> str | bytes | None:
+    """``value`` as SQLite can hold it; ``_read_text`` gives it back exactly.
+
+    Text with a lone surrogate (JSON can carry one) has no UTF-8 form, so it
+    is kept as the bytes Python's ``surrogatepass`` makes of it instead.
+    """
     if value is None or value.isascii():
         return value
     try:
         value.encode()
     except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", value)
+        return value.encode("utf-8", "surrogatepass")
+    return value
+
+
+def _read_text(value: str | bytes | None) -> str | None:
+    """Text written by ``_text``, exactly as it was."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogatepass")
     return value
 
 

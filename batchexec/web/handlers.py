@@ -25,7 +25,7 @@ from batchexec.errors import (
     ShuttingDownError,
     StorageError,
 )
-from batchexec.events import Event, done_event, execution_event, progress_event
+from batchexec.events import FINAL_EVENTS, Event, done_event, execution_event, progress_event
 from batchexec.exports import csv_sheet, render_csv, results_sheet, template_sheet, write_xlsx
 from batchexec.inputs import (
     ZIP_MAGIC,
@@ -473,7 +473,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             await _send(response, request, batch, backlog)
             # Decided from what was sent, not from the batch now: the write above
             # may have waited for a slow client while the batch finished.
-            done = backlog[-1].name == "done"
+            done = backlog[-1].name in FINAL_EVENTS
             while not done:
                 try:
                     first = await asyncio.wait_for(queue.get(), _HEARTBEAT_S)
@@ -487,7 +487,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                 while not queue.empty():
                     events.append(queue.get_nowait())
                 await _send(response, request, batch, _coalesced(events))
-                done = any(event.name == "done" for event in events)
+                done = any(event.name in FINAL_EVENTS for event in events)
         except ConnectionResetError:
             pass  # the client went away; nothing to tell it
     return response
@@ -513,7 +513,7 @@ async def _send(
     chunks = []
     for event in events:
         data = dict(event.data)
-        if event.name == "done":
+        if event.name in FINAL_EVENTS:
             data["invocationId"] = batch.id
             data["xlsx_url"] = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
         chunks.append(f"event: {event.name}\ndata: {json.dumps(data)}\n\n")

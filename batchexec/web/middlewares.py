@@ -18,6 +18,7 @@ from batchexec.errors import (
     ShuttingDownError,
     StorageError,
 )
+from batchexec.store import StoreError
 from batchexec.web.keys import OWNER, REGISTRY, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = json_error(503, str(exc))
         response.headers["Retry-After"] = str(_SHUTDOWN_RETRY_AFTER_S)
         return response
-    except StorageError as exc:
+    except (StorageError, StoreError) as exc:
+        # A full or read-only disk, a locked database: the server's trouble, said plainly.
         log.warning("%s %s: %s", request.method, request.path, exc)
         return json_error(503, str(exc))
     except Exception:
