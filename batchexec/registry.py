@@ -75,6 +75,9 @@ class Registry:
         self._finished = _BatchCache(cache_bytes)
         #: Changes waiting for the next group commit, each with what it makes visible.
         self._pending: list[tuple[Change | None, Callable[[], None]]] = []
+        #: Resolved once the pending group is committed, and the one being written.
+        self._gathering: asyncio.Future[None] | None = None
+        self._writing: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         #: Told when a change could not be written, so the batch can be failed.
@@ -332,17 +335,20 @@ class Registry:
         )
 
     async def flush(self) -> None:
-        """Wait until every change recorded so far is durable and visible."""
+        """Wait until every change recorded so far is durable and visible.
+
+        Every caller waits on the one future of the group being gathered (the
+        groups commit in order, so it covers the group being written too): a
+        thousand workers flushing cost one future, not a thousand.
+        """
         if self._writer is None:
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def barrier() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        self._record(None, barrier)
-        await asyncio.shield(done)
+        if self._pending or self._gathering is not None:
+            if self._gathering is None:
+                self._gathering = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._gathering)
+        elif self._writing is not None:
+            await asyncio.shield(self._writing)
 
     async def expire(self, older_than: float) -> list[str]:
         """Forget finished batches and workbooks from before ``older_than`` (epoch seconds).
@@ -365,24 +371,35 @@ class Registry:
             await self._wake.wait()
             self._wake.clear()
             group, self._pending = self._pending, []
-            changes = [change for change, _ in group if change is not None]
-            try:
-                if changes:
-                    await self.store.apply(changes)
-            except Exception as exc:
-                error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
-                log.error("could not write %d changes: %s", len(changes), error)
-                # Not shown: a client must never see what a restart would take back.
-                # Each batch they touch fails; waiters on a flush are let go.
-                for _, visible in group:
-                    if visible is _nothing or visible.__name__ == _BARRIER:
-                        visible()
-                for batch_id in dict.fromkeys(change.batch_id for change in changes):
-                    if self.on_store_failure is not None:
-                        self.on_store_failure(batch_id, error)
-                continue
+            self._writing = self._gathering or asyncio.get_running_loop().create_future()
+            self._gathering = None
+            # In a method of its own, so the group (and the batches its changes
+            # hold) is let go as soon as it is written, not at the next one.
+            await self._commit(group)
+            del group
+            self._writing.set_result(None)
+            self._writing = None
+
+    async def _commit(self, group: list[tuple[Change | None, Callable[[], None]]]) -> None:
+        """Write ``group`` in one transaction; show it if written, else fail its batches."""
+        changes = [change for change, _ in group if change is not None]
+        try:
+            if changes:
+                await self.store.apply(changes)
+        except Exception as exc:
+            error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+            log.error("could not write %d changes: %s", len(changes), error)
+            # Not shown: a client must never see what a restart would take back.
+            # Each batch they touch fails.
             for _, visible in group:
-                visible()
+                if visible is _nothing:
+                    visible()
+            for batch_id in dict.fromkeys(change.batch_id for change in changes):
+                if self.on_store_failure is not None:
+                    self.on_store_failure(batch_id, error)
+            return
+        for _, visible in group:
+            visible()
 
 
 class _BatchCache:
@@ -421,10 +438,6 @@ class _BatchCache:
 
 def _nothing() -> None:
     """What a change shown before it was written makes visible when written: nothing more."""
-
-
-#: The name of the callbacks that only mark a point in the queue (``flush``).
-_BARRIER = "barrier"
 
 
 def _end(batch: Batch, execution: Execution, outcome: Outcome) -> None:
