@@ -1,9 +1,10 @@
 """``python -m benchmarks [SCENARIO ...]``: run the scenarios, print the table, write the files.
 
-With no argument every scenario runs, in about four minutes on two cores.
+With no argument every scenario runs, in about six minutes on two cores.
 Name scenarios to run only those (for profiling one of them), e.g.
-``python -m benchmarks xlsx``. Knobs: ``BENCH_RUNS`` (runs per figure,
-default 3), ``BENCH_FULL=1`` (the sequential baseline over all 2,000 rows).
+``python -m benchmarks xlsx``; ``store`` names the three store scenarios.
+Knobs: ``BENCH_RUNS`` (runs per figure, default 3), ``BENCH_FULL=1`` (the
+sequential baseline over all 2,000 rows).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import client as http
-from benchmarks import makespan, overhead, polling, report
+from benchmarks import makespan, overhead, polling, report, store
 from benchmarks.common import RESULTS_DIR, RUNS, Figure, Target, progress
 from benchmarks.memory import memory
 from benchmarks.profiling import profile_overhead
-from benchmarks.providers import providers
 from benchmarks.server import Server
 from benchmarks.xlsx import xlsx
 
@@ -34,7 +34,17 @@ HTTP_SCENARIOS: dict[str, Callable[[http.BatchClient], Awaitable[Figure]]] = {
     "overhead": overhead.overhead,
     "polling": polling.polling,
 }
-SCENARIOS = (*HTTP_SCENARIOS, "sequential", "profile", "providers", "xlsx")
+#: Scenarios that run against a SQLite server and a memory:// server of their own, side by side.
+STORE_PAIR_SCENARIOS: dict[
+    str, Callable[[http.BatchClient, http.BatchClient], Awaitable[Figure]]
+] = {
+    "store-rows": store.rows_per_s,
+    "store-makespan": store.makespan,
+}
+STORE_SCENARIOS = (*STORE_PAIR_SCENARIOS, "store-memory")
+SCENARIOS = (*HTTP_SCENARIOS, "sequential", "profile", "providers", "xlsx", *STORE_SCENARIOS)
+#: Names that stand for several scenarios.
+GROUPS = {"store": STORE_SCENARIOS}
 #: Each scenario's figure (key and title), in the issue's order: the table's.
 FIGURES = {
     "independent": ("makespan_independent", "makespan vs ideal, independent rows"),
@@ -45,6 +55,9 @@ FIGURES = {
     "xlsx": ("xlsx", "XLSX writing"),
     "polling": ("polling", "results polling"),
     "memory": ("memory", "memory"),
+    "store-rows": ("store_rows", "instant rows/s, SQLite vs memory://"),
+    "store-makespan": ("store_makespan", "makespan vs ideal, SQLite"),
+    "store-memory": ("store_memory", "memory after 50 batches vs 1, SQLite"),
 }
 ORDER = [key for key, _ in FIGURES.values()]
 WARM_UP_ROWS = 200
@@ -71,15 +84,18 @@ def _arguments(argv: list[str]) -> list[str]:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Run batchexec's benchmarks, print the table, write bench-results/.",
-        epilog=f"scenarios: {', '.join(SCENARIOS)} (all by default); memory is reported "
+        epilog=f"scenarios: {', '.join(SCENARIOS)} (all by default; store names the "
+        f"{len(STORE_SCENARIOS)} store scenarios); memory is reported "
         "whenever an HTTP scenario ran. BENCH_RUNS sets the runs a figure (default 3), "
         "BENCH_FULL=1 runs the sequential baseline over all 2,000 rows.",
     )
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO")
-    chosen: list[str] = parser.parse_args(argv).scenarios or list(SCENARIOS)
+    named: list[str] = parser.parse_args(argv).scenarios or list(SCENARIOS)
+    chosen = list(dict.fromkeys(n for name in named for n in GROUPS.get(name, (name,))))
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown:
-        parser.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
+        known = ", ".join([*SCENARIOS, *GROUPS])
+        parser.error(f"unknown scenario {', '.join(unknown)} (choose from {known})")
     if "sequential" in chosen and "independent" not in chosen:
         chosen.append("independent")  # its speed-up is over scenario 1's makespan
     return chosen
@@ -112,6 +128,31 @@ def _run_http(workdir: Path, chosen: list[str]) -> list[Figure]:
     return [*figures, memory(peak_mb, chosen)]
 
 
+async def _store_pair_scenarios(sqlite: Server, memory: Server, chosen: list[str]) -> list[Figure]:
+    figures: list[Figure] = []
+    async with http.session() as session:
+        on_sqlite = http.BatchClient(session, sqlite.url)
+        on_memory = http.BatchClient(session, memory.url)
+        progress("store", f"warming up both servers with {WARM_UP_ROWS} rows")
+        await store.warm_up(on_sqlite, on_memory)
+        for name in chosen:
+            progress(name, "starting")
+            try:
+                figures.append(await STORE_PAIR_SCENARIOS[name](on_sqlite, on_memory))
+            except Exception as error:
+                figures.append(_failed(name, error))
+    return figures
+
+
+def _run_store_pair(workdir: Path, chosen: list[str]) -> list[Figure]:
+    """The store scenarios that compare a SQLite server with a memory:// one."""
+    try:
+        with store.servers(workdir) as (sqlite, memory):
+            return asyncio.run(_store_pair_scenarios(sqlite, memory, chosen))
+    except Exception as error:
+        return [_failed(name, error) for name in chosen]
+
+
 def _median(figures: list[Figure], key: str) -> float | None:
     """The median of a figure's samples, if it ran and did not fail."""
     found = next((f for f in figures if f.key == key and "samples" in f.data), None)
@@ -136,14 +177,18 @@ def main(argv: list[str]) -> int:
         http_chosen = [name for name in HTTP_SCENARIOS if name in chosen]
         if http_chosen:
             figures += _run_http(workdir, http_chosen)
+        pair_chosen = [name for name in STORE_PAIR_SCENARIOS if name in chosen]
+        if pair_chosen:
+            figures += _run_store_pair(workdir, pair_chosen)
         steps: list[tuple[str, Callable[[], Figure | None]]] = [
             (
                 "sequential",
                 lambda: asyncio.run(makespan.sequential(_median(figures, "makespan_independent"))),
             ),
             ("profile", lambda: _profile(workdir, figures, extra)),
-            ("providers", lambda: providers(workdir)),
+            ("providers", lambda: _providers(workdir)),
             ("xlsx", lambda: xlsx(workdir)),
+            ("store-memory", lambda: store.memory_growth(workdir)),
         ]
         for name, step in steps:
             if name not in chosen:
@@ -159,13 +204,21 @@ def main(argv: list[str]) -> int:
     figures.sort(key=lambda figure: ORDER.index(figure.key))
     elapsed = time.perf_counter() - started
     report.write_json(RESULTS_DIR / "results.json", figures, extra, elapsed, revision)
-    report.plot(RESULTS_DIR / "bench.png", figures)
+    plotted = report.plot(RESULTS_DIR / "bench.png", figures)
     rendered = report.table(figures)
     (RESULTS_DIR / "table.md").write_text(rendered + "\n")
     print(rendered)
-    progress("harness", f"done in {elapsed:.0f} s; wrote {RESULTS_DIR}/results.json, bench.png")
+    wrote = "results.json, bench.png" if plotted else "results.json"
+    progress("harness", f"done in {elapsed:.0f} s; wrote {RESULTS_DIR}/{wrote}")
     failed = [f.key for f in figures if "error" in f.data] + list(extra.get("errors", {}))
     return 1 if failed else 0
+
+
+def _providers(workdir: Path) -> Figure:
+    """Scenario 5, imported only when it runs: it needs the ``bench`` extra's ``openai``."""
+    from benchmarks.providers import providers
+
+    return providers(workdir)
 
 
 def _profile(workdir: Path, figures: list[Figure], extra: dict[str, Any]) -> None:

@@ -120,9 +120,17 @@ def write_json(
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
-def plot(path: Path, figures: Sequence[Figure]) -> None:
-    """One bar per figure: its ratio over its bound, oriented so that >= 1 means met."""
-    import matplotlib
+def plot(path: Path, figures: Sequence[Figure]) -> bool:
+    """One bar per figure: its ratio over its bound (>= 1 means met); True if it was written.
+
+    Skipped, with a line on stderr, where matplotlib (the ``bench`` extra) is
+    missing: the table and ``results.json`` matter more than the picture.
+    """
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        print("benchmarks: matplotlib is not installed; no bench.png", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,7 +141,7 @@ def plot(path: Path, figures: Sequence[Figure]) -> None:
         if headroom is not None:
             shown.append((figure, headroom))
     if not shown:
-        return
+        return False
     fig, axes = plt.subplots(figsize=(9, 0.6 * len(shown) + 1.6))
     names = [f.title for f, _ in shown]
     values = [h for _, h in shown]
@@ -161,3 +169,4 @@ def plot(path: Path, figures: Sequence[Figure]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

@@ -23,6 +23,9 @@ _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 60.0
 #: Variables that would change what the server does and that the harness does not set.
 _CLEARED = ("OPENAI_BASE_URL", "SERVER_NAME", "HOST", "PORT")
+#: The package's default store: a SQLite file relative to the server's working directory.
+SQLITE_DEFAULT_URL = "sqlite:///batchexec.db"
+MEMORY_URL = "memory://"
 
 
 def free_port() -> int:
@@ -76,7 +79,8 @@ class Server:
     ``command`` replaces ``-m batchexec`` (the profiled launcher uses it). The
     server runs with ``workdir`` as its working directory, so no ``.env`` of the
     repository is read, and writes its log there rather than to a pipe that
-    could fill up.
+    could fill up. ``database_url`` becomes its ``DATABASE_URL``; the default,
+    a relative SQLite path, puts the database in ``workdir`` too.
     """
 
     def __init__(
@@ -86,9 +90,11 @@ class Server:
         max_threads: int = 100,
         command: Sequence[str] = ("-m", "batchexec"),
         name: str = "server",
+        database_url: str = SQLITE_DEFAULT_URL,
     ) -> None:
         self.workdir = workdir
         self.name = name
+        self.database_url = database_url
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._command = [sys.executable, *command, "serve", "--port", str(self.port)]
@@ -127,6 +133,7 @@ class Server:
                 "MAX_PROMPT_LENGTH": "100000",
                 "MAX_BODY_BYTES": str(64 * 1024 * 1024),
                 "SHUTDOWN_GRACE_S": "5",
+                "DATABASE_URL": self.database_url,
             }
         )
         with self.log_path.open("wb") as log:
@@ -143,11 +150,18 @@ class Server:
 
     def peak_rss_mb(self) -> float:
         """The server's peak resident memory so far (``VmHWM``), in MB."""
+        return self._status_mb("VmHWM")
+
+    def rss_mb(self) -> float:
+        """The server's resident memory now (``VmRSS``), in MB."""
+        return self._status_mb("VmRSS")
+
+    def _status_mb(self, field: str) -> float:
         status = Path(f"/proc/{self.pid}/status").read_text()
         for line in status.splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return mb(float(line.split()[1]))
-        raise RuntimeError("no VmHWM in /proc/<pid>/status")
+        raise RuntimeError(f"no {field} in /proc/<pid>/status")
 
     def stop(self) -> None:
         if self._process is None:
