@@ -172,7 +172,8 @@ class Summary:
     created_at: float
     finished_at: float | None
     retry_of: str | None
-    counts: Counter[ExecutionStatus]
+    #: None when the store keeps no counts for it (a batch not finished): ask the store.
+    counts: Counter[ExecutionStatus] | None
 
 
 def progress_counts(counts: Counter[ExecutionStatus]) -> dict[str, int]:

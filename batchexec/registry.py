@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 from batchexec.errors import NotFoundError
 from batchexec.events import (
@@ -156,8 +157,21 @@ class Registry:
     async def owned_by(
         self, owner: str, *, status: BatchStatus | None = None, limit: int
     ) -> list[Summary]:
-        """``owner``'s batches, newest first, of ``status`` when given, at most ``limit``."""
-        return await self.store.summaries(owner, status=status, limit=limit)
+        """``owner``'s batches, newest first, of ``status`` when given, at most ``limit``.
+
+        A running batch's counts are this process's: only what is durable is
+        shown, so they are the store's without counting its rows again.
+        """
+        found = await self.store.summaries(owner, status=status, limit=limit)
+        return [
+            summary if summary.counts is not None else await self._counted(summary)
+            for summary in found
+        ]
+
+    async def _counted(self, summary: Summary) -> Summary:
+        live = self._active.get(summary.id)
+        counts = live.counts.copy() if live is not None else await self.store.counts(summary.id)
+        return replace(summary, counts=counts)
 
     async def resumable(self) -> list[Batch]:
         """The batches a previous process left queued or running, now this one's to run.

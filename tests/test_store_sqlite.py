@@ -19,7 +19,7 @@ from batchexec.store import (
     FileEntry,
     StoreError,
 )
-from batchexec.store.migrations import latest
+from batchexec.store.migrations import latest, migrations
 from batchexec.store.sqlite import SQLiteStore
 
 OpenStore = Callable[..., Awaitable[SQLiteStore]]
@@ -338,7 +338,9 @@ async def test_summaries_are_the_owners_newest_first_with_counts_per_status(open
     middle = found[2]
     assert (middle.status, middle.created_at, middle.finished_at) == (done, 5.0, 6.0)
     assert middle.counts == {ExecutionStatus.SUCCEEDED: 1, ExecutionStatus.FAILED: 2}
-    assert found[0].counts == {ExecutionStatus.PENDING: 1}
+    # An unfinished batch's counts are not kept: the registry has them, or counts them.
+    assert found[0].counts is None
+    assert await store.counts("newest") == {ExecutionStatus.PENDING: 1}
     assert found[0].finished_at is None
 
     assert [s.id for s in await store.summaries("owner-a", status=None, limit=2)] == [
@@ -460,3 +462,34 @@ async def test_expire_forgets_old_finished_batches_and_names_exactly_the_files_t
     ]
     assert await store.templates_of("owner-a") == [150.0]
     assert await store.expire(older_than=100.0) == []
+
+
+async def test_a_database_of_an_earlier_version_is_migrated_keeping_its_batches(
+    open_store, tmp_path
+):
+    # A database as the first schema left it, with a finished batch in it.
+    path = tmp_path / "batchexec.db"
+    first = migrations("sqlite")[0]
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(first.sql)
+    db.execute("INSERT INTO meta (key, value) VALUES ('secret', ?)", (b"s" * 32,))
+    db.execute(
+        "INSERT INTO batches (id, owner, columns, status, message, created_at, finished_at) "
+        "VALUES ('old', 'owner-a', '[\"prompt\"]', 'completed', 'done', 1.0, 2.0)"
+    )
+    db.execute(
+        "INSERT INTO executions (batch_id, idx, model, cells, status, result, attempts) "
+        "VALUES ('old', 1, 'echo', '{\"prompt\": \"p\"}', 'succeeded', 'p', 1)"
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.close()
+
+    store = await open_store(path)
+    assert query(path, "PRAGMA user_version") == [(latest("sqlite"),)]
+    loaded = await store.load("old")
+    assert loaded is not None
+    assert loaded.executions[0].result == "p"
+    (summary,) = await store.summaries("owner-a", status=None, limit=10)
+    # Finished before counts were kept: the store counts its rows when asked.
+    assert summary.counts is None
+    assert await store.counts("old") == {ExecutionStatus.SUCCEEDED: 1}

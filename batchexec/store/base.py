@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from batchexec.errors import BatchexecError
-from batchexec.records import Batch, BatchStatus, Outcome, Summary
+from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome, Summary
 
 
 class StoreError(BatchexecError):
@@ -122,7 +123,16 @@ class BatchStore(ABC):
     async def summaries(
         self, owner: str, *, status: BatchStatus | None, limit: int
     ) -> list[Summary]:
-        """``owner``'s batches, newest first, of ``status`` when given, at most ``limit``."""
+        """``owner``'s batches, newest first, of ``status`` when given, at most ``limit``.
+
+        A finished batch's counts are the ones stored with its end; an
+        unfinished one's are None (see ``counts``), so a list costs no count
+        over rows the caller may hold in memory.
+        """
+
+    @abstractmethod
+    async def counts(self, batch_id: str) -> Counter[ExecutionStatus]:
+        """Batch ``batch_id``'s rows per status, as stored."""
 
     @abstractmethod
     async def unfinished(self) -> list[Batch]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 
-from batchexec.records import Batch, BatchStatus, Summary
+from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
 from batchexec.store.base import BatchStore, Change, FileEntry
 
 
@@ -58,6 +59,10 @@ class MemoryStore(BatchStore):
                 if len(found) == limit:
                     break
         return found
+
+    async def counts(self, batch_id: str) -> Counter[ExecutionStatus]:
+        batch = self._batches.get(batch_id)
+        return batch.counts.copy() if batch is not None else Counter()
 
     async def unfinished(self) -> list[Batch]:
         return []

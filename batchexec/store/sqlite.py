@@ -62,7 +62,7 @@ _UPDATE_ENDED = (
     "WHERE batch_id = ? AND idx = ?"
 )
 _SELECT_SUMMARIES = (
-    "SELECT id, status, message, created_at, finished_at, retry_of FROM batches "
+    "SELECT id, status, message, created_at, finished_at, retry_of, counts FROM batches "
     "WHERE owner = ? AND (? IS NULL OR status = ?) "
     "ORDER BY created_at DESC, rowid DESC LIMIT ?"
 )
@@ -186,10 +186,11 @@ class SQLiteStore(BatchStore):
     async def create(self, batch: Batch) -> None:
         def write(db: sqlite3.Connection) -> None:
             with _transaction(db):
+                counts = {str(state): n for state, n in batch.counts.items() if n}
                 db.execute(
                     "INSERT INTO batches (id, owner, columns, status, message, created_at, "
-                    "started_at, finished_at, xlsx_name, retry_of) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "started_at, finished_at, xlsx_name, retry_of, counts) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         batch.id,
                         batch.owner,
@@ -201,6 +202,7 @@ class SQLiteStore(BatchStore):
                         batch.finished_at,
                         batch.xlsx_name,
                         batch.retry_of,
+                        json.dumps(counts) if batch.status.finished else None,
                     ),
                 )
                 db.executemany(
@@ -255,26 +257,28 @@ class SQLiteStore(BatchStore):
         def read(db: sqlite3.Connection) -> list[Summary]:
             value = None if status is None else status.value
             rows = db.execute(_SELECT_SUMMARIES, (owner, value, value, limit)).fetchall()
-            found = []
-            for batch_id, batch_status, message, created_at, finished_at, retry_of in rows:
-                counts: Counter[ExecutionStatus] = Counter()
-                for execution_status, count in db.execute(
-                    "SELECT status, count(*) FROM executions WHERE batch_id = ? GROUP BY status",
-                    (batch_id,),
-                ):
-                    counts[ExecutionStatus(execution_status)] = count
-                found.append(
-                    Summary(
-                        batch_id,
-                        BatchStatus(batch_status),
-                        _read_text(message) or "",
-                        created_at,
-                        finished_at,
-                        retry_of,
-                        counts,
-                    )
+            return [
+                Summary(
+                    row[0],
+                    BatchStatus(row[1]),
+                    _read_text(row[2]) or "",
+                    row[3],
+                    row[4],
+                    row[5],
+                    _counts(row[6]),
                 )
-            return found
+                for row in rows
+            ]
+
+        return await self._run(read)
+
+    async def counts(self, batch_id: str) -> Counter[ExecutionStatus]:
+        def read(db: sqlite3.Connection) -> Counter[ExecutionStatus]:
+            rows = db.execute(
+                "SELECT status, count(*) FROM executions WHERE batch_id = ? GROUP BY status",
+                (batch_id,),
+            )
+            return Counter({ExecutionStatus(status): count for status, count in rows})
 
         return await self._run(read)
 
@@ -418,10 +422,25 @@ def _apply(db: sqlite3.Connection, change: Change) -> None:
                 ("Batch execution in progress.", started_at, batch_id),
             )
         case BatchEnded(batch_id, status, message, finished_at, xlsx_name):
+            # Counted here, in the transaction, after the group's rows: exact, and
+            # listing a finished batch then counts nothing.
+            counts = dict(
+                db.execute(
+                    "SELECT status, count(*) FROM executions WHERE batch_id = ? GROUP BY status",
+                    (batch_id,),
+                ).fetchall()
+            )
             db.execute(
-                "UPDATE batches SET status = ?, message = ?, finished_at = ?, xlsx_name = ? "
-                "WHERE id = ?",
-                (status.value, _text(message), finished_at, xlsx_name, batch_id),
+                "UPDATE batches SET status = ?, message = ?, finished_at = ?, xlsx_name = ?, "
+                "counts = ? WHERE id = ?",
+                (
+                    status.value,
+                    _text(message),
+                    finished_at,
+                    xlsx_name,
+                    json.dumps(counts),
+                    batch_id,
+                ),
             )
 
 
@@ -468,6 +487,13 @@ def _batch(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
         xlsx_name=row[8],
         retry_of=row[9],
     )
+
+
+def _counts(stored: str | None) -> Counter[ExecutionStatus] | None:
+    """Counts written with a batch's end, if it has ended."""
+    if stored is None:
+        return None
+    return Counter({ExecutionStatus(state): count for state, count in json.loads(stored).items()})
 
 
 def _text(value: str | None) -> str | bytes | None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -438,7 +439,8 @@ def _summary(batch: Summary) -> BatchSummary:
         invocationId=batch.id,
         status=batch.status,
         message=batch.message,
-        progress=Progress(**progress_counts(batch.counts)),
+        # The registry fills the counts the store does not keep.
+        progress=Progress(**progress_counts(batch.counts or Counter())),
         created_at=_utc(batch.created_at),
         finished_at=_utc(batch.finished_at) if batch.finished_at else None,
         retry_of=batch.retry_of,
