@@ -456,9 +456,7 @@ class Engine:
         # Rows ended just before (a cancel) must be in the outputs.
         await self._registry.flush()
         outputs = await self._outputs(batch)
-        await self._registry.set_outputs(
-            batch, csv_content=outputs.csv_content, xlsx_name=outputs.xlsx_name
-        )
+        await self._registry.set_outputs(batch, xlsx_name=outputs.xlsx_name)
         return outputs.note
 
 

@@ -156,12 +156,16 @@ def _widths(sheet: Sheet, sample: int = 200) -> list[float]:
 
 @dataclass(frozen=True)
 class Outputs:
-    """What writing a finished batch's outputs gave."""
+    """What writing a finished batch's outputs gave.
 
-    csv_content: str | None
+    The CSV content is not among them: it is rendered from the records when
+    asked (``render_csv(csv_sheet(batch))``), and kept rendered only with the
+    results answer, so a finished batch's record stays small.
+    """
+
     #: The workbook's file name in the results folder, when it was written.
     xlsx_name: str | None
-    #: Why an output is missing, for the batch's message.
+    #: Why it is missing, for the batch's message.
     note: str | None = None
 
 
@@ -170,14 +174,13 @@ OutputWriter = Callable[[Batch], Awaitable[Outputs]]
 
 
 def results_writer(folder: Path) -> OutputWriter:
-    """The server's outputs: the CSV content, and the workbook written to ``folder``.
+    """The server's outputs: the workbook, written to ``folder`` off the event loop.
 
-    Both are made off the event loop. A workbook that cannot be written (a
-    full or read-only disk) leaves the CSV content as it is and says why.
+    A workbook that cannot be written (a full or read-only disk) says why; the
+    CSV content, made from the records, is there all the same.
     """
 
     async def write(batch: Batch) -> Outputs:
-        csv_content = await asyncio.to_thread(lambda: render_csv(csv_sheet(batch)))
         path = folder / batch.file_name
         try:
             await asyncio.to_thread(write_xlsx, path, results_sheet(batch))
@@ -185,7 +188,7 @@ def results_writer(folder: Path) -> OutputWriter:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             log.error("batch %s: could not write its workbook: %s", batch.id, reason)
             note = f"The workbook could not be written ({reason}); the CSV content is complete."
-            return Outputs(csv_content, None, note)
-        return Outputs(csv_content, path.name)
+            return Outputs(None, note)
+        return Outputs(path.name)
 
     return write

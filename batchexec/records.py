@@ -133,7 +133,6 @@ class Batch:
     message: str = "Batch is queued."
     started_at: float | None = None
     finished_at: float | None = None
-    csv_content: str | None = None
     xlsx_name: str | None = None
     #: The batch whose failed rows this one reruns.
     retry_of: str | None = None
@@ -157,9 +156,8 @@ class Batch:
         return f"batch_execution_{batch_id}.xlsx"
 
     def size_bytes(self) -> int:
-        """About what the batch holds in memory, its CSV content included."""
-        rows = sum(execution.size_bytes() for execution in self.executions)
-        return 1000 + rows + len(self.csv_content or "")
+        """About what the batch holds in memory."""
+        return 1000 + sum(execution.size_bytes() for execution in self.executions)
 
 
 @dataclass(frozen=True)

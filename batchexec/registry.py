@@ -84,6 +84,8 @@ class Registry:
         #: Told when a change could not be written, so the batch can be failed.
         self.on_store_failure: StoreFailure | None = None
         self._templates_lock = asyncio.Lock()
+        #: Reads of finished batches from the store under way, by batch id.
+        self._loading: dict[str, asyncio.Future[Batch | None]] = {}
 
     async def start(self) -> None:
         """Start committing changes; call once the store is open."""
@@ -143,12 +145,25 @@ class Registry:
         """The batch ``batch_id`` if ``owner`` created it; otherwise ``NotFoundError``."""
         batch = self.cached(batch_id)
         if batch is None:
-            batch = await self.store.load(batch_id)
-            if batch is not None and batch.status.finished:
-                self._finished.put(batch)
+            batch = await self._load(batch_id)
         if batch is None or batch.owner != owner:
             raise NotFoundError("Invocation ID not found")
         return batch
+
+    async def _load(self, batch_id: str) -> Batch | None:
+        """The batch read back from the store; concurrent asks share one read."""
+        loading = self._loading.get(batch_id)
+        if loading is None:
+            loading = self._loading[batch_id] = asyncio.ensure_future(self.store.load(batch_id))
+            loading.add_done_callback(lambda _: self._loaded(batch_id))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, batch_id: str) -> None:
+        loading = self._loading.pop(batch_id)
+        if not loading.cancelled() and loading.exception() is None:
+            batch = loading.result()
+            if batch is not None and batch.status.finished:
+                self._finished.put(batch)
 
     def cached(self, batch_id: str) -> Batch | None:
         """The batch ``batch_id`` if it is in memory (running, or finished and cached)."""
@@ -286,11 +301,8 @@ class Registry:
             self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), visible)
         self._record(None, lambda: self.events.publish(batch.id, progress_event(batch)))
 
-    async def set_outputs(
-        self, batch: Batch, *, csv_content: str | None, xlsx_name: str | None
-    ) -> None:
-        """Record the batch's CSV content (kept in memory only) and its workbook."""
-        batch.csv_content = csv_content
+    async def set_outputs(self, batch: Batch, *, xlsx_name: str | None) -> None:
+        """Record the batch's workbook."""
         batch.xlsx_name = xlsx_name
         if xlsx_name is not None:
             await self.add_file(xlsx_name, batch.owner, batch_id=batch.id)

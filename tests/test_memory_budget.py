@@ -12,7 +12,7 @@ from batchexec.web.keys import ENGINE
 from tests.conftest import AUTH, RESULTS, submit
 
 MB = 1024 * 1024
-#: The README's budget for one worst-case batch, run and answered (measured: about 115 MB).
+#: The README's budget for one worst-case batch, run and answered (measured: about 125 MB).
 BUDGET_MB = 160
 #: What the finished batch keeps in memory: beyond BATCH_CACHE_BYTES it is read back from
 #: the store when asked (measured: under 1 MB; 38 MB with the records kept).

@@ -32,8 +32,10 @@ from batchexec.web.keys import (
     REGISTRY,
     RESULTS_CACHE,
     SETTINGS,
+    WORKBOOKS,
 )
 from batchexec.web.middlewares import auth_middleware, error_middleware
+from batchexec.web.readers import WorkbookReader
 from batchexec.web.routes import setup_routes
 
 log = logging.getLogger(__name__)
@@ -130,8 +132,10 @@ async def _input_pool(app: web.Application) -> AsyncIterator[None]:
     bounded by ``PARSE_TIMEOUT_S``, so a queue here drains.
     """
     pool = app[INPUT_POOL] = ThreadPoolExecutor(_INPUT_THREADS, thread_name_prefix="input")
+    workbooks = app[WORKBOOKS] = WorkbookReader(app[SETTINGS])
     yield
     pool.shutdown(wait=False, cancel_futures=True)
+    workbooks.close()
 
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:

@@ -35,7 +35,6 @@ from batchexec.inputs import (
     decode,
     format_of,
     from_table,
-    parse_xlsx,
     plan_rows,
     rows_from_executions,
     sniff,
@@ -71,6 +70,7 @@ from batchexec.web.keys import (
     REGISTRY,
     RESULTS_CACHE,
     SETTINGS,
+    WORKBOOKS,
 )
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,6 @@ _HEARTBEAT_S = 15.0
 _INLINE_CSV_CHARS = 64 * 1024
 #: JSON bodies above this are parsed off the event loop, two at a time.
 _INLINE_JSON_BYTES = 64 * 1024
-#: An uploaded workbook may unpack to this many times the body limit. Ordinary
-#: sheets pack about 10:1; the bound keeps a crafted one (millions of tiny
-#: shared strings, all held in memory by the reader) from taking the server down.
-_UNZIP_FACTOR = 10
 #: Bytes of an answer written at a time, so a client that reads slowly holds a
 #: chunk in the server's buffers, not a copy of the whole answer.
 _WRITE_CHUNK_BYTES = 64 * 1024
@@ -124,21 +120,10 @@ async def process_csv(request: web.Request) -> web.Response:
 async def upload(request: web.Request) -> web.Response:
     """Like ``process_csv``, for a multipart upload of a CSV or XLSX ``file``."""
     name, data, execute = await _read_upload(request)
-    settings = request.app[SETTINGS]
     # A workbook is a zip whatever its name says; otherwise the name decides, then the content.
     fmt = Format.XLSX if data.startswith(ZIP_MAGIC) else format_of(name or "") or sniff(data)
     if fmt is Format.XLSX:
-        rows = await _off_loop(
-            request,
-            lambda: parse_xlsx(
-                data,
-                max_rows=settings.max_executions_per_batch,
-                max_unzipped_bytes=_UNZIP_FACTOR * settings.max_body_bytes,
-                max_columns=settings.max_columns,
-                max_cells=settings.max_input_cells,
-                timeout_s=settings.parse_timeout_s,
-            ),
-        )
+        rows = await request.app[WORKBOOKS].read(data)
         return await _process_rows(request, rows, execute=execute, kind="XLSX")
     if fmt is not Format.CSV:
         raise InputError(f"Upload a CSV or XLSX file; this one looks like {fmt.value.upper()}.")
@@ -376,6 +361,9 @@ async def _stream(request: web.Request, parts: list[bytes | memoryview]) -> web.
             for start in range(0, len(view), _WRITE_CHUNK_BYTES):
                 async with asyncio.timeout(_WRITE_TIMEOUT_S):
                     await response.write(view[start : start + _WRITE_CHUNK_BYTES])
+                # write() yields only when the socket's buffer is full; a client that
+                # reads fast would otherwise get megabytes in one turn of the loop.
+                await asyncio.sleep(0)
     except TimeoutError:
         log.info("%s: the client read too slowly; connection closed", request.path)
         if request.transport is not None:
@@ -525,14 +513,12 @@ async def _send(
 def _results(batch: Batch, *, with_rows: bool = True) -> ResultsResponse:
     """The results answer of ``batch``, ``xlsx_url`` left to ``_head``.
 
-    A finished batch read back from the store has no CSV content in memory:
-    it is rendered from the records (off the event loop, by the caller).
+    A finished batch's CSV content is rendered from its records: the results
+    route does it once, off the event loop, and keeps the rendered answer.
     """
     csv_content = None
     if batch.status.finished and with_rows:
-        csv_content = batch.csv_content
-        if csv_content is None:
-            csv_content = render_csv(csv_sheet(batch))
+        csv_content = render_csv(csv_sheet(batch))
     return ResultsResponse(
         status=batch.status,
         invocationId=batch.id,

@@ -13,6 +13,7 @@ from batchexec.engine import Engine
 from batchexec.providers import Provider
 from batchexec.registry import Registry
 from batchexec.web.cache import RenderedResults
+from batchexec.web.readers import WorkbookReader
 
 SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -23,6 +24,8 @@ ENGINE = web.AppKey("engine", Engine)
 RESULTS_CACHE = web.AppKey("results_cache", RenderedResults)
 #: Threads that read uploaded files, apart from those that write outputs.
 INPUT_POOL = web.AppKey("input_pool", ThreadPoolExecutor)
+#: The worker processes that read uploaded workbooks.
+WORKBOOKS = web.AppKey("workbooks", WorkbookReader)
 
 #: Who is calling: a digest of the API key, so the raw key is never stored.
 OWNER = web.RequestKey("owner", str)
