@@ -26,8 +26,31 @@ port and working directory, in three scenarios:
    kill (each call is owed to the process that made it, by the provider's
    arrival times and the server's start times).
 
+Then two scenarios that stop the process in other ways:
+
+4. **SIGTERM mid-batch with SQLite** (60 rows, 1 s a call, 10 threads), in
+   two variants: ``SHUTDOWN_GRACE_S`` shorter than what the rows in flight
+   have left of their call (0.3 s), and longer (3 s). SIGTERM is sent a
+   little after 20 rows have succeeded. The server must exit 0 within its
+   grace and a few seconds; leave the batch in the store, not cancelled
+   (read from ``batchexec.db`` once it has exited); with the long grace,
+   answer a new batch with 503 meanwhile. The rows it left unfinished must
+   be exactly those whose call would end past the grace (by the provider's
+   arrival times), at most the threads, none with the long grace. Started
+   again with the same settings, the batch completes under the same id, every
+   row succeeded with its own echo, and the calls beyond one per prompt are
+   exactly one for each row cut off.
+5. **``python -m batchexec run`` SIGKILLed midway and started again**: a
+   100-row CSV for a catalog model pointing at the counting provider
+   (0.2 s a call, ``--threads 5``), killed once its progress line shows 30
+   rows done, then the same command run again. It must exit 0, say it
+   continues the journal with as many finished rows as the journal held (read
+   before the second run), send none of those again, make at most 100 + 5
+   calls, write a workbook holding every row, succeeded, with its own echo,
+   and remove its journal.
+
 It prints a table of figures, a PASS or FAIL line per check, and exits 1
-if any check fails. Every wait is bounded; a run takes about 20 s.
+if any check fails. Every wait is bounded; a run takes about 40 s.
 """
 
 from __future__ import annotations
@@ -35,9 +58,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import csv
 import io
+import json
 import random
+import re
 import secrets
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -86,6 +113,33 @@ RANDOM_KILLS = 20
 KILL_MARGIN_FRACTION = 0.02
 KILL_JITTER_S = 0.05
 
+#: Scenario 4: the batch, the provider's latency and the threads.
+SIGTERM_ROWS = 60
+SIGTERM_LATENCY_S = 1.0
+SIGTERM_THREADS = 10
+#: SIGTERM comes this long after this many rows have succeeded: mid-call, so
+#: the rows in flight have most of their call (0.7 s) still to go.
+SIGTERM_AFTER_ROWS = 20
+SIGTERM_DELAY_S = 0.3
+#: ``SHUTDOWN_GRACE_S`` of each variant: shorter than that, then far longer.
+SIGTERM_GRACES_S = (0.3, 3.0)
+#: How long past its grace the server may take to exit.
+SIGTERM_EXIT_SLACK_S = 5.0
+#: A row whose call ends this close to the end of the grace may go either way.
+GRACE_TOLERANCE_S = 0.15
+#: With the long grace, a new batch is submitted this long after the signal.
+DRAINING_SUBMIT_AFTER_S = 0.2
+
+#: Scenario 5: the CSV's rows, the provider's latency, ``--threads``, when to kill.
+CLI_ROWS = 100
+CLI_LATENCY_S = 0.2
+CLI_THREADS = 5
+CLI_KILL_AT_ROWS = 30
+CLI_PROGRESS_EVERY_S = 0.1
+#: The lines ``run`` writes to stderr that the scenario reads.
+PROGRESS_LINE = re.compile(r"progress: (\d+)/(\d+) done")
+ENDED_STATUSES = frozenset({"succeeded", "failed", "skipped", "cancelled"})
+
 #: Hard bounds, so that a server that hangs makes a FAIL rather than a stuck run.
 RUN_TIMEOUT_S = 300.0
 START_TIMEOUT_S = 60.0
@@ -108,6 +162,21 @@ def _setting_names() -> frozenset[str]:
         if isinstance(spec.validation_alias, AliasChoices):
             names.update(str(choice).upper() for choice in spec.validation_alias.choices)
     return frozenset(names)
+
+
+def batchexec_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """This environment with every batchexec setting removed, then only ``settings`` set."""
+    cleared = _setting_names()
+    env = {name: value for name, value in child_env().items() if name.upper() not in cleared}
+    env.update(settings)
+    return env
+
+
+def catalog_toml(provider_url: str) -> str:
+    """A catalog with one model, ``MODEL``, answered by the counting provider."""
+    return (
+        f'[models."{MODEL}"]\nprovider = "openai"\nbase_url = "{provider_url}/v1"\nmodel_id = "m"\n'
+    )
 
 
 class Provider:
@@ -168,16 +237,11 @@ class Service:
         self.started_at: list[float] = []
         #: Seconds from each start to the first 200 of ``/health``.
         self.start_s: list[float] = []
+        #: When each SIGTERM was sent, in epoch seconds.
+        self.terminated_at: list[float] = []
         catalog = workdir / "models.toml"
-        catalog.write_text(
-            f'[models."{MODEL}"]\nprovider = "openai"\n'
-            f'base_url = "{provider_url}/v1"\nmodel_id = "m"\n'
-        )
-        cleared = _setting_names()
-        self._env = {
-            name: value for name, value in child_env().items() if name.upper() not in cleared
-        }
-        self._env.update(
+        catalog.write_text(catalog_toml(provider_url))
+        self._env = batchexec_env(
             {
                 "INTEGRATIONS_API_KEYS": API_KEY,
                 "BATCHEXEC_MODELS": str(catalog),
@@ -215,6 +279,24 @@ class Service:
         self._process = None
         self.kills += 1
 
+    def terminate(self) -> None:
+        """SIGTERM: the server drains, then exits by itself (``wait_exit``)."""
+        if self._process is None:
+            raise RuntimeError("the server is not running")
+        self.terminated_at.append(time.time())
+        self._process.terminate()
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """The exit code, once it has exited; None if it still runs after ``timeout_s``."""
+        if self._process is None:
+            raise RuntimeError("the server is not running")
+        try:
+            code = self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None  # left running: ``stop`` ends it
+        self._process = None
+        return code
+
     def stop(self) -> None:
         if self._process is not None:
             stop_process(self._process, "batchexec serve")
@@ -231,6 +313,95 @@ class Service:
                 if " ERROR " in line or line.startswith("Traceback")
             ]
         return lines
+
+
+class CliRun:
+    """``python -m batchexec run`` of one CSV in its own working directory, run again as asked."""
+
+    def __init__(self, workdir: Path, provider_url: str, prompts: Sequence[str]) -> None:
+        self.workdir = workdir
+        self.runs = 0
+        with (workdir / "prompts.csv").open("w", newline="", encoding="utf-8") as sheet:
+            writer = csv.writer(sheet)
+            writer.writerow(["prompt", "model"])
+            writer.writerows([prompt, MODEL] for prompt in prompts)
+        (workdir / "m.toml").write_text(catalog_toml(provider_url))
+        self.output = workdir / "out.xlsx"
+        self.journal = workdir / "out.xlsx.journal"
+        self._env = batchexec_env({})
+        # Relative paths, as a person at the terminal would type them.
+        self._command = [
+            sys.executable,
+            "-m",
+            "batchexec",
+            "run",
+            "prompts.csv",
+            "-o",
+            "out.xlsx",
+            "--models",
+            "m.toml",
+            "--threads",
+            str(CLI_THREADS),
+            "--progress-every",
+            str(CLI_PROGRESS_EVERY_S),
+        ]
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the command; each run's stdout and stderr go to a file of its own."""
+        self.runs += 1
+        with self._log_path(self.runs).open("wb") as log:
+            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+                self._command,
+                cwd=self.workdir,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output_text(self) -> str:
+        """What the current run has written so far."""
+        return self._log_path(self.runs).read_text(errors="replace")
+
+    def done(self) -> int:
+        """Rows done, as the current run's last progress line says (0 before the first)."""
+        lines = PROGRESS_LINE.findall(self.output_text())
+        return int(lines[-1][0]) if lines else 0
+
+    def exit_code(self) -> int | None:
+        """The current run's exit code, or None while it runs."""
+        return None if self._process is None else self._process.poll()
+
+    def kill(self) -> None:
+        """SIGKILL, and reap it."""
+        if self._process is None:
+            raise RuntimeError("the command is not running")
+        self._process.kill()
+        self._process.wait()
+
+    def wait(self, timeout_s: float) -> int | None:
+        """The exit code, once it has exited; None if it still runs after ``timeout_s``."""
+        if self._process is None:
+            raise RuntimeError("the command was not started")
+        try:
+            return self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        # Only a run that hangs is still here: no outputs are wanted from it.
+        if self._process is not None and self._process.poll() is None:
+            self.kill()
+
+    def journal_files(self) -> list[str]:
+        """The journal and its side files (``-wal``, ``-shm``, ``.lock``) that exist now."""
+        return sorted(
+            path.name for path in self.workdir.iterdir() if path.name.startswith(self.journal.name)
+        )
+
+    def _log_path(self, run: int) -> Path:
+        return self.workdir / f"run-{run}.log"
 
 
 # The HTTP client
@@ -327,6 +498,65 @@ def read_workbook(data: bytes) -> dict[str, tuple[str, str]]:
     header = [str(cell) for cell in rows[0]]
     prompt, status, result = (header.index(name) for name in ("prompt", "status", "result"))
     return {str(row[prompt]): (str(row[status]), str(row[result] or "")) for row in rows[1:] if row}
+
+
+@dataclass
+class Stored:
+    """What a batchexec SQLite file holds: each batch's status, each row's status."""
+
+    #: Batch id -> status.
+    batches: dict[str, str]
+    #: Prompt -> status, over every batch.
+    rows: dict[str, str]
+
+    def with_status(self, *statuses: str) -> list[str]:
+        return [prompt for prompt, status in self.rows.items() if status in statuses]
+
+
+def read_store(path: Path) -> Stored:
+    """The batches and rows of the SQLite file at ``path``, opened read-only (nothing written)."""
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        batches = dict(connection.execute("SELECT id, status FROM batches").fetchall())
+        rows = {
+            str(json.loads(cells)["prompt"]): str(status)
+            for cells, status in connection.execute("SELECT cells, status FROM executions")
+        }
+    finally:
+        connection.close()
+    return Stored(batches, rows)
+
+
+@dataclass
+class InFlight:
+    """The rows in flight at a SIGTERM, by when their call would end: within the grace or past it.
+
+    A call ends ``latency_s`` after it arrived at the provider; one that ends
+    within ``GRACE_TOLERANCE_S`` of the grace's end may go either way.
+    """
+
+    within: set[str]
+    past: set[str]
+    either: set[str]
+
+
+def in_flight(
+    called: Mapping[str, float], term_at: float, grace_s: float, latency_s: float
+) -> InFlight:
+    """Which of the calls ``called`` (prompt -> arrival) were in flight at ``term_at``, and how."""
+    flight = InFlight(set(), set(), set())
+    grace_ends = term_at + grace_s
+    for prompt, at in called.items():
+        ends = at + latency_s
+        if ends <= term_at:
+            continue
+        if ends < grace_ends - GRACE_TOLERANCE_S:
+            flight.within.add(prompt)
+        elif ends > grace_ends + GRACE_TOLERANCE_S:
+            flight.past.add(prompt)
+        else:
+            flight.either.add(prompt)
+    return flight
 
 
 def lost_rows(executions: Sequence[Mapping[str, Any]], prompts: Sequence[str]) -> list[int]:
@@ -785,6 +1015,292 @@ async def random_kills(
         await asyncio.to_thread(provider.stop)
 
 
+async def sigterm_during_batch(report: Report, workdir: Path, grace_s: float) -> None:
+    """Scenario 4: SIGTERM mid-batch with ``SHUTDOWN_GRACE_S=grace_s``, then a restart."""
+    scenario = f"sigterm-grace-{grace_s:g}s"
+    threads, latency_s = SIGTERM_THREADS, SIGTERM_LATENCY_S
+    provider = Provider(workdir, latency_s)
+    service = Service(
+        workdir,
+        provider.url,
+        {
+            "DEFAULT_MAX_THREADS": str(threads),
+            "MAX_EXECUTIONS_PER_BATCH": str(SIGTERM_ROWS),
+            "MAX_PROMPT_LENGTH": "1000",
+            "SHUTDOWN_GRACE_S": str(grace_s),
+        },
+    )
+    prompts = [f"{scenario} row {n:02d} of {SIGTERM_ROWS}" for n in range(SIGTERM_ROWS)]
+    started = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    report.figure(
+        scenario,
+        "rows, threads, latency, grace",
+        f"{SIGTERM_ROWS}, {threads}, {latency_s:g} s, {grace_s:g} s",
+    )
+    try:
+        await asyncio.to_thread(provider.start)
+        await asyncio.to_thread(service.start)
+        async with aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)
+        ) as session:
+            api = Api(session, service)
+            invocation_id = await api.submit(prompts)
+            progress(scenario, f"{invocation_id}: waiting for {SIGTERM_AFTER_ROWS} rows")
+            entry = await api.wait_for(invocation_id, succeeded=SIGTERM_AFTER_ROWS)
+            await asyncio.sleep(SIGTERM_DELAY_S)
+            service.terminate()
+            term_at = service.terminated_at[-1]
+            draining_status: int | None = None
+            if grace_s > DRAINING_SUBMIT_AFTER_S + latency_s:
+                # Well inside the grace: the server still listens, and must refuse.
+                await asyncio.sleep(DRAINING_SUBMIT_AFTER_S)
+                draining_status, _, _ = await api.call(
+                    "POST", EXECUTE, {"executions": [{"prompt": "too late", "model": MODEL}]}
+                )
+            bound_s = grace_s + SIGTERM_EXIT_SLACK_S
+            code = await asyncio.to_thread(service.wait_exit, bound_s)
+            exit_s = time.time() - term_at
+            report.figure(
+                scenario,
+                "at SIGTERM",
+                f"list said {entry['progress']['succeeded']} succeeded, "
+                f"{entry['progress']['running']} running, {SIGTERM_DELAY_S:g} s before it",
+            )
+            report.figure(
+                scenario,
+                "exit code, time",
+                f"{'none (still running)' if code is None else code}, {exit_s:.2f} s after SIGTERM",
+            )
+            report.check(
+                scenario,
+                code == 0 and exit_s <= bound_s,
+                f"SIGTERM: exit {'none (still running)' if code is None else code} "
+                f"in {exit_s:.1f} s (grace {grace_s:g} s; at most {bound_s:g} s)",
+            )
+            if code is None:
+                return
+            if draining_status is not None:
+                report.check(
+                    scenario,
+                    draining_status == 503,
+                    f"a batch submitted {DRAINING_SUBMIT_AFTER_S:g} s after SIGTERM: "
+                    f"HTTP {draining_status} (503 while draining)",
+                )
+
+            # What the stopped process made and left, before anything else runs.
+            first_calls = provider.timed_calls()
+            stored = read_store(workdir / "batchexec.db")
+            batch_status = stored.batches.get(invocation_id, "missing")
+            succeeded = set(stored.with_status("succeeded"))
+            cancelled = stored.with_status("cancelled")
+            left = Counter(status for status in stored.rows.values() if status != "succeeded")
+            # A prompt's last call is the one in flight when the process stopped.
+            called = {prompt: at for at, prompt in first_calls}
+            cut_off = sorted(set(called) - succeeded)
+            flight = in_flight(called, term_at, grace_s, latency_s)
+            after_term = sum(1 for at, _ in first_calls if at > term_at)
+            report.figure(
+                scenario,
+                "left in the store",
+                f"batch {batch_status}; {len(succeeded)} rows succeeded, "
+                + ", ".join(f"{count} {status}" for status, count in sorted(left.items())),
+            )
+            report.figure(
+                scenario,
+                "in flight at SIGTERM",
+                f"{len(flight.past) + len(flight.within) + len(flight.either)} rows: calls "
+                f"ending {len(flight.past)} past the grace, {len(flight.within)} within it, "
+                f"{len(flight.either)} about at its end; {after_term} calls sent after SIGTERM",
+            )
+            report.check(
+                scenario,
+                batch_status not in FINISHED and batch_status != "missing" and not cancelled,
+                f"left in the store: batch {batch_status}, {len(cancelled)} rows cancelled",
+            )
+            wrong_cut = sorted(set(cut_off) - flight.past - flight.either)
+            not_cut = sorted(flight.past - set(cut_off))
+            report.check(
+                scenario,
+                not wrong_cut and not not_cut and len(cut_off) <= threads,
+                f"{len(cut_off)} rows cut off (at most {threads}): the rows still running "
+                f"past the grace were {len(flight.past)}"
+                + (
+                    f"; cut off though done in time or not running: {sample(wrong_cut)}"
+                    if wrong_cut
+                    else ""
+                )
+                + (
+                    f"; still running past the grace yet finished: {sample(not_cut)}"
+                    if not_cut
+                    else ""
+                ),
+            )
+
+            progress(scenario, f"exited with {len(cut_off)} rows cut off; starting again")
+            await asyncio.to_thread(service.start)
+            ended = await api.wait_ended(invocation_id)
+            after = await api.results(invocation_id)
+            xlsx_status, xlsx = await api.workbook(after.get("xlsx_url"))
+            calls = provider.calls()
+            total_calls = sum(calls[prompt] for prompt in prompts)
+            extra = duplicates(calls, prompts)
+            twice = sorted(prompt for prompt in prompts if calls[prompt] > 1)
+            never = [prompt for prompt in prompts if calls[prompt] == 0]
+            report.figure(
+                scenario,
+                "after the restart",
+                f"{ended['status']} under the same id (start took {service.start_s[-1]:.1f} s)",
+            )
+            report.figure(
+                scenario, "calls", f"{total_calls} for {SIGTERM_ROWS} rows, {extra} duplicates"
+            )
+            lost = lost_rows(after["executions"], prompts)
+            report.check(
+                scenario,
+                after["status"] == "completed"
+                and not lost
+                and len(after["executions"]) == SIGTERM_ROWS,
+                f"results: {after['status']}, {len(after['executions'])} rows, {len(lost)} lost"
+                + (f" ({sample(lost)})" if lost else ""),
+            )
+            rows_in_book = read_workbook(xlsx) if xlsx_status == 200 else {}
+            book_lost = workbook_lost(rows_in_book, prompts)
+            report.check(
+                scenario,
+                xlsx_status == 200 and not book_lost and len(rows_in_book) == SIGTERM_ROWS,
+                f"workbook: HTTP {xlsx_status}, {len(rows_in_book)} rows, {len(book_lost)} lost"
+                + (f" ({sample(book_lost)})" if book_lost else ""),
+            )
+            most = threads if grace_s < latency_s else 0
+            report.check(
+                scenario,
+                twice == cut_off and extra == len(cut_off) <= most and not never,
+                f"{extra} duplicate calls for {len(cut_off)} rows cut off (at most {most})"
+                + (f"; sent twice: {sample(twice)}" if twice != cut_off else "")
+                + (f"; {len(never)} rows never sent" if never else ""),
+            )
+            errors = service.errors_logged()
+            report.figure(
+                scenario,
+                "ERROR lines logged",
+                f"{len(errors)}" + (f": {errors[0][:160]}" if errors else ""),
+            )
+    except Exception as exc:  # a scenario that breaks is its FAIL line, not the end of the run
+        report.check(scenario, False, f"the scenario stopped: {type(exc).__name__}: {exc}")
+    finally:
+        await asyncio.to_thread(service.stop)
+        await asyncio.to_thread(provider.stop)
+    report.figure(scenario, "time", f"{time.monotonic() - started:.1f} s")
+
+
+async def cli_run_killed(report: Report, workdir: Path) -> None:
+    """Scenario 5: ``python -m batchexec run`` SIGKILLed midway, then the same command again."""
+    scenario = "run-kill-9"
+    provider = Provider(workdir, CLI_LATENCY_S)
+    prompts = [f"run row {n:03d}: answer {n * 7919 % 1000:03d}" for n in range(CLI_ROWS)]
+    command = CliRun(workdir, provider.url, prompts)
+    started = time.monotonic()
+    report.figure(
+        scenario, "rows, threads, latency", f"{CLI_ROWS}, {CLI_THREADS}, {CLI_LATENCY_S:g} s"
+    )
+    try:
+        await asyncio.to_thread(provider.start)
+        command.start()
+        progress(scenario, f"waiting for {CLI_KILL_AT_ROWS} of {CLI_ROWS} rows done")
+        shown = 0
+        for _ in range(int(BATCH_TIMEOUT_S / POLL_S) + 1):
+            shown = command.done()
+            if shown >= CLI_KILL_AT_ROWS or command.exit_code() is not None:
+                break
+            await asyncio.sleep(POLL_S)
+        code = command.exit_code()
+        if code is not None or shown < CLI_KILL_AT_ROWS:
+            tail = command.output_text()[-300:]
+            raise RuntimeError(
+                f"the first run showed {shown} rows done and "
+                f"{'exited with ' + str(code) if code is not None else 'was still running'}: "
+                f"{tail!r}"
+            )
+        command.kill()
+        killed_s = time.monotonic() - started
+        calls_at_kill = sum(provider.calls().values())
+        journal_kept = command.journal.exists()
+        stored = read_store(command.journal)
+        finished = [prompt for prompt, status in stored.rows.items() if status in ENDED_STATUSES]
+        report.figure(
+            scenario,
+            "at the kill",
+            f"progress said {shown} done; the journal held {len(finished)} finished, "
+            f"{len(stored.with_status('running'))} running; {calls_at_kill} calls, "
+            f"{killed_s:.1f} s in",
+        )
+
+        progress(scenario, f"killed with {len(finished)} rows finished; running it again")
+        rerun_started = time.monotonic()
+        command.start()
+        code = await asyncio.to_thread(command.wait, BATCH_TIMEOUT_S)
+        rerun_s = time.monotonic() - rerun_started
+        output = command.output_text()
+        calls = provider.calls()
+        total_calls = sum(calls[prompt] for prompt in prompts)
+        report.figure(
+            scenario,
+            "second run",
+            f"exit {'none (still running)' if code is None else code} in {rerun_s:.1f} s",
+        )
+        report.figure(scenario, "calls", f"{total_calls} for {CLI_ROWS} rows")
+        said = (
+            f"continuing the run in out.xlsx.journal: {len(finished)} of {CLI_ROWS} "
+            "rows had finished"
+        )
+        report.check(
+            scenario,
+            code == 0 and journal_kept and said in output,
+            f"second run: exit {code}, "
+            + (f"said {said!r}" if said in output else f"did not say {said!r}"),
+        )
+        if code is None:
+            return
+        resent = [prompt for prompt in finished if calls[prompt] != 1]
+        not_succeeded = [prompt for prompt in finished if stored.rows[prompt] != "succeeded"]
+        report.check(
+            scenario,
+            not resent and not not_succeeded,
+            f"{len(finished)} rows finished before the kill: {len(resent)} sent again"
+            + (f" ({sample(resent)})" if resent else "")
+            + (f", {len(not_succeeded)} had not succeeded" if not_succeeded else ""),
+        )
+        bound = CLI_ROWS + CLI_THREADS
+        never = [prompt for prompt in prompts if calls[prompt] == 0]
+        report.check(
+            scenario,
+            total_calls <= bound and not never,
+            f"{total_calls} calls for {CLI_ROWS} rows (at most {bound})"
+            + (f", {len(never)} rows never sent" if never else ""),
+        )
+        rows_in_book = read_workbook(command.output.read_bytes()) if command.output.exists() else {}
+        book_lost = workbook_lost(rows_in_book, prompts)
+        report.check(
+            scenario,
+            len(rows_in_book) == CLI_ROWS and not book_lost,
+            f"workbook: {len(rows_in_book)} rows, {len(book_lost)} lost"
+            + (f" ({sample(book_lost)})" if book_lost else ""),
+        )
+        leftovers = command.journal_files()
+        report.check(
+            scenario,
+            not leftovers,
+            "journal removed" + (f": left {', '.join(leftovers)}" if leftovers else ""),
+        )
+    except Exception as exc:  # a scenario that breaks is its FAIL line, not the end of the run
+        report.check(scenario, False, f"the scenario stopped: {type(exc).__name__}: {exc}")
+    finally:
+        await asyncio.to_thread(command.stop)
+        await asyncio.to_thread(provider.stop)
+    report.figure(scenario, "time", f"{time.monotonic() - started:.1f} s")
+
+
 async def run(args: argparse.Namespace, root: Path) -> Report:
     report = Report()
     try:
@@ -801,6 +1317,12 @@ async def run(args: argparse.Namespace, root: Path) -> Report:
                 threads=args.threads,
                 latency_s=args.latency_s,
             )
+            for grace_s in SIGTERM_GRACES_S:
+                workdir = root / f"sigterm-{grace_s:g}"
+                workdir.mkdir()
+                await sigterm_during_batch(report, workdir, grace_s)
+            (root / "run-kill-9").mkdir()
+            await cli_run_killed(report, root / "run-kill-9")
     except TimeoutError:
         report.check("run", False, f"the run took more than {RUN_TIMEOUT_S:g} s")
     return report
