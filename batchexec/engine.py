@@ -211,12 +211,9 @@ class Engine:
             self._registry.leave(batch)
         else:
             reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
-            self._end(batch, reason)
+            self._registry.cancel_unfinished(batch, reason)
             self._registry.finish_batch(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
         self._ended.add(batch.id)
-
-    def _end(self, batch: Batch, reason: str) -> None:
-        self._registry.cancel_unfinished(batch, reason)
 
     async def _run_batch(self, batch: Batch) -> None:
         registry = self._registry

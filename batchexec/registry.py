@@ -310,17 +310,20 @@ class Registry:
     def finish_batch(self, batch: Batch, status: BatchStatus, message: str) -> None:
         """The batch ended as ``status``; its watchers get ``done``."""
         finished_at = time.time()
+        self._record(
+            BatchEnded(batch.id, status, message, finished_at, batch.xlsx_name),
+            lambda: self._ended(batch, status, message, finished_at),
+        )
 
-        def visible() -> None:
-            batch.status = status
-            batch.message = message
-            batch.finished_at = finished_at
-            batch.plan = None
-            self._active.pop(batch.id, None)
-            self._finished.put(batch)
-            self.events.publish(batch.id, done_event(batch))
-
-        self._record(BatchEnded(batch.id, status, message, finished_at, batch.xlsx_name), visible)
+    def _ended(self, batch: Batch, status: BatchStatus, message: str, finished_at: float) -> None:
+        """Show the batch's end: out of the running ones, into the cache; ``done`` told."""
+        batch.status = status
+        batch.message = message
+        batch.finished_at = finished_at
+        batch.plan = None
+        self._active.pop(batch.id, None)
+        self._finished.put(batch)
+        self.events.publish(batch.id, done_event(batch))
 
     def leave(self, batch: Batch) -> None:
         """Let go of an unfinished batch without ending it: a later process resumes it.
@@ -348,13 +351,8 @@ class Registry:
                 _end(batch, execution, cancelled)
                 self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), _nothing)
         finished_at = time.time()
-        batch.status = BatchStatus.FAILED
-        batch.message = message
-        batch.finished_at = finished_at
-        batch.plan = None
-        self._active.pop(batch.id, None)
-        self._finished.put(batch)
-        self.events.publish(batch.id, progress_event(batch), done_event(batch))
+        self.events.publish(batch.id, progress_event(batch))
+        self._ended(batch, BatchStatus.FAILED, message, finished_at)
         self._record(
             BatchEnded(batch.id, BatchStatus.FAILED, message, finished_at, batch.xlsx_name),
             _nothing,
