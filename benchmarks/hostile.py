@@ -54,11 +54,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pydantic import AliasChoices
 
-from batchexec.config import Settings
-from benchmarks.common import mb
-from benchmarks.server import child_env, free_port, stop_process, wait_for_http
+from benchmarks.server import (
+    ModuleProcess,
+    free_port,
+    spawn_serve,
+    status_mb,
+    stop_process,
+    wait_for_http,
+)
 
 API_KEY = "hostile-token"
 #: Step 7's own key: templates are counted per key, and other steps write some too.
@@ -110,15 +114,6 @@ HUGE = "hostile-huge"
 # The servers
 
 
-def _setting_names() -> frozenset[str]:
-    """Every environment variable batchexec reads a setting from, upper-cased."""
-    names: set[str] = set()
-    for spec in Settings.model_fields.values():
-        if isinstance(spec.validation_alias, AliasChoices):
-            names.update(str(choice).upper() for choice in spec.validation_alias.choices)
-    return frozenset(names)
-
-
 def _catalog(provider_url: str) -> str:
     return (
         f'[models."{SLOW_ECHO}"]\nprovider = "echo"\nlatency_s = 2.0\n\n'
@@ -152,21 +147,13 @@ class DefaultServer:
         self.log_path = self.workdir / f"server-{self.starts}.log"
         catalog = self.workdir / "models.toml"
         catalog.write_text(_catalog(self._provider_url))
-        cleared = _setting_names()
-        env = {name: value for name, value in child_env().items() if name.upper() not in cleared}
-        env.update(
-            {
-                "INTEGRATIONS_API_KEYS": f"{API_KEY},{TEMPLATES_KEY}",
-                "BATCHEXEC_MODELS": str(catalog),
-                "PUBLIC_DIR": str(self.workdir / "public"),
-                "SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
-            }
-        )
-        command = [sys.executable, "-m", "batchexec", "serve", "--port", str(self.port)]
-        with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-                command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        settings = {
+            "INTEGRATIONS_API_KEYS": f"{API_KEY},{TEMPLATES_KEY}",
+            "BATCHEXEC_MODELS": str(catalog),
+            "PUBLIC_DIR": str(self.workdir / "public"),
+            "SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
+        }
+        self._process = spawn_serve(self.workdir, self.port, settings, self.log_path)
         wait_for_http(f"{self.url}/health", self._process, START_TIMEOUT_S)
 
     @property
@@ -181,11 +168,7 @@ class DefaultServer:
 
     def memory_mb(self, field_name: str) -> float:
         """``VmHWM`` (peak resident memory so far) or ``VmRSS`` (now), in MB."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith(f"{field_name}:"):
-                return mb(float(line.split()[1]))
-        raise RuntimeError(f"no {field_name} in /proc/{self.process.pid}/status")
+        return status_mb(self.process.pid, field_name)
 
     def begin_step(self) -> int:
         """Start a step's figures: reset ``VmHWM`` where Linux lets us; the log's size now."""
@@ -220,26 +203,16 @@ class DefaultServer:
             stop_process(self._process, "batchexec serve")
 
 
-class ProviderServer:
+class ProviderServer(ModuleProcess):
     """``python -m benchmarks.hostile_provider``: 50 MB for every chat completion."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log_path = workdir / "provider.log"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "benchmarks.hostile_provider", "--port", str(self.port)]
-        with self._log_path.open("wb") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-                command, env=child_env(), stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_for_http(f"{self.url}/health", self._process, START_TIMEOUT_S)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            stop_process(self._process, "hostile provider")
+        super().__init__(
+            "benchmarks.hostile_provider",
+            workdir / "provider.log",
+            name="hostile provider",
+            start_timeout_s=START_TIMEOUT_S,
+        )
 
 
 # /health, every 20 ms

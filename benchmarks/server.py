@@ -1,4 +1,7 @@
-"""The real service as a subprocess: a catalog and settings in a temporary folder, start, stop."""
+"""The benchmarks' subprocesses: the real service and stand-in providers; start, stop.
+
+The service runs with a catalog and settings in a temporary folder.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from pydantic import AliasChoices
+
+from batchexec.config import Settings
 from benchmarks.common import ROOT, mb
 
 API_KEY = "bench-token"
@@ -44,6 +50,41 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def setting_names() -> frozenset[str]:
+    """Every environment variable batchexec reads a setting from, upper-cased."""
+    names: set[str] = set()
+    for spec in Settings.model_fields.values():
+        if isinstance(spec.validation_alias, AliasChoices):
+            names.update(str(choice).upper() for choice in spec.validation_alias.choices)
+    return frozenset(names)
+
+
+def batchexec_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """This environment with every batchexec setting removed, then only ``settings`` set."""
+    cleared = setting_names()
+    env = {name: value for name, value in child_env().items() if name.upper() not in cleared}
+    env.update(settings)
+    return env
+
+
+def spawn(
+    command: Sequence[str], log_path: Path, env: Mapping[str, str], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``command``, its stdout and stderr written to ``log_path``."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def spawn_serve(
+    workdir: Path, port: int, settings: Mapping[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """``python -m batchexec serve`` in ``workdir``, with no batchexec setting but ``settings``."""
+    command = [sys.executable, "-m", "batchexec", "serve", "--port", str(port)]
+    return spawn(command, log_path, batchexec_env(settings), cwd=workdir)
+
+
 def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
     """Block until ``url`` answers 200; raise if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
@@ -71,6 +112,46 @@ def stop_process(process: subprocess.Popen[bytes], what: str) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def status_mb(pid: int, field: str) -> float:
+    """A memory figure of ``/proc/PID/status`` (``VmHWM``, ``VmRSS``), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    for line in status.splitlines():
+        if line.startswith(f"{field}:"):
+            return mb(float(line.split()[1]))
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+class ModuleProcess:
+    """``python -m MODULE --port PORT ARGS...`` on a free port, its output in ``log_path``."""
+
+    def __init__(
+        self,
+        module: str,
+        log_path: Path,
+        args: Sequence[str] = (),
+        *,
+        name: str,
+        start_timeout_s: float,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = name
+        self.output_path = log_path
+        self._command = [sys.executable, "-m", module, "--port", str(self.port), *args]
+        self._start_timeout_s = start_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it and wait for ``/health``."""
+        self._process = spawn(self._command, self.output_path, child_env())
+        wait_for_http(f"{self.url}/health", self._process, self._start_timeout_s)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process(self._process, self.name)
+            self._process = None
 
 
 class Server:
@@ -136,10 +217,7 @@ class Server:
                 "DATABASE_URL": self.database_url,
             }
         )
-        with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-                self._command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        self._process = spawn(self._command, self.log_path, env, cwd=self.workdir)
         wait_for_http(f"{self.url}/health", self._process, _START_TIMEOUT_S)
 
     @property
@@ -150,18 +228,11 @@ class Server:
 
     def peak_rss_mb(self) -> float:
         """The server's peak resident memory so far (``VmHWM``), in MB."""
-        return self._status_mb("VmHWM")
+        return status_mb(self.pid, "VmHWM")
 
     def rss_mb(self) -> float:
         """The server's resident memory now (``VmRSS``), in MB."""
-        return self._status_mb("VmRSS")
-
-    def _status_mb(self, field: str) -> float:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith(f"{field}:"):
-                return mb(float(line.split()[1]))
-        raise RuntimeError(f"no {field} in /proc/<pid>/status")
+        return status_mb(self.pid, "VmRSS")
 
     def stop(self) -> None:
         if self._process is None:

@@ -70,7 +70,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,17 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import openpyxl
-from pydantic import AliasChoices
 
-from batchexec.config import Settings
 from benchmarks.common import progress
 from benchmarks.counting_provider import read_calls
-from benchmarks.server import child_env, free_port, stop_process, wait_for_http
+from benchmarks.server import (
+    ModuleProcess,
+    batchexec_env,
+    free_port,
+    spawn_serve,
+    stop_process,
+    wait_for_http,
+)
 
 API_KEY = "stress-token"
 MODEL = "counted"
@@ -155,23 +161,6 @@ SHUTDOWN_GRACE_S = 2.0
 # The processes
 
 
-def _setting_names() -> frozenset[str]:
-    """Every environment variable batchexec reads a setting from, upper-cased."""
-    names: set[str] = set()
-    for spec in Settings.model_fields.values():
-        if isinstance(spec.validation_alias, AliasChoices):
-            names.update(str(choice).upper() for choice in spec.validation_alias.choices)
-    return frozenset(names)
-
-
-def batchexec_env(settings: Mapping[str, str]) -> dict[str, str]:
-    """This environment with every batchexec setting removed, then only ``settings`` set."""
-    cleared = _setting_names()
-    env = {name: value for name, value in child_env().items() if name.upper() not in cleared}
-    env.update(settings)
-    return env
-
-
 def catalog_toml(provider_url: str) -> str:
     """A catalog with one model, ``MODEL``, answered by the counting provider."""
     return (
@@ -179,34 +168,18 @@ def catalog_toml(provider_url: str) -> str:
     )
 
 
-class Provider:
+class Provider(ModuleProcess):
     """``python -m benchmarks.counting_provider`` in its own process, its calls in a log."""
 
     def __init__(self, workdir: Path, latency_s: float) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "calls.log"
-        self._stderr_path = workdir / "provider.log"
-        self._latency_s = latency_s
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
+        super().__init__(
             "benchmarks.counting_provider",
-            "--port",
-            str(self.port),
-            "--latency-s",
-            str(self._latency_s),
-            "--log",
-            str(self.log_path),
-        ]
-        with self._stderr_path.open("wb") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-                command, env=child_env(), stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_for_http(f"{self.url}/health", self._process, PROVIDER_TIMEOUT_S)
+            workdir / "provider.log",
+            ["--latency-s", str(latency_s), "--log", str(self.log_path)],
+            name="counting provider",
+            start_timeout_s=PROVIDER_TIMEOUT_S,
+        )
 
     def calls(self) -> Counter[str]:
         """How many times each prompt has been sent so far."""
@@ -215,11 +188,6 @@ class Provider:
     def timed_calls(self) -> list[tuple[float, str]]:
         """Every call so far as (epoch seconds of its arrival, prompt)."""
         return read_calls(self.log_path)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            stop_process(self._process, "counting provider")
-            self._process = None
 
 
 class Service:
@@ -241,19 +209,16 @@ class Service:
         self.terminated_at: list[float] = []
         catalog = workdir / "models.toml"
         catalog.write_text(catalog_toml(provider_url))
-        self._env = batchexec_env(
-            {
-                "INTEGRATIONS_API_KEYS": API_KEY,
-                "BATCHEXEC_MODELS": str(catalog),
-                "PUBLIC_DIR": str(workdir / "public"),
-                # Relative: the same working directory finds the same file.
-                "DATABASE_URL": "sqlite:///batchexec.db",
-                "EXECUTION_TIMEOUT": str(EXECUTION_TIMEOUT_S),
-                "SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
-                **settings,
-            }
-        )
-        self._command = [sys.executable, "-m", "batchexec", "serve", "--port", str(self.port)]
+        self._settings = {
+            "INTEGRATIONS_API_KEYS": API_KEY,
+            "BATCHEXEC_MODELS": str(catalog),
+            "PUBLIC_DIR": str(workdir / "public"),
+            # Relative: the same working directory finds the same file.
+            "DATABASE_URL": "sqlite:///batchexec.db",
+            "EXECUTION_TIMEOUT": str(EXECUTION_TIMEOUT_S),
+            "SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
+            **settings,
+        }
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -262,10 +227,7 @@ class Service:
         log_path = self.workdir / f"server-{self.starts}.log"
         started = time.monotonic()
         self.started_at.append(time.time())
-        with log_path.open("wb") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-                self._command, cwd=self.workdir, env=self._env, stdout=log, stderr=subprocess.STDOUT
-            )
+        self._process = spawn_serve(self.workdir, self.port, self._settings, log_path)
         wait_for_http(f"{self.url}/health", self._process, START_TIMEOUT_S)
         self.start_s.append(time.monotonic() - started)
 
@@ -667,6 +629,62 @@ class Report:
 # The scenarios
 
 
+class StopScenario(Exception):
+    """Ends a scenario whose failure is already checked: the figures that close it are left out."""
+
+
+@asynccontextmanager
+async def scenario_frame(
+    report: Report,
+    scenario: str,
+    service: Service | CliRun,
+    provider: Provider,
+    *,
+    timed: bool = True,
+) -> AsyncIterator[float]:
+    """What every scenario does around its own steps; yields when it started.
+
+    Once the block ends, a ``Service``'s logged ERROR lines become a figure. An
+    exception becomes a FAIL line rather than the end of the run (``StopScenario``
+    ends it quietly). Then ``service`` and ``provider`` are stopped and, if
+    ``timed``, the scenario's time is a figure.
+    """
+    started = time.monotonic()
+    closing_figures = True
+    try:
+        yield started
+        if isinstance(service, Service):
+            errors = service.errors_logged()
+            report.figure(
+                scenario,
+                "ERROR lines logged",
+                f"{len(errors)}" + (f": {errors[0][:160]}" if errors else ""),
+            )
+    except StopScenario:
+        closing_figures = False
+    except Exception as exc:  # a scenario that breaks is its FAIL line, not the end of the run
+        report.check(scenario, False, f"the scenario stopped: {type(exc).__name__}: {exc}")
+    finally:
+        await asyncio.to_thread(service.stop)
+        await asyncio.to_thread(provider.stop)
+    if timed and closing_figures:
+        report.figure(scenario, "time", f"{time.monotonic() - started:.1f} s")
+
+
+@asynccontextmanager
+async def serving(service: Service, provider: Provider) -> AsyncIterator[Api]:
+    """Start the provider, then the server; a client of the server for the block.
+
+    Stopping them is ``scenario_frame``'s, so that a start that fails is stopped too.
+    """
+    await asyncio.to_thread(provider.start)
+    await asyncio.to_thread(service.start)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        yield Api(session, service)
+
+
 async def kill_during_batch(report: Report, workdir: Path) -> None:
     """Scenarios 1 and 2: one SIGKILL halfway through a 300-row batch, after another ended."""
     scenario, survivor_scenario = "kill-9", "survivor"
@@ -682,141 +700,120 @@ async def kill_during_batch(report: Report, workdir: Path) -> None:
     )
     prompts = [f"kill-9 row {n:03d}: answer {n * 7919 % 1000:03d}" for n in range(KILL9_ROWS)]
     survivor_prompts = [f"survivor row {n}" for n in range(SURVIVOR_ROWS)]
-    started = time.monotonic()
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    try:
-        await asyncio.to_thread(provider.start)
+    async with (
+        scenario_frame(report, scenario, service, provider) as started,
+        serving(service, provider) as api,
+    ):
+        progress(scenario, "a small batch first, to end before the kill")
+        survivor_id = await api.submit(survivor_prompts)
+        await api.wait_ended(survivor_id)
+        survivor_before = await api.results(survivor_id)
+        survivor_xlsx = await api.workbook(survivor_before.get("xlsx_url"))
+
+        invocation_id = await api.submit(prompts)
+        mark = int(KILL9_ROWS * KILL9_AT_FRACTION)
+        progress(scenario, f"{invocation_id}: waiting for {mark} of {KILL9_ROWS} rows")
+        entry = await api.wait_for(invocation_id, succeeded=mark)
+        before = await api.results(invocation_id)
+        service.kill()
+        killed_at = time.monotonic() - started
+        seen = provider.calls()
+        calls_at_kill = sum(seen[prompt] for prompt in prompts)
+        finished = {
+            execution["index"]: (execution["status"], execution["result"])
+            for execution in before["executions"]
+        }
+        report.figure(
+            scenario,
+            "rows, threads, latency",
+            f"{KILL9_ROWS}, {KILL9_THREADS}, {KILL9_LATENCY_S:g} s",
+        )
+        report.figure(
+            scenario,
+            "at the kill",
+            f"{len(finished)} rows finished (list said {entry['progress']['succeeded']} "
+            f"succeeded, {entry['progress']['running']} running), {calls_at_kill} calls, "
+            f"{killed_at:.1f} s in",
+        )
+        progress(scenario, f"killed with {len(finished)} rows finished; starting again")
         await asyncio.to_thread(service.start)
-        async with aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)
-        ) as session:
-            api = Api(session, service)
-            progress(scenario, "a small batch first, to end before the kill")
-            survivor_id = await api.submit(survivor_prompts)
-            await api.wait_ended(survivor_id)
-            survivor_before = await api.results(survivor_id)
-            survivor_xlsx = await api.workbook(survivor_before.get("xlsx_url"))
+        ended = await api.wait_ended(invocation_id)
+        resumed_s = time.monotonic() - started - killed_at
+        after = await api.results(invocation_id)
+        xlsx_status, xlsx = await api.workbook(after.get("xlsx_url"))
+        calls = provider.calls()
+        total_calls = sum(calls[prompt] for prompt in prompts)
+        report.figure(
+            scenario,
+            "after the restart",
+            f"{ended['status']} under the same id in {resumed_s:.1f} s "
+            f"(start took {service.start_s[-1]:.1f} s)",
+        )
+        owed = losses(provider.timed_calls(), prompts, service.started_at, service.killed_at)
+        report.figure(
+            scenario,
+            "calls",
+            f"{total_calls} ({duplicates(calls, prompts)} duplicates: {sum(owed.lost)} lost "
+            f"at the kill, the oldest sent {max(owed.oldest_s, default=0) * 1000:.0f} ms "
+            f"before it; {owed.retried} retries)",
+        )
 
-            invocation_id = await api.submit(prompts)
-            mark = int(KILL9_ROWS * KILL9_AT_FRACTION)
-            progress(scenario, f"{invocation_id}: waiting for {mark} of {KILL9_ROWS} rows")
-            entry = await api.wait_for(invocation_id, succeeded=mark)
-            before = await api.results(invocation_id)
-            service.kill()
-            killed_at = time.monotonic() - started
-            seen = provider.calls()
-            calls_at_kill = sum(seen[prompt] for prompt in prompts)
-            finished = {
-                execution["index"]: (execution["status"], execution["result"])
-                for execution in before["executions"]
-            }
-            report.figure(
-                scenario,
-                "rows, threads, latency",
-                f"{KILL9_ROWS}, {KILL9_THREADS}, {KILL9_LATENCY_S:g} s",
+        after_rows = {execution["index"]: execution for execution in after["executions"]}
+        changed = [
+            index
+            for index, (status, result) in finished.items()
+            if (
+                after_rows.get(index, {}).get("status"),
+                after_rows.get(index, {}).get("result"),
             )
-            report.figure(
-                scenario,
-                "at the kill",
-                f"{len(finished)} rows finished (list said {entry['progress']['succeeded']} "
-                f"succeeded, {entry['progress']['running']} running), {calls_at_kill} calls, "
-                f"{killed_at:.1f} s in",
-            )
-            progress(scenario, f"killed with {len(finished)} rows finished; starting again")
-            await asyncio.to_thread(service.start)
-            ended = await api.wait_ended(invocation_id)
-            resumed_s = time.monotonic() - started - killed_at
-            after = await api.results(invocation_id)
-            xlsx_status, xlsx = await api.workbook(after.get("xlsx_url"))
-            calls = provider.calls()
-            total_calls = sum(calls[prompt] for prompt in prompts)
-            report.figure(
-                scenario,
-                "after the restart",
-                f"{ended['status']} under the same id in {resumed_s:.1f} s "
-                f"(start took {service.start_s[-1]:.1f} s)",
-            )
-            owed = losses(provider.timed_calls(), prompts, service.started_at, service.killed_at)
-            report.figure(
-                scenario,
-                "calls",
-                f"{total_calls} ({duplicates(calls, prompts)} duplicates: {sum(owed.lost)} lost "
-                f"at the kill, the oldest sent {max(owed.oldest_s, default=0) * 1000:.0f} ms "
-                f"before it; {owed.retried} retries)",
-            )
-
-            after_rows = {execution["index"]: execution for execution in after["executions"]}
-            changed = [
-                index
-                for index, (status, result) in finished.items()
-                if (
-                    after_rows.get(index, {}).get("status"),
-                    after_rows.get(index, {}).get("result"),
-                )
-                != (status, result)
-            ]
-            resent = [index for index in finished if calls[prompts[index - 1]] != 1]
-            not_succeeded = [
-                index for index, (status, _) in finished.items() if status != "succeeded"
-            ]
+            != (status, result)
+        ]
+        resent = [index for index in finished if calls[prompts[index - 1]] != 1]
+        not_succeeded = [index for index, (status, _) in finished.items() if status != "succeeded"]
+        report.check(
+            scenario,
+            not changed and not resent and not not_succeeded,
+            f"{len(finished)} rows finished before the kill: {len(changed)} changed result"
+            f"{' (' + sample(changed) + ')' if changed else ''}, {len(resent)} sent again"
+            f"{' (' + sample(resent) + ')' if resent else ''}"
+            + (f", {len(not_succeeded)} had not succeeded" if not_succeeded else ""),
+        )
+        bound = KILL9_ROWS + KILL9_THREADS
+        report.check(
+            scenario,
+            total_calls <= bound,
+            f"{total_calls} calls for {KILL9_ROWS} rows (at most {bound})",
+        )
+        lost = lost_rows(after["executions"], prompts)
+        report.check(
+            scenario,
+            after["status"] == "completed" and not lost and len(after["executions"]) == KILL9_ROWS,
+            f"results: {after['status']}, {len(after['executions'])} rows, {len(lost)} lost"
+            + (f" ({sample(lost)})" if lost else ""),
+        )
+        if xlsx_status == 200:
+            book_lost = workbook_lost(read_workbook(xlsx), prompts)
+            rows_in_book = len(read_workbook(xlsx))
             report.check(
                 scenario,
-                not changed and not resent and not not_succeeded,
-                f"{len(finished)} rows finished before the kill: {len(changed)} changed result"
-                f"{' (' + sample(changed) + ')' if changed else ''}, {len(resent)} sent again"
-                f"{' (' + sample(resent) + ')' if resent else ''}"
-                + (f", {len(not_succeeded)} had not succeeded" if not_succeeded else ""),
+                not book_lost and rows_in_book == KILL9_ROWS,
+                f"workbook: {rows_in_book} rows, {len(book_lost)} lost"
+                + (f" ({sample(book_lost)})" if book_lost else ""),
             )
-            bound = KILL9_ROWS + KILL9_THREADS
+        else:
             report.check(
-                scenario,
-                total_calls <= bound,
-                f"{total_calls} calls for {KILL9_ROWS} rows (at most {bound})",
+                scenario, False, f"workbook: HTTP {xlsx_status} for {after.get('xlsx_url')}"
             )
-            lost = lost_rows(after["executions"], prompts)
-            report.check(
-                scenario,
-                after["status"] == "completed"
-                and not lost
-                and len(after["executions"]) == KILL9_ROWS,
-                f"results: {after['status']}, {len(after['executions'])} rows, {len(lost)} lost"
-                + (f" ({sample(lost)})" if lost else ""),
-            )
-            if xlsx_status == 200:
-                book_lost = workbook_lost(read_workbook(xlsx), prompts)
-                rows_in_book = len(read_workbook(xlsx))
-                report.check(
-                    scenario,
-                    not book_lost and rows_in_book == KILL9_ROWS,
-                    f"workbook: {rows_in_book} rows, {len(book_lost)} lost"
-                    + (f" ({sample(book_lost)})" if book_lost else ""),
-                )
-            else:
-                report.check(
-                    scenario, False, f"workbook: HTTP {xlsx_status} for {after.get('xlsx_url')}"
-                )
 
-            await survivor_checks(
-                report,
-                survivor_scenario,
-                api,
-                survivor_id,
-                survivor_before,
-                survivor_xlsx,
-                survivor_prompts,
-            )
-            errors = service.errors_logged()
-            report.figure(
-                scenario,
-                "ERROR lines logged",
-                f"{len(errors)}" + (f": {errors[0][:160]}" if errors else ""),
-            )
-    except Exception as exc:  # a scenario that breaks is its FAIL line, not the end of the run
-        report.check(scenario, False, f"the scenario stopped: {type(exc).__name__}: {exc}")
-    finally:
-        await asyncio.to_thread(service.stop)
-        await asyncio.to_thread(provider.stop)
-    report.figure(scenario, "time", f"{time.monotonic() - started:.1f} s")
+        await survivor_checks(
+            report,
+            survivor_scenario,
+            api,
+            survivor_id,
+            survivor_before,
+            survivor_xlsx,
+            survivor_prompts,
+        )
 
 
 async def survivor_checks(
@@ -892,127 +889,121 @@ async def random_kills(
     marks = sorted(rng.sample(range(margin, rows - margin), kills))
     report.figure(scenario, "seed", seed)
     report.figure(scenario, "rows, threads, latency", f"{rows}, {threads}, {latency_s:g} s")
-    started = time.monotonic()
     at_kills: list[int] = []
     in_flight: list[int] = []
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    try:
-        await asyncio.to_thread(provider.start)
-        await asyncio.to_thread(service.start)
-        async with aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)
-        ) as session:
-            api = Api(session, service)
-            invocation_id = await api.submit(prompts)
-            progress(scenario, f"{invocation_id}: {kills} kills at rows {marks}")
-            for mark in marks:
-                entry = await api.wait_for(invocation_id, succeeded=mark)
-                if entry["status"] in FINISHED:
-                    break
-                await asyncio.sleep(rng.uniform(0, KILL_JITTER_S))
-                service.kill()
-                at_kills.append(entry["progress"]["succeeded"])
-                in_flight.append(entry["progress"]["running"])
-                await asyncio.to_thread(service.start)
-            ended = await api.wait_ended(invocation_id)
-            after = await api.results(invocation_id)
-            calls = provider.calls()
-            lost = lost_rows(after["executions"], prompts)
-            extra = duplicates(calls, prompts)
-            never = [n for n, prompt in enumerate(prompts, start=1) if calls[prompt] == 0]
-            bound = service.kills * threads
-            elapsed = time.monotonic() - started
-            report.figure(scenario, "kills done", f"{service.kills} of {kills}")
-            report.figure(
-                scenario,
-                "succeeded rows at each kill (as last listed)",
-                " ".join(map(str, at_kills)),
-            )
-            report.figure(
-                scenario,
-                "running at each kill (as last listed)",
-                f"{' '.join(map(str, in_flight))} (sum {sum(in_flight)})",
-            )
-            starts = service.start_s
-            report.figure(
-                scenario,
-                "restart to /health",
-                f"mean {sum(starts) / len(starts):.2f} s, max {max(starts):.2f} s",
-            )
-            report.figure(scenario, "final", f"{ended['status']}, {len(after['executions'])} rows")
-            report.figure(scenario, "rows lost", len(lost))
-            report.figure(
-                scenario, "calls", f"{sum(calls[prompt] for prompt in prompts)} for {rows} rows"
-            )
-            report.figure(
-                scenario,
-                "duplicate calls",
-                f"{extra} (bound {service.kills} kills x {threads} threads = {bound})",
-            )
-            owed = losses(provider.timed_calls(), prompts, service.started_at, service.killed_at)
-            report.figure(
-                scenario,
-                "calls lost at each kill",
-                f"{' '.join(map(str, owed.lost))} (most {max(owed.lost, default=0)}; "
-                f"{owed.retried} retries besides)",
-            )
-            report.figure(
-                scenario,
-                "oldest lost call",
-                f"{max(owed.oldest_s, default=0) * 1000:.0f} ms before its kill "
-                f"(a call takes {latency_s * 1000:.0f} ms)",
-            )
-            most = max((calls[prompt] for prompt in prompts), default=0)
-            report.figure(scenario, "most calls of one prompt", most)
-            report.figure(scenario, "total time", f"{elapsed:.1f} s")
-            report.check(
-                scenario,
-                service.kills == kills,
-                f"{service.kills} of {kills} kills done"
-                + (
-                    ""
-                    if service.kills == kills
-                    else " (the batch ended first: it ran past the marks left while restarting)"
-                ),
-            )
-            report.check(
-                scenario,
-                ended["status"] == "completed" and not lost and len(after["executions"]) == rows,
-                f"{ended['status']}: {len(lost)} rows lost of {rows}"
-                + (f" ({sample(lost)})" if lost else ""),
-            )
-            report.check(
-                scenario,
-                extra <= bound and not never,
-                f"{extra} duplicate calls (at most {bound})"
-                + (f", {len(never)} rows never sent ({sample(never)})" if never else ""),
-            )
-            # A worker has one call out at a time: a kill that costs more calls than
-            # there are threads sent again rows whose answers the server already had.
-            over = [(kill, lost) for kill, lost in enumerate(owed.lost, start=1) if lost > threads]
-            report.check(
-                scenario,
-                not over,
-                f"at most {threads} calls (one a thread) lost at any one kill: "
-                + (
-                    "none over"
-                    if not over
-                    else ", ".join(f"kill {kill} lost {lost}" for kill, lost in over)
-                    + " (rows already answered, not yet durable, sent again)"
-                ),
-            )
-            errors = service.errors_logged()
-            report.figure(
-                scenario,
-                "ERROR lines logged",
-                f"{len(errors)}" + (f": {errors[0][:160]}" if errors else ""),
-            )
-    except Exception as exc:  # a scenario that breaks is its FAIL line, not the end of the run
-        report.figure(scenario, "kills done", f"{service.kills} of {kills}, at rows {at_kills}")
-        report.check(scenario, False, f"the scenario stopped: {type(exc).__name__}: {exc}")
-    finally:
-        await asyncio.to_thread(service.stop)
-        await asyncio.to_thread(provider.stop)
+    async with scenario_frame(report, scenario, service, provider, timed=False) as started:
+        try:
+            async with serving(service, provider) as api:
+                invocation_id = await api.submit(prompts)
+                progress(scenario, f"{invocation_id}: {kills} kills at rows {marks}")
+                for mark in marks:
+                    entry = await api.wait_for(invocation_id, succeeded=mark)
+                    if entry["status"] in FINISHED:
+                        break
+                    await asyncio.sleep(rng.uniform(0, KILL_JITTER_S))
+                    service.kill()
+                    at_kills.append(entry["progress"]["succeeded"])
+                    in_flight.append(entry["progress"]["running"])
+                    await asyncio.to_thread(service.start)
+                ended = await api.wait_ended(invocation_id)
+                after = await api.results(invocation_id)
+                calls = provider.calls()
+                lost = lost_rows(after["executions"], prompts)
+                extra = duplicates(calls, prompts)
+                never = [n for n, prompt in enumerate(prompts, start=1) if calls[prompt] == 0]
+                bound = service.kills * threads
+                elapsed = time.monotonic() - started
+                report.figure(scenario, "kills done", f"{service.kills} of {kills}")
+                report.figure(
+                    scenario,
+                    "succeeded rows at each kill (as last listed)",
+                    " ".join(map(str, at_kills)),
+                )
+                report.figure(
+                    scenario,
+                    "running at each kill (as last listed)",
+                    f"{' '.join(map(str, in_flight))} (sum {sum(in_flight)})",
+                )
+                starts = service.start_s
+                report.figure(
+                    scenario,
+                    "restart to /health",
+                    f"mean {sum(starts) / len(starts):.2f} s, max {max(starts):.2f} s",
+                )
+                report.figure(
+                    scenario, "final", f"{ended['status']}, {len(after['executions'])} rows"
+                )
+                report.figure(scenario, "rows lost", len(lost))
+                report.figure(
+                    scenario, "calls", f"{sum(calls[prompt] for prompt in prompts)} for {rows} rows"
+                )
+                report.figure(
+                    scenario,
+                    "duplicate calls",
+                    f"{extra} (bound {service.kills} kills x {threads} threads = {bound})",
+                )
+                owed = losses(
+                    provider.timed_calls(), prompts, service.started_at, service.killed_at
+                )
+                report.figure(
+                    scenario,
+                    "calls lost at each kill",
+                    f"{' '.join(map(str, owed.lost))} (most {max(owed.lost, default=0)}; "
+                    f"{owed.retried} retries besides)",
+                )
+                report.figure(
+                    scenario,
+                    "oldest lost call",
+                    f"{max(owed.oldest_s, default=0) * 1000:.0f} ms before its kill "
+                    f"(a call takes {latency_s * 1000:.0f} ms)",
+                )
+                most = max((calls[prompt] for prompt in prompts), default=0)
+                report.figure(scenario, "most calls of one prompt", most)
+                report.figure(scenario, "total time", f"{elapsed:.1f} s")
+                report.check(
+                    scenario,
+                    service.kills == kills,
+                    f"{service.kills} of {kills} kills done"
+                    + (
+                        ""
+                        if service.kills == kills
+                        else " (the batch ended first: it ran past the marks left while restarting)"
+                    ),
+                )
+                report.check(
+                    scenario,
+                    ended["status"] == "completed"
+                    and not lost
+                    and len(after["executions"]) == rows,
+                    f"{ended['status']}: {len(lost)} rows lost of {rows}"
+                    + (f" ({sample(lost)})" if lost else ""),
+                )
+                report.check(
+                    scenario,
+                    extra <= bound and not never,
+                    f"{extra} duplicate calls (at most {bound})"
+                    + (f", {len(never)} rows never sent ({sample(never)})" if never else ""),
+                )
+                # A worker has one call out at a time: a kill that costs more calls than
+                # there are threads sent again rows whose answers the server already had.
+                over = [
+                    (kill, lost) for kill, lost in enumerate(owed.lost, start=1) if lost > threads
+                ]
+                report.check(
+                    scenario,
+                    not over,
+                    f"at most {threads} calls (one a thread) lost at any one kill: "
+                    + (
+                        "none over"
+                        if not over
+                        else ", ".join(f"kill {kill} lost {lost}" for kill, lost in over)
+                        + " (rows already answered, not yet durable, sent again)"
+                    ),
+                )
+        except Exception:
+            # How far it got, ahead of the FAIL line that scenario_frame writes.
+            report.figure(scenario, "kills done", f"{service.kills} of {kills}, at rows {at_kills}")
+            raise
 
 
 async def sigterm_during_batch(report: Report, workdir: Path, grace_s: float) -> None:
@@ -1031,167 +1022,148 @@ async def sigterm_during_batch(report: Report, workdir: Path, grace_s: float) ->
         },
     )
     prompts = [f"{scenario} row {n:02d} of {SIGTERM_ROWS}" for n in range(SIGTERM_ROWS)]
-    started = time.monotonic()
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     report.figure(
         scenario,
         "rows, threads, latency, grace",
         f"{SIGTERM_ROWS}, {threads}, {latency_s:g} s, {grace_s:g} s",
     )
-    try:
-        await asyncio.to_thread(provider.start)
+    async with (
+        scenario_frame(report, scenario, service, provider),
+        serving(service, provider) as api,
+    ):
+        invocation_id = await api.submit(prompts)
+        progress(scenario, f"{invocation_id}: waiting for {SIGTERM_AFTER_ROWS} rows")
+        entry = await api.wait_for(invocation_id, succeeded=SIGTERM_AFTER_ROWS)
+        await asyncio.sleep(SIGTERM_DELAY_S)
+        service.terminate()
+        term_at = service.terminated_at[-1]
+        draining_status: int | None = None
+        if grace_s > DRAINING_SUBMIT_AFTER_S + latency_s:
+            # Well inside the grace: the server still listens, and must refuse.
+            await asyncio.sleep(DRAINING_SUBMIT_AFTER_S)
+            draining_status, _, _ = await api.call(
+                "POST", EXECUTE, {"executions": [{"prompt": "too late", "model": MODEL}]}
+            )
+        bound_s = grace_s + SIGTERM_EXIT_SLACK_S
+        code = await asyncio.to_thread(service.wait_exit, bound_s)
+        exit_s = time.time() - term_at
+        report.figure(
+            scenario,
+            "at SIGTERM",
+            f"list said {entry['progress']['succeeded']} succeeded, "
+            f"{entry['progress']['running']} running, {SIGTERM_DELAY_S:g} s before it",
+        )
+        report.figure(
+            scenario,
+            "exit code, time",
+            f"{'none (still running)' if code is None else code}, {exit_s:.2f} s after SIGTERM",
+        )
+        report.check(
+            scenario,
+            code == 0 and exit_s <= bound_s,
+            f"SIGTERM: exit {'none (still running)' if code is None else code} "
+            f"in {exit_s:.1f} s (grace {grace_s:g} s; at most {bound_s:g} s)",
+        )
+        if code is None:
+            raise StopScenario
+        if draining_status is not None:
+            report.check(
+                scenario,
+                draining_status == 503,
+                f"a batch submitted {DRAINING_SUBMIT_AFTER_S:g} s after SIGTERM: "
+                f"HTTP {draining_status} (503 while draining)",
+            )
+
+        # What the stopped process made and left, before anything else runs.
+        first_calls = provider.timed_calls()
+        stored = read_store(workdir / "batchexec.db")
+        batch_status = stored.batches.get(invocation_id, "missing")
+        succeeded = set(stored.with_status("succeeded"))
+        cancelled = stored.with_status("cancelled")
+        left = Counter(status for status in stored.rows.values() if status != "succeeded")
+        # A prompt's last call is the one in flight when the process stopped.
+        called = {prompt: at for at, prompt in first_calls}
+        cut_off = sorted(set(called) - succeeded)
+        flight = in_flight(called, term_at, grace_s, latency_s)
+        after_term = sum(1 for at, _ in first_calls if at > term_at)
+        report.figure(
+            scenario,
+            "left in the store",
+            f"batch {batch_status}; {len(succeeded)} rows succeeded, "
+            + ", ".join(f"{count} {status}" for status, count in sorted(left.items())),
+        )
+        report.figure(
+            scenario,
+            "in flight at SIGTERM",
+            f"{len(flight.past) + len(flight.within) + len(flight.either)} rows: calls "
+            f"ending {len(flight.past)} past the grace, {len(flight.within)} within it, "
+            f"{len(flight.either)} about at its end; {after_term} calls sent after SIGTERM",
+        )
+        report.check(
+            scenario,
+            batch_status not in FINISHED and batch_status != "missing" and not cancelled,
+            f"left in the store: batch {batch_status}, {len(cancelled)} rows cancelled",
+        )
+        wrong_cut = sorted(set(cut_off) - flight.past - flight.either)
+        not_cut = sorted(flight.past - set(cut_off))
+        report.check(
+            scenario,
+            not wrong_cut and not not_cut and len(cut_off) <= threads,
+            f"{len(cut_off)} rows cut off (at most {threads}): the rows still running "
+            f"past the grace were {len(flight.past)}"
+            + (
+                f"; cut off though done in time or not running: {sample(wrong_cut)}"
+                if wrong_cut
+                else ""
+            )
+            + (
+                f"; still running past the grace yet finished: {sample(not_cut)}" if not_cut else ""
+            ),
+        )
+
+        progress(scenario, f"exited with {len(cut_off)} rows cut off; starting again")
         await asyncio.to_thread(service.start)
-        async with aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(force_close=True)
-        ) as session:
-            api = Api(session, service)
-            invocation_id = await api.submit(prompts)
-            progress(scenario, f"{invocation_id}: waiting for {SIGTERM_AFTER_ROWS} rows")
-            entry = await api.wait_for(invocation_id, succeeded=SIGTERM_AFTER_ROWS)
-            await asyncio.sleep(SIGTERM_DELAY_S)
-            service.terminate()
-            term_at = service.terminated_at[-1]
-            draining_status: int | None = None
-            if grace_s > DRAINING_SUBMIT_AFTER_S + latency_s:
-                # Well inside the grace: the server still listens, and must refuse.
-                await asyncio.sleep(DRAINING_SUBMIT_AFTER_S)
-                draining_status, _, _ = await api.call(
-                    "POST", EXECUTE, {"executions": [{"prompt": "too late", "model": MODEL}]}
-                )
-            bound_s = grace_s + SIGTERM_EXIT_SLACK_S
-            code = await asyncio.to_thread(service.wait_exit, bound_s)
-            exit_s = time.time() - term_at
-            report.figure(
-                scenario,
-                "at SIGTERM",
-                f"list said {entry['progress']['succeeded']} succeeded, "
-                f"{entry['progress']['running']} running, {SIGTERM_DELAY_S:g} s before it",
-            )
-            report.figure(
-                scenario,
-                "exit code, time",
-                f"{'none (still running)' if code is None else code}, {exit_s:.2f} s after SIGTERM",
-            )
-            report.check(
-                scenario,
-                code == 0 and exit_s <= bound_s,
-                f"SIGTERM: exit {'none (still running)' if code is None else code} "
-                f"in {exit_s:.1f} s (grace {grace_s:g} s; at most {bound_s:g} s)",
-            )
-            if code is None:
-                return
-            if draining_status is not None:
-                report.check(
-                    scenario,
-                    draining_status == 503,
-                    f"a batch submitted {DRAINING_SUBMIT_AFTER_S:g} s after SIGTERM: "
-                    f"HTTP {draining_status} (503 while draining)",
-                )
-
-            # What the stopped process made and left, before anything else runs.
-            first_calls = provider.timed_calls()
-            stored = read_store(workdir / "batchexec.db")
-            batch_status = stored.batches.get(invocation_id, "missing")
-            succeeded = set(stored.with_status("succeeded"))
-            cancelled = stored.with_status("cancelled")
-            left = Counter(status for status in stored.rows.values() if status != "succeeded")
-            # A prompt's last call is the one in flight when the process stopped.
-            called = {prompt: at for at, prompt in first_calls}
-            cut_off = sorted(set(called) - succeeded)
-            flight = in_flight(called, term_at, grace_s, latency_s)
-            after_term = sum(1 for at, _ in first_calls if at > term_at)
-            report.figure(
-                scenario,
-                "left in the store",
-                f"batch {batch_status}; {len(succeeded)} rows succeeded, "
-                + ", ".join(f"{count} {status}" for status, count in sorted(left.items())),
-            )
-            report.figure(
-                scenario,
-                "in flight at SIGTERM",
-                f"{len(flight.past) + len(flight.within) + len(flight.either)} rows: calls "
-                f"ending {len(flight.past)} past the grace, {len(flight.within)} within it, "
-                f"{len(flight.either)} about at its end; {after_term} calls sent after SIGTERM",
-            )
-            report.check(
-                scenario,
-                batch_status not in FINISHED and batch_status != "missing" and not cancelled,
-                f"left in the store: batch {batch_status}, {len(cancelled)} rows cancelled",
-            )
-            wrong_cut = sorted(set(cut_off) - flight.past - flight.either)
-            not_cut = sorted(flight.past - set(cut_off))
-            report.check(
-                scenario,
-                not wrong_cut and not not_cut and len(cut_off) <= threads,
-                f"{len(cut_off)} rows cut off (at most {threads}): the rows still running "
-                f"past the grace were {len(flight.past)}"
-                + (
-                    f"; cut off though done in time or not running: {sample(wrong_cut)}"
-                    if wrong_cut
-                    else ""
-                )
-                + (
-                    f"; still running past the grace yet finished: {sample(not_cut)}"
-                    if not_cut
-                    else ""
-                ),
-            )
-
-            progress(scenario, f"exited with {len(cut_off)} rows cut off; starting again")
-            await asyncio.to_thread(service.start)
-            ended = await api.wait_ended(invocation_id)
-            after = await api.results(invocation_id)
-            xlsx_status, xlsx = await api.workbook(after.get("xlsx_url"))
-            calls = provider.calls()
-            total_calls = sum(calls[prompt] for prompt in prompts)
-            extra = duplicates(calls, prompts)
-            twice = sorted(prompt for prompt in prompts if calls[prompt] > 1)
-            never = [prompt for prompt in prompts if calls[prompt] == 0]
-            report.figure(
-                scenario,
-                "after the restart",
-                f"{ended['status']} under the same id (start took {service.start_s[-1]:.1f} s)",
-            )
-            report.figure(
-                scenario, "calls", f"{total_calls} for {SIGTERM_ROWS} rows, {extra} duplicates"
-            )
-            lost = lost_rows(after["executions"], prompts)
-            report.check(
-                scenario,
-                after["status"] == "completed"
-                and not lost
-                and len(after["executions"]) == SIGTERM_ROWS,
-                f"results: {after['status']}, {len(after['executions'])} rows, {len(lost)} lost"
-                + (f" ({sample(lost)})" if lost else ""),
-            )
-            rows_in_book = read_workbook(xlsx) if xlsx_status == 200 else {}
-            book_lost = workbook_lost(rows_in_book, prompts)
-            report.check(
-                scenario,
-                xlsx_status == 200 and not book_lost and len(rows_in_book) == SIGTERM_ROWS,
-                f"workbook: HTTP {xlsx_status}, {len(rows_in_book)} rows, {len(book_lost)} lost"
-                + (f" ({sample(book_lost)})" if book_lost else ""),
-            )
-            most = threads if grace_s < latency_s else 0
-            report.check(
-                scenario,
-                twice == cut_off and extra == len(cut_off) <= most and not never,
-                f"{extra} duplicate calls for {len(cut_off)} rows cut off (at most {most})"
-                + (f"; sent twice: {sample(twice)}" if twice != cut_off else "")
-                + (f"; {len(never)} rows never sent" if never else ""),
-            )
-            errors = service.errors_logged()
-            report.figure(
-                scenario,
-                "ERROR lines logged",
-                f"{len(errors)}" + (f": {errors[0][:160]}" if errors else ""),
-            )
-    except Exception as exc:  # a scenario that breaks is its FAIL line, not the end of the run
-        report.check(scenario, False, f"the scenario stopped: {type(exc).__name__}: {exc}")
-    finally:
-        await asyncio.to_thread(service.stop)
-        await asyncio.to_thread(provider.stop)
-    report.figure(scenario, "time", f"{time.monotonic() - started:.1f} s")
+        ended = await api.wait_ended(invocation_id)
+        after = await api.results(invocation_id)
+        xlsx_status, xlsx = await api.workbook(after.get("xlsx_url"))
+        calls = provider.calls()
+        total_calls = sum(calls[prompt] for prompt in prompts)
+        extra = duplicates(calls, prompts)
+        twice = sorted(prompt for prompt in prompts if calls[prompt] > 1)
+        never = [prompt for prompt in prompts if calls[prompt] == 0]
+        report.figure(
+            scenario,
+            "after the restart",
+            f"{ended['status']} under the same id (start took {service.start_s[-1]:.1f} s)",
+        )
+        report.figure(
+            scenario, "calls", f"{total_calls} for {SIGTERM_ROWS} rows, {extra} duplicates"
+        )
+        lost = lost_rows(after["executions"], prompts)
+        report.check(
+            scenario,
+            after["status"] == "completed"
+            and not lost
+            and len(after["executions"]) == SIGTERM_ROWS,
+            f"results: {after['status']}, {len(after['executions'])} rows, {len(lost)} lost"
+            + (f" ({sample(lost)})" if lost else ""),
+        )
+        rows_in_book = read_workbook(xlsx) if xlsx_status == 200 else {}
+        book_lost = workbook_lost(rows_in_book, prompts)
+        report.check(
+            scenario,
+            xlsx_status == 200 and not book_lost and len(rows_in_book) == SIGTERM_ROWS,
+            f"workbook: HTTP {xlsx_status}, {len(rows_in_book)} rows, {len(book_lost)} lost"
+            + (f" ({sample(book_lost)})" if book_lost else ""),
+        )
+        most = threads if grace_s < latency_s else 0
+        report.check(
+            scenario,
+            twice == cut_off and extra == len(cut_off) <= most and not never,
+            f"{extra} duplicate calls for {len(cut_off)} rows cut off (at most {most})"
+            + (f"; sent twice: {sample(twice)}" if twice != cut_off else "")
+            + (f"; {len(never)} rows never sent" if never else ""),
+        )
 
 
 async def cli_run_killed(report: Report, workdir: Path) -> None:
@@ -1200,11 +1172,10 @@ async def cli_run_killed(report: Report, workdir: Path) -> None:
     provider = Provider(workdir, CLI_LATENCY_S)
     prompts = [f"run row {n:03d}: answer {n * 7919 % 1000:03d}" for n in range(CLI_ROWS)]
     command = CliRun(workdir, provider.url, prompts)
-    started = time.monotonic()
     report.figure(
         scenario, "rows, threads, latency", f"{CLI_ROWS}, {CLI_THREADS}, {CLI_LATENCY_S:g} s"
     )
-    try:
+    async with scenario_frame(report, scenario, command, provider) as started:
         await asyncio.to_thread(provider.start)
         command.start()
         progress(scenario, f"waiting for {CLI_KILL_AT_ROWS} of {CLI_ROWS} rows done")
@@ -1261,7 +1232,7 @@ async def cli_run_killed(report: Report, workdir: Path) -> None:
             + (f"said {said!r}" if said in output else f"did not say {said!r}"),
         )
         if code is None:
-            return
+            raise StopScenario
         resent = [prompt for prompt in finished if calls[prompt] != 1]
         not_succeeded = [prompt for prompt in finished if stored.rows[prompt] != "succeeded"]
         report.check(
@@ -1293,12 +1264,6 @@ async def cli_run_killed(report: Report, workdir: Path) -> None:
             not leftovers,
             "journal removed" + (f": left {', '.join(leftovers)}" if leftovers else ""),
         )
-    except Exception as exc:  # a scenario that breaks is its FAIL line, not the end of the run
-        report.check(scenario, False, f"the scenario stopped: {type(exc).__name__}: {exc}")
-    finally:
-        await asyncio.to_thread(command.stop)
-        await asyncio.to_thread(provider.stop)
-    report.figure(scenario, "time", f"{time.monotonic() - started:.1f} s")
 
 
 async def run(args: argparse.Namespace, root: Path) -> Report:
