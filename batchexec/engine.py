@@ -95,7 +95,12 @@ class Engine:
         """
         self._check_room()
         batch = await self._registry.add(owner, plan, batch_id=batch_id, retry_of=retry_of)
-        self._check_room()  # the store took its time: others may have come first
+        try:
+            self._check_room()  # the store took its time: others may have come first
+        except (QueueFullError, ShuttingDownError):
+            # Refused: nothing of it may run later, here or after a restart.
+            await self._registry.discard(batch)
+            raise
         self._start(batch)
         return batch
 
@@ -189,7 +194,13 @@ class Engine:
     def _store_failed(self, batch_id: str, error: StoreError) -> None:
         """The store refused a change to ``batch_id``: the batch fails, the server goes on."""
         task = self._tasks.get(batch_id)
-        if task is not None and batch_id not in self._failures:
+        if task is None or task.done() or batch_id in self._ended:
+            # Its end is recorded already: the change that failed was that end.
+            batch = self._registry.cached(batch_id)
+            if batch is not None and not batch.status.finished:
+                self._registry.fail(batch, f"Batch failed: {error}")
+            return
+        if batch_id not in self._failures:
             self._failures[batch_id] = str(error)
             self._cancel(task)
 
@@ -280,7 +291,11 @@ class Engine:
             )
         elif note := writing.result():
             message = f"{message} {note}"
-        self._registry.finish_batch(batch, status, message)
+        if (failure := self._failures.get(batch.id)) is not None:
+            # The store refused a change meanwhile (a cancel's, say): the batch fails.
+            self._registry.fail(batch, f"Batch failed: {failure}")
+        else:
+            self._registry.finish_batch(batch, status, message)
         self._ended.add(batch.id)
         if cancelled:
             raise asyncio.CancelledError

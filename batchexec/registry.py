@@ -84,6 +84,8 @@ class Registry:
         #: Told when a change could not be written, so the batch can be failed.
         self.on_store_failure: StoreFailure | None = None
         self._templates_lock = asyncio.Lock()
+        #: Batches failed because the store refused their changes (rare, kept till exit).
+        self._failed: dict[str, Batch] = {}
         #: Reads of finished batches from the store under way, by batch id.
         self._loading: dict[str, asyncio.Future[Batch | None]] = {}
 
@@ -96,7 +98,9 @@ class Registry:
         """Commit what is pending, then stop."""
         if self._writer is None:
             return
-        await self.flush()
+        # Until nothing is left: what a flush's wait lets others record is written too.
+        while self._pending or self._gathering is not None or self._writing is not None:
+            await self.flush()
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
@@ -141,6 +145,11 @@ class Registry:
         self._active[batch.id] = batch
         return batch
 
+    async def discard(self, batch: Batch) -> None:
+        """Forget a batch that was refused after it was stored: it will never run."""
+        self._active.pop(batch.id, None)
+        await self.store.delete(batch.id)
+
     async def get(self, batch_id: str, owner: str) -> Batch:
         """The batch ``batch_id`` if ``owner`` created it; otherwise ``NotFoundError``."""
         batch = self.cached(batch_id)
@@ -167,7 +176,9 @@ class Registry:
 
     def cached(self, batch_id: str) -> Batch | None:
         """The batch ``batch_id`` if it is in memory (running, or finished and cached)."""
-        return self._active.get(batch_id) or self._finished.get(batch_id)
+        return (
+            self._active.get(batch_id) or self._failed.get(batch_id) or self._finished.get(batch_id)
+        )
 
     async def owned_by(
         self, owner: str, *, status: BatchStatus | None = None, limit: int
@@ -276,6 +287,8 @@ class Registry:
         execution = batch.executions[index - 1]
 
         def visible() -> None:
+            if execution.status.finished:
+                return  # a row's end is final (a cancel or a failure came first)
             if prompt is not None:
                 execution.prompt_sent = prompt
             _end(batch, execution, outcome)
@@ -353,6 +366,8 @@ class Registry:
         finished_at = time.time()
         self.events.publish(batch.id, progress_event(batch))
         self._ended(batch, BatchStatus.FAILED, message, finished_at)
+        # Kept in memory whatever the cache holds: the store may never learn of this end.
+        self._failed[batch.id] = batch
         self._record(
             BatchEnded(batch.id, BatchStatus.FAILED, message, finished_at, batch.xlsx_name),
             _nothing,
@@ -423,7 +438,11 @@ class Registry:
                     self.on_store_failure(batch_id, error)
             return
         for _, visible in group:
-            visible()
+            try:
+                visible()
+            except Exception:
+                # The writer must outlive any one change, or every later flush waits forever.
+                log.exception("could not show a change")
 
 
 class _BatchCache:

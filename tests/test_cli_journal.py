@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import re
 import signal
 import sys
@@ -14,6 +16,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from batchexec.catalog import Catalog
+from batchexec.cli.inputfile import read_source
+from batchexec.cli.run import run_batch
+from batchexec.config import Settings
 from batchexec.records import ExecutionStatus
 from batchexec.store.sqlite import SQLiteStore
 from tests.test_cli_run import column, sheet_rows, write_csv
@@ -173,3 +179,56 @@ def test_journal_for_sits_beside_the_output() -> None:
     from batchexec.cli.run import journal_for
 
     assert journal_for(Path("out/results.xlsx")) == Path("out/results.xlsx.journal")
+
+
+async def test_a_run_whose_outputs_could_not_be_written_writes_them_next_time(
+    tmp_path, model, monkeypatch
+):
+    counting, base_url = model
+    prepare(tmp_path, base_url)
+    settings = Settings(_env_file=None, models_path=tmp_path / "models.toml", max_threads=2)
+    catalog = Catalog.load(settings.models_path)
+
+    async def run_in_process() -> tuple[int, str]:
+        source = read_source(str(tmp_path / "prompts.csv"), max_rows=ROWS)
+        stream = io.StringIO()
+        code = await run_batch(
+            source,
+            settings,
+            catalog,
+            output=tmp_path / "out.xlsx",
+            journal=tmp_path / "out.xlsx.journal",
+            stream=stream,
+            live=False,
+        )
+        return code, stream.getvalue()
+
+    def full_disk(path: Path, sheet: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("batchexec.cli.run.write_xlsx", full_disk)
+    code, text = await run_in_process()
+    assert code == 1
+    assert "the finished run is kept in" in text
+    assert "No space left on device" in text
+    monkeypatch.undo()
+    counting.calls.clear()
+    code, text = await run_in_process()
+    assert code == 0, text
+    assert "had ended; writing its outputs" in text
+    assert counting.calls == Counter(), "no row is sent again"
+    assert column(sheet_rows(tmp_path / "out.xlsx"), "status") == ["succeeded"] * ROWS
+    assert not (tmp_path / "out.xlsx.journal").exists()
+
+
+async def test_fresh_does_not_take_a_journal_another_run_holds(tmp_path, model):
+    _, base_url = model
+    args = prepare(tmp_path, base_url)
+    holder = SQLiteStore(tmp_path / "out.xlsx.journal", setting="--journal")
+    await holder.open()
+    try:
+        code, text = await run(tmp_path, [*args, "--fresh"])
+    finally:
+        await holder.close()
+    assert code == 2
+    assert "is in use by another batchexec process" in text

@@ -58,6 +58,8 @@ from batchexec.store.sqlite import SQLiteStore
 #: Whose batch it is, for the registry; there is only ever one here.
 _OWNER = "cli"
 _STOPPED = "Cancelled by request."
+#: Most runs one journal is looked through for (it only ever holds a few).
+_JOURNALED = 100
 _PROBLEMS_SHOWN = 5
 
 _EPILOG = f"""\
@@ -218,8 +220,6 @@ async def run_batch(
     async with open_runtime(settings, catalog, extra_providers) as runtime:
         plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
         warn_unconfigured(plan, runtime.providers, source.rows, stream)
-        if journal is not None and fresh:
-            _remove_journal(journal)
         if journal is not None:
             try:
                 journal.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,7 @@ async def run_batch(
         engine = Engine(settings, registry, runtime.providers)
         started_s = loop.time()
         try:
-            batch = await _start(engine, registry, plan, journal, stream)
+            batch = await _start(engine, registry, plan, journal, stream, fresh=fresh)
             stopped = asyncio.Event()
 
             async def stop() -> None:
@@ -245,12 +245,16 @@ async def run_batch(
             interrupts = Interrupts(stop, stream, exit_now=exit_now)
             display = ProgressDisplay(stream, total=len(plan.rows), live=live, every_s=every_s)
             with interrupts.installed(loop):
-                with registry.events.watch(batch.id) as events:
-                    async with showing(display):
-                        await _follow(events, batch, display, stopped)
+                if not batch.status.finished:
+                    with registry.events.watch(batch.id) as events:
+                        async with showing(display):
+                            await _follow(events, batch, display, stopped)
                 await interrupts.settled()
+                # Rows whose end was recorded before the stop are shown as ended.
+                await registry.flush()
                 elapsed_s = loop.time() - started_s
-                shown = _as_stopped(batch) if interrupts.count else batch
+                stopped_early = not batch.status.finished
+                shown = _as_stopped(batch) if stopped_early else batch
                 written, failures = await asyncio.to_thread(
                     _write_outputs, shown, output, csv_output
                 )
@@ -259,13 +263,14 @@ async def run_batch(
             await registry.close()
             await store.close()
     if journal is not None:
-        if interrupts.count:
+        if stopped_early or failures:
+            what = "the rest of the run" if stopped_early else "the finished run"
             print(
-                f"batchexec: the run is kept in {journal}; run the same command again "
-                "to continue it",
+                f"batchexec: {what} is kept in {journal}; run the same command again "
+                "to " + ("continue it" if stopped_early else "write its outputs"),
                 file=stream,
             )
-        elif not failures:
+        else:
             _remove_journal(journal)
     summary = _summary(shown, source, elapsed_s, written)
     print(summary.render(), file=stream)
@@ -277,15 +282,28 @@ async def run_batch(
 
 
 async def _start(
-    engine: Engine, registry: Registry, plan: BatchPlan, journal: Path | None, stream: TextIO
+    engine: Engine,
+    registry: Registry,
+    plan: BatchPlan,
+    journal: Path | None,
+    stream: TextIO,
+    *,
+    fresh: bool,
 ) -> Batch:
-    """Continue the journal's unfinished run of these rows, else start a new one."""
-    for earlier in await registry.resumable():
-        rows = [dict(row.cells) for row in plan.rows]
-        if (
-            list(earlier.columns) != list(plan.columns)
-            or [dict(execution.cells) for execution in earlier.executions] != rows
-        ):
+    """The journal's run of these rows, continued (or ended already), else a new one.
+
+    With ``fresh`` what the journal holds is discarded first (it is open, so
+    no other run holds it).
+    """
+    unfinished = await registry.resumable()
+    if fresh:
+        for earlier in unfinished:
+            await registry.discard(earlier)
+        for summary in await registry.owned_by(_OWNER, limit=_JOURNALED):
+            await registry.store.delete(summary.id)
+        unfinished = []
+    for earlier in unfinished:
+        if not _same_rows(earlier, plan):
             raise StoreError(
                 f"{journal} holds an unfinished run of other rows; run that command "
                 "again to finish it, or pass --fresh to discard it"
@@ -298,7 +316,21 @@ async def _start(
         )
         engine.resume(earlier, plan)
         return earlier
+    for summary in await registry.owned_by(_OWNER, limit=1):
+        # A run that ended but whose outputs were not written (a full disk, a
+        # Ctrl-C while writing them): its outputs are written, nothing is sent.
+        ended = await registry.get(summary.id, _OWNER)
+        if _same_rows(ended, plan):
+            print(f"batchexec: the run in {journal} had ended; writing its outputs", file=stream)
+            return ended
     return await engine.submit(_OWNER, plan)
+
+
+def _same_rows(batch: Batch, plan: BatchPlan) -> bool:
+    """Whether ``batch`` is a run of the rows ``plan`` holds."""
+    return list(batch.columns) == list(plan.columns) and [
+        dict(execution.cells) for execution in batch.executions
+    ] == [dict(row.cells) for row in plan.rows]
 
 
 def _remove_journal(journal: Path) -> None:

@@ -116,6 +116,10 @@ class BatchStore(ABC):
         """Apply ``changes``, in order, in one transaction: all of them or none."""
 
     @abstractmethod
+    async def delete(self, batch_id: str) -> None:
+        """Forget batch ``batch_id`` and its rows (one that was refused after it was stored)."""
+
+    @abstractmethod
     async def load(self, batch_id: str) -> Batch | None:
         """The batch ``batch_id`` with its rows, as last written; None if there is none."""
 

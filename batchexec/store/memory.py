@@ -36,6 +36,9 @@ class MemoryStore(BatchStore):
     async def apply(self, changes: Sequence[Change]) -> None:
         pass
 
+    async def delete(self, batch_id: str) -> None:
+        self._batches.pop(batch_id, None)
+
     async def load(self, batch_id: str) -> Batch | None:
         return self._batches.get(batch_id)
 

@@ -52,14 +52,17 @@ _SELECT_EXECUTIONS = (
     "SELECT idx, model, cells, status, prompt_sent, result, error, latency_ms, attempts, "
     "prompt_tokens, completion_tokens FROM executions WHERE batch_id = ? ORDER BY idx"
 )
+#: A row's end is final: neither a start nor a second end (a cancel racing the
+#: row's own answer) changes a row that has ended.
 _UPDATE_STARTED = (
     "UPDATE executions SET status = 'running', prompt_sent = ?, attempts = ? "
-    "WHERE batch_id = ? AND idx = ?"
+    "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
 )
+#: An end with no prompt (a row never sent, or cancelled) keeps the prompt as sent.
 _UPDATE_ENDED = (
-    "UPDATE executions SET status = ?, prompt_sent = ?, result = ?, error = ?, "
-    "latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ? "
-    "WHERE batch_id = ? AND idx = ?"
+    "UPDATE executions SET status = ?, prompt_sent = coalesce(?, prompt_sent), result = ?, "
+    "error = ?, latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ? "
+    "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
 )
 _SELECT_SUMMARIES = (
     "SELECT id, status, message, created_at, finished_at, retry_of, counts FROM batches "
@@ -240,6 +243,13 @@ class SQLiteStore(BatchStore):
 
         await self._run(write)
 
+    async def delete(self, batch_id: str) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+
+        await self._run(write)
+
     async def load(self, batch_id: str) -> Batch | None:
         def read(db: sqlite3.Connection) -> Batch | None:
             row = db.execute(
@@ -392,6 +402,8 @@ def _coalesced(
     for change in changes:
         if isinstance(change, ExecutionEnded):
             key = (change.batch_id, change.index)
+            if key in ended:
+                continue  # the first end wins, as in the store
             started.pop(key, None)
             outcome = change.outcome
             ended[key] = (

@@ -1,0 +1,199 @@
+"""The registry over a real SQLite store: what is shown is what is stored, through every race."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchexec.catalog import Catalog
+from batchexec.config import Settings
+from batchexec.engine import Engine
+from batchexec.errors import ShuttingDownError
+from batchexec.exports import csv_sheet, render_csv, results_writer
+from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
+from batchexec.providers.echo import EchoProvider
+from batchexec.records import BatchStatus, ExecutionStatus, Outcome
+from batchexec.registry import Registry
+from batchexec.store import BatchEnded, Change, ExecutionEnded, StoreError
+from batchexec.store.sqlite import SQLiteStore
+from tests.fakes import GATED_CATALOG, GatedProvider
+
+
+class Harness:
+    """An engine and a registry over ``store``, with the gated provider."""
+
+    def __init__(
+        self, tmp_path: Path, store: SQLiteStore, *, cache_bytes: int = 8 << 20, **overrides: Any
+    ) -> None:
+        self.settings = Settings(_env_file=None, public_dir=tmp_path / "public", **overrides)
+        self.store = store
+        self.registry = Registry(store, cache_bytes=cache_bytes)
+        self.gated = GatedProvider(self.settings, None)
+        providers = {"gated": self.gated, "echo": EchoProvider(self.settings, None)}  # type: ignore[arg-type]
+        outputs = results_writer(self.settings.results_dir)
+        self.engine = Engine(self.settings, self.registry, providers, outputs=outputs)
+        path = tmp_path / "models.toml"
+        path.write_text(GATED_CATALOG)
+        self.catalog = Catalog.load(path)
+
+    def plan(self, *prompts: str) -> BatchPlan:
+        rows = [RowInput(p, "gated", cells={"prompt": p, "model": "gated"}) for p in prompts]
+        limits = Limits(max_executions=100, max_prompt_length=1000, default_model="echo")
+        return plan_batch(rows, ["prompt", "model"], self.catalog, limits)
+
+    async def stored(self, batch_id: str) -> list[tuple[str, str | None]]:
+        batch = await self.store.load(batch_id)
+        assert batch is not None
+        return [(e.status.value, e.result) for e in batch.executions]
+
+
+class Refusing(SQLiteStore):
+    """A store that refuses the groups ``refuse`` picks, while ``refusing`` is set."""
+
+    refusing = True
+
+    def refuse(self, changes: Sequence[Change]) -> bool:
+        return False
+
+    async def apply(self, changes: Sequence[Change]) -> None:
+        if self.refusing and self.refuse(changes):
+            raise StoreError("database or disk is full")
+        await super().apply(changes)
+
+
+@pytest.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Any]:
+    made: list[Harness] = []
+
+    async def make_(store_class: type[SQLiteStore] = SQLiteStore, **overrides: Any) -> Harness:
+        harness = Harness(tmp_path, store_class(tmp_path / "batchexec.db"), **overrides)
+        await harness.store.open()
+        await harness.registry.start()
+        made.append(harness)
+        return harness
+
+    yield make_
+    for harness in made:
+        if isinstance(harness.store, Refusing):
+            harness.store.refusing = False
+        harness.gated.open()
+        await harness.engine.close()
+        await harness.registry.close()
+        await harness.store.close()
+
+
+async def test_a_cancel_racing_a_rows_answer_never_undoes_it_in_the_store(make):
+    harness = await make(max_threads=2)
+    batch = await harness.engine.submit("o", harness.plan("a", "b"))
+    await harness.gated.wait_started(2)
+    harness.gated.open("a")
+    while "a" not in harness.gated.finished:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)  # row 1's end is recorded, its commit not yet done
+    await harness.engine.cancel(batch.id)
+    shown = [(e.status.value, e.result) for e in batch.executions]
+    assert shown == [("succeeded", "answer(a)"), ("cancelled", None)]
+    assert await harness.stored(batch.id) == shown
+
+
+async def test_a_cancelled_row_keeps_its_prompt_as_sent_in_the_store(make):
+    harness = await make(max_threads=2)
+    batch = await harness.engine.submit("o", harness.plan("a", "uses ${output.1}"))
+    await harness.gated.wait_started(1)
+    harness.gated.open("a")
+    await harness.gated.wait_started(2)
+    await harness.registry.flush()
+    await harness.engine.cancel(batch.id)
+    stored = await harness.store.load(batch.id)
+    assert stored is not None
+    assert render_csv(csv_sheet(stored)) == render_csv(csv_sheet(batch))
+    assert stored.executions[1].prompt_sent == "uses answer(a)"
+
+
+async def test_a_batch_whose_end_cannot_be_written_fails_and_tells_its_watchers(make):
+    class EndRefused(Refusing):
+        def refuse(self, changes: Sequence[Change]) -> bool:
+            return any(isinstance(change, BatchEnded) for change in changes)
+
+    harness = await make(EndRefused)
+    batch = await harness.engine.submit("o", harness.plan("a"))
+    with harness.registry.events.watch(batch.id) as events:
+        harness.gated.open()
+        await harness.engine.join(batch.id)
+        # A watcher (an event stream, the command line's progress) is told it ended.
+        while (await asyncio.wait_for(events.get(), 5)).name != "done":
+            pass
+    assert batch.status is BatchStatus.FAILED
+    assert batch.message == "Batch failed: database or disk is full"
+    assert await harness.registry.get(batch.id, "o") is batch
+
+
+async def test_a_cancel_whose_rows_cannot_be_written_fails_the_batch(make):
+    class CancelRefusedOnce(Refusing):
+        def refuse(self, changes: Sequence[Change]) -> bool:
+            cancels = [
+                c
+                for c in changes
+                if isinstance(c, ExecutionEnded) and c.outcome.status is ExecutionStatus.CANCELLED
+            ]
+            if cancels:
+                self.refusing = False
+            return bool(cancels)
+
+    harness = await make(CancelRefusedOnce, max_threads=2)
+    batch = await harness.engine.submit("o", harness.plan("a", "b", "c"))
+    await harness.gated.wait_started(2)
+    await harness.registry.flush()
+    await harness.engine.cancel(batch.id)
+    assert batch.status is BatchStatus.FAILED
+    assert all(e.status.finished for e in batch.executions)
+
+
+async def test_a_failed_batch_reads_failed_even_when_not_cached(make):
+    class Full(Refusing):
+        def refuse(self, changes: Sequence[Change]) -> bool:
+            return any(isinstance(c, ExecutionEnded) for c in changes)
+
+    harness = await make(Full, cache_bytes=0)
+    batch = await harness.engine.submit("o", harness.plan("a"))
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    seen = await harness.registry.get(batch.id, "o")
+    assert (seen.status, seen.message) == (
+        BatchStatus.FAILED,
+        "Batch failed: database or disk is full",
+    )
+
+
+async def test_close_writes_what_is_recorded_while_it_flushes(make):
+    harness = await make()
+    registry = harness.registry
+    batch = await registry.add("o", harness.plan("a", "b"))
+    registry.start_batch(batch)
+    closing = asyncio.create_task(registry.close())
+    await asyncio.sleep(0)
+    registry.finish_execution(batch, 1, Outcome(ExecutionStatus.SUCCEEDED, "x", attempts=1), "a")
+    flushing = asyncio.create_task(registry.flush())
+    await closing
+    await asyncio.wait_for(flushing, 5)
+    assert batch.executions[0].status is ExecutionStatus.SUCCEEDED
+    assert (await harness.stored(batch.id))[0] == ("succeeded", "x")
+
+
+async def test_a_batch_refused_after_it_was_stored_leaves_nothing_to_resume(make):
+    harness = await make()
+    original = harness.registry.add
+
+    async def add_then_stop(*args: Any, **kwargs: Any) -> Any:
+        batch = await original(*args, **kwargs)
+        harness.engine._stopping = True  # a SIGTERM while the store wrote it
+        return batch
+
+    harness.registry.add = add_then_stop
+    with pytest.raises(ShuttingDownError):
+        await harness.engine.submit("o", harness.plan("a"))
+    assert await harness.store.unfinished() == []
