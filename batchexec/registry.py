@@ -210,6 +210,9 @@ class Registry:
             for execution in batch.executions:
                 if execution.status is ExecutionStatus.RUNNING:
                     _move(batch, execution, ExecutionStatus.PENDING)
+            # Queued until it has a slot again, here as for a new batch.
+            batch.status = BatchStatus.QUEUED
+            batch.message = "Batch is queued."
             self._active[batch.id] = batch
         return batches
 

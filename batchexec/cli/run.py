@@ -50,7 +50,7 @@ from batchexec.planning import BatchPlan
 from batchexec.providers import Provider
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, progress_counts
 from batchexec.registry import Registry
-from batchexec.runtime import limits_from, open_runtime
+from batchexec.runtime import limits_from, open_runtime, plan_again
 from batchexec.store import StoreError
 from batchexec.store.memory import MemoryStore
 from batchexec.store.sqlite import SQLiteStore
@@ -234,7 +234,16 @@ async def run_batch(
         engine = Engine(settings, registry, runtime.providers)
         started_s = loop.time()
         try:
-            batch = await _start(engine, registry, plan, journal, stream, fresh=fresh)
+            batch = await _start(
+                engine,
+                registry,
+                plan,
+                journal,
+                stream,
+                fresh=fresh,
+                catalog=runtime.catalog,
+                settings=settings,
+            )
             stopped = asyncio.Event()
 
             async def stop() -> None:
@@ -289,6 +298,8 @@ async def _start(
     stream: TextIO,
     *,
     fresh: bool,
+    catalog: Catalog,
+    settings: Settings,
 ) -> Batch:
     """The journal's run of these rows, continued (or ended already), else a new one.
 
@@ -314,7 +325,9 @@ async def _start(
             f"{len(earlier.executions)} rows had finished",
             file=stream,
         )
-        engine.resume(earlier, plan)
+        # Planned as it was, not with today's options: a continued run is the same
+        # run (a changed --model does not move its remaining rows to another).
+        engine.resume(earlier, plan_again(earlier, catalog, settings))
         return earlier
     for summary in await registry.owned_by(_OWNER, limit=1):
         # A run that ended but whose outputs were not written (a full disk, a

@@ -114,7 +114,12 @@ class SQLiteStore(BatchStore):
         if self.path.parent != Path() and not self.path.parent.is_dir():
             raise StoreError(f"{self._setting}: the folder {self.path.parent} does not exist")
         self._lock = self._claim()
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        except BaseException:
+            self._lock.close()
+            self._lock = None
+            raise
         try:
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             version = db.execute("PRAGMA user_version").fetchone()[0]
