@@ -284,6 +284,11 @@ async def results(request: web.Request) -> web.StreamResponse:
     """A batch's status, progress, finished executions and, once ended, its outputs."""
     body = await _parse(request, ResultsRequest)
     batch = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    return await _answer_results(request, batch)
+
+
+async def _answer_results(request: web.Request, batch: Batch) -> web.StreamResponse:
+    """The results answer of ``batch``: a finished one's rendered once, off the loop."""
     xlsx_url = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
     if batch.status.finished:
 
@@ -376,14 +381,12 @@ async def _stream(request: web.Request, parts: list[bytes | memoryview]) -> web.
     return response
 
 
-async def cancel(request: web.Request) -> web.Response:
+async def cancel(request: web.Request) -> web.StreamResponse:
     """Cancel a queued or running batch; answers like the results route once it has stopped."""
     body = await _parse(request, ResultsRequest)
     batch = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
     await request.app[ENGINE].cancel(batch.id)
-    xlsx_url = _xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
-    answer = _results(batch)
-    return web.json_response({**_head(answer, xlsx_url), **_tail(answer)})
+    return await _answer_results(request, batch)
 
 
 async def retry(request: web.Request) -> web.Response:
