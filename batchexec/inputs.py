@@ -265,21 +265,12 @@ def parse_xlsx(
         workbook.close()
 
 
-def _unescape(text: str) -> str:
-    from openpyxl.utils.escape import unescape
-
-    result: str = unescape(text)
-    return result
-
-
 def cell_text(value: object) -> str:
     """A sheet cell as the text it shows: ``7`` not ``7.0``, ISO dates, ``TRUE``; None is ``""``."""
     if value is None:
         return ""
     if isinstance(value, str):
-        # OOXML writes characters XML cannot hold as _xHHHH_ (a CR, say), and Excel
-        # reads them back; openpyxl leaves them as written.
-        return _unescape(value) if "_x" in value else value
+        return value
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
     if isinstance(value, float) and value.is_integer():
