@@ -56,7 +56,7 @@ _OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _RESULTS_SHEET = "results"
 #: Why ``json.loads`` raises a ValueError that is no JSONDecodeError: Python
 #: refuses to read integers longer than this.
-_TOO_MANY_DIGITS = "a number has more than 4300 digits"
+TOO_MANY_DIGITS = "a number has more than 4300 digits"
 #: Excel's last column, XFD; a value said to lie past it is refused whatever the limit.
 _EXCEL_COLUMNS = 16_384
 
@@ -186,7 +186,7 @@ def parse_json(text: str) -> Rows:
     except json.JSONDecodeError as exc:
         raise InputError(f"JSON line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
     except ValueError as exc:
-        raise InputError(f"The JSON cannot be read: {_TOO_MANY_DIGITS}.") from exc
+        raise InputError(f"The JSON cannot be read: {TOO_MANY_DIGITS}.") from exc
     except RecursionError:
         raise InputError("The JSON is nested too deeply.") from None
     if not isinstance(document, dict) or not isinstance(document.get("executions"), list):
@@ -211,7 +211,7 @@ def parse_jsonl(text: str) -> Rows:
         except json.JSONDecodeError as exc:
             items.append(_Unreadable(f"not valid JSON: {exc.msg} at column {exc.colno}"))
         except ValueError:
-            items.append(_Unreadable(f"cannot be read: {_TOO_MANY_DIGITS}"))
+            items.append(_Unreadable(f"cannot be read: {TOO_MANY_DIGITS}"))
         except RecursionError:
             items.append(_Unreadable("nested too deeply"))
         places.append(f"line {number}")

@@ -18,7 +18,7 @@ from batchexec.engine import Engine
 from batchexec.errors import InputError
 from batchexec.exports import results_writer
 from batchexec.providers import Provider
-from batchexec.records import Batch, BatchStatus
+from batchexec.records import BatchStatus, ExecutionStatus
 from batchexec.registry import Registry
 from batchexec.runtime import load_catalog, open_runtime, plan_again, provider_classes
 from batchexec.store import store_for
@@ -116,12 +116,9 @@ async def _resume(registry: Registry, engine: Engine, catalog: Catalog, settings
             registry.cancel_unfinished(batch, f"Not resumed: {reason}")
             registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed to resume: {reason}")
             continue
-        log.info("resuming batch %s (%d rows left)", batch.id, _rows_left(batch))
+        left = batch.counts[ExecutionStatus.PENDING] + batch.counts[ExecutionStatus.RUNNING]
+        log.info("resuming batch %s (%d rows left)", batch.id, left)
         engine.resume(batch, plan)
-
-
-def _rows_left(batch: Batch) -> int:
-    return sum(1 for execution in batch.executions if not execution.status.finished)
 
 
 async def _input_pool(app: web.Application) -> AsyncIterator[None]:

@@ -29,6 +29,7 @@ from batchexec.errors import (
 from batchexec.events import FINAL_EVENTS, Event, done_event, execution_event, progress_event
 from batchexec.exports import csv_sheet, render_csv, results_sheet, template_sheet, write_xlsx
 from batchexec.inputs import (
+    TOO_MANY_DIGITS,
     ZIP_MAGIC,
     Format,
     Rows,
@@ -296,21 +297,25 @@ async def _answer_results(request: web.Request, batch: Batch) -> web.StreamRespo
             return await asyncio.to_thread(lambda: _dumps_in_pieces(_tail(_results(batch))))
 
         rest = await request.app[RESULTS_CACHE].get(batch.id, render)
-        head = _head(_results(batch, with_rows=False), xlsx_url)
     else:
-        answer = _results(batch)
-        rest = _dumps(_tail(answer))
-        head = _head(answer, xlsx_url)
+        rest = _dumps(_tail(_results(batch)))
+    head = _head(batch, xlsx_url)
     # The head's closing brace gives way to the rest's fields; a view, not a copy,
     # of the cached rest, which may be tens of megabytes.
     return await _stream(request, [_dumps(head)[:-1], b",", memoryview(rest)[1:]])
 
 
-def _head(answer: ResultsResponse, xlsx_url: str | None) -> dict[str, object]:
-    """The fields of a results answer that follow the request (``xlsx_url``), and come first."""
-    fields = answer.model_dump(mode="json", include=set(_HEAD_FIELDS))
-    fields["xlsx_url"] = xlsx_url if answer.status.finished else None
-    return {name: fields[name] for name in _HEAD_FIELDS}
+def _head(batch: Batch, xlsx_url: str | None) -> dict[str, object]:
+    """The fields of a results answer that come first: from the record, costing no row.
+
+    ``xlsx_url`` follows the request, so it is never part of the cached rest.
+    """
+    return {
+        "status": batch.status.value,
+        "invocationId": batch.id,
+        "message": batch.message,
+        "xlsx_url": xlsx_url if batch.status.finished else None,
+    }
 
 
 def _tail(answer: ResultsResponse) -> dict[str, object]:
@@ -513,14 +518,14 @@ async def _send(
     await response.write("".join(chunks).encode())
 
 
-def _results(batch: Batch, *, with_rows: bool = True) -> ResultsResponse:
+def _results(batch: Batch) -> ResultsResponse:
     """The results answer of ``batch``, ``xlsx_url`` left to ``_head``.
 
     A finished batch's CSV content is rendered from its records: the results
     route does it once, off the event loop, and keeps the rendered answer.
     """
     csv_content = None
-    if batch.status.finished and with_rows:
+    if batch.status.finished:
         csv_content = render_csv(csv_sheet(batch))
     return ResultsResponse(
         status=batch.status,
@@ -546,7 +551,7 @@ def _results(batch: Batch, *, with_rows: bool = True) -> ResultsResponse:
                 completion_tokens=execution.completion_tokens,
             )
             for execution in batch.executions
-            if with_rows and execution.status.finished
+            if execution.status.finished
         ],
     )
 
@@ -655,7 +660,7 @@ def _loads(raw: bytes) -> Any:
     except ValueError:
         # Python refuses integers of more than 4,300 digits; nothing else raises this.
         raise web.HTTPBadRequest(
-            text="The request body cannot be read: a number has more than 4300 digits."
+            text=f"The request body cannot be read: {TOO_MANY_DIGITS}."
         ) from None
     except RecursionError:
         raise web.HTTPBadRequest(text="The request body is nested too deeply.") from None
