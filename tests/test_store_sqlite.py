@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -352,6 +354,29 @@ async def test_summaries_are_the_owners_newest_first_with_counts_per_status(open
     ]
     assert [s.id for s in await store.summaries("owner-a", status=done, limit=1)] == ["middle"]
     assert await store.summaries("owner-c", status=None, limit=10) == []
+
+
+async def test_reads_are_answered_while_the_writer_is_busy(open_store):
+    """Reads have a connection and a thread of their own: a long write never delays them."""
+    store = await open_store()
+    await store.create(a_batch("listed", status=BatchStatus.COMPLETED, finished_at=2.0))
+    release = threading.Event()
+    # Holds the writer's thread (as a large batch's insert would) until released.
+    writing = asyncio.ensure_future(store._run(lambda db: release.wait(30)))
+    try:
+        found = await asyncio.wait_for(store.summaries("owner-a", status=None, limit=10), 30)
+        assert [summary.id for summary in found] == ["listed"]
+        assert (await store.load("listed")) is not None
+        assert not writing.done()
+    finally:
+        release.set()
+        await writing
+
+
+async def test_the_reading_connection_cannot_write(open_store):
+    store = await open_store()
+    with pytest.raises(StoreError, match="readonly"):
+        await store._read(lambda db: db.execute("DELETE FROM batches"))
 
 
 async def test_unfinished_is_the_queued_and_processing_batches_oldest_first(open_store):

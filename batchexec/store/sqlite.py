@@ -1,10 +1,12 @@
 """``sqlite:///PATH``: one process's batches in a SQLite file, durable across restarts.
 
-The standard library's ``sqlite3`` on one thread of its own: every query of
-this store runs there, on the one connection, so there is a single writer and
-no lock is ever contended inside the process. The registry hands ``apply``
-whole groups of changes, each written in one transaction, which is what keeps
-the hot path fast (a commit per group, not per row).
+The standard library's ``sqlite3`` on two threads of its own, each with its
+connection: every write runs on the writer's, so there is a single writer
+and no lock is ever contended inside the process; reads run on the reader's,
+so a client listing its batches never delays a commit (WAL lets a reader and
+the writer work at once, the reader seeing the last commit). The registry
+hands ``apply`` whole groups of changes, each written in one transaction,
+which is what keeps the hot path fast (a commit per group, not per row).
 
 The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives
 the process being killed at any moment (``kill -9``, the OOM killer); after a
@@ -82,33 +84,59 @@ class SQLiteStore(BatchStore):
         self.path = path
         self._setting = setting
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
         self._db: sqlite3.Connection | None = None
+        self._read_db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``work`` on the store's thread; every SQLite error is a ``StoreError``."""
+        """Run ``work`` on the writer's thread; every SQLite error is a ``StoreError``."""
+        return await self._on(self._thread, lambda: self._db, work)
 
+    async def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work``, which only reads, on the reader's thread."""
+        return await self._on(self._reader, lambda: self._read_db, work)
+
+    async def _on(
+        self,
+        thread: ThreadPoolExecutor,
+        connection: Callable[[], sqlite3.Connection | None],
+        work: Callable[[sqlite3.Connection], _T],
+    ) -> _T:
         def in_thread() -> _T:
-            if self._db is None:
+            db = connection()
+            if db is None:
                 raise StoreError("The SQLite store is not open.")
             try:
-                return work(self._db)
+                return work(db)
             except (sqlite3.Error, OverflowError) as exc:
                 # OverflowError: an integer past SQLite's 64 bits (a provider's usage count).
                 raise StoreError(f"The SQLite store cannot be used: {exc}") from exc
 
-        if self._db is None:
+        if connection() is None:
             raise StoreError("The SQLite store is not open.")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, in_thread)
+        return await asyncio.get_running_loop().run_in_executor(thread, in_thread)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             self._db, self._secret = await loop.run_in_executor(self._thread, self._open)
+            self._read_db = await loop.run_in_executor(self._reader, self._open_reader)
         except sqlite3.Error as exc:
+            await self.close()
             raise StoreError(
                 f"{self._setting}: cannot use the SQLite file {self.path}: {exc}"
             ) from exc
+
+    def _open_reader(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA query_only = ON")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _open(self) -> tuple[sqlite3.Connection, bytes]:
         if self.path.parent != Path() and not self.path.parent.is_dir():
@@ -161,9 +189,13 @@ class SQLiteStore(BatchStore):
             raise
 
     async def close(self) -> None:
+        if self._read_db is not None:
+            await self._read(lambda db: db.close())
+            self._read_db = None
         if self._db is not None:
             await self._run(lambda db: db.close())
             self._db = None
+        self._reader.shutdown(wait=True)
         self._thread.shutdown(wait=True)
         if self._lock is not None:
             self._lock.close()  # and with it the claim
@@ -264,7 +296,7 @@ class SQLiteStore(BatchStore):
             ).fetchone()
             return None if row is None else _batch(db, row)
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def summaries(
         self, owner: str, *, status: BatchStatus | None, limit: int
@@ -285,7 +317,7 @@ class SQLiteStore(BatchStore):
                 for row in rows
             ]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def counts(self, batch_id: str) -> Counter[ExecutionStatus]:
         def read(db: sqlite3.Connection) -> Counter[ExecutionStatus]:
@@ -295,7 +327,7 @@ class SQLiteStore(BatchStore):
             )
             return Counter({ExecutionStatus(status): count for status, count in rows})
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def unfinished(self) -> list[Batch]:
         def read(db: sqlite3.Connection) -> list[Batch]:
@@ -306,7 +338,7 @@ class SQLiteStore(BatchStore):
             ).fetchall()
             return [_batch(db, row) for row in rows]
 
-        return await self._run(read)
+        return await self._read(read)
 
     async def add_file(self, entry: FileEntry) -> None:
         await self._run(
@@ -318,7 +350,7 @@ class SQLiteStore(BatchStore):
         )
 
     async def file(self, name: str) -> FileEntry | None:
-        row = await self._run(
+        row = await self._read(
             lambda db: db.execute(
                 "SELECT name, owner, written_at, batch_id, template FROM files WHERE name = ?",
                 (name,),
@@ -332,7 +364,7 @@ class SQLiteStore(BatchStore):
         await self._run(lambda db: db.execute("DELETE FROM files WHERE name = ?", (name,)))
 
     async def templates_of(self, owner: str) -> list[float]:
-        rows = await self._run(
+        rows = await self._read(
             lambda db: db.execute(
                 "SELECT written_at FROM files WHERE owner = ? AND template ORDER BY written_at",
                 (owner,),
