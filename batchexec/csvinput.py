@@ -6,24 +6,8 @@ import csv
 import io
 from dataclasses import dataclass
 
+from batchexec.columns import KNOWN_COLUMNS, RESERVED_COLUMNS
 from batchexec.errors import FieldError, InputError
-
-#: Columns the results workbook adds after the input columns, in order.
-OUTPUT_COLUMNS = (
-    "result",
-    "status",
-    "error",
-    "model",
-    "latency_ms",
-    "attempts",
-    "prompt_tokens",
-    "completion_tokens",
-)
-#: Input columns of these names (a results file fed back in) are dropped rather
-#: than duplicated; ``model`` is an input column too, so it stays.
-RESERVED_COLUMNS = frozenset(OUTPUT_COLUMNS) - {"model"}
-#: Columns with a meaning to batchexec; matched case-insensitively.
-KNOWN_COLUMNS = ("prompt", "model", "assistant")
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,12 @@ import asyncio
 import csv
 import io
 import logging
-import os
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchexec.csvinput import OUTPUT_COLUMNS
+from batchexec.columns import OUTPUT_COLUMNS
+from batchexec.files import atomic_path
 from batchexec.planning import BatchPlan
 from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.xlsx import write_sheet
@@ -130,17 +129,8 @@ def write_xlsx(path: Path, sheet: Sheet) -> None:
     Blocking; call it through ``asyncio.to_thread``. Every string is written as
     a string cell, never as a formula, link or number.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".xlsx", dir=path.parent)
-    os.close(fd)
-    try:
-        write_sheet(temporary, _SHEET, sheet.header, sheet.rows, _widths(sheet))
-        # mkstemp makes the file private; a results file is meant to be served.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        write_sheet(str(temporary), _SHEET, sheet.header, sheet.rows, _widths(sheet))
 
 
 def _widths(sheet: Sheet, sample: int = 200) -> list[float]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchexec.catalog import Catalog, Target, UnknownNameError
-from batchexec.csvinput import RESERVED_COLUMNS
+from batchexec.columns import RESERVED_COLUMNS
 from batchexec.errors import FieldError, InputError
 from batchexec.templating import TemplateError, references
 

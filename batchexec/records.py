@@ -155,6 +155,14 @@ class Batch:
         """Name of the workbook of batch ``batch_id``."""
         return f"batch_execution_{batch_id}.xlsx"
 
+    def tokens(self) -> tuple[int, int]:
+        """Prompt and completion tokens over every execution; rows with no usage count 0."""
+        prompt = completion = 0
+        for execution in self.executions:
+            prompt += execution.prompt_tokens or 0
+            completion += execution.completion_tokens or 0
+        return prompt, completion
+
     def size_bytes(self) -> int:
         """About what the batch holds in memory."""
         return 1000 + sum(execution.size_bytes() for execution in self.executions)

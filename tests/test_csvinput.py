@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from batchexec.csvinput import OUTPUT_COLUMNS, Table, header_columns, parse_csv
+from batchexec.columns import OUTPUT_COLUMNS
+from batchexec.csvinput import Table, header_columns, parse_csv
 from batchexec.errors import InputError
 
 LIMIT = 1_000

@@ -16,7 +16,7 @@ from typing import TextIO
 
 from batchexec.catalog import Catalog
 from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from batchexec.cli.files import unwritable, write_atomically
+from batchexec.cli.files import unwritable
 from batchexec.cli.inputfile import (
     INPUT_HELP,
     Source,
@@ -45,6 +45,7 @@ from batchexec.engine import Engine
 from batchexec.errors import ConfigError, ConflictError, InputError
 from batchexec.events import Event
 from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
+from batchexec.files import write_atomically
 from batchexec.inputs import plan_rows
 from batchexec.planning import BatchPlan
 from batchexec.providers import Provider
@@ -491,13 +492,14 @@ def _summary(
     ]
     if len(unsuccessful) > _PROBLEMS_SHOWN:
         problems.append(f"... and {len(unsuccessful) - _PROBLEMS_SHOWN} more; see the workbook")
+    prompt_tokens, completion_tokens = batch.tokens()
     return Summary(
         status=batch.status.value,
         message=batch.message,
         counts=progress_counts(batch.counts),
         elapsed_s=elapsed_s,
-        prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
-        completion_tokens=sum(e.completion_tokens or 0 for e in batch.executions),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
         outputs=outputs,
         problems=problems,
     )

@@ -17,8 +17,9 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohttp
 from dotenv import dotenv_values
 
+from batchexec.api import API_KEY_HEADER
 from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from batchexec.cli.files import unwritable, write_atomically
+from batchexec.cli.files import unwritable
 from batchexec.cli.inputfile import INPUT_HELP, Source, label_of, print_problems, read_source
 from batchexec.cli.options import PROG, Commands, positive_float
 from batchexec.cli.progress import (
@@ -30,9 +31,9 @@ from batchexec.cli.progress import (
 )
 from batchexec.config import DEV_API_KEY
 from batchexec.errors import FieldError, InputError
+from batchexec.files import write_atomically
 from batchexec.inputs import Rows
 from batchexec.records import Batch
-from batchexec.web.middlewares import API_KEY_HEADER
 
 #: The key ``submit`` sends, unless ``--key`` gives one.
 KEY_ENV = "INTEGRATIONS_API_KEY"

@@ -527,6 +527,7 @@ def _results(batch: Batch) -> ResultsResponse:
     csv_content = None
     if batch.status.finished:
         csv_content = render_csv(csv_sheet(batch))
+    prompt_tokens, completion_tokens = batch.tokens()
     return ResultsResponse(
         status=batch.status,
         invocationId=batch.id,
@@ -534,10 +535,7 @@ def _results(batch: Batch) -> ResultsResponse:
         xlsx_url=None,
         csv_content=csv_content,
         progress=_progress(batch),
-        usage=Usage(
-            prompt_tokens=sum(e.prompt_tokens or 0 for e in batch.executions),
-            completion_tokens=sum(e.completion_tokens or 0 for e in batch.executions),
-        ),
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
         executions=[
             ExecutionOut(
                 index=execution.index,

@@ -10,6 +10,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
+from batchexec import api
+from batchexec.api import API_KEY_HEADER
 from batchexec.errors import (
     ConflictError,
     InputError,
@@ -23,9 +25,8 @@ from batchexec.web.keys import OWNER, REGISTRY, SETTINGS
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADER = "Integrations-API-Key"
 #: Routes anyone may call.
-_OPEN_PATHS = frozenset({"/health"})
+_OPEN_PATHS = frozenset({api.HEALTH})
 #: Seconds a client refused by a stopping server is told to wait (for another replica
 #: or the restart).
 _SHUTDOWN_RETRY_AFTER_S = 5

@@ -1,0 +1,35 @@
+"""The HTTP API's names, written once: route paths and the key header.
+
+Used by the routes, the Python client and the tests; it imports nothing, so
+any layer (the command line included) can use it without loading the server.
+Paths with ``{name}`` take that part of the URL as a parameter.
+"""
+
+from __future__ import annotations
+
+#: The header that carries the caller's API key.
+API_KEY_HEADER = "Integrations-API-Key"
+
+HEALTH = "/health"
+EXECUTE_BATCH = "/experience/batch_execution/execute_batch/invoke"
+PROCESS_CSV = "/system/batch_execution/process_csv/invoke"
+UPLOAD = "/system/batch_execution/upload/invoke"
+RESULTS = "/system/batch_execution/results"
+CANCEL = "/system/batch_execution/cancel"
+RETRY = "/system/batch_execution/retry"
+BATCHES = "/system/batch_execution/batches"
+MODELS = "/system/batch_execution/models"
+#: Followed by the invocation id.
+EVENTS = "/system/batch_execution/events/{invocation_id}"
+#: A workbook, by its file name.
+DOWNLOAD = "/public/batch_execution_results/{file_name}"
+
+
+def events_path(invocation_id: str) -> str:
+    """The events route of one batch."""
+    return EVENTS.format(invocation_id=invocation_id)
+
+
+def download_path(file_name: str) -> str:
+    """The download route of one workbook (``file_name`` quoted by the caller if needed)."""
+    return DOWNLOAD.format(file_name=file_name)

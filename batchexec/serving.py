@@ -1,0 +1,153 @@
+"""The server process: the app of ``create_app`` on a socket until a signal stops it.
+
+What ``python -m batchexec serve`` runs; it sits beside the command line
+(``batchexec.cli``) rather than in it, so that no command but this one loads
+the web layer. SIGTERM or SIGINT drain the engine with the socket still
+open; a second signal cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from batchexec.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from batchexec.config import DEV_API_KEY, Settings, load_settings
+from batchexec.engine import Engine
+from batchexec.errors import ConfigError
+from batchexec.store import StoreError
+from batchexec.web.app import create_app
+from batchexec.web.keys import CATALOG, ENGINE
+from batchexec.web.server import JSONErrorAppRunner
+
+log = logging.getLogger("batchexec")
+
+_REQUEST_DRAIN_S = 5.0
+#: How long an idle keep-alive connection stays open (``web.run_app``'s default).
+_KEEPALIVE_S = 75.0
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def serve(*, host: str | None = None, port: int | None = None) -> int:
+    """Start the server and block until it is stopped by SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {
+        name: value for name, value in (("host", host), ("port", port)) if value is not None
+    }
+    try:
+        settings = load_settings(**overrides)
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"batchexec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    refusal = _refuse_dev_key(settings)
+    if refusal:
+        print(f"batchexec: {refusal}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        return asyncio.run(_serve(app, settings))
+    except KeyboardInterrupt:
+        # Ctrl-C before the signal handlers were in place: stopped, quietly.
+        return EXIT_OK
+
+
+async def _serve(app: web.Application, settings: Settings) -> int:
+    """Serve ``app`` until a signal, keeping the socket open while batches drain.
+
+    ``web.run_app`` closes the socket before ``on_shutdown`` drains the
+    engine, so during the grace period clients would get "connection refused"
+    instead of 503 with ``Retry-After``. Here the drain comes first, with the
+    site still listening; the app's own ``on_shutdown`` drain then finds
+    nothing left to do. A second signal cuts the grace period short.
+    """
+    stopping = asyncio.Event()
+    hurrying = asyncio.Event()
+
+    def on_signal() -> None:
+        (hurrying if stopping.is_set() else stopping).set()
+
+    loop = asyncio.get_running_loop()
+    # Before start-up, so a signal during it is not lost (nor a KeyboardInterrupt).
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(signum, on_signal)
+    runner = JSONErrorAppRunner(
+        app,
+        # Batches are drained before this; what is left is short requests.
+        shutdown_timeout=_REQUEST_DRAIN_S,
+        keepalive_timeout=_KEEPALIVE_S,
+    )
+    try:
+        await runner.setup()
+    except StoreError as exc:
+        # A database file that cannot be used: corrupt, locked, read-only, too new.
+        print(f"batchexec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            print(
+                f"batchexec: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        _announce(app, settings)
+        await stopping.wait()
+        log.info(
+            "batchexec stopping: new batches get 503; running executions have %g s to finish "
+            "(send the signal again to cancel them now)",
+            settings.shutdown_grace_s,
+        )
+        await _drain(app[ENGINE], settings.shutdown_grace_s, hurrying)
+    finally:
+        await runner.cleanup()
+    return EXIT_OK
+
+
+async def _drain(engine: Engine, grace_s: float, hurrying: asyncio.Event) -> None:
+    """``engine.drain(grace_s)``, or ``engine.close()`` as soon as ``hurrying`` is set."""
+    draining = asyncio.create_task(engine.drain(grace_s), name="drain")
+    hurry = asyncio.create_task(hurrying.wait(), name="hurry")
+    try:
+        await asyncio.wait({draining, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        if not draining.done():
+            log.warning("batchexec stopping now: cancelling running executions")
+            # Cancels what drain waits for; drain then finishes at once.
+            await engine.close()
+        await draining
+    finally:
+        hurry.cancel()
+
+
+def _announce(app: web.Application, settings: Settings) -> None:
+    # Called once the socket is bound, so the line is a promise kept.
+    log.info(
+        "batchexec listening on http://%s:%d with %d models in the catalog",
+        settings.host,
+        settings.port,
+        len(app[CATALOG].models),
+    )
+    if settings.uses_dev_key:
+        log.warning(
+            "accepting the development API key %r: set INTEGRATIONS_API_KEYS before "
+            "exposing this server",
+            DEV_API_KEY,
+        )
+
+
+def _refuse_dev_key(settings: Settings) -> str | None:
+    if settings.uses_dev_key and not settings.host_is_loopback:
+        return (
+            f"refusing to listen on {settings.host} with the development key {DEV_API_KEY!r}: "
+            "set INTEGRATIONS_API_KEYS to your own comma-separated keys "
+            "(for example INTEGRATIONS_API_KEYS=$(openssl rand -hex 24))"
+        )
+    return None
