@@ -32,7 +32,7 @@ from batchexec.errors import (
 from batchexec.exports import OutputWriter
 from batchexec.limits import ModelLimits
 from batchexec.planning import BatchPlan, PlannedRow
-from batchexec.providers import ChatRequest, Completion, Provider
+from batchexec.providers import ChatRequest, Completion, Provider, unconfigured
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
 from batchexec.registry import Registry
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
@@ -452,14 +452,11 @@ class Engine:
 
     async def _call(self, row: PlannedRow, request: ChatRequest) -> Completion:
         model = row.target.model
-        provider = self._providers.get(model.provider)
-        if provider is None:
-            raise ProviderNotConfiguredError(f"No provider named {model.provider!r}.")
-        missing = provider.missing_configuration(model)
+        missing = unconfigured(self._providers, model)
         if missing is not None:
             raise ProviderNotConfiguredError(missing)
         async with self._limits.call(model):
-            return await provider.complete(model, request)
+            return await self._providers[model.provider].complete(model, request)
 
     async def _write_outputs(self, batch: Batch) -> str | None:
         """Write the batch's outputs; returns a note for its message when one is missing."""

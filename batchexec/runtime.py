@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 
-from batchexec.catalog import Catalog, ModelSpec, UnknownNameError
+from batchexec.catalog import Catalog, UnknownNameError
 from batchexec.config import Settings
 from batchexec.errors import ConfigError, ProviderError
 from batchexec.planning import BatchPlan, Limits, plan_batch
@@ -134,9 +134,3 @@ def limits_from(settings: Settings) -> Limits:
         default_model=settings.default_model,
         max_columns=settings.max_columns,
     )
-
-
-def is_configured(providers: Mapping[str, Provider], model: ModelSpec) -> bool:
-    """Whether ``model``'s provider exists and has what it needs to be called."""
-    provider = providers.get(model.provider)
-    return provider is not None and provider.missing_configuration(model) is None

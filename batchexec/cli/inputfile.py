@@ -11,7 +11,7 @@ from typing import BinaryIO, TextIO
 from batchexec.errors import FieldError, InputError
 from batchexec.inputs import Format, Rows, format_of, read_rows, sniff
 from batchexec.planning import BatchPlan
-from batchexec.providers import Provider
+from batchexec.providers import Provider, unconfigured
 
 #: The INPUT that means standard input.
 STDIN = "-"
@@ -74,12 +74,7 @@ def warn_unconfigured(
         if model.name in unready:
             unready[model.name][1].append(row.index)
             continue
-        provider = providers.get(model.provider)
-        reason = (
-            provider.missing_configuration(model)
-            if provider is not None
-            else f"No provider named {model.provider!r}."
-        )
+        reason = unconfigured(providers, model)
         if reason is not None:
             unready[model.name] = (reason, [row.index])
     for name, (reason, indexes) in unready.items():

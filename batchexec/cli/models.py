@@ -13,7 +13,8 @@ from batchexec.cli.exits import EXIT_OK, EXIT_USAGE
 from batchexec.cli.options import PROG, Commands, add_catalog_options, configuration
 from batchexec.config import Settings
 from batchexec.errors import ConfigError
-from batchexec.runtime import is_configured, open_runtime
+from batchexec.providers import unconfigured
+from batchexec.runtime import open_runtime
 
 _EPILOG = f"""\
 examples:
@@ -66,7 +67,7 @@ async def show_catalog(settings: Settings, catalog: Catalog, stream: TextIO) -> 
                 marked(model.name, model.aliases),
                 model.provider,
                 model.wire_id,
-                _yes(is_configured(providers, model)),
+                _yes(unconfigured(providers, model) is None),
                 ", ".join(model.aliases),
             ]
             for model in catalog.models
@@ -75,7 +76,7 @@ async def show_catalog(settings: Settings, catalog: Catalog, stream: TextIO) -> 
             [
                 assistant.name,
                 catalog.model(assistant.model).name,
-                _yes(is_configured(providers, catalog.model(assistant.model))),
+                _yes(unconfigured(providers, catalog.model(assistant.model)) is None),
                 ", ".join(assistant.aliases),
             ]
             for assistant in catalog.assistants

@@ -41,6 +41,7 @@ from batchexec.inputs import (
     sniff,
 )
 from batchexec.planning import BatchPlan, RowInput, plan_batch
+from batchexec.providers import unconfigured
 from batchexec.records import Batch, ExecutionStatus, Summary, progress_counts
 from batchexec.runtime import limits_from
 from batchexec.schemas import (
@@ -584,12 +585,8 @@ async def models(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     providers = request.app[PROVIDERS]
 
-    def configured(provider_name: str, model_name: str) -> bool:
-        provider = providers.get(provider_name)
-        return (
-            provider is not None
-            and provider.missing_configuration(catalog.model(model_name)) is None
-        )
+    def configured(model_name: str) -> bool:
+        return unconfigured(providers, catalog.model(model_name)) is None
 
     model_list = [
         ModelOut(
@@ -598,7 +595,7 @@ async def models(request: web.Request) -> web.Response:
             provider=model.provider,
             model_id=model.wire_id,
             description=model.description,
-            configured=configured(model.provider, model.name),
+            configured=configured(model.name),
         )
         for model in catalog.models
     ]
@@ -608,7 +605,7 @@ async def models(request: web.Request) -> web.Response:
             aliases=list(assistant.aliases),
             model=catalog.model(assistant.model).name,
             description=assistant.description,
-            configured=configured(catalog.model(assistant.model).provider, assistant.model),
+            configured=configured(assistant.model),
         )
         for assistant in catalog.assistants
     ]
