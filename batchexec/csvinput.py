@@ -12,7 +12,8 @@ from batchexec.errors import FieldError, InputError
 
 @dataclass(frozen=True)
 class Table:
-    """Parsed input: column names in order, and each data row's cells with its line number."""
+    """Parsed input: column names in order, and each data row's cells with its line number
+    (a CSV's line, a sheet's row)."""
 
     columns: tuple[str, ...]
     rows: tuple[dict[str, str], ...]

@@ -1,12 +1,14 @@
-"""The batch runner: dependency order, semaphores, timeouts, retries, outputs.
+"""The batch runner: admission, batch slots, cancellation, shutdown, outputs.
 
 Each accepted batch is one asyncio task. A semaphore of
 ``max_concurrent_batches`` decides which batches run; the others stay
-``queued``. Inside a batch, ``max_threads`` workers take ready executions (those
-whose named executions have ended) from a queue, the longest remaining chain
-first, and call each one's model under ``execution_timeout_s`` (retries
-included). The engine changes state only through the registry, and writes a
-finished batch's outputs through the ``OutputWriter`` it was given.
+``queued``. Inside a batch, ``max_threads`` workers run the rows in dependency
+order (``scheduling``); the ``Executor`` (``execution``) says whether a row
+may be sent and makes its model call, with retries, under
+``execution_timeout_s``. The engine records each row's start and outcome, and
+cancels or leaves rows when stopping; it changes state only through the
+registry, and writes a finished batch's outputs through the ``OutputWriter``
+it was given.
 
 With a durable store a stopping engine ends no batch it has not finished:
 rows that had not started stay pending, rows cut off stay running, and the
@@ -22,22 +24,16 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from batchexec.config import Settings
-from batchexec.errors import (
-    ConflictError,
-    ProviderError,
-    ProviderNotConfiguredError,
-    QueueFullError,
-    ShuttingDownError,
-)
+from batchexec.errors import ConflictError, QueueFullError, ShuttingDownError
+from batchexec.execution import Executor
 from batchexec.exports import OutputWriter
-from batchexec.limits import ModelLimits
 from batchexec.planning import BatchPlan, PlannedRow
-from batchexec.providers import ChatRequest, Completion, Provider, unconfigured
+from batchexec.providers import Provider
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
 from batchexec.registry import Registry
-from batchexec.retry import Attempts, RetryPolicy, call_with_retries
+from batchexec.scheduling import ReadyRows
 from batchexec.store import StoreError
-from batchexec.templating import substitute, substituted_length
+from batchexec.templating import substitute
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +58,6 @@ class Engine:
         registry.on_store_failure = self._store_failed
         #: Whether unfinished batches are left to the next process when this one stops.
         self._keep_unfinished = registry.store.durable
-        self._providers = providers
         self._batch_slots = asyncio.Semaphore(settings.max_concurrent_batches)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._batches: dict[str, Batch] = {}
@@ -72,9 +67,7 @@ class Engine:
         self._failures: dict[str, str] = {}
         #: Batches whose end has been recorded.
         self._ended: set[str] = set()
-        self._limits = ModelLimits()
-        self._retry = RetryPolicy(max_retries=settings.max_retries)
-        self._rng = rng or random.Random()  # jitter, not security
+        self._executor = Executor(settings, providers, rng=rng or random.Random())
         self._stopping = False
 
     async def submit(
@@ -301,14 +294,7 @@ class Engine:
             raise asyncio.CancelledError
 
     async def _run_rows(self, batch: Batch) -> None:
-        """Run every row not yet ended on ``max_threads`` workers, in dependency order.
-
-        A row is ready once every row it names has ended. Ready rows wait in a
-        priority queue: the head of the longest remaining chain first (then
-        row order), so a long ``${output.n}`` chain never waits behind rows
-        that could run at any time. A worker that ends a row queues the rows
-        it made ready before it takes its next one.
-        """
+        """Run every row not yet ended on ``max_threads`` workers, in ``ReadyRows`` order."""
         plan = batch.plan
         if plan is None:
             raise RuntimeError("a batch runs with a plan")
@@ -322,35 +308,17 @@ class Engine:
         pending = {index for index in rows if not batch.executions[index - 1].status.finished}
         if not pending:
             return
-        lengths = plan.chain_lengths()
-        unmet: dict[int, int] = {}
-        dependents: dict[int, list[int]] = {}
-        ready: asyncio.PriorityQueue[tuple[int, int]] = asyncio.PriorityQueue()
-        for index in sorted(pending):
-            waits_for = [name for name in rows[index].depends_on if name in pending]
-            unmet[index] = len(waits_for)
-            for name in waits_for:
-                dependents.setdefault(name, []).append(index)
-            if not waits_for:
-                ready.put_nowait((-lengths[index], index))
         workers = min(self._settings.max_threads, len(pending))
-        left = len(pending)
+        ready = ReadyRows(
+            {index: rows[index].depends_on for index in pending},
+            plan.chain_lengths(),
+            workers=workers,
+        )
 
         async def work() -> None:
-            nonlocal left
-            while True:
-                _, index = await ready.get()
-                if index == _NO_MORE_ROWS:
-                    return
+            while (index := await ready.take()) is not None:
                 await self._run_row(batch, rows[index], outputs)
-                for dependent in dependents.get(index, ()):
-                    unmet[dependent] -= 1
-                    if unmet[dependent] == 0:
-                        ready.put_nowait((-lengths[dependent], dependent))
-                left -= 1
-                if left == 0:
-                    for _ in range(workers):
-                        ready.put_nowait((0, _NO_MORE_ROWS))
+                ready.ended(index)
 
         async with asyncio.TaskGroup() as group:
             for _ in range(workers):
@@ -358,36 +326,24 @@ class Engine:
 
     async def _run_row(self, batch: Batch, row: PlannedRow, outputs: dict[int, str]) -> None:
         """End one ready row: run it, or skip or cancel it without calling its model."""
-        missing = sorted(index for index in row.depends_on if index not in outputs)
-        limit = self._settings.max_sent_prompt_length
-        length = 0 if missing else substituted_length(row.prompt, outputs)
         if self._stopping and self._leaves_unfinished(batch):
             return  # left pending, for the next process to run
-        if missing or self._stopping or length > limit:
-            if self._stopping:
-                # Not started because of the shutdown (or its input was not), not failed.
-                outcome = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
-            elif missing:
-                names = ", ".join(f"${{output.{index}}}" for index in missing)
-                outcome = Outcome(
-                    ExecutionStatus.SKIPPED, error=f"Skipped: {names} did not succeed."
-                )
-            else:
-                outcome = Outcome(
-                    ExecutionStatus.FAILED,
-                    error=f"Not sent: with ${{output.n}} filled in the prompt is {length} "
-                    f"characters; the limit (MAX_SENT_PROMPT_LENGTH) is {limit}.",
-                )
+        if self._stopping:
+            # Not started because of the shutdown (or its input was not), not failed.
+            unsent: Outcome | None = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
+        else:
+            unsent = self._executor.refusal(row, outputs)
+        if unsent is not None:
             attempts = batch.executions[row.index - 1].attempts
             self._registry.finish_execution(
-                batch, row.index, replace(outcome, attempts=attempts), None
+                batch, row.index, replace(unsent, attempts=attempts), None
             )
             return
         prompt = substitute(row.prompt, outputs)
         # Calls made in earlier lives of the row (it was running when a process died).
         earlier = batch.executions[row.index - 1].attempts
         self._registry.start_execution(batch, row.index, prompt, earlier + 1)
-        outcome = await self._execute(row, prompt, earlier)
+        outcome = await self._executor.run(row, prompt, earlier)
         self._registry.finish_execution(batch, row.index, outcome, prompt)
         # The worker takes no other row until this one's end is durable: a process
         # killed at any moment then sends again only the rows in flight, one a
@@ -396,67 +352,6 @@ class Engine:
         await self._registry.flush()
         if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
             outputs[row.index] = outcome.result
-
-    async def _execute(self, row: PlannedRow, prompt: str, earlier_attempts: int = 0) -> Outcome:
-        """One execution: its model call with retries, all under the execution timeout."""
-        target = row.target
-        request = ChatRequest(
-            prompt=prompt, system_prompt=target.system_prompt, params=target.params
-        )
-        loop = asyncio.get_running_loop()
-        timeout_s = self._settings.execution_timeout_s
-        started = loop.time()
-        attempts = Attempts(earlier_attempts)
-
-        def ended(
-            status: ExecutionStatus, error: str | None = None, answer: Completion | None = None
-        ) -> Outcome:
-            return Outcome(
-                status,
-                result=answer.text if answer else None,
-                error=error,
-                latency_ms=round((loop.time() - started) * 1000),
-                attempts=attempts.count,
-                prompt_tokens=answer.prompt_tokens if answer else None,
-                completion_tokens=answer.completion_tokens if answer else None,
-            )
-
-        try:
-            async with asyncio.timeout(timeout_s):
-                completion = await call_with_retries(
-                    lambda: self._call(row, request),
-                    self._retry,
-                    attempts=attempts,
-                    deadline=started + timeout_s,
-                    rng=self._rng,
-                )
-        except TimeoutError:
-            return ended(ExecutionStatus.TIMED_OUT, error=f"Timed out after {timeout_s:g} s.")
-        except ProviderError as exc:
-            return ended(ExecutionStatus.FAILED, error=str(exc))
-        except Exception as exc:
-            # A provider bug fails its own row, never the whole batch.
-            log.exception(
-                "execution %d: unexpected error from %s", row.index, target.model.provider
-            )
-            return ended(ExecutionStatus.FAILED, error=f"Internal error: {type(exc).__name__}")
-        limit = self._settings.max_result_length
-        if len(completion.text) > limit:
-            # Not kept: every result is held in memory and written to both outputs.
-            return ended(
-                ExecutionStatus.FAILED,
-                error=f"The answer is {len(completion.text)} characters; "
-                f"the limit (MAX_RESULT_LENGTH) is {limit}.",
-            )
-        return ended(ExecutionStatus.SUCCEEDED, answer=completion)
-
-    async def _call(self, row: PlannedRow, request: ChatRequest) -> Completion:
-        model = row.target.model
-        missing = unconfigured(self._providers, model)
-        if missing is not None:
-            raise ProviderNotConfiguredError(missing)
-        async with self._limits.call(model):
-            return await self._providers[model.provider].complete(model, request)
 
     async def _write_outputs(self, batch: Batch) -> str | None:
         """Write the batch's outputs; returns a note for its message when one is missing."""
@@ -470,8 +365,6 @@ class Engine:
 
 
 _SHUTDOWN = "Cancelled: the server shut down."
-#: Queued once per worker when every row has ended; row numbers start at 1.
-_NO_MORE_ROWS = 0
 
 
 def _cancelled_message(reason: str) -> str:

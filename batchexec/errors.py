@@ -52,6 +52,9 @@ class StorageError(BatchexecError):
 class ShuttingDownError(BatchexecError):
     """The server is stopping and accepts no new batches."""
 
+    #: When to try again: another replica, or the restart, should answer by then.
+    retry_after_s = 5.0
+
 
 class ConflictError(BatchexecError):
     """The batch is not in a state that allows this (cancel a finished batch, ...)."""

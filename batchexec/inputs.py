@@ -8,12 +8,8 @@ can be reported where the user will look for it.
 
 from __future__ import annotations
 
-import datetime
-import io
 import json
-import time
-import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import PurePath
@@ -22,10 +18,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from batchexec.catalog import Catalog
-from batchexec.csvinput import Table, header_columns, parse_csv
+from batchexec.csvinput import Table, parse_csv
 from batchexec.errors import FieldError, InputError
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.schemas import ExecutionIn
+from batchexec.xlsxinput import read_sheet
 
 
 class Format(StrEnum):
@@ -53,12 +50,9 @@ _EXTENSIONS = {
 ZIP_MAGIC = b"PK\x03\x04"
 #: Excel 97-2003 ``.xls`` files are OLE2 compound documents.
 _OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
-_RESULTS_SHEET = "results"
 #: Why ``json.loads`` raises a ValueError that is no JSONDecodeError: Python
 #: refuses to read integers longer than this.
 TOO_MANY_DIGITS = "a number has more than 4300 digits"
-#: Excel's last column, XFD; a value said to lie past it is refused whatever the limit.
-_EXCEL_COLUMNS = 16_384
 
 
 @dataclass(frozen=True)
@@ -71,6 +65,12 @@ class Rows:
     places: tuple[str, ...]
     #: Rows that could not be read at all; their entries in ``rows`` are placeholders.
     problems: tuple[FieldError, ...] = ()
+
+    @classmethod
+    def of(cls, columns: Sequence[str], rows: Sequence[RowInput]) -> Rows:
+        """``rows`` under ``columns``, each placed as ``execution N``."""
+        places = tuple(f"execution {number}" for number in range(1, len(rows) + 1))
+        return cls(tuple(columns), tuple(rows), places)
 
     def place(self, index: int | None) -> str | None:
         """Where execution ``index`` (1-based) came from; None for a batch-wide problem."""
@@ -229,65 +229,25 @@ def parse_xlsx(
 ) -> Rows:
     """Rows of a workbook's ``Results`` sheet, else its first, each placed at its sheet row.
 
-    Every cell is read as text: the value a formula last showed, integral
-    numbers without ``.0``, dates in ISO form, empty cells as ``""``. Output
-    columns (``result``, ``status``, ...) are dropped as a CSV's are.
-
-    Reading costs what the sheet's XML holds, never the row and column numbers
-    it claims. ``max_unzipped_bytes`` refuses a workbook whose parts unpack to
-    more; ``max_cells`` bounds the ``<row>`` and ``<c>`` elements read, empty
-    ones included; ``max_columns`` refuses a value past that column;
-    ``timeout_s`` bounds the whole read, checked at every row.
+    The bounds are ``xlsxinput.read_sheet``'s.
     """
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    # Imported here: openpyxl pulls in numpy where it is installed, which would
-    # slow every start of the server and the command line, XLSX or not.
-    import openpyxl
-
-    _check_archive(data, max_unzipped_bytes, max_cells)
-    try:
-        workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-    except Exception as exc:
-        # openpyxl fails on a bad file with whatever its zip or XML layer raised.
-        raise InputError(f"The XLSX file cannot be read: {_reason(exc)}.") from exc
-    try:
-        sheets = workbook.worksheets
-        if not sheets:
-            raise InputError("The XLSX workbook has no worksheet.")
-        sheet = next((s for s in sheets if s.title.casefold() == _RESULTS_SHEET), sheets[0])
-        limits = _SheetLimits(sheet.title, max_columns, max_cells, timeout_s, deadline)
-        return _sheet_rows(sheet.title, limits.rows(_parsed_rows(sheet)), max_rows)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"The XLSX file cannot be read: {_reason(exc)}.") from exc
-    finally:
-        workbook.close()
+    table = read_sheet(
+        data,
+        max_rows=max_rows,
+        max_unzipped_bytes=max_unzipped_bytes,
+        max_columns=max_columns,
+        max_cells=max_cells,
+        timeout_s=timeout_s,
+    )
+    return Rows(
+        columns=table.columns,
+        rows=tuple(_row_of(cells) for cells in table.rows),
+        places=tuple(f"row {number}" for number in table.lines),
+    )
 
 
-def cell_text(value: object) -> str:
-    """A sheet cell as the text it shows: ``7`` not ``7.0``, ISO dates, ``TRUE``; None is ``""``."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, datetime.datetime):
-        if value.time() == datetime.time():
-            return value.date().isoformat()
-        return value.isoformat(sep=" ")
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()
-    return str(value)
-
-
-def rows_from_executions(
-    executions: Sequence[ExecutionIn | None],
-) -> tuple[list[str], list[RowInput]]:
-    """Columns and rows of ``execute_batch`` executions: extra keys become extra columns.
+def from_executions(executions: Sequence[ExecutionIn | None]) -> Rows:
+    """Rows of ``execute_batch`` executions: extra keys become extra columns.
 
     A None entry (an execution that could not be read) becomes a placeholder row.
     """
@@ -311,11 +271,15 @@ def rows_from_executions(
                 cells={**extra, **cells},
             )
         )
-    return columns, rows
+    return Rows.of(columns, rows)
 
 
 def plan_rows(rows: Rows, catalog: Catalog, limits: Limits) -> BatchPlan:
-    """Validate ``rows`` as the server does; ``InputError`` lists every problem, rows unread too."""
+    """The one way from rows to a plan, for every input: the HTTP routes, the command line.
+
+    Validates ``rows`` as the server does; ``InputError`` lists every problem,
+    rows unread too.
+    """
     try:
         plan = plan_batch(list(rows.rows), list(rows.columns), catalog, limits)
     except InputError as exc:
@@ -369,8 +333,7 @@ def _from_items(items: Sequence[Any], places: Sequence[str]) -> Rows:
                 # under the parser's limit can be read but not written.
                 problems.append(FieldError(index, None, "nested too deeply"))
         executions.append(execution)
-    columns, rows = rows_from_executions(executions)
-    return Rows(tuple(columns), tuple(rows), tuple(places), tuple(problems))
+    return replace(from_executions(executions), places=tuple(places), problems=tuple(problems))
 
 
 def _field_errors(index: int, exc: ValidationError) -> Iterable[FieldError]:
@@ -395,170 +358,3 @@ def _refuse_xls(data: bytes) -> None:
             "This is an Excel 97-2003 (.xls) file, which batchexec cannot read; "
             "save it as .xlsx or .csv."
         )
-
-
-def _check_archive(data: bytes, max_unzipped_bytes: int | None, max_cells: int | None) -> None:
-    """Refuse a workbook whose parts unpack to more than ``max_unzipped_bytes``, or whose
-    sheets hold more than ``max_cells`` cell elements, before openpyxl reads any of it.
-
-    The zip module never unpacks a part past its recorded size, so summing
-    those sizes bounds the work before it is done. Cells are counted in the
-    sheets' XML as bytes (a ``<c`` each, an overcount by the few ``<col``
-    elements): openpyxl builds a whole row before the per-row bounds can look
-    at it, and one row of a million empty cells costs gigabytes.
-    """
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            parts = archive.infolist()
-            total = sum(info.file_size for info in parts)
-            if max_unzipped_bytes is not None and total > max_unzipped_bytes:
-                raise InputError(
-                    f"The XLSX workbook unpacks to {total} bytes; "
-                    f"the limit is {max_unzipped_bytes}."
-                )
-            if max_cells is None:
-                return
-            for info in parts:
-                if info.filename.startswith("xl/worksheets/") and info.filename.endswith(".xml"):
-                    cells = archive.read(info).count(b"<c")
-                    if cells > max_cells:
-                        raise InputError(
-                            f"The XLSX sheet {info.filename} holds {cells} cells, empty ones "
-                            f"included; the limit is {max_cells}."
-                        )
-    except InputError:
-        raise
-    except Exception as exc:
-        # The zip module fails on a damaged archive with BadZipFile, and on odd
-        # headers with NotImplementedError, UnicodeDecodeError and others.
-        raise InputError(f"The XLSX file cannot be read: {_reason(exc)}.") from exc
-
-
-def _reason(exc: Exception) -> str:
-    return str(exc).rstrip(".") or type(exc).__name__
-
-
-def _parsed_rows(sheet: Any) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """The rows a read-only sheet's XML holds: each one's number and openpyxl's cell dicts.
-
-    ``iter_rows`` fills every gap the XML claims, so ``<row r="2000000000"/>``
-    costs two billion empty rows and one empty cell at XFD makes a row 16,384
-    wide; openpyxl has no public way to read only what is there. This drives
-    the parser ``ReadOnlyWorksheet._cells_by_row`` uses, with the same
-    arguments, keeping its private names in this one place. Checked against
-    openpyxl 3.1.5.
-    """
-    from openpyxl.worksheet._reader import WorkSheetParser
-
-    workbook = sheet.parent
-    with sheet._get_source() as source:
-        parser = WorkSheetParser(
-            source,
-            sheet._shared_strings,
-            data_only=workbook.data_only,
-            epoch=workbook.epoch,
-            date_formats=workbook._date_formats,
-            timedelta_formats=workbook._timedelta_formats,
-        )
-        yield from parser.parse()
-
-
-@dataclass(frozen=True)
-class _SheetLimits:
-    """What reading one sheet may cost: its columns, its elements, its time."""
-
-    title: str
-    max_columns: int | None
-    max_cells: int | None
-    timeout_s: float | None
-    #: ``time.monotonic()`` past which reading stops; None for no limit.
-    deadline: float | None
-
-    def rows(
-        self, parsed: Iterable[tuple[int, list[dict[str, Any]]]]
-    ) -> Iterator[tuple[int, dict[int, str]]]:
-        """Each row of ``parsed`` as its number and its cells' text by column (1-based)."""
-        last_column = min(self.max_columns or _EXCEL_COLUMNS, _EXCEL_COLUMNS)
-        elements = 0
-        previous = 0
-        for number, cells in parsed:
-            if self.deadline is not None and time.monotonic() >= self.deadline:
-                raise InputError(
-                    f"The sheet {self.title!r} took too long to read; "
-                    f"the limit is {self.timeout_s:g} s."
-                )
-            elements += 1 + len(cells)
-            if self.max_cells is not None and elements > self.max_cells:
-                raise InputError(
-                    f"The sheet {self.title!r} has more than {self.max_cells} cells, "
-                    f"counting rows and empty cells; the limit is {self.max_cells}."
-                )
-            # openpyxl's own reader skipped a row that comes out of order; so do we.
-            if number <= previous:
-                continue
-            previous = number
-            texts: dict[int, str] = {}
-            for cell in cells:
-                column: int = cell["column"]
-                text = cell_text(cell["value"])
-                if column <= last_column:
-                    texts[column] = text
-                elif text.strip():
-                    raise InputError(
-                        f"Sheet {self.title!r} row {number}: column {_column_letter(column)} "
-                        f"has a value; the limit is {last_column} columns "
-                        f"(up to {_column_letter(last_column)})."
-                    )
-            yield number, texts
-
-
-def _sheet_rows(
-    title: str, sheet_rows: Iterable[tuple[int, dict[int, str]]], max_rows: int | None
-) -> Rows:
-    lines = iter(sheet_rows)
-    header: list[str] | None = None
-    header_number = 0
-    for number, texts in lines:
-        filled = [column for column, text in texts.items() if text.strip()]
-        if filled:
-            header = [texts.get(column, "") for column in range(1, max(filled) + 1)]
-            header_number = number
-            break
-    if header is None:
-        raise InputError(
-            f"The sheet {title!r} is empty: it needs a header row with a 'prompt' column."
-        )
-    where = f"Sheet {title!r} row {header_number}"
-    names = header_columns(header, where, unnamed_ok=True)
-    rows: list[RowInput] = []
-    places: list[str] = []
-    for number, texts in lines:
-        filled = sorted(column for column, text in texts.items() if text.strip())
-        if not filled:
-            continue
-        for column in filled:
-            if column > len(names) or names[column - 1] == "":
-                message = (
-                    f"Sheet {title!r} row {number}: column {_column_letter(column)} has a value "
-                    f"but no name in the header (row {header_number})."
-                )
-                raise InputError(message, [FieldError(len(rows) + 1, None, message)])
-        if max_rows is not None and len(rows) == max_rows:
-            message = f"The sheet {title!r} has more than {max_rows} rows; the limit is {max_rows}."
-            raise InputError(message, [FieldError(None, "executions", message)])
-        row = {name: texts.get(column, "") for column, name in enumerate(names, start=1) if name}
-        rows.append(_row_of(row))
-        places.append(f"row {number}")
-    if not rows:
-        raise InputError(f"The sheet {title!r} has a header but no rows.")
-    columns = tuple(name for name in names if name)
-    return Rows(columns=columns, rows=tuple(rows), places=tuple(places))
-
-
-def _column_letter(number: int) -> str:
-    """A spreadsheet's name for column ``number`` (1-based): A, B, ..., Z, AA, AB, ..."""
-    letters = ""
-    while number:
-        number, remainder = divmod(number - 1, 26)
-        letters = chr(ord("A") + remainder) + letters
-    return letters

@@ -60,26 +60,69 @@ class ExecutionStatus(StrEnum):
         return self not in (ExecutionStatus.PENDING, ExecutionStatus.RUNNING)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Where an execution stands: its status and, once it has ended, how."""
+
+    status: ExecutionStatus
+    result: str | None = None
+    error: str | None = None
+    latency_ms: int | None = None
+    #: Calls made to the model, over every run of the row (a restart runs a
+    #: row that was running again, and counts on).
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+#: Where every execution starts.
+PENDING = Outcome(ExecutionStatus.PENDING)
+
+
+@dataclass(slots=True)
 class Execution:
-    """One row of a batch: its input cells and its outcome."""
+    """One row of a batch: its input cells, the prompt as sent, and its outcome.
+
+    ``status``, ``result`` and the other fields of ``Outcome`` read through to
+    ``outcome``; the registry changes a row by giving it a new outcome.
+    """
 
     index: int
     #: The model that runs it (an assistant's model for an assistant's row).
     model: str
     #: The row's input cells by column, ``prompt`` (as written) among them.
     cells: Mapping[str, str]
-    status: ExecutionStatus = ExecutionStatus.PENDING
+    outcome: Outcome = PENDING
     #: The prompt as sent, ``${output.n}`` filled in; None until it is sent.
     prompt_sent: str | None = None
-    result: str | None = None
-    error: str | None = None
-    latency_ms: int | None = None
-    #: Calls made to the model, over every run of this row (a restart runs a
-    #: row that was running again, and counts on).
-    attempts: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+
+    @property
+    def status(self) -> ExecutionStatus:
+        return self.outcome.status
+
+    @property
+    def result(self) -> str | None:
+        return self.outcome.result
+
+    @property
+    def error(self) -> str | None:
+        return self.outcome.error
+
+    @property
+    def latency_ms(self) -> int | None:
+        return self.outcome.latency_ms
+
+    @property
+    def attempts(self) -> int:
+        return self.outcome.attempts
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self.outcome.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int | None:
+        return self.outcome.completion_tokens
 
     @property
     def row_input(self) -> RowInput:
@@ -104,19 +147,6 @@ class Execution:
             text += len(value) if value else 0
         # Measured: about 600 bytes a row of short text, read back from the store.
         return 700 + text
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How an execution ended."""
-
-    status: ExecutionStatus
-    result: str | None = None
-    error: str | None = None
-    latency_ms: int | None = None
-    attempts: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
 
 
 @dataclass

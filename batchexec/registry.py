@@ -4,28 +4,27 @@ Handlers and the engine read ``Batch`` records but change them only through
 ``Registry`` methods. Every change is written through the ``BatchStore``
 behind it and becomes visible (in the records handlers read, and as an event
 to watchers) only once the store has made it durable: at once for
-``memory://``, after the group commit it joins for SQLite. A client can
-therefore never see a row finished that a crash could take back.
+``memory://``, after the group commit it joins for SQLite (``commits.py``).
+A client can therefore never see a row finished that a crash could take back.
 
 Batches that are queued or running live here in memory. Finished ones are
 read back from the store when asked and kept in a small cache bounded by
-bytes, so memory does not grow with the batches kept.
+bytes (``finished.py``), so memory does not grow with the batches kept.
 
 Layering: ``web/`` and ``cli/`` above; the engine calls this; this calls the
-store; the records (``records.py``) are plain data that all of them share.
+store through ``GroupCommits``; the records (``records.py``) are plain data
+that all of them share.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import replace
 
+from batchexec.commits import GroupCommits, StoreFailure, Visible, nothing
 from batchexec.errors import NotFoundError
 from batchexec.events import (
     EventHub,
@@ -34,6 +33,7 @@ from batchexec.events import (
     interrupted_event,
     progress_event,
 )
+from batchexec.finished import FinishedBatches
 from batchexec.planning import BatchPlan
 from batchexec.records import (
     Batch,
@@ -56,9 +56,6 @@ from batchexec.store import (
 
 log = logging.getLogger(__name__)
 
-#: Called with a batch's id when a change to it could not be written.
-StoreFailure = Callable[[str, StoreError], None]
-
 
 class Registry:
     """Batches by id, each owned by the API key (a fingerprint of it) that created it."""
@@ -73,14 +70,9 @@ class Registry:
         self.store = store
         self.events = events or EventHub()
         self._active: dict[str, Batch] = {}
-        self._finished = _BatchCache(cache_bytes)
-        #: Changes waiting for the next group commit, each with what it makes visible.
-        self._pending: list[tuple[Change | None, Callable[[], None]]] = []
-        #: Resolved once the pending group is committed, and the one being written.
-        self._gathering: asyncio.Future[None] | None = None
-        self._writing: asyncio.Future[None] | None = None
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._finished = FinishedBatches(cache_bytes)
+        #: Changes on their way to a durable store; None for ``memory://``.
+        self._commits = GroupCommits(store, self._store_failed) if store.durable else None
         #: Told when a change could not be written, so the batch can be failed.
         self.on_store_failure: StoreFailure | None = None
         self._templates_lock = asyncio.Lock()
@@ -91,20 +83,17 @@ class Registry:
 
     async def start(self) -> None:
         """Start committing changes; call once the store is open."""
-        if self.store.durable and self._writer is None:
-            self._writer = asyncio.create_task(self._write_forever(), name="registry-writer")
+        if self._commits is not None:
+            self._commits.start()
 
     async def close(self) -> None:
         """Commit what is pending, then stop."""
-        if self._writer is None:
-            return
-        # Until nothing is left: what a flush's wait lets others record is written too.
-        while self._pending or self._gathering is not None or self._writing is not None:
-            await self.flush()
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
-        self._writer = None
+        if self._commits is not None:
+            await self._commits.close()
+
+    def _store_failed(self, batch_id: str, error: StoreError) -> None:
+        if self.on_store_failure is not None:
+            self.on_store_failure(batch_id, error)
 
     @staticmethod
     def new_id() -> str:
@@ -140,7 +129,7 @@ class Registry:
             if earlier.status is ExecutionStatus.SUCCEEDED:
                 execution = batch.executions[earlier.index - 1]
                 execution.prompt_sent = earlier.prompt_sent
-                _end(batch, execution, _outcome_of(earlier))
+                _end(batch, execution, earlier.outcome)
         await self.store.create(batch)
         self._active[batch.id] = batch
         return batch
@@ -209,7 +198,9 @@ class Registry:
         for batch in batches:
             for execution in batch.executions:
                 if execution.status is ExecutionStatus.RUNNING:
-                    _move(batch, execution, ExecutionStatus.PENDING)
+                    _end(
+                        batch, execution, replace(execution.outcome, status=ExecutionStatus.PENDING)
+                    )
             # Queued until it has a slot again, here as for a new batch.
             batch.status = BatchStatus.QUEUED
             batch.message = "Batch is queued."
@@ -278,8 +269,8 @@ class Registry:
 
         def visible() -> None:
             execution.prompt_sent = prompt
-            execution.attempts = attempts
-            _move(batch, execution, ExecutionStatus.RUNNING)
+            running = replace(execution.outcome, status=ExecutionStatus.RUNNING, attempts=attempts)
+            _end(batch, execution, running)
 
         self._record(ExecutionStarted(batch.id, index, prompt, attempts), visible)
 
@@ -365,7 +356,7 @@ class Registry:
                     ExecutionStatus.CANCELLED, error=reason, attempts=execution.attempts
                 )
                 _end(batch, execution, cancelled)
-                self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), _nothing)
+                self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), nothing)
         finished_at = time.time()
         self.events.publish(batch.id, progress_event(batch))
         self._ended(batch, BatchStatus.FAILED, message, finished_at)
@@ -373,24 +364,13 @@ class Registry:
         self._failed[batch.id] = batch
         self._record(
             BatchEnded(batch.id, BatchStatus.FAILED, message, finished_at, batch.xlsx_name),
-            _nothing,
+            nothing,
         )
 
     async def flush(self) -> None:
-        """Wait until every change recorded so far is durable and visible.
-
-        Every caller waits on the one future of the group being gathered (the
-        groups commit in order, so it covers the group being written too): a
-        thousand workers flushing cost one future, not a thousand.
-        """
-        if self._writer is None:
-            return
-        if self._pending or self._gathering is not None:
-            if self._gathering is None:
-                self._gathering = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._gathering)
-        elif self._writing is not None:
-            await asyncio.shield(self._writing)
+        """Wait until every change recorded so far is durable and visible."""
+        if self._commits is not None:
+            await self._commits.flush()
 
     async def expire(self, older_than: float) -> list[str]:
         """Forget finished batches and workbooks from before ``older_than`` (epoch seconds).
@@ -400,115 +380,15 @@ class Registry:
         self._finished.drop_older(older_than)
         return await self.store.expire(older_than)
 
-    def _record(self, change: Change | None, visible: Callable[[], None]) -> None:
-        if self._writer is None:
+    def _record(self, change: Change | None, visible: Visible) -> None:
+        if self._commits is None:
             visible()
-            return
-        self._pending.append((change, visible))
-        self._wake.set()
-
-    async def _write_forever(self) -> None:
-        """Commit what is pending, a group a transaction, then make it visible."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            group, self._pending = self._pending, []
-            self._writing = self._gathering or asyncio.get_running_loop().create_future()
-            self._gathering = None
-            # In a method of its own, so the group (and the batches its changes
-            # hold) is let go as soon as it is written, not at the next one.
-            await self._commit(group)
-            del group
-            self._writing.set_result(None)
-            self._writing = None
-
-    async def _commit(self, group: list[tuple[Change | None, Callable[[], None]]]) -> None:
-        """Write ``group`` in one transaction; show it if written, else fail its batches."""
-        changes = [change for change, _ in group if change is not None]
-        try:
-            if changes:
-                await self.store.apply(changes)
-        except Exception as exc:
-            error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
-            log.error("could not write %d changes: %s", len(changes), error)
-            # Not shown: a client must never see what a restart would take back.
-            # Each batch they touch fails.
-            for _, visible in group:
-                if visible is _nothing:
-                    visible()
-            for batch_id in dict.fromkeys(change.batch_id for change in changes):
-                if self.on_store_failure is not None:
-                    self.on_store_failure(batch_id, error)
-            return
-        for _, visible in group:
-            try:
-                visible()
-            except Exception:
-                # The writer must outlive any one change, or every later flush waits forever.
-                log.exception("could not show a change")
-
-
-class _BatchCache:
-    """Finished batches by id, least recently used out once over ``max_bytes``."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max_bytes = max_bytes
-        self._size = 0
-        self._batches: OrderedDict[str, tuple[Batch, int]] = OrderedDict()
-
-    def get(self, batch_id: str) -> Batch | None:
-        entry = self._batches.get(batch_id)
-        if entry is None:
-            return None
-        self._batches.move_to_end(batch_id)
-        return entry[0]
-
-    def put(self, batch: Batch) -> None:
-        size = batch.size_bytes()
-        if batch.id in self._batches:
-            self._size -= self._batches.pop(batch.id)[1]
-        if size > self._max_bytes:
-            return
-        self._batches[batch.id] = (batch, size)
-        self._size += size
-        while self._size > self._max_bytes:
-            _, (_, dropped) = self._batches.popitem(last=False)
-            self._size -= dropped
-
-    def drop_older(self, older_than: float) -> None:
-        for batch_id, (batch, size) in list(self._batches.items()):
-            if batch.finished_at is not None and batch.finished_at < older_than:
-                del self._batches[batch_id]
-                self._size -= size
-
-
-def _nothing() -> None:
-    """What a change shown before it was written makes visible when written: nothing more."""
+        else:
+            self._commits.record(change, visible)
 
 
 def _end(batch: Batch, execution: Execution, outcome: Outcome) -> None:
-    execution.result = outcome.result
-    execution.error = outcome.error
-    execution.latency_ms = outcome.latency_ms
-    execution.attempts = outcome.attempts
-    execution.prompt_tokens = outcome.prompt_tokens
-    execution.completion_tokens = outcome.completion_tokens
-    _move(batch, execution, outcome.status)
-
-
-def _move(batch: Batch, execution: Execution, status: ExecutionStatus) -> None:
+    """Give ``execution`` its new ``outcome``, keeping the batch's counts by status."""
     batch.counts[execution.status] -= 1
-    batch.counts[status] += 1
-    execution.status = status
-
-
-def _outcome_of(execution: Execution) -> Outcome:
-    return Outcome(
-        execution.status,
-        result=execution.result,
-        error=execution.error,
-        latency_ms=execution.latency_ms,
-        attempts=execution.attempts,
-        prompt_tokens=execution.prompt_tokens,
-        completion_tokens=execution.completion_tokens,
-    )
+    batch.counts[outcome.status] += 1
+    execution.outcome = outcome

@@ -18,7 +18,8 @@ import aiohttp
 from batchexec.catalog import Catalog, UnknownNameError
 from batchexec.config import Settings
 from batchexec.errors import ConfigError, ProviderError
-from batchexec.planning import BatchPlan, Limits, plan_batch
+from batchexec.inputs import Rows, plan_rows
+from batchexec.planning import BatchPlan, Limits
 from batchexec.providers import BUILTIN_PROVIDERS, Provider, build_providers
 from batchexec.providers.openai import discover_models
 from batchexec.records import Batch
@@ -123,7 +124,7 @@ def plan_again(batch: Batch, catalog: Catalog, settings: Settings) -> BatchPlan:
         default_model=settings.default_model,
         max_columns=max(len(batch.columns), 1),
     )
-    return plan_batch(rows, list(batch.columns), catalog, limits)
+    return plan_rows(Rows.of(batch.columns, rows), catalog, limits)
 
 
 def limits_from(settings: Settings) -> Limits:

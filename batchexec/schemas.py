@@ -8,7 +8,8 @@ as they were; fields added since are snake_case.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from collections import Counter
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,7 +22,15 @@ from pydantic import (
     model_validator,
 )
 
-from batchexec.records import BatchStatus, ExecutionStatus
+from batchexec.catalog import AssistantSpec, ModelSpec
+from batchexec.records import (
+    Batch,
+    BatchStatus,
+    Execution,
+    ExecutionStatus,
+    Summary,
+    progress_counts,
+)
 
 
 class ExecutionIn(BaseModel):
@@ -94,12 +103,33 @@ class InvokeResponse(BaseModel):
     invocationId: str  # the original contract's name
     response: list[Message]
 
+    @classmethod
+    def started(cls, batch_id: str) -> InvokeResponse:
+        message = (
+            f"Batch execution started. Use invocation ID {batch_id} "
+            "to check status and retrieve results."
+        )
+        return cls(invocationId=batch_id, response=[Message(message=message)])
+
 
 class RetryResponse(InvokeResponse):
     """Answer to the retry route: the new batch, and the one it retries."""
 
     retry_of: str
     rerun: list[int]
+
+    @classmethod
+    def retrying(cls, batch_id: str, original: Batch, rerun: list[int]) -> RetryResponse:
+        message = (
+            f"Retrying {len(rerun)} of {len(original.executions)} executions of {original.id}. "
+            f"Use invocation ID {batch_id} to check status and retrieve results."
+        )
+        return cls(
+            invocationId=batch_id,
+            response=[Message(message=message)],
+            retry_of=original.id,
+            rerun=rerun,
+        )
 
 
 class ProcessCsvResponse(InvokeResponse):
@@ -120,6 +150,11 @@ class Progress(BaseModel):
     running: int
     pending: int
 
+    @classmethod
+    def of(cls, counts: Counter[ExecutionStatus] | None) -> Progress:
+        """The progress of executions counted by state (none counted: all zero)."""
+        return cls(**progress_counts(counts or Counter()))
+
 
 class ExecutionOut(BaseModel):
     """One execution as the results route reports it."""
@@ -133,6 +168,20 @@ class ExecutionOut(BaseModel):
     attempts: int
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+    @classmethod
+    def of(cls, execution: Execution) -> ExecutionOut:
+        return cls(
+            index=execution.index,
+            status=execution.status,
+            result=execution.result,
+            error=execution.error,
+            model=execution.model,
+            latency_ms=execution.latency_ms,
+            attempts=execution.attempts,
+            prompt_tokens=execution.prompt_tokens,
+            completion_tokens=execution.completion_tokens,
+        )
 
 
 class Usage(BaseModel):
@@ -154,6 +203,20 @@ class ResultsResponse(BaseModel):
     usage: Usage
     executions: list[ExecutionOut]
 
+    @classmethod
+    def of(cls, batch: Batch, *, csv_content: str | None) -> ResultsResponse:
+        """The answer for ``batch``: its finished executions; ``xlsx_url`` is the caller's."""
+        prompt_tokens, completion_tokens = batch.tokens()
+        return cls(
+            status=batch.status,
+            invocationId=batch.id,
+            message=batch.message,
+            csv_content=csv_content,
+            progress=Progress.of(batch.counts),
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+            executions=[ExecutionOut.of(e) for e in batch.executions if e.status.finished],
+        )
+
 
 class BatchSummary(BaseModel):
     """One batch in the list route."""
@@ -165,6 +228,19 @@ class BatchSummary(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     retry_of: str | None
+
+    @classmethod
+    def of(cls, batch: Summary) -> BatchSummary:
+        return cls(
+            invocationId=batch.id,
+            status=batch.status,
+            message=batch.message,
+            # The registry fills the counts the store does not keep.
+            progress=Progress.of(batch.counts),
+            created_at=_utc(batch.created_at),
+            finished_at=_utc(batch.finished_at) if batch.finished_at else None,
+            retry_of=batch.retry_of,
+        )
 
 
 class BatchList(BaseModel):
@@ -183,6 +259,17 @@ class ModelOut(BaseModel):
     description: str | None
     configured: bool
 
+    @classmethod
+    def of(cls, model: ModelSpec, *, configured: bool) -> ModelOut:
+        return cls(
+            name=model.name,
+            aliases=list(model.aliases),
+            provider=model.provider,
+            model_id=model.wire_id,
+            description=model.description,
+            configured=configured,
+        )
+
 
 class AssistantOut(BaseModel):
     """One catalog assistant."""
@@ -193,6 +280,16 @@ class AssistantOut(BaseModel):
     description: str | None
     configured: bool
 
+    @classmethod
+    def of(cls, assistant: AssistantSpec, model: ModelSpec, *, configured: bool) -> AssistantOut:
+        return cls(
+            name=assistant.name,
+            aliases=list(assistant.aliases),
+            model=model.name,
+            description=assistant.description,
+            configured=configured,
+        )
+
 
 class CatalogResponse(BaseModel):
     """Answer to ``GET /system/batch_execution/models``."""
@@ -200,3 +297,7 @@ class CatalogResponse(BaseModel):
     default_model: str
     models: list[ModelOut]
     assistants: list[AssistantOut]
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, tz=UTC)

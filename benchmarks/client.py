@@ -9,11 +9,11 @@ from typing import Any
 
 import aiohttp
 
+from batchexec import api
 from benchmarks.server import API_KEY
 
-EXECUTE = "/experience/batch_execution/execute_batch/invoke"
-RESULTS = "/system/batch_execution/results"
-EVENTS = "/system/batch_execution/events/{}"
+EXECUTE = api.EXECUTE_BATCH
+RESULTS = api.RESULTS
 FINISHED = frozenset({"completed", "failed", "cancelled"})
 #: How often the fallback polls the results route when the events route is missing.
 _POLL_S = 0.005
@@ -48,7 +48,7 @@ class BatchClient:
         route does not answer 200.
         """
         async with self.session.get(
-            self.base_url + EVENTS.format(batch_id), headers=self.headers
+            self.base_url + api.events_path(batch_id), headers=self.headers
         ) as stream:
             if stream.status == 200:
                 event = ""

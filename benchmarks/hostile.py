@@ -55,6 +55,7 @@ from typing import Any
 
 import aiohttp
 
+from batchexec import api
 from benchmarks.server import (
     ModuleProcess,
     free_port,
@@ -97,12 +98,11 @@ MAX_EVENT_LINES = 10_000
 RELEASE_MB = 20.0
 RELEASE_WAIT_S = 10.0
 
-EXECUTE = "/experience/batch_execution/execute_batch/invoke"
-PROCESS_CSV = "/system/batch_execution/process_csv/invoke"
-UPLOAD = "/system/batch_execution/upload/invoke"
-RESULTS = "/system/batch_execution/results"
-BATCHES = "/system/batch_execution/batches"
-EVENTS = "/system/batch_execution/events/{}"
+EXECUTE = api.EXECUTE_BATCH
+PROCESS_CSV = api.PROCESS_CSV
+UPLOAD = api.UPLOAD
+RESULTS = api.RESULTS
+BATCHES = api.BATCHES
 FINISHED = frozenset({"completed", "failed", "cancelled"})
 
 ECHO = "echo"
@@ -914,7 +914,7 @@ async def _last_events(client: Client, invocation_id: str) -> tuple[dict[str, An
     progress: dict[str, Any] = {}
     event = ""
     async with client.session.get(
-        client.server.url + EVENTS.format(invocation_id),
+        client.server.url + api.events_path(invocation_id),
         headers={"Integrations-API-Key": API_KEY},
     ) as stream:
         for _ in range(MAX_EVENT_LINES):

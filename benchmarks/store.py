@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from batchexec import api
 from benchmarks import client as http
 from benchmarks import makespan as scenario_makespan
 from benchmarks.client import BatchClient
@@ -27,7 +28,7 @@ from benchmarks.common import RUNS, Figure, Samples, Target, progress
 from benchmarks.overhead import instant_rows
 from benchmarks.server import MEMORY_URL, Server
 
-LIST = "/system/batch_execution/batches"
+LIST = api.BATCHES
 ROWS = 10_000
 #: How often the list route is asked whether the batch has completed.
 POLL_S = 0.01

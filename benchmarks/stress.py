@@ -80,6 +80,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import openpyxl
 
+from batchexec import api
 from benchmarks.common import progress
 from benchmarks.counting_provider import read_calls
 from benchmarks.server import (
@@ -94,10 +95,10 @@ from benchmarks.server import (
 API_KEY = "stress-token"
 MODEL = "counted"
 
-EXECUTE = "/experience/batch_execution/execute_batch/invoke"
-RESULTS = "/system/batch_execution/results"
-BATCHES = "/system/batch_execution/batches"
-RETRY = "/system/batch_execution/retry"
+EXECUTE = api.EXECUTE_BATCH
+RESULTS = api.RESULTS
+BATCHES = api.BATCHES
+RETRY = api.RETRY
 FINISHED = frozenset({"completed", "failed", "cancelled"})
 
 #: Scenario 1: the batch, the provider's latency, the threads, and when to kill.

@@ -22,10 +22,9 @@ from batchexec.cli.run import run_batch
 from batchexec.config import Settings
 from batchexec.records import ExecutionStatus
 from batchexec.store.sqlite import SQLiteStore
-from tests.test_cli_run import column, sheet_rows, write_csv
+from tests.helpers import PROCESS_TIMEOUT_S, column, sheet_rows, write_csv
 
 ROWS = 40
-TIMEOUT_S = 30
 
 
 class CountingModel:
@@ -90,7 +89,7 @@ async def run(
     )
     assert process.stderr is not None
     lines: list[str] = []
-    async with asyncio.timeout(TIMEOUT_S):
+    async with asyncio.timeout(PROCESS_TIMEOUT_S):
         while raw := await process.stderr.readline():
             line = raw.decode()
             lines.append(line)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import io
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,15 +16,24 @@ import openpyxl
 import pytest
 from aiohttp import web
 
+from batchexec.api import PROCESS_CSV
 from batchexec.cli import main
 from batchexec.cli.inputfile import read_source
 from batchexec.cli.run import Interrupts, run_batch
 from batchexec.errors import InputError
 from batchexec.runtime import load_catalog, provider_classes
 from batchexec.web.keys import SETTINGS
-from tests.conftest import AUTH, PROCESS_CSV
+from tests.helpers import (
+    AUTH,
+    PROCESS_TIMEOUT_S,
+    cli_process,
+    column,
+    run_cli,
+    sheet_rows,
+    write_csv,
+)
 
-TIMEOUT_S = 30
+#: What a results workbook adds after the input columns; ``model`` stays one of those.
 OUTPUT_COLUMNS = [
     "result",
     "status",
@@ -38,44 +45,10 @@ OUTPUT_COLUMNS = [
 ]
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def sheet_rows(path: Path) -> list[list[Any]]:
-    book = openpyxl.load_workbook(path, read_only=True)
-    try:
-        return [list(row) for row in book["Results"].iter_rows(values_only=True)]
-    finally:
-        book.close()
-
-
-def column(rows: list[list[Any]], name: str) -> list[Any]:
-    position = rows[0].index(name)
-    return [row[position] for row in rows[1:]]
-
-
-def cli(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batchexec", *args],
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-
-
 def test_a_200_row_csv_runs_to_a_workbook_and_a_summary(tmp_path):
     rows = [[str(n), f"Say {n}, please", "" if n % 2 else "echo"] for n in range(200)]
     write_csv(tmp_path / "prompts.csv", ["id", "prompt", "model"], rows)
-    result = cli("run", "prompts.csv", "-o", "out.xlsx", "--model", "echo", cwd=tmp_path)
+    result = run_cli("run", "prompts.csv", "-o", "out.xlsx", "--model", "echo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     workbook = sheet_rows(tmp_path / "out.xlsx")
     assert workbook[0] == ["id", "prompt", "model", *OUTPUT_COLUMNS]
@@ -94,7 +67,7 @@ def test_a_200_row_csv_runs_to_a_workbook_and_a_summary(tmp_path):
 def test_a_row_naming_an_unknown_model_stops_everything_naming_its_line(tmp_path):
     rows = [["first", "echo"], ["second\nspans two lines", "echo"], ["third", "gpt-9"]]
     write_csv(tmp_path / "prompts.csv", ["prompt", "model"], rows)
-    result = cli("run", "prompts.csv", "-o", "out.xlsx", "--csv", "out.csv", cwd=tmp_path)
+    result = run_cli("run", "prompts.csv", "-o", "out.xlsx", "--csv", "out.csv", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("batchexec: prompts.csv: 1 execution is invalid.\n")
     assert "  line 5: model: Unknown model 'gpt-9'. Known models: echo," in result.stderr
@@ -109,26 +82,17 @@ def test_ctrl_c_cancels_keeps_the_finished_rows_and_exits_130(tmp_path):
         tmp_path / "prompts.csv", ["prompt", "model"], [[f"row {n}", "slow"] for n in range(20)]
     )
     args = ["run", "prompts.csv", "-o", "out.xlsx", "--models", "slow.toml", "--threads", "2"]
-    with subprocess.Popen(
-        [sys.executable, "-m", "batchexec", *args, "--progress-every", "0.1"],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
-        try:
-            assert process.stderr is not None
-            for line in process.stderr:
-                done = re.match(r"progress: (\d+)/20 done", line)
-                if done and int(done[1]) >= 2:
-                    break
-            else:
-                pytest.fail("the run ended before any progress was shown")
-            process.send_signal(signal.SIGINT)
-            rest = process.stderr.read()
-            assert process.wait(timeout=TIMEOUT_S) == 130
-        finally:
-            if process.poll() is None:
-                process.kill()
+    with cli_process(*args, "--progress-every", "0.1", cwd=tmp_path) as process:
+        assert process.stderr is not None
+        for line in process.stderr:
+            done = re.match(r"progress: (\d+)/20 done", line)
+            if done and int(done[1]) >= 2:
+                break
+        else:
+            pytest.fail("the run ended before any progress was shown")
+        process.send_signal(signal.SIGINT)
+        rest = process.stderr.read()
+        assert process.wait(timeout=PROCESS_TIMEOUT_S) == 130
     assert "cancelling; the rows that finished are kept" in rest
     assert "batch cancelled in" in rest
     assert "Traceback" not in rest

@@ -15,17 +15,13 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
-import openpyxl
 import pytest
 from aiohttp import web
 
+from batchexec.api import EXECUTE_BATCH, HEALTH, RESULTS, events_path
 from batchexec.web.server import JSONErrorAppRunner
-from tests.test_cli import START_TIMEOUT_S, free_port, server
+from tests.helpers import AUTH, PROCESS_TIMEOUT_S, cli_process, free_port, workbook_statuses
 
-API_KEY_HEADERS = {"Integrations-API-Key": "dev-only-token"}
-EXECUTE = "/experience/batch_execution/execute_batch/invoke"
-RESULTS = "/system/batch_execution/results"
-EVENTS = "/system/batch_execution/events/"
 #: How many log lines a test reads while waiting for one.
 MAX_LOG_LINES = 200
 
@@ -48,7 +44,7 @@ class LogLines:
     def wait_for(self, text: str) -> str:
         """The first line not read yet that contains ``text``."""
         for _ in range(MAX_LOG_LINES):
-            line = self._lines.get(timeout=START_TIMEOUT_S)
+            line = self._lines.get(timeout=PROCESS_TIMEOUT_S)
             assert line is not None, f"the server exited without logging {text!r}"
             self.seen.append(line)
             if text in line:
@@ -57,7 +53,7 @@ class LogLines:
 
     def rest(self) -> str:
         """Everything logged, once the server has exited."""
-        self._reader.join(timeout=START_TIMEOUT_S)
+        self._reader.join(timeout=PROCESS_TIMEOUT_S)
         while (line := self._lines.get_nowait()) is not None:
             self.seen.append(line)
         return "".join(self.seen)
@@ -70,7 +66,7 @@ def call(
     request = urllib.request.Request(
         base + path,
         data=None if body is None else json.dumps(body).encode(),
-        headers={**API_KEY_HEADERS, "Content-Type": "application/json"},
+        headers={**AUTH, "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -92,16 +88,9 @@ def slow_model_env(tmp_path: Path, latency_s: float, grace_s: float) -> dict[str
     }
 
 
-def workbook_statuses(tmp_path: Path, invocation_id: str) -> list[object]:
-    workbook = openpyxl.load_workbook(
-        tmp_path / "public" / "batch_execution_results" / f"batch_execution_{invocation_id}.xlsx"
-    )
-    return [row[3] for row in workbook["Results"].iter_rows(min_row=2, values_only=True)]
-
-
 def event_names(base: str, invocation_id: str) -> Iterator[str]:
     """The names of the events the batch's stream sends, until it ends."""
-    request = urllib.request.Request(base + EVENTS + invocation_id, headers=API_KEY_HEADERS)
+    request = urllib.request.Request(base + events_path(invocation_id), headers=AUTH)
     with urllib.request.urlopen(request, timeout=10) as response:
         for raw in response:
             line = raw.decode().strip()
@@ -114,27 +103,27 @@ def test_sigterm_keeps_answering_with_503_until_running_batches_end(tmp_path):
     base = f"http://127.0.0.1:{port}"
     env = slow_model_env(tmp_path, latency_s=3, grace_s=20)
     batch = {"executions": [{"prompt": "hi", "model": "slow"}]}
-    with server(["serve", "--port", str(port)], env, tmp_path) as process:
+    with cli_process("serve", "--port", str(port), cwd=tmp_path, env=env) as process:
         log = LogLines(process.stderr)
         log.wait_for("listening")
-        status, _, started = call(base, EXECUTE, batch)
+        status, _, started = call(base, EXECUTE_BATCH, batch)
         assert status == 200
         invocation_id = str(started["invocationId"])
 
         process.send_signal(signal.SIGTERM)
         log.wait_for("stopping")
-        status, headers, refused = call(base, EXECUTE, batch)
+        status, headers, refused = call(base, EXECUTE_BATCH, batch)
         assert status == 503
         assert headers["Content-Type"].startswith("application/json")
         assert int(headers["Retry-After"]) > 0
         assert "shutting down" in str(refused["detail"])
-        assert call(base, "/health")[:1] == (200,)
+        assert call(base, HEALTH)[:1] == (200,)
         status, _, results = call(base, RESULTS, {"invocation_id": invocation_id})
         assert (status, results["status"]) == (200, "processing")
         # A stream opened during the drain sees the batch to its end.
         assert list(event_names(base, invocation_id))[-1] == "done"
 
-        assert process.wait(timeout=START_TIMEOUT_S) == 0
+        assert process.wait(timeout=PROCESS_TIMEOUT_S) == 0
     logged = log.rest()
     assert "Traceback" not in logged
     assert workbook_statuses(tmp_path, invocation_id) == ["succeeded"]
@@ -146,14 +135,16 @@ def test_a_second_signal_cancels_running_executions_at_once(tmp_path):
     # Neither the model nor the grace period ends before the test's timeout.
     env = slow_model_env(tmp_path, latency_s=600, grace_s=600)
     env["DATABASE_URL"] = "memory://"  # a durable store would leave the rows to resume
-    with server(["serve", "--port", str(port)], env, tmp_path) as process:
+    with cli_process("serve", "--port", str(port), cwd=tmp_path, env=env) as process:
         log = LogLines(process.stderr)
         log.wait_for("listening")
-        _, _, started = call(base, EXECUTE, {"executions": [{"prompt": "hi", "model": "slow"}]})
+        _, _, started = call(
+            base, EXECUTE_BATCH, {"executions": [{"prompt": "hi", "model": "slow"}]}
+        )
         process.send_signal(signal.SIGTERM)
         log.wait_for("stopping")
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=START_TIMEOUT_S) == 0
+        assert process.wait(timeout=PROCESS_TIMEOUT_S) == 0
     assert "Traceback" not in log.rest()
     assert workbook_statuses(tmp_path, str(started["invocationId"])) == ["cancelled"]
 
@@ -175,19 +166,19 @@ def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]
     return int(status_line.split()[1]), headers, body
 
 
+#: A well-formed request line and host header, for the malformed rest to follow.
+GET_HEALTH = f"GET {HEALTH} HTTP/1.1\r\nHost: x\r\n".encode()
 MALFORMED = {
-    "an over-long header line": b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: "
-    + b"a" * 9000
-    + b"\r\n\r\n",
+    "an over-long header line": GET_HEALTH + b"X-Long: " + b"a" * 9000 + b"\r\n\r\n",
     "a garbage request line": b"garbage\r\n\r\n",
-    "invalid bytes in a header name": b"GET /health HTTP/1.1\r\nHost: x\r\nBad\x01Name: y\r\n\r\n",
+    "invalid bytes in a header name": GET_HEALTH + b"Bad\x01Name: y\r\n\r\n",
 }
 
 
 def test_malformed_http_is_answered_as_json_and_logged_in_one_line(tmp_path):
     port = free_port()
     env = {"PUBLIC_DIR": str(tmp_path / "public")}
-    with server(["serve", "--port", str(port)], env, tmp_path) as process:
+    with cli_process("serve", "--port", str(port), cwd=tmp_path, env=env) as process:
         log = LogLines(process.stderr)
         log.wait_for("listening")
         details = {}
@@ -206,7 +197,7 @@ def test_malformed_http_is_answered_as_json_and_logged_in_one_line(tmp_path):
                 log.wait_for("rejected a request")
             )
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=START_TIMEOUT_S) == 0
+        assert process.wait(timeout=PROCESS_TIMEOUT_S) == 0
     logged = log.rest()
     assert "Traceback" not in logged
     assert " ERROR " not in logged
@@ -218,8 +209,8 @@ def test_a_busy_port_is_one_line_and_exit_1(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         env = {"PUBLIC_DIR": str(tmp_path / "public")}
-        with server(["serve", "--port", str(port)], env, tmp_path) as process:
-            assert process.wait(timeout=START_TIMEOUT_S) == 1
+        with cli_process("serve", "--port", str(port), cwd=tmp_path, env=env) as process:
+            assert process.wait(timeout=PROCESS_TIMEOUT_S) == 1
             assert process.stderr is not None
             lines = process.stderr.read().splitlines()
     assert lines[-1].startswith(f"batchexec: cannot listen on 127.0.0.1:{port}: ")

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,31 +15,23 @@ from aiohttp.test_utils import TestClient
 from aiohttp.typedefs import Handler
 
 from batchexec import create_app
+from batchexec.api import EXECUTE_BATCH, RESULTS, download_path, events_path
 from batchexec.cli import main
 from batchexec.cli.inputfile import Source, read_source
 from batchexec.cli.submit import executions_of, resolve_key, submit_batch
 from batchexec.config import DEV_API_KEY
 from batchexec.inputs import parse_jsonl
 from batchexec.web.keys import SETTINGS
-from tests.conftest import API_KEY, gated
 from tests.fakes import GatedProvider
-
-TIMEOUT_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+from tests.helpers import (
+    API_KEY,
+    PROCESS_TIMEOUT_S,
+    cli_process,
+    free_port,
+    gated,
+    run_cli,
+    write_csv,
+)
 
 
 def test_submit_wait_downloads_the_workbook_the_server_holds(tmp_path):
@@ -54,30 +41,23 @@ def test_submit_wait_downloads_the_workbook_the_server_holds(tmp_path):
         [[f"row {n}", "slow-echo", f"n{n}"] for n in range(6)] + [["then ${output.1}", "", "x"]],
     )
     port = free_port()
-    env = {**os.environ, "PUBLIC_DIR": str(tmp_path / "public"), "DEFAULT_MAX_THREADS": "6"}
-    with subprocess.Popen(
-        [sys.executable, "-m", "batchexec", "serve", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as server:
+    env = {"PUBLIC_DIR": str(tmp_path / "public"), "DEFAULT_MAX_THREADS": "6"}
+    with cli_process("serve", "--port", str(port), cwd=tmp_path, env=env) as server:
         try:
             assert server.stderr is not None
             assert "listening" in server.stderr.readline()
             args = ["--url", f"http://127.0.0.1:{port}/", "--wait", "-o", "out/got.xlsx"]
             args += ["--progress-every", "0.1"]
-            result = subprocess.run(
-                [sys.executable, "-m", "batchexec", "submit", "prompts.csv", *args],
-                env={**os.environ, "ASSISTANTS_DEFAULT_MODEL_ID_OR_NAME": "ignored-by-submit"},
+            result = run_cli(
+                "submit",
+                "prompts.csv",
+                *args,
                 cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT_S,
+                env={"ASSISTANTS_DEFAULT_MODEL_ID_OR_NAME": "ignored-by-submit"},
             )
         finally:
             server.terminate()
-            server.wait(timeout=TIMEOUT_S)
+            server.wait(timeout=PROCESS_TIMEOUT_S)
     assert result.returncode == 1, result.stderr  # the last row's default model is not set up
     invocation_id = result.stdout.strip()
     held = tmp_path / "public" / "batch_execution_results" / f"batch_execution_{invocation_id}.xlsx"
@@ -149,8 +129,8 @@ async def test_events_are_followed_and_the_results_route_asked_once(make_server,
     source = source_of(write_csv(tmp_path / "p.csv", ["prompt", "model"], [["a", "echo"]] * 3))
     code, invocation_id, err = await follow(source, url, tmp_path / "out.xlsx")
     assert code == 0, err
-    assert paths.count(f"/system/batch_execution/events/{invocation_id}") == 1
-    assert paths.count("/system/batch_execution/results") == 1
+    assert paths.count(events_path(invocation_id)) == 1
+    assert paths.count(RESULTS) == 1
     assert (tmp_path / "out.xlsx").read_bytes() == held_file(client, invocation_id).read_bytes()
     assert "rows: 3 (3 succeeded, 0 failed, 0 skipped, 0 cancelled)" in err
 
@@ -163,11 +143,11 @@ async def test_without_an_events_route_the_results_route_is_polled(make_server, 
     task = asyncio.ensure_future(follow(source, url, tmp_path / "out.xlsx"))
     await gated(client).wait_started(1)
     # Two polls while the gated row holds the batch: progress is being followed.
-    await eventually(lambda: paths.count("/system/batch_execution/results") >= 2)
+    await eventually(lambda: paths.count(RESULTS) >= 2)
     gated(client).open()
     code, invocation_id, err = await task
     assert code == 0, err
-    assert paths.count(f"/system/batch_execution/events/{invocation_id}") == 1
+    assert paths.count(events_path(invocation_id)) == 1
     assert (tmp_path / "out.xlsx").read_bytes() == held_file(client, invocation_id).read_bytes()
     assert "progress: 1/3 done" in err
 
@@ -178,7 +158,7 @@ async def test_without_wait_only_the_id_is_printed(make_server, tmp_path):
     code, invocation_id, err = await follow(source, url, None, wait=False)
     assert code == 0
     assert err == ""
-    assert paths == ["/experience/batch_execution/execute_batch/invoke"]
+    assert paths == [EXECUTE_BATCH]
     assert len(invocation_id) == 36
 
 
@@ -239,7 +219,7 @@ async def test_a_busy_server_is_exit_1_with_its_retry_after(fake_server, tmp_pat
         detail = {"detail": "Too many batches are queued; try again later."}
         return web.json_response(detail, status=429, headers={"Retry-After": "5"})
 
-    routes["/experience/"] = busy
+    routes[EXECUTE_BATCH] = busy
     code, _, err = await follow(
         source_of(write_csv(tmp_path / "p.csv", ["prompt"], [["a"]])), url, None
     )
@@ -274,7 +254,7 @@ async def test_an_event_stream_that_breaks_off_falls_back_to_polling(fake_server
             {
                 "status": "completed",
                 "message": "Execution completed successfully.",
-                "xlsx_url": "http://elsewhere.invalid/public/batch_execution_results/b%20x.xlsx",
+                "xlsx_url": "http://elsewhere.invalid" + download_path("b%20x.xlsx"),
                 "progress": {**counts, "running": 0, "pending": 0},
                 "usage": {"prompt_tokens": 4, "completion_tokens": 6},
                 "executions": [],
@@ -289,10 +269,10 @@ async def test_an_event_stream_that_breaks_off_falls_back_to_polling(fake_server
 
     routes.update(
         {
-            "/experience/": execute,
-            "/system/batch_execution/events/": events,
-            "/system/batch_execution/results": results,
-            "/public/": download,
+            EXECUTE_BATCH: execute,
+            events_path(""): events,
+            RESULTS: results,
+            download_path(""): download,
         }
     )
     source = source_of(write_csv(tmp_path / "p.csv", ["prompt"], [["a"]]))
@@ -301,7 +281,7 @@ async def test_an_event_stream_that_breaks_off_falls_back_to_polling(fake_server
     assert out == "abc"
     assert polls == [1]
     # The workbook is fetched from --url, by the name the server gave it.
-    assert downloads == ["/public/batch_execution_results/b x.xlsx"]
+    assert downloads == [download_path("b x.xlsx")]
     assert (tmp_path / "out.xlsx").read_bytes() == b"workbook"
     assert "tokens: 4 prompt + 6 completion" in err
 

@@ -7,10 +7,11 @@ import logging
 from aiohttp import web
 
 from batchexec import create_app
+from batchexec.api import EXECUTE_BATCH, HEALTH, PROCESS_CSV, RESULTS, download_path
 from batchexec.records import BatchStatus
 from batchexec.web.keys import ENGINE, PROVIDERS, REGISTRY
-from tests.conftest import API_KEY, AUTH, owner_of
 from tests.fakes import GatedProvider
+from tests.helpers import API_KEY, AUTH, owner_of
 
 
 async def test_subapp_serves_under_its_prefix_and_stops_cleanly(
@@ -24,27 +25,25 @@ async def test_subapp_serves_under_its_prefix_and_stops_cleanly(
     client = await aiohttp_client(parent)
 
     response = await client.post(
-        "/batch/experience/batch_execution/execute_batch/invoke",
+        "/batch" + EXECUTE_BATCH,
         json={"executions": [{"prompt": "hello", "model": "echo"}]},
         headers=AUTH,
     )
     assert response.status == 200
     done_id = (await response.json())["invocationId"]
     await batch_app[ENGINE].join(done_id)
-    response = await client.post(
-        "/batch/system/batch_execution/results", json={"invocation_id": done_id}, headers=AUTH
-    )
+    response = await client.post("/batch" + RESULTS, json={"invocation_id": done_id}, headers=AUTH)
     body = await response.json()
-    prefix = str(client.make_url("/batch/public/batch_execution_results/"))
+    prefix = str(client.make_url("/batch" + download_path("")))
     assert body["xlsx_url"] == f"{prefix}batch_execution_{done_id}.xlsx"
     download = await client.get(
         body["xlsx_url"].removeprefix(str(client.make_url(""))), headers=AUTH
     )
     assert download.status == 200
-    assert (await client.get("/batch/health")).status == 200
+    assert (await client.get("/batch" + HEALTH)).status == 200
 
     response = await client.post(
-        "/batch/experience/batch_execution/execute_batch/invoke",
+        "/batch" + EXECUTE_BATCH,
         json={"executions": [{"prompt": "never answered", "model": "gated"}]},
         headers=AUTH,
     )
@@ -65,12 +64,12 @@ async def test_subapp_serves_under_its_prefix_and_stops_cleanly(
 async def test_server_name_sets_the_public_url(make_client):
     client = await make_client(server_name="https://batch.example.com/prefix/")
     response = await client.post(
-        "/system/batch_execution/process_csv/invoke",
+        PROCESS_CSV,
         json={"csv_content": "prompt\nhi\n"},
         headers=AUTH,
     )
     body = await response.json()
     assert body["xlsx_url"] == (
-        "https://batch.example.com/prefix/public/batch_execution_results/"
-        f"batch_execution_{body['invocationId']}.xlsx"
+        "https://batch.example.com/prefix"
+        + download_path(f"batch_execution_{body['invocationId']}.xlsx")
     )

@@ -18,8 +18,8 @@ from batchexec.providers.echo import EchoProvider
 from batchexec.records import Batch, BatchStatus, ExecutionStatus
 from batchexec.registry import Registry
 from batchexec.store.memory import MemoryStore
-from tests.conftest import until
 from tests.fakes import GATED_CATALOG, GatedProvider
+from tests.helpers import until
 
 
 @pytest.fixture

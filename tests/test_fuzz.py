@@ -34,16 +34,16 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 
 from batchexec import Settings, create_app
+from batchexec.api import CANCEL, EXECUTE_BATCH, PROCESS_CSV, RESULTS, RETRY, UPLOAD
 from batchexec.csvinput import parse_csv
 from batchexec.errors import InputError
 from batchexec.inputs import Rows, parse_json, parse_jsonl, parse_xlsx, read_rows, sniff
 from batchexec.templating import TemplateError, references
 from batchexec.xlsx import column_letter
-from tests.conftest import AUTH, EXECUTE, PROCESS_CSV, RESULTS, finished
+from tests.helpers import AUTH, finished
 
 T = TypeVar("T")
 
-UPLOAD = "/system/batch_execution/upload/invoke"
 #: Every request must be answered within this, whatever its body.
 REQUEST_TIMEOUT_S = 10.0
 #: Reading one workbook may take this long; the parser enforces it.
@@ -837,12 +837,12 @@ route_bodies = st.one_of(
     st.sampled_from(_RAW_BODIES),
 )
 JSON_ROUTES = (
-    EXECUTE,
+    EXECUTE_BATCH,
     PROCESS_CSV,
     RESULTS,
     RESULTS + "/",
-    "/system/batch_execution/cancel",
-    "/system/batch_execution/retry",
+    CANCEL,
+    RETRY,
 )
 
 
@@ -862,7 +862,7 @@ def test_json_routes_answer_any_body_below_500_with_a_detail(tmp_path, path, bod
 def test_execute_batch_runs_or_refuses_any_executions(tmp_path, items):
     async def scenario(client: TestClient[Any, Any]) -> None:
         status, document = await answered(
-            client.post(EXECUTE, json={"executions": items}, headers=AUTH)
+            client.post(EXECUTE_BATCH, json={"executions": items}, headers=AUTH)
         )
         if status == 200:
             results = await check_results(client, document["invocationId"])

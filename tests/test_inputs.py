@@ -22,7 +22,6 @@ from batchexec.exports import template_sheet, write_xlsx
 from batchexec.inputs import (
     Format,
     Rows,
-    cell_text,
     format_of,
     parse_json,
     parse_jsonl,
@@ -32,6 +31,7 @@ from batchexec.inputs import (
     sniff,
 )
 from batchexec.planning import Limits
+from batchexec.xlsxinput import cell_text
 
 LIMITS = Limits(max_executions=100, max_prompt_length=1000, default_model="echo")
 

@@ -7,7 +7,7 @@ import itertools
 
 from batchexec.catalog import ModelSpec
 from batchexec.limits import ModelLimits
-from tests.conftest import finished, gated, submit
+from tests.helpers import finished, gated, submit
 
 
 async def test_max_concurrency_holds_across_batches(make_client):

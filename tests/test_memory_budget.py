@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from batchexec.api import BATCHES, RESULTS
 from batchexec.config import Settings
 from batchexec.web.keys import ENGINE
-from tests.conftest import AUTH, RESULTS, submit
+from tests.helpers import AUTH, submit
 
 MB = 1024 * 1024
 #: The README's budget for one worst-case batch, run and answered (measured: about 125 MB).
@@ -58,7 +59,7 @@ async def test_the_worst_batch_under_the_default_limits_stays_within_budget(
     invocation_id = await submit(client, rows)
     await client.app[ENGINE].join(invocation_id)
     held = tracemalloc.get_traced_memory()[0] - base
-    listed = await client.get("/system/batch_execution/batches", headers=AUTH)
+    listed = await client.get(BATCHES, headers=AUTH)
     (entry,) = (await listed.json())["batches"]
     assert entry["progress"]["succeeded"] == settings.max_executions_per_batch
 

@@ -14,9 +14,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import openpyxl
 from aiohttp.test_utils import TestClient
 
+from batchexec.api import BATCHES, HEALTH, PROCESS_CSV, RESULTS, RETRY, download_path, events_path
 from batchexec.catalog import ModelSpec
 from batchexec.providers import ChatRequest, Completion
 from batchexec.records import ExecutionStatus
@@ -24,24 +24,19 @@ from batchexec.registry import Registry
 from batchexec.store import StoreError
 from batchexec.store.sqlite import SQLiteStore
 from batchexec.web.keys import REGISTRY, SETTINGS
-from tests.conftest import (
+from tests.fakes import GatedProvider
+from tests.helpers import (
     API_KEY,
     AUTH,
-    PROCESS_CSV,
-    RESULTS,
     ClientFactory,
     batch_of,
     finished,
     gated,
     results,
+    sheet_rows,
     submit,
 )
-from tests.fakes import GatedProvider
 
-EVENTS = "/system/batch_execution/events/"
-RETRY = "/system/batch_execution/retry"
-BATCHES = "/system/batch_execution/batches"
-DOWNLOAD = "/public/batch_execution_results/"
 #: A failure bound for waits on the background: a test that passes never waits this long.
 PATIENCE_S = 5.0
 
@@ -70,13 +65,9 @@ async def committed(client: Client, condition: Callable[[], bool], *, rounds: in
 
 async def workbook_rows(client: Client, name: str) -> list[list[Any]]:
     """The rows of a downloaded workbook, its header first."""
-    response = await client.get(DOWNLOAD + name, headers=AUTH)
+    response = await client.get(download_path(name), headers=AUTH)
     assert response.status == 200, await response.text()
-    book = openpyxl.load_workbook(io.BytesIO(await response.read()), read_only=True)
-    try:
-        return [list(row) for row in book["Results"].iter_rows(values_only=True)]
-    finally:
-        book.close()
+    return sheet_rows(await response.read())
 
 
 def csv_rows(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -180,7 +171,7 @@ async def test_a_batch_finished_before_a_restart_is_served_as_it_was(make_client
     client = await restart(make_client, client, integrations_api_keys=keys)
 
     after = await results(client, invocation_id)
-    assert after.pop("xlsx_url").endswith(f"{DOWNLOAD}{name}")  # a new port, the same file
+    assert after.pop("xlsx_url").endswith(download_path(name))  # a new port, the same file
     before.pop("xlsx_url")
     assert after == before
     assert csv_rows(after)[1]["result"].startswith("Error: the model refused")
@@ -200,8 +191,8 @@ async def test_a_batch_finished_before_a_restart_is_served_as_it_was(make_client
     for response in (
         await client.post(RESULTS, json={"invocation_id": invocation_id}, headers=other),
         await client.post(RETRY, json={"invocation_id": invocation_id}, headers=other),
-        await client.get(EVENTS + invocation_id, headers=other),
-        await client.get(DOWNLOAD + name, headers=other),
+        await client.get(events_path(invocation_id), headers=other),
+        await client.get(download_path(name), headers=other),
     ):
         assert response.status == 404
     assert (await (await client.get(BATCHES, headers=other)).json())["batches"] == []
@@ -257,7 +248,7 @@ async def test_the_event_stream_of_a_resumed_batch_sends_its_backlog_then_done(m
 
     await gated(client).wait_started(1)
     await client.app[REGISTRY].flush()  # the row's start, recorded before its call, is visible
-    stream = await client.get(EVENTS + invocation_id, headers=AUTH)
+    stream = await client.get(events_path(invocation_id), headers=AUTH)
     assert stream.status == 200
     async with asyncio.timeout(PATIENCE_S):
         name, data = await next_event(stream.content)
@@ -299,7 +290,7 @@ async def test_a_store_that_fails_mid_batch_fails_the_batch_and_the_server_goes_
     assert body["status"] == "failed"
     assert "database or disk is full" in body["message"]
     assert body["progress"]["running"] == body["progress"]["pending"] == 0
-    assert (await client.get("/health")).status == 200
+    assert (await client.get(HEALTH)).status == 200
 
     disk_full = False
     provider.open()

@@ -62,7 +62,7 @@ def a_batch(
     rows: list[ExecutionStatus] | tuple[ExecutionStatus, ...] = (ExecutionStatus.PENDING,),
 ) -> Batch:
     executions = [
-        Execution(index, "echo", {"prompt": f"row {index}"}, status=row_status)
+        Execution(index, "echo", {"prompt": f"row {index}"}, outcome=Outcome(row_status))
         for index, row_status in enumerate(rows, start=1)
     ]
     return Batch(

@@ -6,42 +6,43 @@ import asyncio
 import csv
 import io
 from pathlib import Path
-from typing import Any
 
 import openpyxl
 import pytest
 
-from batchexec.records import ExecutionStatus
-from batchexec.web.keys import ENGINE, SETTINGS
-from tests.conftest import (
-    AUTH,
-    EXECUTE,
+from batchexec.api import (
+    API_KEY_HEADER,
+    EXECUTE_BATCH,
+    HEALTH,
+    MODELS,
     PROCESS_CSV,
     RESULTS,
+    download_path,
+)
+from batchexec.records import ExecutionStatus
+from batchexec.web.keys import ENGINE, SETTINGS
+from tests.helpers import (
+    API_KEY,
+    AUTH,
     batch_of,
     finished,
     gated,
     results,
+    sheet_rows,
     submit,
     until,
 )
 
 
-async def download(client, url: str, key: str = "dev-only-token") -> tuple[int, bytes]:
+async def download(client, url: str, key: str = API_KEY) -> tuple[int, bytes]:
     path = url.split(str(client.make_url("")).rstrip("/"), 1)[1]
-    response = await client.get(path, headers={"Integrations-API-Key": key})
+    response = await client.get(path, headers={API_KEY_HEADER: key})
     return response.status, await response.read()
-
-
-def xlsx_rows(content: bytes) -> list[list[Any]]:
-    workbook = openpyxl.load_workbook(io.BytesIO(content))
-    sheet = workbook["Results"]
-    return [[cell.value for cell in row] for row in sheet.iter_rows()]
 
 
 async def test_health_needs_no_key(make_client):
     client = await make_client()
-    response = await client.get("/health")
+    response = await client.get(HEALTH)
     assert response.status == 200
     assert await response.json() == {"status": "ok"}
 
@@ -52,7 +53,7 @@ async def test_chained_batch_completes_with_substituted_csv_and_xlsx(make_client
         {"prompt": "Name a colour.", "model": "echo"},
         {"prompt": "Describe ${output.1} in one word.", "model": "echo"},
     ]
-    response = await client.post(EXECUTE, json={"executions": executions}, headers=AUTH)
+    response = await client.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
     assert response.status == 200
     started = await response.json()
     invocation_id = started["invocationId"]
@@ -88,7 +89,7 @@ async def test_chained_batch_completes_with_substituted_csv_and_xlsx(make_client
     assert body["executions"][0]["attempts"] == 1
     status, content = await download(client, body["xlsx_url"])
     assert status == 200
-    rows = xlsx_rows(content)
+    rows = sheet_rows(content, padded=True)
     assert rows[0][:5] == ["prompt", "model", "result", "status", "error"]
     assert rows[1][:4] == ["Name a colour.", "echo", "Name a colour.", "succeeded"]
     assert rows[2][2] == "Describe Name a colour. in one word."
@@ -155,7 +156,7 @@ async def test_second_batch_queues_and_third_is_refused(make_client):
     assert queued["status"] == "queued"
     assert queued["progress"]["pending"] == 1
     response = await client.post(
-        EXECUTE, json={"executions": [{"prompt": "three", "model": "echo"}]}, headers=AUTH
+        EXECUTE_BATCH, json={"executions": [{"prompt": "three", "model": "echo"}]}, headers=AUTH
     )
     assert response.status == 429
     assert "Retry-After" in response.headers
@@ -200,7 +201,7 @@ async def test_non_ascii_key_is_401_not_500(make_client):
     client = await make_client()
     reader, writer = await _raw_connection(client)
     writer.write(
-        b"GET /system/batch_execution/models HTTP/1.1\r\nHost: x\r\n"
+        b"GET " + MODELS.encode() + b" HTTP/1.1\r\nHost: x\r\n"
         b"Integrations-API-Key: d\xc3\xa9v\r\nConnection: close\r\n\r\n"
     )
     head = (await reader.read()).split(b"\r\n", 1)[0]
@@ -227,7 +228,7 @@ async def _raw_connection(client):
 )
 async def test_invalid_batches_are_422_naming_the_row(make_client, executions, field, fragment):
     client = await make_client()
-    response = await client.post(EXECUTE, json={"executions": executions}, headers=AUTH)
+    response = await client.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
     assert response.status == 422
     body = await response.json()
     assert body["errors"], body
@@ -245,7 +246,7 @@ async def test_every_bad_row_is_listed(make_client):
         {"prompt": "uses ${output.3}", "model": "echo"},
         {"prompt": "x", "model": "missing"},
     ]
-    response = await client.post(EXECUTE, json={"executions": executions}, headers=AUTH)
+    response = await client.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
     assert response.status == 422
     body = await response.json()
     assert body["detail"] == "2 executions are invalid."
@@ -256,18 +257,18 @@ async def test_every_bad_row_is_listed(make_client):
 async def test_too_many_executions_is_422(make_client):
     client = await make_client(max_executions_per_batch=3)
     executions = [{"prompt": "x", "model": "echo"}] * 4
-    response = await client.post(EXECUTE, json={"executions": executions}, headers=AUTH)
+    response = await client.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
     assert response.status == 422
     assert (await response.json())["detail"] == "The batch has 4 executions; the limit is 3."
 
 
 async def test_malformed_json_is_400_and_a_big_body_413(make_client):
     client = await make_client(max_body_bytes=2048)
-    response = await client.post(EXECUTE, data=b'{"executions": [', headers=AUTH)
+    response = await client.post(EXECUTE_BATCH, data=b'{"executions": [', headers=AUTH)
     assert response.status == 400
     assert (await response.json())["detail"].startswith("The request body is not valid JSON")
     big = b'{"executions": [{"prompt": "' + b"x" * 4096 + b'"}]}'
-    response = await client.post(EXECUTE, data=big, headers=AUTH)
+    response = await client.post(EXECUTE_BATCH, data=big, headers=AUTH)
     assert response.status == 413
     assert "detail" in await response.json()
 
@@ -293,11 +294,11 @@ async def test_process_csv_writes_the_template(make_client):
     # The original contract's relative path, never the server's own folder.
     assert body["xlsx_path"] == f"public/batch_execution_results/{name}"
     assert (client.app[SETTINGS].public_dir / "batch_execution_results" / name).is_file()
-    assert body["xlsx_url"].endswith(f"/public/batch_execution_results/{name}")
+    assert body["xlsx_url"].endswith(download_path(name))
     assert body["response"][0]["type"] == "text"
     status, xlsx = await download(client, body["xlsx_url"])
     assert status == 200
-    assert xlsx_rows(xlsx) == [
+    assert sheet_rows(xlsx, padded=True) == [
         ["prompt", "model", "topic", "result"],
         ["Hello, world", "echo", "greeting", None],
     ]
@@ -363,7 +364,7 @@ async def test_formula_like_prompt_stays_a_string_cell(make_client):
 
 async def test_models_route_lists_the_catalog_without_secrets(make_client, monkeypatch):
     client = await make_client()
-    response = await client.get("/system/batch_execution/models", headers=AUTH)
+    response = await client.get(MODELS, headers=AUTH)
     assert response.status == 200
     body = await response.json()
     by_name = {model["name"]: model for model in body["models"]}
@@ -385,13 +386,13 @@ async def test_json_extras_become_columns(make_client):
 async def test_a_lone_surrogate_neither_breaks_the_workbook_nor_the_batch(make_client):
     client = await make_client()
     raw = b'{"executions": [{"prompt": "broken \\ud800 emoji", "model": "echo"}]}'
-    response = await client.post(EXECUTE, data=raw, headers=AUTH)
+    response = await client.post(EXECUTE_BATCH, data=raw, headers=AUTH)
     assert response.status == 200
     body = await finished(client, (await response.json())["invocationId"])
     assert body["status"] == "completed"
     status, content = await download(client, body["xlsx_url"])
     assert status == 200
-    assert xlsx_rows(content)[1][0] == "broken \ufffd emoji"
+    assert sheet_rows(content, padded=True)[1][0] == "broken \ufffd emoji"
 
 
 async def test_a_refused_process_csv_leaves_no_workbook(make_client, tmp_path):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from batchexec.api import RESULTS
 from batchexec.web.cache import RenderedResults
 from batchexec.web.keys import RESULTS_CACHE
-from tests.conftest import AUTH, RESULTS, finished, submit
+from tests.helpers import AUTH, finished, submit
 
 
 def renderer(body: bytes, calls: list[bytes]):

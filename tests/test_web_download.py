@@ -6,12 +6,13 @@ import asyncio
 
 import pytest
 
-from tests.conftest import AUTH, PROCESS_CSV, finished, submit
+from batchexec.api import PROCESS_CSV, download_path
+from tests.helpers import API_KEY, AUTH, finished, submit
 
 SECRET = b"TOP-SECRET-OUTSIDE-THE-RESULTS-FOLDER"
 
 
-async def raw_get(client, target: bytes, key: bytes = b"dev-only-token") -> tuple[int, bytes]:
+async def raw_get(client, target: bytes, key: bytes = API_KEY.encode()) -> tuple[int, bytes]:
     """Send a request line exactly as given, so no client normalises the path."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(
@@ -45,18 +46,21 @@ async def served(make_client, tmp_path):
 @pytest.mark.parametrize(
     "target",
     [
-        b"/public/batch_execution_results/../secret.txt",
-        b"/public/batch_execution_results/../../secret.txt",
-        b"/public/batch_execution_results/..%2fsecret.txt",
-        b"/public/batch_execution_results/..%2F..%2Fsecret.txt",
-        b"/public/batch_execution_results/%2e%2e%2fsecret.txt",
-        b"/public/batch_execution_results/..%5csecret.txt",
-        b"/public/batch_execution_results/%2Fetc%2Fpasswd",
-        b"/public/batch_execution_results//etc/passwd",
-        b"/public/batch_execution_results/link.xlsx",
-        b"/public/batch_execution_results/.gitkeep",
-        b"/public/batch_execution_results/%00",
-        b"/public/batch_execution_results/",
+        download_path(name).encode()
+        for name in [
+            "../secret.txt",
+            "../../secret.txt",
+            "..%2fsecret.txt",
+            "..%2F..%2Fsecret.txt",
+            "%2e%2e%2fsecret.txt",
+            "..%5csecret.txt",
+            "%2Fetc%2Fpasswd",
+            "/etc/passwd",
+            "link.xlsx",
+            ".gitkeep",
+            "%00",
+            "",
+        ]
     ],
 )
 async def test_traversal_never_leaves_the_results_folder(served, target):
@@ -69,16 +73,16 @@ async def test_traversal_never_leaves_the_results_folder(served, target):
 
 async def test_own_file_downloads(served):
     client, name = served
-    status, body = await raw_get(client, b"/public/batch_execution_results/" + name.encode())
+    status, body = await raw_get(client, download_path(name).encode())
     assert status == 200
     assert body.startswith(b"PK")
 
 
 async def test_download_needs_a_key(served):
     client, name = served
-    response = await client.get(f"/public/batch_execution_results/{name}")
+    response = await client.get(download_path(name))
     assert response.status == 401
-    response = await client.get(f"/public/batch_execution_results/{name}", headers=AUTH)
+    response = await client.get(download_path(name), headers=AUTH)
     assert response.status == 200
 
 
@@ -87,7 +91,7 @@ async def test_a_batch_workbook_removed_from_disk_is_made_again(served, tmp_path
     path = tmp_path / "public" / "batch_execution_results" / name
     original = path.read_bytes()
     path.unlink()
-    response = await client.get(f"/public/batch_execution_results/{name}", headers=AUTH)
+    response = await client.get(download_path(name), headers=AUTH)
     assert response.status == 200
     again = await response.read()
     assert again.startswith(b"PK")
@@ -100,6 +104,6 @@ async def test_a_template_removed_from_disk_is_404(make_client, tmp_path):
     response = await client.post(PROCESS_CSV, json={"csv_content": "prompt\nhi\n"}, headers=AUTH)
     name = (await response.json())["xlsx_path"].rsplit("/", 1)[1]
     (tmp_path / "public" / "batch_execution_results" / name).unlink()
-    response = await client.get(f"/public/batch_execution_results/{name}", headers=AUTH)
+    response = await client.get(download_path(name), headers=AUTH)
     assert response.status == 404
     assert await response.json() == {"detail": "File not found"}

@@ -15,15 +15,13 @@ from typing import Any
 import pytest
 from aiohttp import FormData
 
+from batchexec.api import CANCEL, EXECUTE_BATCH, PROCESS_CSV, RESULTS, RETRY, UPLOAD
 from batchexec.exports import write_xlsx
 from batchexec.records import BatchStatus
 from batchexec.web.keys import ENGINE, REGISTRY
-from tests.conftest import (
+from tests.helpers import (
     API_KEY,
     AUTH,
-    EXECUTE,
-    PROCESS_CSV,
-    RESULTS,
     batch_of,
     finished,
     gated,
@@ -33,10 +31,7 @@ from tests.conftest import (
     until,
 )
 
-UPLOAD = "/system/batch_execution/upload/invoke"
-CANCEL = "/system/batch_execution/cancel"
-RETRY = "/system/batch_execution/retry"
-JSON_ROUTES = [EXECUTE, PROCESS_CSV, RESULTS, CANCEL, RETRY]
+JSON_ROUTES = [EXECUTE_BATCH, PROCESS_CSV, RESULTS, CANCEL, RETRY]
 
 
 async def error_of(response: Any, status: int) -> str:
@@ -144,7 +139,7 @@ async def test_json_just_under_the_nesting_limit_is_still_a_4xx(make_client):
     deep = "[" * 900 + "]" * 900
     raw = f'{{"executions": [{{"prompt": "p", "model": "echo", "deep": {deep}}}]}}'
     response = await client.post(
-        EXECUTE, data=raw.encode(), headers={**AUTH, "Content-Type": "application/json"}
+        EXECUTE_BATCH, data=raw.encode(), headers={**AUTH, "Content-Type": "application/json"}
     )
     assert response.status in (200, 400), await response.text()
 
@@ -152,7 +147,7 @@ async def test_json_just_under_the_nesting_limit_is_still_a_4xx(make_client):
 async def test_a_reference_with_thousands_of_digits_is_422(make_client):
     client = await make_client(max_prompt_length=10_000)
     response = await client.post(
-        EXECUTE,
+        EXECUTE_BATCH,
         json={"executions": [{"prompt": "${output." + "9" * 5000 + "}", "model": "echo"}]},
         headers=AUTH,
     )
@@ -236,7 +231,9 @@ async def test_executions_with_more_keys_than_the_column_limit_are_422(make_clie
     client = await make_client(max_columns=5)
     extra = {f"k{n}": "v" for n in range(10)}
     response = await client.post(
-        EXECUTE, json={"executions": [{"prompt": "p", "model": "echo", **extra}]}, headers=AUTH
+        EXECUTE_BATCH,
+        json={"executions": [{"prompt": "p", "model": "echo", **extra}]},
+        headers=AUTH,
     )
     detail = await error_of(response, 422)
     assert detail == "The input has 12 columns; the limit (MAX_COLUMNS) is 5."
@@ -245,7 +242,9 @@ async def test_executions_with_more_keys_than_the_column_limit_are_422(make_clie
 async def test_an_oversized_executions_list_is_refused_before_validation(make_client):
     client = await make_client(max_executions_per_batch=3)
     # Invalid items past the limit: refused for the count, not validated one by one.
-    response = await client.post(EXECUTE, json={"executions": [{"prompt": 1}] * 1000}, headers=AUTH)
+    response = await client.post(
+        EXECUTE_BATCH, json={"executions": [{"prompt": 1}] * 1000}, headers=AUTH
+    )
     detail = await error_of(response, 422)
     assert detail == "The batch has 1000 executions; the limit is 3."
 
@@ -296,8 +295,8 @@ async def test_a_batch_keeps_its_slot_while_it_writes_its_outputs(make_client, m
 async def test_a_client_that_does_not_read_its_answer_is_disconnected(
     make_client, monkeypatch, caplog
 ):
-    monkeypatch.setattr("batchexec.web.handlers._WRITE_TIMEOUT_S", 0.2)
-    caplog.set_level(logging.INFO, logger="batchexec.web.handlers")
+    monkeypatch.setattr("batchexec.web.presenting._WRITE_TIMEOUT_S", 0.2)
+    caplog.set_level(logging.INFO, logger="batchexec.web.presenting")
     client = await make_client(max_executions_per_batch=300)
     rows = [{"prompt": "x" * 1000, "model": "echo"}]
     rows += [{"prompt": "${output.1}" * 30, "model": "echo"} for _ in range(299)]

@@ -9,14 +9,10 @@ from typing import Any
 
 import openpyxl
 
+from batchexec.api import BATCHES, CANCEL, RESULTS, RETRY, download_path, events_path
 from batchexec.records import ExecutionStatus
 from batchexec.web.keys import ENGINE
-from tests.conftest import AUTH, RESULTS, batch_of, finished, gated, results, submit, until
-
-EVENTS = "/system/batch_execution/events/"
-CANCEL = "/system/batch_execution/cancel"
-RETRY = "/system/batch_execution/retry"
-BATCHES = "/system/batch_execution/batches"
+from tests.helpers import AUTH, batch_of, finished, gated, results, submit, until
 
 
 async def read_events(response) -> list[tuple[str | None, dict[str, Any]]]:
@@ -36,7 +32,7 @@ async def test_progress_rises_and_events_arrive_one_per_row(make_client):
     client = await make_client(max_threads=4)
     rows = [{"prompt": f"row {n}", "model": "gated"} for n in range(1, 21)]
     invocation_id = await submit(client, rows)
-    stream = await client.get(EVENTS + invocation_id, headers=AUTH)
+    stream = await client.get(events_path(invocation_id), headers=AUTH)
     assert stream.status == 200
     assert stream.headers["Content-Type"] == "text/event-stream"
     reading = asyncio.create_task(read_events(stream))
@@ -66,7 +62,7 @@ async def test_a_late_client_gets_the_current_state_first(make_client):
     client = await make_client()
     invocation_id = await submit(client, [{"prompt": f"p{n}", "model": "echo"} for n in range(3)])
     await finished(client, invocation_id)
-    stream = await client.get(EVENTS + invocation_id, headers=AUTH)
+    stream = await client.get(events_path(invocation_id), headers=AUTH)
     events = await read_events(stream)
     assert [name for name, _ in events] == ["execution"] * 3 + ["progress", "done"]
     assert events[3][1]["succeeded"] == 3
@@ -75,9 +71,11 @@ async def test_a_late_client_gets_the_current_state_first(make_client):
 async def test_events_need_the_owner_key(make_client):
     client = await make_client(integrations_api_keys="key-a,key-b")
     invocation_id = await submit(client, [{"prompt": "p", "model": "echo"}], key="key-a")
-    response = await client.get(EVENTS + invocation_id, headers={"Integrations-API-Key": "key-b"})
+    response = await client.get(
+        events_path(invocation_id), headers={"Integrations-API-Key": "key-b"}
+    )
     assert response.status == 404
-    response = await client.get(EVENTS + invocation_id)
+    response = await client.get(events_path(invocation_id))
     assert response.status == 401
 
 
@@ -208,5 +206,5 @@ async def test_expired_batches_and_files_disappear(make_client, tmp_path):
         await asyncio.sleep(0.05)
     assert response.status == 404
     assert not path.exists()
-    download = await client.get(f"/public/batch_execution_results/{name}", headers=AUTH)
+    download = await client.get(download_path(name), headers=AUTH)
     assert download.status == 404

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import finished, submit
+from batchexec.api import HEALTH, MODELS
+from tests.helpers import AUTH, finished, submit
 
 SECRET_KEY = "sk-test-never-show-me-4b1d"
 
@@ -137,18 +138,14 @@ async def test_secrets_never_reach_responses_or_logs(client, monkeypatch, caplog
     assert "HTTP 401" in body["executions"][0]["error"]
     assert SECRET_KEY not in json.dumps(body)
     assert SECRET_KEY not in caplog.text
-    models = await client.get(
-        "/system/batch_execution/models", headers={"Integrations-API-Key": "dev-only-token"}
-    )
+    models = await client.get(MODELS, headers=AUTH)
     assert SECRET_KEY not in await models.text()
 
 
 async def test_openai_base_url_models_join_the_catalog(make_client, make_settings, upstream):
     base_url, _ = upstream
     client = await make_client(make_settings(openai_base_url=base_url))
-    response = await client.get(
-        "/system/batch_execution/models", headers={"Integrations-API-Key": "dev-only-token"}
-    )
+    response = await client.get(MODELS, headers=AUTH)
     names = {model["name"]: model for model in (await response.json())["models"]}
     assert names["listed-model"]["provider"] == "openai"
     assert names["listed-model"]["configured"] is True
@@ -157,4 +154,4 @@ async def test_openai_base_url_models_join_the_catalog(make_client, make_setting
 async def test_failed_model_listing_only_warns(make_client, make_settings, caplog):
     client = await make_client(make_settings(openai_base_url="http://127.0.0.1:9/v1"))
     assert "could not list its models" in caplog.text
-    assert (await client.get("/health")).status == 200
+    assert (await client.get(HEALTH)).status == 200

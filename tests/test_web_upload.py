@@ -10,10 +10,9 @@ import aiohttp
 import openpyxl
 import pytest
 
+from batchexec.api import PROCESS_CSV, UPLOAD
 from batchexec.web.keys import SETTINGS
-from tests.conftest import AUTH, PROCESS_CSV, finished
-
-UPLOAD = "/system/batch_execution/upload/invoke"
+from tests.helpers import AUTH, finished, sheet_rows
 
 
 def form(
@@ -42,8 +41,7 @@ def workbook(rows: list[list[Any]], title: str = "Results") -> bytes:
 
 def template_rows(client: Any, body: dict[str, Any]) -> list[list[Any]]:
     path = client.app[SETTINGS].results_dir / body["xlsx_url"].rsplit("/", 1)[1]
-    sheet = openpyxl.load_workbook(path)["Results"]
-    return [[cell.value for cell in row] for row in sheet.iter_rows()]
+    return sheet_rows(path, padded=True)
 
 
 async def test_csv_upload_answers_exactly_like_process_csv(make_client):
@@ -208,7 +206,7 @@ async def test_a_malformed_multipart_body_is_422(make_client):
         ("multipart/form-data; boundary=abc", b"garbage"),
     ]:
         response = await client.post(
-            "/system/batch_execution/upload/invoke",
+            UPLOAD,
             data=body,
             headers={**AUTH, "Content-Type": content_type},
         )

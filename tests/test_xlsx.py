@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchexec.xlsx import CELL_LIMIT, Cell, column_letter, fit, write_sheet
+from tests.helpers import sheet_rows
 
 #: What the writer replaces: characters XML 1.0 forbids, and lone surrogates.
 _REPLACED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -19,8 +20,7 @@ _REPLACED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 def written(tmp_path: Path, header: list[str], rows: list[list[Cell]]) -> list[list[object]]:
     path = tmp_path / "book.xlsx"
     write_sheet(str(path), "Results", header, rows, [12.0] * len(header))
-    sheet = openpyxl.load_workbook(path)["Results"]
-    return [[cell.value for cell in row] for row in sheet.iter_rows()]
+    return sheet_rows(path, padded=True)
 
 
 @settings(

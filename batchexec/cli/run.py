@@ -8,9 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -25,6 +23,8 @@ from batchexec.cli.inputfile import (
     read_source,
     warn_unconfigured,
 )
+from batchexec.cli.journal import as_stopped, end_journal, journal_store, journaled_run
+from batchexec.cli.journal import journal_for as journal_for  # re-exported: tests import it here
 from batchexec.cli.options import (
     PROG,
     Commands,
@@ -47,20 +47,12 @@ from batchexec.events import Event
 from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
 from batchexec.files import write_atomically
 from batchexec.inputs import plan_rows
-from batchexec.planning import BatchPlan
 from batchexec.providers import Provider
-from batchexec.records import Batch, BatchStatus, ExecutionStatus, progress_counts
+from batchexec.records import Batch, ExecutionStatus, progress_counts
 from batchexec.registry import Registry
-from batchexec.runtime import limits_from, open_runtime, plan_again
+from batchexec.runtime import limits_from, open_runtime
 from batchexec.store import StoreError
-from batchexec.store.memory import MemoryStore
-from batchexec.store.sqlite import SQLiteStore
 
-#: Whose batch it is, for the registry; there is only ever one here.
-_OWNER = "cli"
-_STOPPED = "Cancelled by request."
-#: Most runs one journal is looked through for (it only ever holds a few).
-_JOURNALED = 100
 _PROBLEMS_SHOWN = 5
 
 _EPILOG = f"""\
@@ -189,11 +181,6 @@ def command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
-def journal_for(output: Path) -> Path:
-    """Where the run writing ``output`` is journaled by default: beside it."""
-    return output.with_name(output.name + ".journal")
-
-
 async def run_batch(
     source: Source,
     settings: Settings,
@@ -221,12 +208,7 @@ async def run_batch(
     async with open_runtime(settings, catalog, extra_providers) as runtime:
         plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
         warn_unconfigured(plan, runtime.providers, source.rows, stream)
-        if journal is not None:
-            try:
-                journal.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"--journal: cannot create {journal.parent}: {exc}") from exc
-        store = MemoryStore() if journal is None else SQLiteStore(journal, setting="--journal")
+        store = journal_store(journal)
         await store.open()
         registry = Registry(store)
         await registry.start()
@@ -235,7 +217,7 @@ async def run_batch(
         engine = Engine(settings, registry, runtime.providers)
         started_s = loop.time()
         try:
-            batch = await _start(
+            batch = await journaled_run(
                 engine,
                 registry,
                 plan,
@@ -264,7 +246,7 @@ async def run_batch(
                 await registry.flush()
                 elapsed_s = loop.time() - started_s
                 stopped_early = not batch.status.finished
-                shown = _as_stopped(batch) if stopped_early else batch
+                shown = as_stopped(batch) if stopped_early else batch
                 written, failures = await asyncio.to_thread(
                     _write_outputs, shown, output, csv_output
                 )
@@ -273,15 +255,7 @@ async def run_batch(
             await registry.close()
             await store.close()
     if journal is not None:
-        if stopped_early or failures:
-            what = "the rest of the run" if stopped_early else "the finished run"
-            print(
-                f"batchexec: {what} is kept in {journal}; run the same command again "
-                "to " + ("continue it" if stopped_early else "write its outputs"),
-                file=stream,
-            )
-        else:
-            _remove_journal(journal)
+        end_journal(journal, stream, stopped_early=stopped_early, failed=bool(failures))
     summary = _summary(shown, source, elapsed_s, written)
     print(summary.render(), file=stream)
     for failure in failures:
@@ -289,87 +263,6 @@ async def run_batch(
     if interrupts.count:
         return EXIT_INTERRUPTED
     return EXIT_OK if summary.all_succeeded and not failures else EXIT_FAILED
-
-
-async def _start(
-    engine: Engine,
-    registry: Registry,
-    plan: BatchPlan,
-    journal: Path | None,
-    stream: TextIO,
-    *,
-    fresh: bool,
-    catalog: Catalog,
-    settings: Settings,
-) -> Batch:
-    """The journal's run of these rows, continued (or ended already), else a new one.
-
-    With ``fresh`` what the journal holds is discarded first (it is open, so
-    no other run holds it).
-    """
-    unfinished = await registry.resumable()
-    if fresh:
-        for earlier in unfinished:
-            await registry.discard(earlier)
-        for summary in await registry.owned_by(_OWNER, limit=_JOURNALED):
-            await registry.store.delete(summary.id)
-        unfinished = []
-    for earlier in unfinished:
-        if not _same_rows(earlier, plan):
-            raise StoreError(
-                f"{journal} holds an unfinished run of other rows; run that command "
-                "again to finish it, or pass --fresh to discard it"
-            )
-        done = sum(1 for execution in earlier.executions if execution.status.finished)
-        print(
-            f"batchexec: continuing the run in {journal}: {done} of "
-            f"{len(earlier.executions)} rows had finished",
-            file=stream,
-        )
-        # Planned as it was, not with today's options: a continued run is the same
-        # run (a changed --model does not move its remaining rows to another).
-        engine.resume(earlier, plan_again(earlier, catalog, settings))
-        return earlier
-    for summary in await registry.owned_by(_OWNER, limit=1):
-        # A run that ended but whose outputs were not written (a full disk, a
-        # Ctrl-C while writing them): its outputs are written, nothing is sent.
-        ended = await registry.get(summary.id, _OWNER)
-        if _same_rows(ended, plan):
-            print(f"batchexec: the run in {journal} had ended; writing its outputs", file=stream)
-            return ended
-    return await engine.submit(_OWNER, plan)
-
-
-def _same_rows(batch: Batch, plan: BatchPlan) -> bool:
-    """Whether ``batch`` is a run of the rows ``plan`` holds."""
-    return list(batch.columns) == list(plan.columns) and [
-        dict(execution.cells) for execution in batch.executions
-    ] == [dict(row.cells) for row in plan.rows]
-
-
-def _remove_journal(journal: Path) -> None:
-    for suffix in ("", "-wal", "-shm", ".lock"):
-        journal.with_name(journal.name + suffix).unlink(missing_ok=True)
-
-
-def _as_stopped(batch: Batch) -> Batch:
-    """The batch as its outputs show it after Ctrl-C: rows not ended read ``cancelled``.
-
-    A copy: the journal keeps those rows unfinished, for the next run.
-    """
-    executions = [
-        execution
-        if execution.status.finished
-        else replace(execution, status=ExecutionStatus.CANCELLED, error=_STOPPED)
-        for execution in batch.executions
-    ]
-    return replace(
-        batch,
-        executions=executions,
-        counts=Counter(execution.status for execution in executions),
-        status=BatchStatus.CANCELLED,
-        message="Batch cancelled (stopped by Ctrl-C); finished executions kept.",
-    )
 
 
 class Interrupts:

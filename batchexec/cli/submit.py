@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
-from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
-import aiohttp
 from dotenv import dotenv_values
 
-from batchexec.api import API_KEY_HEADER
 from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from batchexec.cli.files import unwritable
 from batchexec.cli.inputfile import INPUT_HELP, Source, label_of, print_problems, read_source
@@ -29,8 +25,9 @@ from batchexec.cli.progress import (
     add_progress_option,
     showing,
 )
+from batchexec.client import AuthError, BadAnswer, Client, ClientError, ConnectionFailed
 from batchexec.config import DEV_API_KEY
-from batchexec.errors import FieldError, InputError
+from batchexec.errors import InputError
 from batchexec.files import write_atomically
 from batchexec.inputs import Rows
 from batchexec.records import Batch
@@ -39,10 +36,6 @@ from batchexec.records import Batch
 KEY_ENV = "INTEGRATIONS_API_KEY"
 #: The server's accepted keys; ``submit`` sends the first when nothing else names one.
 KEYS_ENV = "INTEGRATIONS_API_KEYS"
-EXECUTE_PATH = "/experience/batch_execution/execute_batch/invoke"
-RESULTS_PATH = "/system/batch_execution/results"
-EVENTS_PATH = "/system/batch_execution/events/{}"
-DOWNLOAD_PATH = "/public/batch_execution_results/{}"
 DEFAULT_POLL_S = 1.0
 _CONNECT_S = 30.0
 #: The events route sends a keep-alive comment every 15 s; a longer silence is a dead link.
@@ -50,6 +43,8 @@ _READ_S = 60.0
 _PROBLEMS_SHOWN = 5
 _NAMED = frozenset({"prompt", "model", "assistant"})
 _RUNNING = frozenset({"queued", "processing"})
+#: The statuses of a server without an events route: it is polled instead.
+_NO_EVENTS = frozenset({404, 405})
 
 _EPILOG = f"""\
 examples:
@@ -189,11 +184,9 @@ async def submit_batch(
     Returns the exit code; every refusal and failure is printed to ``stream``.
     """
     loop = asyncio.get_running_loop()
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_S, sock_read=_READ_S)
-    async with aiohttp.ClientSession(timeout=timeout, headers={API_KEY_HEADER: key}) as session:
-        client = _Client(session, url)
+    async with Client(url, key, connect_timeout_s=_CONNECT_S, read_timeout_s=_READ_S) as client:
         try:
-            invocation_id = await client.start(source.rows)
+            invocation_id = await client.submit(executions_of(source.rows))
             print(invocation_id, file=out, flush=True)
             if not wait:
                 return EXIT_OK
@@ -202,60 +195,46 @@ async def submit_batch(
                 stream, total=len(source.rows.rows), live=live, every_s=every_s
             )
             async with showing(display):
-                body = await client.follow(invocation_id, display, poll_s)
+                body = await _follow(client, invocation_id, display, poll_s)
             elapsed_s = loop.time() - started_s
             outputs: list[tuple[str, str]] = []
             xlsx_url = body.get("xlsx_url")
             if output is not None and isinstance(xlsx_url, str):
-                await client.download(_file_name(xlsx_url, invocation_id), output)
+                data = await client.download(_file_name(xlsx_url, invocation_id))
+                await asyncio.to_thread(write_atomically, output, data)
                 outputs.append(("workbook", str(output)))
             if isinstance(xlsx_url, str):
                 outputs.append(("on the server", xlsx_url))
             elif output is not None:
                 print("batchexec: the server wrote no workbook for this batch", file=stream)
-        except Refused as exc:
-            exc.explain(source.rows, stream)
-            return exc.exit_code
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            print(f"batchexec: no usable answer from {url}: {_reason(exc)}", file=stream)
+        except (ConnectionFailed, BadAnswer) as exc:
+            print(f"batchexec: no usable answer from {url}: {exc.detail}", file=stream)
             return EXIT_FAILED
+        except ClientError as exc:
+            _explain(exc, source.rows, stream)
+            return _exit_code(exc)
     summary = _summary(body, source.rows, elapsed_s, outputs)
     print(summary.render(), file=stream)
     succeeded = summary.all_succeeded and body.get("status") == "completed"
     return EXIT_OK if succeeded and (output is None or outputs) else EXIT_FAILED
 
 
-class Refused(Exception):
-    """The server answered with an error status."""
+def _exit_code(refusal: ClientError) -> int:
+    """2 for a request the server will never accept; 1 for one worth trying again."""
+    status = refusal.status or 0
+    return EXIT_FAILED if status == 429 or status >= 500 else EXIT_USAGE
 
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        errors: list[FieldError],
-        retry_after: str | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.errors = errors
-        self.retry_after = retry_after
 
-    @property
-    def exit_code(self) -> int:
-        """2 for a request the server will never accept; 1 for one worth trying again."""
-        return EXIT_FAILED if self.status == 429 or self.status >= 500 else EXIT_USAGE
-
-    def explain(self, rows: Rows, stream: TextIO) -> None:
-        """Print the refusal, each row's problem named by where it is in the input."""
-        what = _REFUSALS.get(self.status, "the server refused the request")
-        print(f"batchexec: {what} (HTTP {self.status}): {self.detail}", file=stream)
-        for error in self.errors:
-            print(f"  {rows.describe(error)}", file=stream)
-        if self.status == 401:
-            print(f"  pass --key, or set {KEY_ENV}", file=stream)
-        if self.retry_after:
-            print(f"  try again in {self.retry_after} s", file=stream)
+def _explain(refusal: ClientError, rows: Rows, stream: TextIO) -> None:
+    """Print the refusal, each row's problem named by where it is in the input."""
+    what = _REFUSALS.get(refusal.status or 0, "the server refused the request")
+    print(f"batchexec: {what} (HTTP {refusal.status}): {refusal.detail}", file=stream)
+    for error in refusal.errors:
+        print(f"  {rows.describe(error)}", file=stream)
+    if isinstance(refusal, AuthError):
+        print(f"  pass --key, or set {KEY_ENV}", file=stream)
+    if refusal.retry_after_s is not None:
+        print(f"  try again in {refusal.retry_after_s:g} s", file=stream)
 
 
 _REFUSALS = {
@@ -268,92 +247,29 @@ _REFUSALS = {
 }
 
 
-class _NoEvents(Exception):
-    """The server has no events route."""
-
-
-@dataclass(frozen=True)
-class _Client:
-    """The routes ``submit`` uses, on one session that sends the key."""
-
-    session: aiohttp.ClientSession
-    base_url: str
-
-    async def start(self, rows: Rows) -> str:
-        """Send the rows to ``execute_batch``; the invocation id."""
-        body = await self._post(EXECUTE_PATH, {"executions": executions_of(rows)})
-        invocation_id = body.get("invocationId")
-        if not isinstance(invocation_id, str):
-            raise ValueError("the answer has no invocationId")
-        return invocation_id
-
-    async def follow(
-        self, invocation_id: str, display: ProgressDisplay, poll_s: float
-    ) -> dict[str, Any]:
-        """Follow the batch until it ends; its final results."""
-        try:
-            async with contextlib.aclosing(self._events(invocation_id)) as events:
-                async for name, data in events:
-                    if name == "progress":
-                        display.update(data)
-                    elif name == "done":
-                        break
-        except _NoEvents:
-            pass
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError):
-            pass  # the stream broke off; the results route still tells how it ends
-        return await self._poll(invocation_id, display, poll_s)
-
-    async def download(self, file_name: str, output: Path) -> None:
-        """Save the workbook ``file_name`` to ``output``."""
-        url = self.base_url + DOWNLOAD_PATH.format(quote(file_name, safe=""))
-        async with self.session.get(url) as response:
-            await _check(response)
-            data = await response.read()
-        await asyncio.to_thread(write_atomically, output, data)
-
-    async def _poll(
-        self, invocation_id: str, display: ProgressDisplay, poll_s: float
-    ) -> dict[str, Any]:
-        while True:
-            body = await self._post(RESULTS_PATH, {"invocation_id": invocation_id})
-            progress = body.get("progress")
-            if isinstance(progress, dict):
-                display.update(progress)
-            if body.get("status") not in _RUNNING:
-                return body
-            await asyncio.sleep(poll_s)
-
-    async def _events(self, invocation_id: str) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
-        """The server-sent events of the batch, as ``(name, data)``."""
-        url = self.base_url + EVENTS_PATH.format(quote(invocation_id, safe=""))
-        async with self.session.get(url, headers={"Accept": "text/event-stream"}) as response:
-            if response.status in (404, 405):
-                raise _NoEvents
-            await _check(response)
-            name = "message"
-            data: list[str] = []
-            async for raw in response.content:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if not line:
-                    if data:
-                        yield name, json.loads("\n".join(data))
-                    name, data = "message", []
-                elif not line.startswith(":"):
-                    field, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if field == "event":
-                        name = value
-                    elif field == "data":
-                        data.append(value)
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        async with self.session.post(self.base_url + path, json=body) as response:
-            await _check(response)
-            answer = await response.json()
-        if not isinstance(answer, dict):
-            raise ValueError("the answer is not a JSON object")
-        return answer
+async def _follow(
+    client: Client, invocation_id: str, display: ProgressDisplay, poll_s: float
+) -> dict[str, Any]:
+    """Follow the batch until it ends, by its events where the server has them; its results."""
+    try:
+        async with contextlib.aclosing(client.follow(invocation_id)) as events:
+            async for event in events:
+                if event.name == "progress":
+                    display.update(event.data)
+    except ConnectionFailed:
+        pass  # the stream broke off; the results route still tells how it ends
+    except ClientError as exc:
+        if exc.status not in _NO_EVENTS:
+            raise
+    # Asked once after the events, to learn how the batch ended; polled without them.
+    while True:
+        body = await client.results(invocation_id)
+        progress = body.get("progress")
+        if isinstance(progress, dict):
+            display.update(progress)
+        if body.get("status") not in _RUNNING:
+            return body
+        await asyncio.sleep(poll_s)
 
 
 def executions_of(rows: Rows) -> list[dict[str, str]]:
@@ -369,28 +285,6 @@ def executions_of(rows: Rows) -> list[dict[str, str]]:
         execution.update({name: value for name, value in cells.items() if name not in _NAMED})
         executions.append(execution)
     return executions
-
-
-async def _check(response: aiohttp.ClientResponse) -> None:
-    """Raise ``Refused`` for an error status, with the server's detail and row errors."""
-    if response.status < 400:
-        return
-    text = await response.text(errors="replace")
-    detail, errors = text.strip()[:500] or response.reason or "", []
-    with contextlib.suppress(ValueError):
-        body = json.loads(text)
-        if isinstance(body, dict):
-            detail = str(body.get("detail", detail))
-            errors = [
-                FieldError(
-                    error.get("index") if isinstance(error.get("index"), int) else None,
-                    error.get("field") if isinstance(error.get("field"), str) else None,
-                    str(error.get("message", "")),
-                )
-                for error in body.get("errors") or []
-                if isinstance(error, dict)
-            ]
-    raise Refused(response.status, detail, errors, response.headers.get("Retry-After"))
 
 
 def _file_name(xlsx_url: str, invocation_id: str) -> str:
@@ -431,9 +325,3 @@ def _mapping(value: object) -> dict[str, Any]:
 def _dotenv() -> dict[str, str | None]:
     path = Path(".env")
     return dict(dotenv_values(path)) if path.is_file() else {}
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__

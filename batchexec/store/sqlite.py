@@ -6,7 +6,9 @@ and no lock is ever contended inside the process; reads run on the reader's,
 so a client listing its batches never delays a commit (WAL lets a reader and
 the writer work at once, the reader seeing the last commit). The registry
 hands ``apply`` whole groups of changes, each written in one transaction,
-which is what keeps the hot path fast (a commit per group, not per row).
+which is what keeps the hot path fast (a commit per group, not per row). The
+statements and the conversions between records and rows are in
+``sqlite_rows.py``.
 
 The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives
 the process being killed at any moment (``kill -9``, the OOM killer); after a
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import secrets
 import sqlite3
 from collections import Counter
@@ -28,49 +29,33 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Summary
+from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
 from batchexec.store.base import (
-    BatchEnded,
-    BatchStarted,
     BatchStore,
     Change,
-    ExecutionEnded,
-    ExecutionStarted,
     FileEntry,
     StoreError,
 )
 from batchexec.store.migrations import latest, migrations
+from batchexec.store.sqlite_rows import (
+    INSERT_BATCH,
+    INSERT_EXECUTION,
+    SELECT_SUMMARIES,
+    UPDATE_ENDED,
+    UPDATE_STARTED,
+    apply_batch_change,
+    batch_of,
+    batch_row,
+    coalesced,
+    counts_of,
+    execution_rows,
+    read_text,
+)
 
 _T = TypeVar("_T")
 _DIALECT = "sqlite"
 #: How long a query waits for another process's lock before it fails.
 _BUSY_TIMEOUT_MS = 5000
-_INSERT_EXECUTION = (
-    "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
-    "latency_ms, attempts, prompt_tokens, completion_tokens) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_SELECT_EXECUTIONS = (
-    "SELECT idx, model, cells, status, prompt_sent, result, error, latency_ms, attempts, "
-    "prompt_tokens, completion_tokens FROM executions WHERE batch_id = ? ORDER BY idx"
-)
-#: A row's end is final: neither a start nor a second end (a cancel racing the
-#: row's own answer) changes a row that has ended.
-_UPDATE_STARTED = (
-    "UPDATE executions SET status = 'running', prompt_sent = ?, attempts = ? "
-    "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
-)
-#: An end with no prompt (a row never sent, or cancelled) keeps the prompt as sent.
-_UPDATE_ENDED = (
-    "UPDATE executions SET status = ?, prompt_sent = coalesce(?, prompt_sent), result = ?, "
-    "error = ?, latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ? "
-    "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
-)
-_SELECT_SUMMARIES = (
-    "SELECT id, status, message, created_at, finished_at, retry_of, counts FROM batches "
-    "WHERE owner = ? AND (? IS NULL OR status = ?) "
-    "ORDER BY created_at DESC, rowid DESC LIMIT ?"
-)
 
 
 class SQLiteStore(BatchStore):
@@ -226,57 +211,20 @@ class SQLiteStore(BatchStore):
     async def create(self, batch: Batch) -> None:
         def write(db: sqlite3.Connection) -> None:
             with _transaction(db):
-                counts = {str(state): n for state, n in batch.counts.items() if n}
-                db.execute(
-                    "INSERT INTO batches (id, owner, columns, status, message, created_at, "
-                    "started_at, finished_at, xlsx_name, retry_of, counts) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        batch.id,
-                        batch.owner,
-                        json.dumps(batch.columns),
-                        batch.status.value,
-                        _text(batch.message),
-                        batch.created_at,
-                        batch.started_at,
-                        batch.finished_at,
-                        batch.xlsx_name,
-                        batch.retry_of,
-                        json.dumps(counts) if batch.status.finished else None,
-                    ),
-                )
-                db.executemany(
-                    _INSERT_EXECUTION,
-                    (
-                        (
-                            batch.id,
-                            e.index,
-                            _text(e.model),
-                            json.dumps(e.cells),
-                            e.status.value,
-                            _text(e.prompt_sent),
-                            _text(e.result),
-                            _text(e.error),
-                            e.latency_ms,
-                            e.attempts,
-                            e.prompt_tokens,
-                            e.completion_tokens,
-                        )
-                        for e in batch.executions
-                    ),
-                )
+                db.execute(INSERT_BATCH, batch_row(batch))
+                db.executemany(INSERT_EXECUTION, execution_rows(batch))
 
         await self._run(write)
 
     async def apply(self, changes: Sequence[Change]) -> None:
         def write(db: sqlite3.Connection) -> None:
             # Here, not on the event loop: a group can hold thousands of changes.
-            started, ended, batches = _coalesced(changes)
+            started, ended, batches = coalesced(changes)
             with _transaction(db):
-                db.executemany(_UPDATE_STARTED, started)
-                db.executemany(_UPDATE_ENDED, ended)
+                db.executemany(UPDATE_STARTED, started)
+                db.executemany(UPDATE_ENDED, ended)
                 for change in batches:
-                    _apply(db, change)
+                    apply_batch_change(db, change)
 
         await self._run(write)
 
@@ -294,7 +242,7 @@ class SQLiteStore(BatchStore):
                 "finished_at, xlsx_name, retry_of FROM batches WHERE id = ?",
                 (batch_id,),
             ).fetchone()
-            return None if row is None else _batch(db, row)
+            return None if row is None else batch_of(db, row)
 
         return await self._read(read)
 
@@ -303,16 +251,16 @@ class SQLiteStore(BatchStore):
     ) -> list[Summary]:
         def read(db: sqlite3.Connection) -> list[Summary]:
             value = None if status is None else status.value
-            rows = db.execute(_SELECT_SUMMARIES, (owner, value, value, limit)).fetchall()
+            rows = db.execute(SELECT_SUMMARIES, (owner, value, value, limit)).fetchall()
             return [
                 Summary(
                     row[0],
                     BatchStatus(row[1]),
-                    _read_text(row[2]) or "",
+                    read_text(row[2]) or "",
                     row[3],
                     row[4],
                     row[5],
-                    _counts(row[6]),
+                    counts_of(row[6]),
                 )
                 for row in rows
             ]
@@ -336,7 +284,7 @@ class SQLiteStore(BatchStore):
                 "finished_at, xlsx_name, retry_of FROM batches "
                 "WHERE status IN ('queued', 'processing') ORDER BY created_at, rowid"
             ).fetchall()
-            return [_batch(db, row) for row in rows]
+            return [batch_of(db, row) for row in rows]
 
         return await self._read(read)
 
@@ -420,151 +368,6 @@ class _transaction:
             self._db.execute("ROLLBACK")
         if isinstance(error, sqlite3.Error):
             raise StoreError(f"The SQLite store cannot be written: {error}") from error
-
-
-def _coalesced(
-    changes: Sequence[Change],
-) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[Change]]:
-    """A group's changes as rows' starts and ends to write in bulk, and the batches' changes.
-
-    A row's end overwrites everything its start wrote, so a start whose end
-    is in the same group is not written at all: a fast row costs one update,
-    not two. Rows are independent of each other and of their batch's record,
-    so writing each kind in bulk leaves the same state as writing in order.
-    """
-    started: dict[tuple[str, int], tuple[Any, ...]] = {}
-    ended: dict[tuple[str, int], tuple[Any, ...]] = {}
-    batches: list[Change] = []
-    text = _text
-    for change in changes:
-        if isinstance(change, ExecutionEnded):
-            key = (change.batch_id, change.index)
-            if key in ended:
-                continue  # the first end wins, as in the store
-            started.pop(key, None)
-            outcome = change.outcome
-            ended[key] = (
-                outcome.status.value,
-                text(change.prompt_sent),
-                text(outcome.result),
-                text(outcome.error),
-                outcome.latency_ms,
-                outcome.attempts,
-                outcome.prompt_tokens,
-                outcome.completion_tokens,
-                *key,
-            )
-        elif isinstance(change, ExecutionStarted):
-            key = (change.batch_id, change.index)
-            started[key] = (text(change.prompt_sent), change.attempts, *key)
-        else:
-            batches.append(change)
-    return list(started.values()), list(ended.values()), batches
-
-
-def _apply(db: sqlite3.Connection, change: Change) -> None:
-    match change:
-        case BatchStarted(batch_id, started_at):
-            db.execute(
-                "UPDATE batches SET status = 'processing', message = ?, started_at = ? "
-                "WHERE id = ?",
-                ("Batch execution in progress.", started_at, batch_id),
-            )
-        case BatchEnded(batch_id, status, message, finished_at, xlsx_name):
-            # Counted here, in the transaction, after the group's rows: exact, and
-            # listing a finished batch then counts nothing.
-            counts = dict(
-                db.execute(
-                    "SELECT status, count(*) FROM executions WHERE batch_id = ? GROUP BY status",
-                    (batch_id,),
-                ).fetchall()
-            )
-            db.execute(
-                "UPDATE batches SET status = ?, message = ?, finished_at = ?, xlsx_name = ?, "
-                "counts = ? WHERE id = ?",
-                (
-                    status.value,
-                    _text(message),
-                    finished_at,
-                    xlsx_name,
-                    json.dumps(counts),
-                    batch_id,
-                ),
-            )
-
-
-def _batch(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
-    batch_id, owner, columns, status, message, created_at, started_at, finished_at = row[:8]
-    executions = [
-        Execution(
-            index=idx,
-            model=_read_text(model) or "",
-            cells=json.loads(cells),
-            status=ExecutionStatus(execution_status),
-            prompt_sent=_read_text(prompt_sent),
-            result=_read_text(result),
-            error=_read_text(error),
-            latency_ms=latency_ms,
-            attempts=attempts,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-        )
-        for (
-            idx,
-            model,
-            cells,
-            execution_status,
-            prompt_sent,
-            result,
-            error,
-            latency_ms,
-            attempts,
-            prompt_tokens,
-            completion_tokens,
-        ) in db.execute(_SELECT_EXECUTIONS, (batch_id,))
-    ]
-    return Batch(
-        id=batch_id,
-        owner=owner,
-        columns=tuple(json.loads(columns)),
-        executions=executions,
-        created_at=created_at,
-        status=BatchStatus(status),
-        message=_read_text(message) or "",
-        started_at=started_at,
-        finished_at=finished_at,
-        xlsx_name=row[8],
-        retry_of=row[9],
-    )
-
-
-def _counts(stored: str | None) -> Counter[ExecutionStatus] | None:
-    """Counts written with a batch's end, if it has ended."""
-    if stored is None:
-        return None
-    return Counter({ExecutionStatus(state): count for state, count in json.loads(stored).items()})
-
-
-def _text(value: str | None) -> str | bytes | None:
-    """``value`` as SQLite can hold it; ``_read_text`` gives it back exactly.
-
-    Text with a lone surrogate (JSON can carry one) has no UTF-8 form, so it
-    is kept as the bytes Python's ``surrogatepass`` makes of it instead.
-    """
-    if value is None or value.isascii():
-        return value
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogatepass")
-    return value
-
-
-def _read_text(value: str | bytes | None) -> str | None:
-    """Text written by ``_text``, exactly as it was."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogatepass")
-    return value
 
 
 def _statements(script: str) -> list[str]:

@@ -8,11 +8,11 @@ import math
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from pydantic import ValidationError
 
 from batchexec import api
 from batchexec.api import API_KEY_HEADER
 from batchexec.errors import (
+    BatchexecError,
     ConflictError,
     InputError,
     NotFoundError,
@@ -27,9 +27,21 @@ log = logging.getLogger(__name__)
 
 #: Routes anyone may call.
 _OPEN_PATHS = frozenset({api.HEALTH})
-#: Seconds a client refused by a stopping server is told to wait (for another replica
-#: or the restart).
-_SHUTDOWN_RETRY_AFTER_S = 5
+#: The status each of the project's errors answers with; a subclass answers as its
+#: nearest listed base. Foreign errors are mapped to these where they enter
+#: (``requests.parse_body`` for pydantic's), so none is listed here.
+_STATUSES: dict[type[BatchexecError], int] = {
+    InputError: 422,
+    NotFoundError: 404,
+    ConflictError: 409,
+    QueueFullError: 429,
+    ShuttingDownError: 503,
+    # A full or read-only disk, a locked database: the server's trouble, said plainly.
+    StorageError: 503,
+    StoreError: 503,
+}
+#: Errors worth a line in the log: the server's own trouble, not the client's.
+_LOGGED = (StorageError, StoreError)
 
 
 def json_error(status: int, detail: str, **extra: object) -> web.Response:
@@ -50,36 +62,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
-    except InputError as exc:
-        errors = [
-            {"index": error.index, "field": error.field, "message": error.message}
-            for error in exc.errors
-        ]
-        return json_error(422, exc.detail, errors=errors)
-    except ValidationError as exc:
-        return json_error(422, "The request body is invalid.", errors=_pydantic_errors(exc))
-    except RecursionError:
-        # JSON a thousand levels deep parses, then fails whatever walks it.
-        return json_error(400, "The request body is nested too deeply.")
-    except NotFoundError as exc:
-        return json_error(404, str(exc))
-    except ConflictError as exc:
-        return json_error(409, str(exc))
-    except QueueFullError as exc:
-        response = json_error(429, str(exc))
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-        return response
-    except ShuttingDownError as exc:
-        response = json_error(503, str(exc))
-        response.headers["Retry-After"] = str(_SHUTDOWN_RETRY_AFTER_S)
-        return response
-    except (StorageError, StoreError) as exc:
-        # A full or read-only disk, a locked database: the server's trouble, said plainly.
-        log.warning("%s %s: %s", request.method, request.path, exc)
-        return json_error(503, str(exc))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return json_error(500, "Internal server error.")
+    except Exception as exc:
+        status = _status_of(exc)
+        if status is None:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return json_error(500, "Internal server error.")
+        if isinstance(exc, _LOGGED):
+            log.warning("%s %s: %s", request.method, request.path, exc)
+        return _answer(exc, status)
 
 
 @web.middleware
@@ -119,15 +109,23 @@ def _http_detail(exc: web.HTTPException) -> str:
     return text
 
 
-def _pydantic_errors(exc: ValidationError) -> list[dict[str, object]]:
-    """pydantic's errors as ``index`` (1-based execution), ``field`` and ``message``."""
-    errors: list[dict[str, object]] = []
-    for error in exc.errors(include_url=False):
-        loc = list(error["loc"])
-        index: int | None = None
-        if len(loc) >= 2 and loc[0] == "executions" and isinstance(loc[1], int):
-            index = loc[1] + 1
-            loc = loc[2:]
-        field = ".".join(str(part) for part in loc) or None
-        errors.append({"index": index, "field": field, "message": error["msg"]})
-    return errors
+def _status_of(exc: Exception) -> int | None:
+    for cls in type(exc).__mro__:
+        if cls in _STATUSES:
+            return _STATUSES[cls]
+    return None
+
+
+def _answer(exc: Exception, status: int) -> web.Response:
+    """The JSON answer of one of the project's errors: its message, rows and when to retry."""
+    if isinstance(exc, InputError):
+        errors = [
+            {"index": error.index, "field": error.field, "message": error.message}
+            for error in exc.errors
+        ]
+        return json_error(status, exc.detail, errors=errors)
+    response = json_error(status, str(exc))
+    retry_after_s: float | None = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return response

@@ -1,0 +1,117 @@
+"""Group commits: changes written to the store a group a transaction, each shown once durable.
+
+The registry records each change with what it makes visible (a row's end in
+the records handlers read, an event to watchers); ``GroupCommits`` writes
+everything recorded since the last transaction in the next one, and only
+then makes it visible. So a client never sees what a crash could take back,
+and a thousand rows ending at once cost one commit, not a thousand.
+
+A group the store refuses is never shown; each batch it touches is reported
+to ``on_failure`` (the engine fails them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from batchexec.store import BatchStore, Change, StoreError
+
+log = logging.getLogger(__name__)
+
+#: What a change makes visible once it is durable.
+Visible = Callable[[], None]
+#: Called with a batch's id when a change to it could not be written.
+StoreFailure = Callable[[str, StoreError], None]
+
+
+class GroupCommits:
+    """The write-behind queue between the registry and a durable store."""
+
+    def __init__(self, store: BatchStore, on_failure: StoreFailure) -> None:
+        self._store = store
+        self._on_failure = on_failure
+        #: Changes waiting for the next group commit, each with what it makes visible.
+        self._pending: list[tuple[Change | None, Visible]] = []
+        #: Resolved once the pending group is committed, and the one being written.
+        self._gathering: asyncio.Future[None] | None = None
+        self._writing: asyncio.Future[None] | None = None
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start committing; call once the store is open."""
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_forever(), name="group-commits")
+
+    async def close(self) -> None:
+        """Commit what is pending, then stop."""
+        if self._writer is None:
+            return
+        # Until nothing is left: what a flush's wait lets others record is written too.
+        while self._pending or self._gathering is not None or self._writing is not None:
+            await self.flush()
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        self._writer = None
+
+    def record(self, change: Change | None, visible: Visible) -> None:
+        """Write ``change`` (None: nothing to write) with the next group, then run ``visible``."""
+        self._pending.append((change, visible))
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until every change recorded so far is durable and visible.
+
+        Every caller waits on the one future of the group being gathered (the
+        groups commit in order, so it covers the group being written too): a
+        thousand workers flushing cost one future, not a thousand.
+        """
+        if self._pending or self._gathering is not None:
+            if self._gathering is None:
+                self._gathering = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._gathering)
+        elif self._writing is not None:
+            await asyncio.shield(self._writing)
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            group, self._pending = self._pending, []
+            self._writing = self._gathering or asyncio.get_running_loop().create_future()
+            self._gathering = None
+            # In a method of its own, so the group (and the batches its changes
+            # hold) is let go as soon as it is written, not at the next one.
+            await self._commit(group)
+            del group
+            self._writing.set_result(None)
+            self._writing = None
+
+    async def _commit(self, group: list[tuple[Change | None, Visible]]) -> None:
+        """Write ``group`` in one transaction; show it if written, else fail its batches."""
+        changes = [change for change, _ in group if change is not None]
+        try:
+            if changes:
+                await self._store.apply(changes)
+        except Exception as exc:
+            error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+            log.error("could not write %d changes: %s", len(changes), error)
+            # Not shown: a client must never see what a restart would take back.
+            # Each batch they touch fails.
+            for batch_id in dict.fromkeys(change.batch_id for change in changes):
+                self._on_failure(batch_id, error)
+            return
+        for _, visible in group:
+            try:
+                visible()
+            except Exception:
+                # The writer must outlive any one change, or every later flush waits forever.
+                log.exception("could not show a change")
+
+
+def nothing() -> None:
+    """What a change shown before it was written makes visible when written: nothing more."""

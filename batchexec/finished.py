@@ -1,0 +1,46 @@
+"""Finished batches kept in memory: a small cache in front of the store, bounded by bytes.
+
+A finished batch changes no more, so the registry can let it go and read it
+back from the store when asked; this keeps the recently asked ones, so a
+client polling a batch it just saw finish costs no read.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from batchexec.records import Batch
+
+
+class FinishedBatches:
+    """Finished batches by id, least recently used out once over ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._size = 0
+        self._batches: OrderedDict[str, tuple[Batch, int]] = OrderedDict()
+
+    def get(self, batch_id: str) -> Batch | None:
+        entry = self._batches.get(batch_id)
+        if entry is None:
+            return None
+        self._batches.move_to_end(batch_id)
+        return entry[0]
+
+    def put(self, batch: Batch) -> None:
+        size = batch.size_bytes()
+        if batch.id in self._batches:
+            self._size -= self._batches.pop(batch.id)[1]
+        if size > self._max_bytes:
+            return
+        self._batches[batch.id] = (batch, size)
+        self._size += size
+        while self._size > self._max_bytes:
+            _, (_, dropped) = self._batches.popitem(last=False)
+            self._size -= dropped
+
+    def drop_older(self, older_than: float) -> None:
+        for batch_id, (batch, size) in list(self._batches.items()):
+            if batch.finished_at is not None and batch.finished_at < older_than:
+                del self._batches[batch_id]
+                self._size -= size

@@ -1,0 +1,134 @@
+"""A batch as the results route answers it: rendered once when finished, streamed.
+
+The answer is built from the batch's records by the response models
+(``ResultsResponse.of``). A finished batch's answer, without its per-request
+head, is rendered off the loop once and kept in ``RESULTS_CACHE``; it is
+written to the client a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import web
+
+from batchexec.exports import csv_sheet, render_csv
+from batchexec.records import Batch
+from batchexec.schemas import ResultsResponse
+from batchexec.web.keys import RESULTS_CACHE
+from batchexec.web.requests import xlsx_url
+
+log = logging.getLogger(__name__)
+
+#: Bytes of an answer written at a time, so a client that reads slowly holds a
+#: chunk in the server's buffers, not a copy of the whole answer.
+_WRITE_CHUNK_BYTES = 64 * 1024
+#: Seconds a client may take to read one chunk before its connection is closed.
+_WRITE_TIMEOUT_S = 30.0
+#: Fields of the results answer rendered per request, ahead of the cached rest.
+_HEAD_FIELDS = ("status", "invocationId", "message", "xlsx_url")
+
+
+async def answer_results(request: web.Request, batch: Batch) -> web.StreamResponse:
+    """The results answer of ``batch``: a finished one's rendered once, off the loop."""
+    url = xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
+    if batch.status.finished:
+
+        async def render() -> bytes:
+            return await asyncio.to_thread(lambda: _dumps_in_pieces(_tail(batch)))
+
+        rest = await request.app[RESULTS_CACHE].get(batch.id, render)
+    else:
+        rest = dumps(_tail(batch))
+    # The head's closing brace gives way to the rest's fields; a view, not a copy,
+    # of the cached rest, which may be tens of megabytes.
+    return await _stream(request, [dumps(_head(batch, url))[:-1], b",", memoryview(rest)[1:]])
+
+
+def dumps(value: object) -> bytes:
+    """``value`` as UTF-8 JSON: a third of the bytes of ``\\u`` escapes for most non-ASCII text.
+
+    A lone surrogate (JSON input can carry one) has no UTF-8 form; a body
+    holding one is written with escapes instead.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value).encode()
+
+
+def _head(batch: Batch, url: str | None) -> dict[str, object]:
+    """The fields of a results answer that come first: from the record, costing no row.
+
+    ``xlsx_url`` follows the request, so it is never part of the cached rest.
+    """
+    return {
+        "status": batch.status.value,
+        "invocationId": batch.id,
+        "message": batch.message,
+        "xlsx_url": url if batch.status.finished else None,
+    }
+
+
+def _tail(batch: Batch) -> dict[str, object]:
+    """The fields of a results answer that depend on the batch alone.
+
+    A finished batch's CSV content is rendered from its records here: the
+    results route does it once, off the event loop, and keeps the answer.
+    """
+    csv_content = render_csv(csv_sheet(batch)) if batch.status.finished else None
+    answer = ResultsResponse.of(batch, csv_content=csv_content)
+    return answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS))
+
+
+def _dumps_in_pieces(fields: dict[str, object]) -> bytes:
+    """``dumps(fields)``, made a field and a list item at a time.
+
+    The same bytes; but the C encoder holds the interpreter lock for the whole
+    of one call, so one call over a large answer would stall the event loop
+    even from another thread.
+    """
+    chunks = [b"{"]
+    for position, (name, value) in enumerate(fields.items()):
+        if position:
+            chunks.append(b", ")
+        chunks.append(dumps(name) + b": ")
+        if isinstance(value, list):
+            chunks.append(b"[" + b", ".join(dumps(item) for item in value) + b"]")
+        else:
+            chunks.append(dumps(value))
+    chunks.append(b"}")
+    return b"".join(chunks)
+
+
+async def _stream(request: web.Request, parts: list[bytes | memoryview]) -> web.StreamResponse:
+    """A JSON answer of ``parts``, written a chunk at a time to the client's pace.
+
+    A client that takes longer than ``_WRITE_TIMEOUT_S`` to read a chunk is
+    disconnected, so clients that never read cannot pin answers in memory; one
+    that goes away mid-answer is no error of the server's.
+    """
+    response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+    response.content_length = sum(len(part) for part in parts)
+    await response.prepare(request)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), _WRITE_CHUNK_BYTES):
+                async with asyncio.timeout(_WRITE_TIMEOUT_S):
+                    await response.write(view[start : start + _WRITE_CHUNK_BYTES])
+                # write() yields only when the socket's buffer is full; a client that
+                # reads fast would otherwise get megabytes in one turn of the loop.
+                await asyncio.sleep(0)
+    except TimeoutError:
+        log.info("%s: the client read too slowly; connection closed", request.path)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    except ConnectionError:
+        log.info("%s: the client went away before the answer ended", request.path)
+        return response
+    await response.write_eof()
+    return response

@@ -1,0 +1,121 @@
+"""What every handler does with a request: read its JSON body, answer with a model.
+
+Bodies are bounded before they are read (``client_max_size``) and, when
+large, parsed on the input pool rather than on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from batchexec import api
+from batchexec.errors import FieldError, InputError
+from batchexec.inputs import TOO_MANY_DIGITS
+from batchexec.planning import Limits
+from batchexec.runtime import limits_from
+from batchexec.web.keys import INPUT_POOL, SETTINGS
+
+_Body = TypeVar("_Body", bound=BaseModel)
+_T = TypeVar("_T")
+#: JSON bodies above this are parsed off the event loop, two at a time.
+_INLINE_JSON_BYTES = 64 * 1024
+
+
+async def parse_body(
+    request: web.Request, model: type[_Body], *, count_of: str | None = None
+) -> _Body:
+    """The JSON body as ``model``: 400 when it is not JSON, 422 when it does not fit.
+
+    A body above ``_INLINE_JSON_BYTES`` is parsed on the input pool: parsed
+    JSON can take 25 times the bytes of its text, and the pool's two threads
+    bound how many such parses hold memory at once. With ``count_of``, the
+    list under that key is checked against ``MAX_EXECUTIONS_PER_BATCH`` before
+    the body is validated, so an oversized batch costs no more than its JSON.
+    """
+    raw = await request.read()
+    if not raw.strip():
+        raise InputError("The request body is empty; send a JSON object.")
+    if len(raw) > _INLINE_JSON_BYTES:
+        data = await on_input_pool(request, lambda: _loads(raw))
+    else:
+        data = _loads(raw)
+    if not isinstance(data, dict):
+        raise InputError("The request body must be a JSON object.")
+    if count_of is not None and isinstance(items := data.get(count_of), list):
+        limits(request).check_count(len(items))
+    return validated(model, data)
+
+
+def validated(model: type[_Body], data: object) -> _Body:
+    """``data`` as ``model``; pydantic's errors become ``InputError``, listed by execution."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InputError("The request body is invalid.", _field_errors(exc)) from None
+    except RecursionError:
+        # JSON a thousand levels deep parses, then fails whatever walks it.
+        raise web.HTTPBadRequest(text="The request body is nested too deeply.") from None
+
+
+async def on_input_pool(request: web.Request, work: Callable[[], _T]) -> _T:
+    """Run ``work`` on the input pool: threads of its own, so parsing uploads never
+    holds up the threads that write batches' outputs."""
+    return await asyncio.get_running_loop().run_in_executor(request.app[INPUT_POOL], work)
+
+
+def limits(request: web.Request) -> Limits:
+    """The submission limits of the app's settings."""
+    return limits_from(request.app[SETTINGS])
+
+
+def answer(body: BaseModel) -> web.Response:
+    """``body`` as a JSON response."""
+    return web.json_response(body.model_dump(mode="json"))
+
+
+def xlsx_url(request: web.Request, file_name: str) -> str:
+    """Public URL of a workbook: from ``SERVER_NAME``, else the request and the mount prefix."""
+    server_name = request.app[SETTINGS].server_name
+    if server_name:
+        return server_name + api.download_path(file_name)
+    path = request.app.router["download"].url_for(file_name=file_name)
+    return str(request.url.origin().join(path))
+
+
+def _loads(raw: bytes) -> Any:
+    """``raw`` as JSON; ``HTTPBadRequest`` saying why it cannot be."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise web.HTTPBadRequest(text="The request body is not UTF-8 JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise web.HTTPBadRequest(
+            text=f"The request body is not valid JSON: {exc.msg} at position {exc.pos}."
+        ) from None
+    except ValueError:
+        # Python refuses integers of more than 4,300 digits; nothing else raises this.
+        raise web.HTTPBadRequest(
+            text=f"The request body cannot be read: {TOO_MANY_DIGITS}."
+        ) from None
+    except RecursionError:
+        raise web.HTTPBadRequest(text="The request body is nested too deeply.") from None
+
+
+def _field_errors(exc: ValidationError) -> list[FieldError]:
+    """pydantic's errors with ``index`` (1-based execution), ``field`` and ``message``."""
+    errors = []
+    for error in exc.errors(include_url=False):
+        loc = list(error["loc"])
+        index: int | None = None
+        if len(loc) >= 2 and loc[0] == "executions" and isinstance(loc[1], int):
+            index = loc[1] + 1
+            loc = loc[2:]
+        field = ".".join(str(part) for part in loc) or None
+        errors.append(FieldError(index, field, error["msg"]))
+    return errors

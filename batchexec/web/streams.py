@@ -1,0 +1,101 @@
+"""The events route: a batch's life as server-sent events.
+
+``execution`` as each row ends, ``progress``, then ``done`` (or another
+final event). A client that connects late first gets the current state, so
+following a batch never needs a second call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from aiohttp import web
+
+from batchexec.events import FINAL_EVENTS, Event, done_event, execution_event, progress_event
+from batchexec.records import Batch
+from batchexec.web.keys import OWNER, REGISTRY
+from batchexec.web.requests import xlsx_url
+
+#: Seconds between comments that keep an idle event stream open through proxies.
+_HEARTBEAT_S = 15.0
+_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``execution`` as each row ends, ``progress``, then ``done``."""
+    registry = request.app[REGISTRY]
+    batch = await registry.get(request.match_info["invocation_id"], request[OWNER])
+    response = web.StreamResponse(headers={**_HEADERS, "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    # Subscribing and taking the snapshot happen with no await between them,
+    # so no event is missed or sent twice.
+    # A client that goes away has nothing more to be told.
+    with registry.events.watch(batch.id) as queue, contextlib.suppress(ConnectionResetError):
+        await _follow(request, response, batch, _backlog(batch), queue)
+    return response
+
+
+def _backlog(batch: Batch) -> list[Event]:
+    """What a client connecting now has missed: every ended row, progress, maybe ``done``."""
+    backlog = [execution_event(e) for e in batch.executions if e.status.finished]
+    backlog.append(progress_event(batch))
+    if batch.status.finished:
+        backlog.append(done_event(batch))
+    return backlog
+
+
+async def _follow(
+    request: web.Request,
+    response: web.StreamResponse,
+    batch: Batch,
+    backlog: list[Event],
+    queue: asyncio.Queue[Event],
+) -> None:
+    """Send ``backlog``, then what ``queue`` brings, until a final event has gone out."""
+    await _send(response, request, batch, backlog)
+    # Decided from what was sent, not from the batch now: the write above may
+    # have waited for a slow client while the batch finished.
+    done = backlog[-1].name in FINAL_EVENTS
+    while not done:
+        try:
+            first = await asyncio.wait_for(queue.get(), _HEARTBEAT_S)
+        except TimeoutError:
+            await response.write(b": keep-alive\n\n")
+            continue
+        # Everything that happened since the last write goes out in one write,
+        # with only the latest progress: a fast batch ends hundreds of rows per
+        # loop turn.
+        pending = [first]
+        while not queue.empty():
+            pending.append(queue.get_nowait())
+        await _send(response, request, batch, _coalesced(pending))
+        done = any(event.name in FINAL_EVENTS for event in pending)
+
+
+def _coalesced(events: list[Event]) -> list[Event]:
+    """``events`` with every ``progress`` but the last dropped, keeping order otherwise."""
+    last_progress = max(
+        (position for position, event in enumerate(events) if event.name == "progress"),
+        default=None,
+    )
+    return [
+        event
+        for position, event in enumerate(events)
+        if event.name != "progress" or position == last_progress
+    ]
+
+
+async def _send(
+    response: web.StreamResponse, request: web.Request, batch: Batch, events: list[Event]
+) -> None:
+    """Write ``events`` in the server-sent events format, in one write."""
+    chunks = []
+    for event in events:
+        data = dict(event.data)
+        if event.name in FINAL_EVENTS:
+            data["invocationId"] = batch.id
+            data["xlsx_url"] = xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
+        chunks.append(f"event: {event.name}\ndata: {json.dumps(data)}\n\n")
+    await response.write("".join(chunks).encode())

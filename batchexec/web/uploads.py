@@ -1,0 +1,209 @@
+"""Spreadsheets in: ``process_csv`` (CSV text in JSON) and ``upload`` (a multipart file).
+
+Either way the rows are validated, written as an XLSX template and, with
+``execute``, started as a batch whose id is the template's. Workbooks are
+read in worker processes (``WORKBOOKS``); large CSV text on the input pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from batchexec.csvinput import parse_csv
+from batchexec.errors import FieldError, InputError, QueueFullError, ShuttingDownError, StorageError
+from batchexec.exports import template_sheet, write_xlsx
+from batchexec.inputs import (
+    ZIP_MAGIC,
+    Format,
+    Rows,
+    decode,
+    format_of,
+    from_table,
+    plan_rows,
+    sniff,
+)
+from batchexec.planning import BatchPlan
+from batchexec.records import Batch
+from batchexec.schemas import Message, ProcessCsvRequest, ProcessCsvResponse
+from batchexec.web.keys import CATALOG, ENGINE, OWNER, REGISTRY, SETTINGS, WORKBOOKS
+from batchexec.web.requests import answer, limits, on_input_pool, parse_body, xlsx_url
+
+#: CSV bodies above this are parsed off the event loop.
+_INLINE_CSV_CHARS = 64 * 1024
+
+
+async def process_csv(request: web.Request) -> web.Response:
+    """Parse a CSV, write its XLSX template and, with ``execute``, start the batch."""
+    body = await parse_body(request, ProcessCsvRequest)
+    rows = await _csv_rows(request, body.csv_content)
+    return await _process_rows(request, rows, execute=body.execute, kind="CSV")
+
+
+async def upload(request: web.Request) -> web.Response:
+    """Like ``process_csv``, for a multipart upload of a CSV or XLSX ``file``."""
+    name, data, execute = await _read_upload(request)
+    # A workbook is a zip whatever its name says; otherwise the name decides, then the content.
+    fmt = Format.XLSX if data.startswith(ZIP_MAGIC) else format_of(name or "") or sniff(data)
+    if fmt is Format.XLSX:
+        rows = await request.app[WORKBOOKS].read(data)
+        return await _process_rows(request, rows, execute=execute, kind="XLSX")
+    if fmt is not Format.CSV:
+        raise InputError(f"Upload a CSV or XLSX file; this one looks like {fmt.value.upper()}.")
+    rows = await _csv_rows(request, decode(data, Format.CSV))
+    return await _process_rows(request, rows, execute=execute, kind="CSV")
+
+
+async def _csv_rows(request: web.Request, text: str) -> Rows:
+    settings = request.app[SETTINGS]
+    max_field_chars = max(settings.max_prompt_length, settings.max_body_bytes)
+
+    def parse() -> Rows:
+        return from_table(
+            parse_csv(text, max_field_chars=max_field_chars, max_columns=settings.max_columns)
+        )
+
+    if len(text) > _INLINE_CSV_CHARS:
+        return await on_input_pool(request, parse)
+    return parse()
+
+
+async def _process_rows(
+    request: web.Request, rows: Rows, *, execute: bool, kind: str
+) -> web.Response:
+    """Validate ``rows``, write their XLSX template and, with ``execute``, start the batch."""
+    try:
+        plan = plan_rows(rows, request.app[CATALOG], limits(request))
+    except InputError as exc:
+        raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
+    batch_id = request.app[REGISTRY].new_id()
+    file_name = Batch.file_name_for(batch_id)
+    await _write_template(request, plan, file_name, batch_id, execute=execute)
+    count = f"{len(plan.rows)} row{'s' if len(plan.rows) != 1 else ''}"
+    if execute:
+        await _start(request, plan, file_name, batch_id)
+        message = (
+            f"{kind} processed: {count}. Batch execution started. Use invocation ID "
+            f"{batch_id} to check status and retrieve results."
+        )
+    else:
+        message = f"{kind} processed: {count} written to the XLSX template."
+    return answer(
+        ProcessCsvResponse(
+            invocationId=batch_id,
+            response=[Message(message=message)],
+            # The original contract's relative path, whatever PUBLIC_DIR is: the
+            # server's own folders are none of the client's business.
+            xlsx_path=f"public/batch_execution_results/{file_name}",
+            xlsx_url=xlsx_url(request, file_name),
+        )
+    )
+
+
+async def _write_template(
+    request: web.Request, plan: BatchPlan, file_name: str, batch_id: str, *, execute: bool
+) -> None:
+    """Write the plan's XLSX template, recorded first: it counts against the bound at once."""
+    registry = request.app[REGISTRY]
+    if execute:
+        await registry.add_file(file_name, request[OWNER], batch_id=batch_id)
+    else:
+        await _add_template(request, file_name, batch_id)
+    path = request.app[SETTINGS].results_dir / file_name
+    try:
+        await asyncio.to_thread(write_xlsx, path, template_sheet(plan))
+    except OSError as exc:
+        await registry.forget_file(file_name)
+        raise StorageError(
+            f"The server cannot write the workbook: {exc.strerror or exc}. Try again later."
+        ) from exc
+
+
+async def _start(request: web.Request, plan: BatchPlan, file_name: str, batch_id: str) -> None:
+    """Submit the batch; if it is refused, leave nothing behind for it."""
+    try:
+        await request.app[ENGINE].submit(request[OWNER], plan, batch_id=batch_id)
+    except (QueueFullError, ShuttingDownError):
+        await request.app[REGISTRY].forget_file(file_name)
+        (request.app[SETTINGS].results_dir / file_name).unlink(missing_ok=True)
+        raise
+
+
+async def _add_template(request: web.Request, file_name: str, batch_id: str) -> None:
+    """Record a template workbook, refused when the caller keeps ``max_templates`` already."""
+    settings = request.app[SETTINGS]
+    kept = await request.app[REGISTRY].add_template(
+        file_name, request[OWNER], batch_id=batch_id, limit=settings.max_templates
+    )
+    if kept is not None:
+        wait_s = kept[0] + settings.results_ttl_s - time.time() if kept else settings.results_ttl_s
+        raise QueueFullError(
+            f"This API key keeps {len(kept)} template workbooks; the limit (MAX_TEMPLATES) "
+            f"is {settings.max_templates}. They expire after RESULTS_TTL_HOURS; "
+            'send "execute": true to run the rows instead.',
+            retry_after_s=max(wait_s, 1.0),
+        )
+
+
+async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
+    """The ``file`` part's name and bytes, and ``execute``, of a multipart upload.
+
+    Parts are read in chunks and counted, since a multipart body is not
+    bounded by ``client_max_size`` the way ``read()`` is.
+    """
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    if request.content_type != "multipart/form-data":
+        raise InputError(
+            "Send the spreadsheet as multipart/form-data with a 'file' field "
+            "(curl -F file=@prompts.xlsx)."
+        )
+    name: str | None = None
+    data: bytes | None = None
+    execute = False
+    size = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InputError("Nested multipart parts are not supported.")
+            chunks: list[bytes] = []
+            while chunk := await part.read_chunk():
+                size += len(chunk)
+                if size > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                chunks.append(chunk)
+            if part.name == "file":
+                name, data = part.filename, b"".join(chunks)
+            elif part.name == "execute":
+                execute = _flag(b"".join(chunks).decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        # aiohttp's multipart reader says "boundary missed" and the like.
+        raise InputError(f"The multipart body cannot be read: {exc}.") from exc
+    except HttpProcessingError as exc:
+        # A part's headers: not a header, a line over 8 KB, bytes a header cannot hold.
+        reason = " ".join(exc.message.split()) if exc.message else type(exc).__name__
+        raise InputError(f"The multipart body cannot be read: {reason}.") from exc
+    if data is None:
+        raise InputError(
+            "The upload has no 'file' field.",
+            [FieldError(None, "file", "attach a CSV or XLSX file")],
+        )
+    return name, data, execute
+
+
+def _flag(value: str) -> bool:
+    """A form field's boolean: ``true``/``1`` or ``false``/``0``/empty."""
+    text = value.strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0", ""):
+        return False
+    raise InputError(
+        "The execute field must be true or false.",
+        [FieldError(None, "execute", f"must be true, false, 1 or 0, not {value!r}")],
+    )
