@@ -258,13 +258,13 @@ class Engine:
             self._ended.add(batch.id)
 
     async def _settle(self, batch: Batch, status: BatchStatus, message: str) -> None:
-        """Write the outputs and end the batch as ``status``, whatever happens meanwhile.
+        """Record the outputs and end the batch as ``status``, whatever happens meanwhile.
 
         Once every row has ended, a cancellation can no longer change the
-        outcome: the write runs to its end and the batch is finished, and only
-        then is the cancellation passed on. A workbook that cannot be written
-        leaves the batch's status and CSV content as they are and says so in
-        the message; only a CSV that cannot be rendered fails the batch.
+        outcome: recording runs to its end and the batch is finished, and only
+        then is the cancellation passed on. The writer only names the workbook
+        here (the server's writes it after the batch has ended), so ``done``
+        waits for no file.
         """
         writing = asyncio.ensure_future(self._write_outputs(batch))
         cancelled = False
@@ -282,8 +282,6 @@ class Engine:
                 BatchStatus.FAILED,
                 f"Batch failed: could not write its outputs: {error}",
             )
-        elif note := writing.result():
-            message = f"{message} {note}"
         if (failure := self._failures.get(batch.id)) is not None:
             # The store refused a change meanwhile (a cancel's, say): the batch fails.
             self._registry.fail(batch, f"Batch failed: {failure}")
@@ -353,15 +351,14 @@ class Engine:
         if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
             outputs[row.index] = outcome.result
 
-    async def _write_outputs(self, batch: Batch) -> str | None:
-        """Write the batch's outputs; returns a note for its message when one is missing."""
+    async def _write_outputs(self, batch: Batch) -> None:
+        """Hand the batch to the outputs writer and record the workbook it names."""
         if self._outputs is None:
-            return None
+            return
         # Rows ended just before (a cancel) must be in the outputs.
         await self._registry.flush()
         outputs = await self._outputs(batch)
         await self._registry.set_outputs(batch, xlsx_name=outputs.xlsx_name)
-        return outputs.note
 
 
 _SHUTDOWN = "Cancelled: the server shut down."

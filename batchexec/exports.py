@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchexec.columns import OUTPUT_COLUMNS
+from batchexec.errors import StorageError
 from batchexec.files import atomic_path
 from batchexec.planning import BatchPlan
 from batchexec.records import Batch, Execution, ExecutionStatus
@@ -153,32 +154,82 @@ class Outputs:
     results answer, so a finished batch's record stays small.
     """
 
-    #: The workbook's file name in the results folder, when it was written.
+    #: The workbook's file name in the results folder, if the batch has one.
     xlsx_name: str | None
-    #: Why it is missing, for the batch's message.
-    note: str | None = None
 
 
 #: Writes a finished batch's outputs; the engine is given one.
 OutputWriter = Callable[[Batch], Awaitable[Outputs]]
+#: Results workbooks written at once, at most: each holds one sheet's rows in memory.
+_CONCURRENT_WRITES = 2
 
 
-def results_writer(folder: Path) -> OutputWriter:
-    """The server's outputs: the workbook, written to ``folder`` off the event loop.
+class ResultWorkbooks:
+    """The server's results workbooks: each written once, off the event loop, a few at a time.
 
-    A workbook that cannot be written (a full or read-only disk) says why; the
-    CSV content, made from the records, is there all the same.
+    A finished batch's workbook is written after the batch has ended, not
+    before: ``done`` and ``xlsx_url`` do not wait for it. ``ensure`` gives a
+    workbook's path once it is there, waiting for a write under way or making
+    it again from the records when its file is gone (a new disk, a cleaned
+    folder, a crash mid-write). A write that fails is logged; the download
+    tries again and says why it cannot.
     """
 
-    async def write(batch: Batch) -> Outputs:
-        path = folder / batch.file_name
-        try:
-            await asyncio.to_thread(write_xlsx, path, results_sheet(batch))
-        except Exception as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            log.error("batch %s: could not write its workbook: %s", batch.id, reason)
-            note = f"The workbook could not be written ({reason}); the CSV content is complete."
-            return Outputs(None, note)
-        return Outputs(path.name)
+    def __init__(self, folder: Path, load: Callable[[str, str], Awaitable[Batch]]) -> None:
+        """``load(batch_id, owner)`` reads a batch back: a write waiting its turn holds
+        only the batch's id, not its rows."""
+        self.folder = folder
+        self._load = load
+        self._writing: dict[str, asyncio.Task[Path]] = {}
+        self._slots = asyncio.Semaphore(_CONCURRENT_WRITES)
 
-    return write
+    def writer(self) -> OutputWriter:
+        """The engine's writer: names the workbook at once and writes it in the background."""
+
+        async def write(batch: Batch) -> Outputs:
+            self._start(batch)
+            return Outputs(batch.file_name)
+
+        return write
+
+    async def ensure(self, batch: Batch) -> Path:
+        """The path of ``batch``'s workbook, written (again) first if it is not there."""
+        path = self.folder / batch.file_name
+        task = self._writing.get(batch.file_name)
+        if task is None:
+            if path.is_file():
+                return path
+            task = self._start(batch)
+        return await asyncio.shield(task)
+
+    async def idle(self) -> None:
+        """Wait for every write under way (at shutdown, and in tests)."""
+        while self._writing:
+            await asyncio.gather(*self._writing.values(), return_exceptions=True)
+
+    def _start(self, batch: Batch) -> asyncio.Task[Path]:
+        name = batch.file_name
+        task = asyncio.create_task(self._write(batch.id, batch.owner), name=f"workbook {name}")
+        self._writing[name] = task
+        task.add_done_callback(self._written)
+        return task
+
+    def _written(self, task: asyncio.Task[Path]) -> None:
+        self._writing.pop(task.get_name().removeprefix("workbook "), None)
+        if not task.cancelled():
+            task.exception()  # logged by _write; retrieved so asyncio does not log it again
+
+    async def _write(self, batch_id: str, owner: str) -> Path:
+        async with self._slots:
+            batch = await self._load(batch_id, owner)
+            path = self.folder / batch.file_name
+            try:
+                await asyncio.to_thread(write_xlsx, path, results_sheet(batch))
+            except Exception as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                log.error("batch %s: could not write its workbook: %s", batch.id, reason)
+                raise StorageError(
+                    f"The workbook could not be written ({reason}); the CSV content of the "
+                    "results route is complete."
+                ) from exc
+        return path

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from batchexec import Settings
 from batchexec.api import API_KEY_HEADER, EXECUTE_BATCH, RESULTS
 from batchexec.records import Batch
-from batchexec.web.keys import ENGINE, PROVIDERS, REGISTRY
+from batchexec.web.keys import ENGINE, PROVIDERS, REGISTRY, RESULT_WORKBOOKS
 from tests.fakes import GatedProvider
 
 #: The development key, which the test settings accept.
@@ -98,8 +98,9 @@ async def until(condition: Callable[[], bool], *, rounds: int = 10_000) -> None:
 
 
 async def finished(client: TestClient[Any, Any], invocation_id: str) -> dict[str, Any]:
-    """Wait for the batch to end, then return its results."""
+    """Wait for the batch to end and its workbook to be written, then return its results."""
     await client.app[ENGINE].join(invocation_id)
+    await client.app[RESULT_WORKBOOKS].idle()
     return await results(client, invocation_id)
 
 

@@ -11,8 +11,8 @@ import pytest
 from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
-from batchexec.errors import ConflictError, QueueFullError, ShuttingDownError
-from batchexec.exports import csv_sheet, render_csv, results_writer
+from batchexec.errors import ConflictError, QueueFullError, ShuttingDownError, StorageError
+from batchexec.exports import ResultWorkbooks, csv_sheet, render_csv
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.providers.echo import EchoProvider
 from batchexec.records import Batch, BatchStatus, ExecutionStatus
@@ -49,7 +49,8 @@ class Harness:
         self.registry = Registry(MemoryStore())
         self.gated = GatedProvider(self.settings, None)
         providers = {"gated": self.gated, "echo": EchoProvider(self.settings, None)}  # type: ignore[arg-type]
-        outputs = results_writer(self.settings.results_dir)
+        self.workbooks = ResultWorkbooks(self.settings.results_dir, self.registry.get)
+        outputs = self.workbooks.writer()
         self.engine = Engine(self.settings, self.registry, providers, outputs=outputs)
 
     def statuses(self, batch: Batch) -> list[str]:
@@ -168,23 +169,25 @@ async def test_close_cancels_running_batches_and_keeps_what_finished(make_harnes
         "stuck,gated,Error: Cancelled: the server shut down.\n"
     )
     assert batch.xlsx_name is not None
+    await harness.workbooks.idle()
     assert (harness.settings.results_dir / batch.xlsx_name).is_file()
     with pytest.raises(ShuttingDownError):
         await harness.engine.submit("owner", plan(catalog, "late"))
 
 
 async def test_a_workbook_that_cannot_be_written_keeps_the_csv(make_harness, catalog, tmp_path):
+    """The batch ends as it ran (the workbook is written after ``done``); asking for the
+    workbook then says why it is missing, and the CSV content is complete."""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the results folder should be")
     harness = make_harness(public_dir=blocker)
     batch = await harness.engine.submit("owner", plan(catalog, "hello", model="echo"))
     await harness.engine.join(batch.id)
     assert batch.status is BatchStatus.COMPLETED
-    assert batch.message == (
-        "Execution completed successfully. The workbook could not be written "
-        "(Not a directory); the CSV content is complete."
-    )
-    assert batch.xlsx_name is None
+    assert batch.message == "Execution completed successfully."
+    assert batch.xlsx_name == batch.file_name
+    with pytest.raises(StorageError, match=r"could not be written \(Not a directory\)"):
+        await harness.workbooks.ensure(batch)
     assert csv_of(batch) == "prompt,model,result\nhello,echo,hello\n"
     assert batch.executions[0].status is ExecutionStatus.SUCCEEDED
 

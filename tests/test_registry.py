@@ -13,7 +13,7 @@ from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.errors import ShuttingDownError
-from batchexec.exports import csv_sheet, render_csv, results_writer
+from batchexec.exports import ResultWorkbooks, csv_sheet, render_csv
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.providers.echo import EchoProvider
 from batchexec.records import BatchStatus, ExecutionStatus, Outcome
@@ -34,7 +34,8 @@ class Harness:
         self.registry = Registry(store, cache_bytes=cache_bytes)
         self.gated = GatedProvider(self.settings, None)
         providers = {"gated": self.gated, "echo": EchoProvider(self.settings, None)}  # type: ignore[arg-type]
-        outputs = results_writer(self.settings.results_dir)
+        self.workbooks = ResultWorkbooks(self.settings.results_dir, self.registry.get)
+        outputs = self.workbooks.writer()
         self.engine = Engine(self.settings, self.registry, providers, outputs=outputs)
         path = tmp_path / "models.toml"
         path.write_text(GATED_CATALOG)

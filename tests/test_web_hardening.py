@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import FormData
 
-from batchexec.api import CANCEL, EXECUTE_BATCH, PROCESS_CSV, RESULTS, RETRY, UPLOAD
+from batchexec.api import CANCEL, EXECUTE_BATCH, PROCESS_CSV, RESULTS, RETRY, UPLOAD, download_path
 from batchexec.exports import write_xlsx
 from batchexec.records import BatchStatus
 from batchexec.web.keys import ENGINE, REGISTRY
@@ -258,15 +258,20 @@ async def test_a_batch_whose_workbook_fails_still_answers_its_csv(make_client, t
     client = await make_client(public_dir=blocker)
     body = await finished(client, await submit(client, [{"prompt": "hi", "model": "echo"}]))
     assert body["status"] == "completed"
+    assert body["message"] == "Execution completed successfully."
     assert body["csv_content"] == "prompt,model,result\nhi,echo,hi\n"
-    assert body["xlsx_url"] is None
-    assert "The workbook could not be written (Not a directory)" in body["message"]
+    # The workbook is written after the batch ends; asking for it says why it is not there.
+    name = body["xlsx_url"].rsplit("/", 1)[1]
+    response = await client.get(download_path(name), headers=AUTH)
+    assert response.status == 503
+    assert "The workbook could not be written (Not a directory)" in (await response.json())["detail"]
 
 
 # 11. processing while writing outputs
 
 
-async def test_a_batch_keeps_its_slot_while_it_writes_its_outputs(make_client, monkeypatch):
+async def test_a_batch_ends_without_waiting_for_its_workbook(make_client, monkeypatch):
+    """``done`` and the next batch's slot wait for no file; a download waits for the write."""
     client = await make_client(max_concurrent_batches=1)
     writing = threading.Event()
     release = threading.Event()
@@ -279,14 +284,20 @@ async def test_a_batch_keeps_its_slot_while_it_writes_its_outputs(make_client, m
     monkeypatch.setattr("batchexec.exports.write_xlsx", slow_write)
     first = await submit(client, [{"prompt": "a", "model": "echo"}])
     second = await submit(client, [{"prompt": "b", "model": "echo"}])
-    await until(writing.is_set)
+    await client.app[ENGINE].join(second)
+    assert writing.is_set()
+    statuses = [batch_of(client, id_).status for id_ in (first, second)]
+    assert statuses == [BatchStatus.COMPLETED, BatchStatus.COMPLETED]
+    body = await results(client, first)
+    name = body["xlsx_url"].rsplit("/", 1)[1]
+    download = asyncio.ensure_future(client.get(download_path(name), headers=AUTH))
     for _ in range(100):
         await asyncio.sleep(0)
-    statuses = [batch_of(client, id_).status for id_ in (first, second)]
-    assert statuses == [BatchStatus.PROCESSING, BatchStatus.QUEUED]
+    assert not download.done()
     release.set()
-    await client.app[ENGINE].join(second)
-    assert batch_of(client, second).status is BatchStatus.COMPLETED
+    response = await download
+    assert response.status == 200
+    assert (await response.read()).startswith(b"PK")
 
 
 # 4. what a client that never reads can pin

@@ -16,7 +16,7 @@ from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.errors import InputError
-from batchexec.exports import results_writer
+from batchexec.exports import ResultWorkbooks
 from batchexec.providers import Provider
 from batchexec.records import BatchStatus, ExecutionStatus
 from batchexec.registry import Registry
@@ -30,6 +30,7 @@ from batchexec.web.keys import (
     INPUT_POOL,
     PROVIDERS,
     REGISTRY,
+    RESULT_WORKBOOKS,
     RESULTS_CACHE,
     SETTINGS,
     WORKBOOKS,
@@ -84,11 +85,13 @@ def create_app(
 
     async def engine(app: web.Application) -> AsyncIterator[None]:
         providers: dict[str, Provider] = app[PROVIDERS]
-        outputs = results_writer(settings.results_dir)
-        runner = app[ENGINE] = Engine(settings, registry, providers, outputs=outputs)
+        workbooks = app[RESULT_WORKBOOKS] = ResultWorkbooks(settings.results_dir, registry.get)
+        runner = app[ENGINE] = Engine(settings, registry, providers, outputs=workbooks.writer())
         await _resume(registry, runner, app[CATALOG], settings)
         yield
         await runner.close()
+        # Written before the store closes; a process killed first has them made on download.
+        await workbooks.idle()
 
     async def drain(app: web.Application) -> None:
         # on_shutdown runs before the server waits for open requests, so event

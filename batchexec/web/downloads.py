@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from aiohttp import web
 
 from batchexec.errors import NotFoundError
-from batchexec.exports import results_sheet, write_xlsx
-from batchexec.web.keys import OWNER, REGISTRY, SETTINGS
+from batchexec.web.keys import OWNER, REGISTRY, RESULT_WORKBOOKS, SETTINGS
 
 XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
@@ -20,11 +18,11 @@ async def download(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     entry = await registry.check_file(name, request[OWNER])
     folder = request.app[SETTINGS].results_dir
-    if not entry.template and not (folder / name).is_file():
-        # Gone (a new disk, a cleaned folder): made again from the batch's records.
+    if not entry.template and _plain_name(name):
+        # Being written, or gone (a new disk, a cleaned folder): made from the records.
         batch = await registry.get(entry.batch_id, request[OWNER])
-        if batch.status.finished and _plain_name(name):
-            await asyncio.to_thread(write_xlsx, folder / name, results_sheet(batch))
+        if batch.status.finished and batch.file_name == name:
+            await request.app[RESULT_WORKBOOKS].ensure(batch)
     return web.FileResponse(
         _inside(folder, name),
         headers={

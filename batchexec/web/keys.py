@@ -10,6 +10,7 @@ from aiohttp import web
 from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
+from batchexec.exports import ResultWorkbooks
 from batchexec.providers import Provider
 from batchexec.registry import Registry
 from batchexec.web.cache import RenderedResults
@@ -26,6 +27,9 @@ RESULTS_CACHE = web.AppKey("results_cache", RenderedResults)
 INPUT_POOL = web.AppKey("input_pool", ThreadPoolExecutor)
 #: The worker processes that read uploaded workbooks.
 WORKBOOKS = web.AppKey("workbooks", WorkbookReader)
+
+#: The results workbooks: written after their batch ends, or again when gone.
+RESULT_WORKBOOKS = web.AppKey("result_workbooks", ResultWorkbooks)
 
 #: Who is calling: a digest of the API key, so the raw key is never stored.
 OWNER = web.RequestKey("owner", str)
