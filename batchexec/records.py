@@ -8,6 +8,8 @@ clients (results, outputs, the list) is built from these records alone.
 
 from __future__ import annotations
 
+import bisect
+from array import array
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,6 +75,9 @@ class Outcome:
     attempts: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: When the row ended, in its batch's order of ends (1, 2, ...); 0 until then.
+    #: The results route's ``since`` cursor counts in these.
+    seq: int = 0
 
 
 #: Where every execution starts.
@@ -125,6 +130,10 @@ class Execution:
         return self.outcome.completion_tokens
 
     @property
+    def seq(self) -> int:
+        return self.outcome.seq
+
+    @property
     def row_input(self) -> RowInput:
         """The row as it was submitted, to plan it again (a resume, a retry)."""
         cells = self.cells
@@ -170,10 +179,47 @@ class Batch:
     #: What a running batch follows: targets and dependencies. None for a batch
     #: read back from a store, until it is planned again to run.
     plan: BatchPlan | None = field(default=None, repr=False, compare=False)
+    #: The last ``seq`` given to an end (shown or not yet).
+    last_seq: int = field(default=0, init=False, repr=False, compare=False)
+    #: The ends clients can see, in the order they ended: each one's seq and row,
+    #: and the tokens they used, so a poll costs what changed, not every row.
+    _shown_seqs: array[int] = field(init=False, repr=False, compare=False)
+    _shown_rows: array[int] = field(init=False, repr=False, compare=False)
+    _tokens: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.counts:
             self.counts.update(execution.status for execution in self.executions)
+        self._shown_seqs, self._shown_rows, self._tokens = array("q"), array("q"), [0, 0]
+        ended = sorted((e.seq, e.index) for e in self.executions if e.status.finished)
+        for _, index in ended:
+            self.shown(self.executions[index - 1])
+        self.last_seq = ended[-1][0] if ended else 0
+
+    def next_seq(self) -> int:
+        """The ``seq`` of the next end."""
+        self.last_seq += 1
+        return self.last_seq
+
+    def shown(self, execution: Execution) -> None:
+        """``execution`` ended and clients may now see it (the registry calls this)."""
+        self._shown_seqs.append(execution.seq)
+        self._shown_rows.append(execution.index)
+        self._tokens[0] += execution.prompt_tokens or 0
+        self._tokens[1] += execution.completion_tokens or 0
+
+    def ended_since(self, seq: int) -> tuple[list[Execution], int]:
+        """The executions shown ended after ``seq``, in the order they ended, and the cursor
+        to ask from next (the last one's seq, else ``seq``)."""
+        start = bisect.bisect_right(self._shown_seqs, seq)
+        rows = self._shown_rows[start:]
+        cursor = self._shown_seqs[-1] if len(rows) else seq
+        return [self.executions[index - 1] for index in rows], cursor
+
+    @property
+    def cursor(self) -> int:
+        """The seq of the last end shown; 0 before any."""
+        return self._shown_seqs[-1] if self._shown_seqs else 0
 
     @property
     def file_name(self) -> str:
@@ -186,12 +232,8 @@ class Batch:
         return f"batch_execution_{batch_id}.xlsx"
 
     def tokens(self) -> tuple[int, int]:
-        """Prompt and completion tokens over every execution; rows with no usage count 0."""
-        prompt = completion = 0
-        for execution in self.executions:
-            prompt += execution.prompt_tokens or 0
-            completion += execution.completion_tokens or 0
-        return prompt, completion
+        """Prompt and completion tokens over the ended executions; rows with no usage count 0."""
+        return self._tokens[0], self._tokens[1]
 
     def size_bytes(self) -> int:
         """About what the batch holds in memory."""

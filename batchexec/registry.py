@@ -129,7 +129,7 @@ class Registry:
             if earlier.status is ExecutionStatus.SUCCEEDED:
                 execution = batch.executions[earlier.index - 1]
                 execution.prompt_sent = earlier.prompt_sent
-                _end(batch, execution, earlier.outcome)
+                _end(batch, execution, replace(earlier.outcome, seq=batch.next_seq()))
         await self.store.create(batch)
         self._active[batch.id] = batch
         return batch
@@ -289,6 +289,7 @@ class Registry:
             if self.events.watched(batch.id):
                 self.events.publish(batch.id, execution_event(execution), progress_event(batch))
 
+        outcome = replace(outcome, seq=batch.next_seq())
         self._record(ExecutionEnded(batch.id, index, outcome, prompt), visible)
 
     def cancel_unfinished(self, batch: Batch, reason: str) -> None:
@@ -297,7 +298,10 @@ class Registry:
             if execution.status.finished:
                 continue
             cancelled = Outcome(
-                ExecutionStatus.CANCELLED, error=reason, attempts=execution.attempts
+                ExecutionStatus.CANCELLED,
+                error=reason,
+                attempts=execution.attempts,
+                seq=batch.next_seq(),
             )
 
             def visible(execution: Execution = execution, cancelled: Outcome = cancelled) -> None:
@@ -353,7 +357,10 @@ class Registry:
         for execution in batch.executions:
             if not execution.status.finished:
                 cancelled = Outcome(
-                    ExecutionStatus.CANCELLED, error=reason, attempts=execution.attempts
+                    ExecutionStatus.CANCELLED,
+                    error=reason,
+                    attempts=execution.attempts,
+                    seq=batch.next_seq(),
                 )
                 _end(batch, execution, cancelled)
                 self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), nothing)
@@ -392,3 +399,5 @@ def _end(batch: Batch, execution: Execution, outcome: Outcome) -> None:
     batch.counts[execution.status] -= 1
     batch.counts[outcome.status] += 1
     execution.outcome = outcome
+    if outcome.status.finished:
+        batch.shown(execution)

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     StrictBool,
+    StrictInt,
     StrictStr,
     model_validator,
 )
@@ -80,6 +81,18 @@ class ResultsRequest(BaseModel):
     """Body of the results, cancel and retry routes: which batch."""
 
     invocation_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
+class ResultsQuery(ResultsRequest):
+    """Body of the results route: which batch, and how much of it.
+
+    ``since`` (a ``cursor`` of an earlier answer) asks only for the executions
+    that ended after it, in the order they ended; ``progress_only`` for none.
+    Either way ``csv_content`` is left out: it comes with the whole answer.
+    """
+
+    since: Annotated[StrictInt, Field(ge=0, le=2**53)] | None = None
+    progress_only: StrictBool = False
 
 
 class ListQuery(BaseModel):
@@ -202,10 +215,22 @@ class ResultsResponse(BaseModel):
     progress: Progress
     usage: Usage
     executions: list[ExecutionOut]
+    #: Send it back as ``since`` to get only the executions that end from now on.
+    cursor: int = 0
 
     @classmethod
-    def of(cls, batch: Batch, *, csv_content: str | None) -> ResultsResponse:
-        """The answer for ``batch``: its finished executions; ``xlsx_url`` is the caller's."""
+    def of(
+        cls,
+        batch: Batch,
+        *,
+        csv_content: str | None,
+        executions: list[Execution] | None = None,
+        cursor: int | None = None,
+    ) -> ResultsResponse:
+        """The answer for ``batch``: ``executions`` (by default every finished one, by row)
+        and ``cursor`` (by default the last end's); ``xlsx_url`` is the caller's."""
+        if executions is None:
+            executions = [e for e in batch.executions if e.status.finished]
         prompt_tokens, completion_tokens = batch.tokens()
         return cls(
             status=batch.status,
@@ -214,7 +239,8 @@ class ResultsResponse(BaseModel):
             csv_content=csv_content,
             progress=Progress.of(batch.counts),
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
-            executions=[ExecutionOut.of(e) for e in batch.executions if e.status.finished],
+            executions=[ExecutionOut.of(e) for e in executions],
+            cursor=batch.cursor if cursor is None else cursor,
         )
 
 

@@ -28,7 +28,6 @@ from tests.helpers import (
     owner_of,
     results,
     submit,
-    until,
 )
 
 JSON_ROUTES = [EXECUTE_BATCH, PROCESS_CSV, RESULTS, CANCEL, RETRY]
@@ -264,7 +263,8 @@ async def test_a_batch_whose_workbook_fails_still_answers_its_csv(make_client, t
     name = body["xlsx_url"].rsplit("/", 1)[1]
     response = await client.get(download_path(name), headers=AUTH)
     assert response.status == 503
-    assert "The workbook could not be written (Not a directory)" in (await response.json())["detail"]
+    detail = (await response.json())["detail"]
+    assert "The workbook could not be written (Not a directory)" in detail
 
 
 # 11. processing while writing outputs

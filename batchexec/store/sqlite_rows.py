@@ -23,12 +23,12 @@ INSERT_BATCH = (
 )
 INSERT_EXECUTION = (
     "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
-    "latency_ms, attempts, prompt_tokens, completion_tokens) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "latency_ms, attempts, prompt_tokens, completion_tokens, ended_seq) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_EXECUTIONS = (
     "SELECT idx, model, cells, status, prompt_sent, result, error, latency_ms, attempts, "
-    "prompt_tokens, completion_tokens FROM executions WHERE batch_id = ? ORDER BY idx"
+    "prompt_tokens, completion_tokens, ended_seq FROM executions WHERE batch_id = ? ORDER BY idx"
 )
 #: A row's end is final: neither a start nor a second end (a cancel racing the
 #: row's own answer) changes a row that has ended.
@@ -39,8 +39,8 @@ UPDATE_STARTED = (
 #: An end with no prompt (a row never sent, or cancelled) keeps the prompt as sent.
 UPDATE_ENDED = (
     "UPDATE executions SET status = ?, prompt_sent = coalesce(?, prompt_sent), result = ?, "
-    "error = ?, latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ? "
-    "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
+    "error = ?, latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ?, "
+    "ended_seq = ? WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
 )
 SELECT_SUMMARIES = (
     "SELECT id, status, message, created_at, finished_at, retry_of, counts FROM batches "
@@ -83,6 +83,7 @@ def execution_rows(batch: Batch) -> Iterator[tuple[Any, ...]]:
             e.attempts,
             e.prompt_tokens,
             e.completion_tokens,
+            e.seq,
         )
 
 
@@ -115,6 +116,7 @@ def coalesced(
                 outcome.attempts,
                 outcome.prompt_tokens,
                 outcome.completion_tokens,
+                outcome.seq,
                 *key,
             )
         elif isinstance(change, ExecutionStarted):
@@ -171,6 +173,7 @@ def batch_of(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
                 attempts=attempts,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
+                seq=ended_seq,
             ),
             prompt_sent=read_text(prompt_sent),
         )
@@ -186,6 +189,7 @@ def batch_of(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
             attempts,
             prompt_tokens,
             completion_tokens,
+            ended_seq,
         ) in db.execute(SELECT_EXECUTIONS, (batch_id,))
     ]
     return Batch(

@@ -23,6 +23,7 @@ from batchexec.schemas import (
     InvokeResponse,
     ListQuery,
     ModelOut,
+    ResultsQuery,
     ResultsRequest,
     RetryResponse,
 )
@@ -46,9 +47,9 @@ async def execute_batch(request: web.Request) -> web.Response:
 
 async def results(request: web.Request) -> web.StreamResponse:
     """A batch's status, progress, finished executions and, once ended, its outputs."""
-    body = await parse_body(request, ResultsRequest)
+    body = await parse_body(request, ResultsQuery)
     batch = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
-    return await answer_results(request, batch)
+    return await answer_results(request, batch, body)
 
 
 async def cancel(request: web.Request) -> web.StreamResponse:

@@ -15,8 +15,8 @@ import logging
 from aiohttp import web
 
 from batchexec.exports import csv_sheet, render_csv
-from batchexec.records import Batch
-from batchexec.schemas import ResultsResponse
+from batchexec.records import Batch, Execution
+from batchexec.schemas import ResultsQuery, ResultsResponse
 from batchexec.web.keys import RESULTS_CACHE
 from batchexec.web.requests import xlsx_url
 
@@ -31,10 +31,25 @@ _WRITE_TIMEOUT_S = 30.0
 _HEAD_FIELDS = ("status", "invocationId", "message", "xlsx_url")
 
 
-async def answer_results(request: web.Request, batch: Batch) -> web.StreamResponse:
-    """The results answer of ``batch``: a finished one's rendered once, off the loop."""
+async def answer_results(
+    request: web.Request, batch: Batch, query: ResultsQuery | None = None
+) -> web.StreamResponse:
+    """The results answer of ``batch``: a finished one's rendered once, off the loop.
+
+    With ``query.since`` only the executions ended after that cursor are in
+    it, and with ``query.progress_only`` none: such answers cost what changed
+    and are never cached.
+    """
     url = xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
-    if batch.status.finished:
+    if query is not None and (query.progress_only or query.since is not None):
+        if query.progress_only:
+            executions: list[Execution] = []
+            cursor = batch.cursor if query.since is None else query.since
+        else:
+            executions, cursor = batch.ended_since(query.since or 0)
+        answer = ResultsResponse.of(batch, csv_content=None, executions=executions, cursor=cursor)
+        rest = dumps(answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS)))
+    elif batch.status.finished:
 
         async def render() -> bytes:
             return await asyncio.to_thread(lambda: _dumps_in_pieces(_tail(batch)))
