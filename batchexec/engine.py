@@ -313,10 +313,19 @@ class Engine:
             workers=workers,
         )
 
+        since_yield = 0
+
         async def work() -> None:
+            nonlocal since_yield
             while (index := await ready.take()) is not None:
                 await self._run_row(batch, rows[index], outputs)
                 ready.ended(index)
+                since_yield += 1
+                if since_yield >= _YIELD_EVERY_ROWS:
+                    # Rows that end without I/O (an instant model, skipped
+                    # dependents) never hand the loop back on their own.
+                    since_yield = 0
+                    await asyncio.sleep(0)
 
         async with asyncio.TaskGroup() as group:
             for _ in range(workers):
@@ -362,6 +371,8 @@ class Engine:
 
 
 _SHUTDOWN = "Cancelled: the server shut down."
+#: Rows a batch ends, at most, before its workers let other work run.
+_YIELD_EVERY_ROWS = 200
 
 
 def _cancelled_message(reason: str) -> str:

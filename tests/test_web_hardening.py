@@ -347,3 +347,53 @@ async def until_logged(caplog, text: str, *, rounds: int = 600) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"never logged {text!r}")
+
+
+# Nothing holds the event loop (#11)
+
+
+async def test_instant_rows_hand_the_loop_back_every_few_hundred_rows(make_client):
+    client = await make_client(database_url="memory://", max_executions_per_batch=4000)
+    turns = 0
+    running = True
+
+    async def probe() -> None:
+        nonlocal turns
+        while running:
+            turns += 1
+            await asyncio.sleep(0)
+
+    prober = asyncio.ensure_future(probe())
+    invocation_id = await submit(
+        client, [{"prompt": f"p{n}", "model": "echo"} for n in range(4000)]
+    )
+    await client.app[ENGINE].join(invocation_id)
+    running = False
+    await prober
+    # 4,000 rows that never wait on I/O: the engine yields at least every 200 of them.
+    assert turns >= 4000 // 200
+
+
+async def test_a_large_batch_is_validated_and_planned_off_the_loop(make_client, monkeypatch):
+    import batchexec.web.requests as requests_module
+
+    threads: list[str] = []
+    real_plan_rows = requests_module.plan_rows
+    real_validated = requests_module.validated
+
+    def plan_rows(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_plan_rows(*args)
+
+    def validated(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_validated(*args)
+
+    monkeypatch.setattr(requests_module, "plan_rows", plan_rows)
+    monkeypatch.setattr(requests_module, "validated", validated)
+    client = await make_client(max_executions_per_batch=3000)
+    rows = [{"prompt": f"row {n} " + "x" * 40, "model": "echo"} for n in range(3000)]
+    await submit(client, rows)
+    # The body's validation, then its plan, each on the input pool's threads.
+    assert len(threads) == 2
+    assert all(name.startswith("input") for name in threads), threads

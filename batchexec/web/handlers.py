@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from batchexec.errors import ConflictError
-from batchexec.inputs import Rows, from_executions, plan_rows
+from batchexec.inputs import Rows, from_executions
 from batchexec.providers import unconfigured
 from batchexec.records import ExecutionStatus
 from batchexec.schemas import (
@@ -29,7 +29,7 @@ from batchexec.schemas import (
 )
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
 from batchexec.web.presenting import answer_results
-from batchexec.web.requests import answer, limits, parse_body, validated
+from batchexec.web.requests import answer, parse_body, plan_off_loop, validated
 
 
 async def health(request: web.Request) -> web.Response:
@@ -40,7 +40,7 @@ async def health(request: web.Request) -> web.Response:
 async def execute_batch(request: web.Request) -> web.Response:
     """Validate a batch of executions and start it in the background."""
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
-    plan = plan_rows(from_executions(body.executions), request.app[CATALOG], limits(request))
+    plan = await plan_off_loop(request, from_executions(body.executions))
     batch = await request.app[ENGINE].submit(request[OWNER], plan)
     return answer(InvokeResponse.started(batch.id))
 
@@ -71,7 +71,7 @@ async def retry(request: web.Request) -> web.Response:
         raise ConflictError("Every execution of the batch succeeded; there is nothing to retry.")
     # Planned again, against today's catalog: the rows run now, not when first sent.
     rows = Rows.of(original.columns, [execution.row_input for execution in original.executions])
-    plan = plan_rows(rows, request.app[CATALOG], limits(request))
+    plan = await plan_off_loop(request, rows)
     batch = await request.app[ENGINE].submit(request[OWNER], plan, retry_of=original)
     return answer(RetryResponse.retrying(batch.id, original, rerun))
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 _WRITE_CHUNK_BYTES = 64 * 1024
 #: Seconds a client may take to read one chunk before its connection is closed.
 _WRITE_TIMEOUT_S = 30.0
+#: A running batch of more rows than this has its whole answer rendered off the loop.
+_INLINE_ROWS = 1000
 #: Fields of the results answer rendered per request, ahead of the cached rest.
 _HEAD_FIELDS = ("status", "invocationId", "message", "xlsx_url")
 
@@ -55,6 +57,10 @@ async def answer_results(
             return await asyncio.to_thread(lambda: _dumps_in_pieces(_tail(batch)))
 
         rest = await request.app[RESULTS_CACHE].get(batch.id, render)
+    elif len(batch.executions) > _INLINE_ROWS:
+        # A running batch's answer changes with every row: rendered each time,
+        # off the loop (its rows are read as they are at that moment).
+        rest = await asyncio.to_thread(lambda: _dumps_in_pieces(_tail(batch)))
     else:
         rest = dumps(_tail(batch))
     # The head's closing brace gives way to the rest's fields; a view, not a copy,

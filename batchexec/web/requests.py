@@ -16,15 +16,17 @@ from pydantic import BaseModel, ValidationError
 
 from batchexec import api
 from batchexec.errors import FieldError, InputError
-from batchexec.inputs import TOO_MANY_DIGITS
-from batchexec.planning import Limits
+from batchexec.inputs import TOO_MANY_DIGITS, Rows, plan_rows
+from batchexec.planning import BatchPlan, Limits
 from batchexec.runtime import limits_from
-from batchexec.web.keys import INPUT_POOL, SETTINGS
+from batchexec.web.keys import CATALOG, INPUT_POOL, SETTINGS
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _T = TypeVar("_T")
 #: JSON bodies above this are parsed off the event loop, two at a time.
 _INLINE_JSON_BYTES = 64 * 1024
+#: Batches of more rows than this are planned off the event loop.
+_INLINE_ROWS = 500
 
 
 async def parse_body(
@@ -32,24 +34,29 @@ async def parse_body(
 ) -> _Body:
     """The JSON body as ``model``: 400 when it is not JSON, 422 when it does not fit.
 
-    A body above ``_INLINE_JSON_BYTES`` is parsed on the input pool: parsed
-    JSON can take 25 times the bytes of its text, and the pool's two threads
-    bound how many such parses hold memory at once. With ``count_of``, the
+    A body above ``_INLINE_JSON_BYTES`` is parsed and validated on the input
+    pool, never holding the event loop: parsed JSON can take 25 times the
+    bytes of its text, and the pool's two threads bound how many such parses
+    hold memory at once. With ``count_of``, the
     list under that key is checked against ``MAX_EXECUTIONS_PER_BATCH`` before
     the body is validated, so an oversized batch costs no more than its JSON.
     """
     raw = await request.read()
     if not raw.strip():
         raise InputError("The request body is empty; send a JSON object.")
-    if len(raw) > _INLINE_JSON_BYTES:
-        data = await on_input_pool(request, lambda: _loads(raw))
-    else:
+    bounds = limits(request)
+
+    def parse() -> _Body:
         data = _loads(raw)
-    if not isinstance(data, dict):
-        raise InputError("The request body must be a JSON object.")
-    if count_of is not None and isinstance(items := data.get(count_of), list):
-        limits(request).check_count(len(items))
-    return validated(model, data)
+        if not isinstance(data, dict):
+            raise InputError("The request body must be a JSON object.")
+        if count_of is not None and isinstance(items := data.get(count_of), list):
+            bounds.check_count(len(items))
+        return validated(model, data)
+
+    if len(raw) > _INLINE_JSON_BYTES:
+        return await on_input_pool(request, parse)
+    return parse()
 
 
 def validated(model: type[_Body], data: object) -> _Body:
@@ -67,6 +74,14 @@ async def on_input_pool(request: web.Request, work: Callable[[], _T]) -> _T:
     """Run ``work`` on the input pool: threads of its own, so parsing uploads never
     holds up the threads that write batches' outputs."""
     return await asyncio.get_running_loop().run_in_executor(request.app[INPUT_POOL], work)
+
+
+async def plan_off_loop(request: web.Request, rows: Rows) -> BatchPlan:
+    """``inputs.plan_rows`` for the app: a large batch is planned on the input pool."""
+    catalog, bounds = request.app[CATALOG], limits(request)
+    if len(rows.rows) > _INLINE_ROWS:
+        return await on_input_pool(request, lambda: plan_rows(rows, catalog, bounds))
+    return plan_rows(rows, catalog, bounds)
 
 
 def limits(request: web.Request) -> Limits:

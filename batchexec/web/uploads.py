@@ -23,14 +23,13 @@ from batchexec.inputs import (
     decode,
     format_of,
     from_table,
-    plan_rows,
     sniff,
 )
 from batchexec.planning import BatchPlan
 from batchexec.records import Batch
 from batchexec.schemas import Message, ProcessCsvRequest, ProcessCsvResponse
-from batchexec.web.keys import CATALOG, ENGINE, OWNER, REGISTRY, SETTINGS, WORKBOOKS
-from batchexec.web.requests import answer, limits, on_input_pool, parse_body, xlsx_url
+from batchexec.web.keys import ENGINE, OWNER, REGISTRY, SETTINGS, WORKBOOKS
+from batchexec.web.requests import answer, on_input_pool, parse_body, plan_off_loop, xlsx_url
 
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
@@ -76,7 +75,7 @@ async def _process_rows(
 ) -> web.Response:
     """Validate ``rows``, write their XLSX template and, with ``execute``, start the batch."""
     try:
-        plan = plan_rows(rows, request.app[CATALOG], limits(request))
+        plan = await plan_off_loop(request, rows)
     except InputError as exc:
         raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
     batch_id = request.app[REGISTRY].new_id()
