@@ -18,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import quote, unquote, urlsplit
 
+import aiofiles
+import aiofiles.os
 import aiohttp
 
 from batchexec import api
@@ -36,6 +39,8 @@ DEFAULT_READ_TIMEOUT_S = 60.0
 _LAST_EVENTS = frozenset({"done", "interrupted"})
 #: Characters of a non-JSON error answer kept as its ``detail``.
 _DETAIL_CHARS = 500
+#: Bytes of a download written at a time.
+_CHUNK_BYTES = 64 * 1024
 
 
 class ClientError(BatchexecError):
@@ -201,14 +206,28 @@ class Client:
 
     async def download(self, xlsx_url_or_file_name: str) -> bytes:
         """The workbook an ``xlsx_url`` points to (or named so), fetched from this server."""
-        name = xlsx_url_or_file_name
-        if "/" in name:
-            # The URL's host may be a public name; the file is fetched where the client points.
-            name = unquote(PurePosixPath(urlsplit(name).path).name)
-        if not name:
-            raise ValueError(f"no workbook file name in {xlsx_url_or_file_name!r}")
-        async with self._request("GET", api.download_path(quote(name, safe=""))) as response:
+        async with self._request("GET", _download_path(xlsx_url_or_file_name)) as response:
             return await response.read()
+
+    async def download_to(self, xlsx_url_or_file_name: str, path: Path) -> None:
+        """Like ``download``, written to ``path`` as it arrives, never whole in memory.
+
+        Written (with aiofiles) to a temporary file beside ``path`` and renamed
+        at the end, so ``path`` is never half a workbook.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        try:
+            async with (
+                self._request("GET", _download_path(xlsx_url_or_file_name)) as response,
+                aiofiles.open(temporary, "wb") as file,
+            ):
+                async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
+                    await file.write(chunk)
+            await aiofiles.os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     async def follow(self, invocation_id: str) -> AsyncGenerator[Event, None]:
         """The batch's server-sent events as they come; ends after ``done``.
@@ -352,3 +371,13 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__
+
+
+def _download_path(xlsx_url_or_file_name: str) -> str:
+    name = xlsx_url_or_file_name
+    if "/" in name:
+        # The URL's host may be a public name; the file is fetched where the client points.
+        name = unquote(PurePosixPath(urlsplit(name).path).name)
+    if not name:
+        raise ValueError(f"no workbook file name in {xlsx_url_or_file_name!r}")
+    return api.download_path(quote(name, safe=""))

@@ -203,9 +203,13 @@ class Settings(BaseSettings):
     @cached_property
     def _dotenv(self) -> dict[str, str | None]:
         env_file = self.model_config.get("env_file")
-        if isinstance(env_file, str) and Path(env_file).is_file():
-            return dict(dotenv_values(env_file))
-        return {}
+        return read_dotenv(env_file) if isinstance(env_file, str) else {}
+
+
+def read_dotenv(path: str = ".env") -> dict[str, str | None]:
+    """The variables of the ``.env`` file at ``path``, if there is one: the one reader of it
+    besides pydantic-settings' own (settings, provider secrets, the submit command's key)."""
+    return dict(dotenv_values(path)) if Path(path).is_file() else {}
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -70,7 +70,7 @@ async def events_of(client: Client, invocation_id: str) -> list[Event]:
     return [event async for event in client.follow(invocation_id)]
 
 
-async def test_a_batch_is_submitted_followed_and_its_workbook_downloaded(client):
+async def test_a_batch_is_submitted_followed_and_its_workbook_downloaded(client, tmp_path):
     executions = [{"prompt": "a", "model": "echo", "note": "n1"}, {"prompt": "then ${output.1}"}]
     invocation_id = await client.submit(executions)
     events = await events_of(client, invocation_id)
@@ -86,6 +86,10 @@ async def test_a_batch_is_submitted_followed_and_its_workbook_downloaded(client)
     workbook = await client.download(body["xlsx_url"])
     assert workbook.startswith(b"PK")
     assert await client.download(f"batch_execution_{invocation_id}.xlsx") == workbook
+    target = tmp_path / "out" / "results.xlsx"
+    await client.download_to(body["xlsx_url"], target)
+    assert target.read_bytes() == workbook
+    assert [path.name for path in target.parent.iterdir()] == ["results.xlsx"]
     listed = await client.batches(limit=5)
     assert [batch["invocationId"] for batch in listed] == [invocation_id]
 

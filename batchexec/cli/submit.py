@@ -12,8 +12,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
-from dotenv import dotenv_values
-
 from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from batchexec.cli.files import unwritable
 from batchexec.cli.inputfile import INPUT_HELP, Source, label_of, print_problems, read_source
@@ -26,9 +24,8 @@ from batchexec.cli.progress import (
     showing,
 )
 from batchexec.client import AuthError, BadAnswer, Client, ClientError, ConnectionFailed
-from batchexec.config import DEV_API_KEY
+from batchexec.config import DEV_API_KEY, read_dotenv
 from batchexec.errors import InputError
-from batchexec.files import write_atomically
 from batchexec.inputs import Rows
 from batchexec.records import Batch
 
@@ -115,7 +112,7 @@ def command(args: argparse.Namespace) -> int:
     if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
         print(f"batchexec: --url must be an http:// or https:// URL, not {args.url!r}", file=stream)
         return EXIT_USAGE
-    key = resolve_key(args.key, os.environ, _dotenv())
+    key = resolve_key(args.key, os.environ, read_dotenv())
     if not (key.isascii() and key.isprintable()):
         print("batchexec: the API key must be printable ASCII", file=stream)
         return EXIT_USAGE
@@ -200,8 +197,7 @@ async def submit_batch(
             outputs: list[tuple[str, str]] = []
             xlsx_url = body.get("xlsx_url")
             if output is not None and isinstance(xlsx_url, str):
-                data = await client.download(_file_name(xlsx_url, invocation_id))
-                await asyncio.to_thread(write_atomically, output, data)
+                await client.download_to(_file_name(xlsx_url, invocation_id), output)
                 outputs.append(("workbook", str(output)))
             if isinstance(xlsx_url, str):
                 outputs.append(("on the server", xlsx_url))
@@ -320,8 +316,3 @@ def _summary(
 
 def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def _dotenv() -> dict[str, str | None]:
-    path = Path(".env")
-    return dict(dotenv_values(path)) if path.is_file() else {}
