@@ -1,80 +1,82 @@
-"""A small streaming XLSX writer: one sheet of text and numbers, written row by row.
+"""One sheet of text and numbers, written row by row with xlsxwriter in constant memory.
 
-batchexec writes large result sheets often and reads none of the features a
-general library offers; writing the few XML parts itself makes it several
-times faster than xlsxwriter or openpyxl (see BENCHMARKS.md) with memory that
-does not grow with the number of rows. Every string is an inline string
-cell, so no text can ever become a formula, a number or a link.
+Every string is written with ``write_string``, and the workbook turns off
+xlsxwriter's conversions of strings to formulas, links and numbers, so no
+text can ever become anything but text. Text is cut at Excel's cell limit
+with a visible marker; control characters (a lone CR among them) are written
+as OOXML's ``_xHHHH_`` escapes and literal ``_xHHHH_`` text is escaped in
+turn, so Excel and batchexec's reader show the text as it was (openpyxl and
+pandas show the escapes); lone surrogates and U+FFFE/U+FFFF become U+FFFD.
+Called from a thread (``asyncio.to_thread``): it blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import re
-import zipfile
+import tempfile
 from collections.abc import Iterable, Sequence
-from xml.sax.saxutils import quoteattr
+from typing import Any
 
-#: Excel refuses longer cell text.
+import xlsxwriter
+from xlsxwriter.exceptions import FileCreateError, InvalidWorksheetName
+from xlsxwriter.worksheet import Worksheet
+
+#: Excel refuses longer cell text; Excel counts UTF-16 units, so an emoji counts two.
 CELL_LIMIT = 32_767
-#: Rows joined into one write; large enough to amortise the zip stream's overhead.
-_ROWS_PER_CHUNK = 512
-#: zlib level 1: output about a third larger than the default level, written
-#: several times faster; results are downloaded once and rarely archived.
-_COMPRESS_LEVEL = 1
-#: Characters XML 1.0 forbids, and lone surrogates (which JSON can carry but
-#: UTF-8 cannot); they become U+FFFD rather than a broken file.
-_ILLEGAL_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+#: What no workbook can hold: lone surrogates (which JSON can carry but UTF-8
+#: cannot) and the two non-characters; they become U+FFFD rather than a broken
+#: file. Control characters are kept, as OOXML's ``_xHHHH_`` escapes.
+_ILLEGAL_XML = re.compile("[\ud800-\udfff\ufffe\uffff]")
 _TRUNCATED = "… [truncated by batchexec: {} characters in all]"
-
-_MAIN_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
-_REL_NS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
-_PKG_REL_NS = "http://schemas.openxmlformats.org/package/2006/relationships"
-_XML_HEAD = '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
-
-_CONTENT_TYPES = (
-    _XML_HEAD + '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
-    '<Default Extension="rels" '
-    'ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
-    '<Default Extension="xml" ContentType="application/xml"/>'
-    '<Override PartName="/xl/workbook.xml" ContentType="application/'
-    'vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
-    '<Override PartName="/xl/worksheets/sheet1.xml" ContentType="application/'
-    'vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/>'
-    '<Override PartName="/xl/styles.xml" ContentType="application/'
-    'vnd.openxmlformats-officedocument.spreadsheetml.styles+xml"/>'
-    "</Types>"
-)
-_ROOT_RELS = (
-    _XML_HEAD + f'<Relationships xmlns="{_PKG_REL_NS}">'
-    f'<Relationship Id="rId1" Type="{_REL_NS}/officeDocument" Target="xl/workbook.xml"/>'
-    "</Relationships>"
-)
-_WORKBOOK_RELS = (
-    _XML_HEAD + f'<Relationships xmlns="{_PKG_REL_NS}">'
-    f'<Relationship Id="rId1" Type="{_REL_NS}/worksheet" Target="worksheets/sheet1.xml"/>'
-    f'<Relationship Id="rId2" Type="{_REL_NS}/styles" Target="styles.xml"/>'
-    "</Relationships>"
-)
-#: Style 0 plain, 1 the header (bold, wrapped, top), 2 the body (wrapped, top).
-_HEADER_STYLE, _BODY_STYLE = 1, 2
-_STYLES = (
-    _XML_HEAD + f'<styleSheet xmlns="{_MAIN_NS}">'
-    '<fonts count="2"><font><sz val="11"/><name val="Calibri"/></font>'
-    '<font><b/><sz val="11"/><name val="Calibri"/></font></fonts>'
-    '<fills count="2"><fill><patternFill patternType="none"/></fill>'
-    '<fill><patternFill patternType="gray125"/></fill></fills>'
-    '<borders count="1"><border><left/><right/><top/><bottom/><diagonal/></border></borders>'
-    '<cellStyleXfs count="1"><xf numFmtId="0" fontId="0" fillId="0" borderId="0"/></cellStyleXfs>'
-    '<cellXfs count="3"><xf numFmtId="0" fontId="0" fillId="0" borderId="0" xfId="0"/>'
-    '<xf numFmtId="0" fontId="1" fillId="0" borderId="0" xfId="0" applyFont="1" '
-    'applyAlignment="1"><alignment vertical="top" wrapText="1"/></xf>'
-    '<xf numFmtId="0" fontId="0" fillId="0" borderId="0" xfId="0" applyAlignment="1">'
-    '<alignment vertical="top" wrapText="1"/></xf></cellXfs>'
-    '<cellStyles count="1"><cellStyle name="Normal" xfId="0" builtinId="0"/></cellStyles>'
-    "</styleSheet>"
-)
+#: xlsxwriter's options: rows go to disk as they are written, and strings stay strings.
+_OPTIONS = {
+    "constant_memory": True,
+    "strings_to_formulas": False,
+    "strings_to_urls": False,
+    "strings_to_numbers": False,
+}
+#: What is written as an ``_xHHHH_`` escape: the characters XML 1.0 cannot hold,
+#: or (CR) would read back as LF, and every underscore that would start an escape
+#: once written: one before ``xHHHH_`` (overlapping ones too, the second in
+#: ``_x0041_x0042_``) or before ``xHHHH`` and a control character, which is
+#: written as an escape starting with ``_``. Tab and LF are written as they are.
+_ESCAPED = re.compile("_(?=x[0-9A-Fa-f]{4}[_\x00-\x08\x0b-\x1f])|[\x00-\x08\x0b-\x1f]")
+#: Past 2**53 a number cell would not keep every digit; such ints are written as text.
+_EXACT_INT = 2**53
 
 Cell = str | int | float | None
+
+
+class _TextSheet(Worksheet):  # type: ignore[misc]  # xlsxwriter has no type hints
+    """xlsxwriter's worksheet with one private method replaced: how cell text is escaped.
+
+    xlsxwriter 3.2-3.3 escapes literal ``_xHHHH_`` text one match at a time and
+    before control characters, so ``_x0041_x0042_`` reads back as ``_x0041B`` and
+    ``_x0041`` and a CR as ``Ax000D_``; and in constant-memory mode it
+    writes text that starts with ``<r>`` and ends with ``</r>`` as raw rich-text
+    XML, which breaks the file or adds cells (a formula among them). The
+    replacement below fixes both; its tests (tests/test_xlsx.py) fail if a
+    later xlsxwriter stops calling it. Checked against xlsxwriter 3.3.1.
+    """
+
+    @staticmethod
+    def _escape_control_characters(data: object) -> object:
+        if not isinstance(data, str):
+            # As xlsxwriter's own: it passes numbers too (a boolean cell's value).
+            return data
+        if _ESCAPED.search(data):
+            data = _ESCAPED.sub(_escape, data)
+        if data.startswith("<r>") and data.endswith("</r>"):
+            # "<" as its OOXML escape: the same text to a reader, but not rich-text XML.
+            data = "_x003C_" + data[1:]
+        return data
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"_x{ord(match[0]):04X}_"
 
 
 def column_letter(index: int) -> str:
@@ -88,11 +90,31 @@ def column_letter(index: int) -> str:
 
 
 def fit(text: str) -> str:
-    """``text`` cut to Excel's cell limit, with a marker saying so."""
-    if len(text) <= CELL_LIMIT:
+    """``text`` cut to Excel's cell limit, with a marker saying so.
+
+    The limit is in UTF-16 units, as Excel (and xlsxwriter, which would
+    otherwise cut the marker off) counts it: 32,767 BMP characters, fewer
+    where characters past U+FFFF (emoji) count two.
+    """
+    if len(text) <= CELL_LIMIT // 2 or (len(text) <= CELL_LIMIT and _units(text) <= CELL_LIMIT):
         return text
     marker = _TRUNCATED.format(len(text))
-    return text[: CELL_LIMIT - len(marker)] + marker
+    room = CELL_LIMIT - len(marker)
+    kept = text[:room]
+    over = _units(kept) - room
+    # Each character is one unit or two: dropping ceil(over / 2) never drops
+    # more than one unit too many, which the last step gives back when it can.
+    while over > 0:
+        kept = kept[: len(kept) - (over + 1) // 2]
+        over = _units(kept) - room
+    if over < 0 and ord(text[len(kept)]) <= 0xFFFF:
+        kept = text[: len(kept) + 1]
+    return kept + marker
+
+
+def _units(text: str) -> int:
+    """``text``'s length in UTF-16 units; a lone surrogate is one."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def write_sheet(
@@ -104,87 +126,77 @@ def write_sheet(
 ) -> None:
     """Write a workbook of one sheet: a bold frozen header with an autofilter, then ``rows``.
 
-    Strings are inline text cells (never formulas or links), cut at Excel's
-    cell limit; ints and floats are numbers; None is an empty cell.
+    Strings are text cells (never formulas, links or numbers), cut at Excel's
+    cell limit; ints and floats are numbers, booleans TRUE or FALSE; NaN and
+    infinities, which no number cell holds, are the text ``nan``, ``inf`` and
+    ``-inf`` (as in the CSV), and ints past 2**53 their digits as text; None
+    and "" are empty cells. A sheet name Excel refuses raises ``ValueError``;
+    a file that cannot be written raises ``OSError``, as ``open`` would.
     """
-    letters = [column_letter(index) for index in range(len(header))]
-    last_row = 1
-    with zipfile.ZipFile(
-        path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_COMPRESS_LEVEL
-    ) as archive:
-        archive.writestr("[Content_Types].xml", _CONTENT_TYPES)
-        archive.writestr("_rels/.rels", _ROOT_RELS)
-        archive.writestr("xl/_rels/workbook.xml.rels", _WORKBOOK_RELS)
-        archive.writestr("xl/styles.xml", _STYLES)
-        with archive.open("xl/worksheets/sheet1.xml", "w") as part:
-            part.write(_sheet_head(widths).encode())
-            chunk = [_row(1, header, letters, _HEADER_STYLE)]
-            for last_row, row in enumerate(rows, start=2):
-                chunk.append(_row(last_row, row, letters, _BODY_STYLE))
-                if len(chunk) >= _ROWS_PER_CHUNK:
-                    part.write("".join(chunk).encode())
-                    chunk.clear()
-            area = f"A1:{letters[-1]}{max(last_row, 2)}"
-            chunk.append(f'</sheetData><autoFilter ref="{area}"/></worksheet>')
-            part.write("".join(chunk).encode())
-        archive.writestr("xl/workbook.xml", _workbook(sheet_name, area))
+    # Opened here first, so a folder that is missing or read-only fails as a plain
+    # OSError before xlsxwriter has made any temporary file (it would leave its row
+    # file open). Temporary files go in a folder of this write's own, removed
+    # whatever happens: xlsxwriter leaves some behind when writing the zip fails.
+    with open(path, "wb"):
+        pass
+    with tempfile.TemporaryDirectory(
+        prefix="batchexec-xlsx-", ignore_cleanup_errors=True
+    ) as scratch:
+        workbook = xlsxwriter.Workbook(path, {**_OPTIONS, "tmpdir": scratch})
+        try:
+            _fill(workbook, sheet_name, header, rows, widths)
+        except BaseException:
+            # Closing closes the row file constant_memory keeps open; the
+            # half-written workbook it leaves is the caller's to discard.
+            with contextlib.suppress(Exception):  # the first failure is the one to report
+                workbook.close()
+            raise
+        try:
+            workbook.close()
+        except FileCreateError as exc:
+            error = exc.args[0] if exc.args else None
+            raise (copy.copy(error) if isinstance(error, OSError) else OSError(str(exc))) from exc
 
 
-def _row(number: int, cells: Sequence[Cell], letters: Sequence[str], style: int) -> str:
-    parts = [f'<row r="{number}">']
-    for letter, value in zip(letters, cells, strict=False):
-        if value is None or value == "":
-            continue
-        if isinstance(value, str):
-            parts.append(
-                f'<c r="{letter}{number}" s="{style}" t="inlineStr"><is>'
-                f'<t xml:space="preserve">{_escape(value)}</t></is></c>'
-            )
-        else:
-            parts.append(f'<c r="{letter}{number}" s="{style}"><v>{value!r}</v></c>')
-    parts.append("</row>")
-    return "".join(parts)
+def _fill(
+    workbook: Any,
+    sheet_name: str,
+    header: Sequence[str],
+    rows: Iterable[Sequence[Cell]],
+    widths: Sequence[float],
+) -> None:
+    header_style = workbook.add_format({"bold": True, "text_wrap": True, "valign": "top"})
+    body_style = workbook.add_format({"text_wrap": True, "valign": "top"})
+    try:
+        sheet = workbook.add_worksheet(sheet_name, worksheet_class=_TextSheet)
+    except InvalidWorksheetName as exc:
+        raise ValueError(f"Excel refuses the sheet name {sheet_name!r}: {exc}") from exc
+    for column, width in enumerate(widths):
+        sheet.set_column(column, column, width, body_style)
+    sheet.freeze_panes(1, 0)
+    for column, name in enumerate(header):
+        sheet.write_string(0, column, _text(name), header_style)
+    last_row = 0
+    for last_row, row in enumerate(rows, start=1):
+        for column, value in enumerate(row[: len(header)]):
+            if value is None or value == "":
+                continue
+            if isinstance(value, str):
+                sheet.write_string(last_row, column, _text(value), body_style)
+            elif isinstance(value, bool):
+                sheet.write_boolean(last_row, column, value, body_style)
+            elif isinstance(value, float) and not math.isfinite(value):
+                sheet.write_string(last_row, column, repr(value), body_style)
+            elif isinstance(value, int) and abs(value) > _EXACT_INT:
+                sheet.write_string(last_row, column, str(value), body_style)
+            else:
+                sheet.write_number(last_row, column, value, body_style)
+    sheet.autofilter(0, 0, max(last_row, 1), max(len(header) - 1, 0))
 
 
-def _escape(text: str) -> str:
-    text = fit(text)
+def _text(value: str) -> str:
+    value = fit(value)
     # Checked before replacing: most model text has none of these.
-    if "&" in text:
-        text = text.replace("&", "&amp;")
-    if "<" in text:
-        text = text.replace("<", "&lt;")
-    if ">" in text:
-        text = text.replace(">", "&gt;")
-    if "\r" in text:
-        # A literal CR would be read back as LF (XML normalises line ends).
-        text = text.replace("\r", "&#13;")
-    if _ILLEGAL_XML.search(text):
-        text = _ILLEGAL_XML.sub("\ufffd", text)
-    return text
-
-
-def _sheet_head(widths: Sequence[float]) -> str:
-    columns = "".join(
-        f'<col min="{n}" max="{n}" width="{width:.1f}" customWidth="1" style="{_BODY_STYLE}"/>'
-        for n, width in enumerate(widths, start=1)
-    )
-    return (
-        _XML_HEAD + f'<worksheet xmlns="{_MAIN_NS}" xmlns:r="{_REL_NS}">'
-        '<sheetViews><sheetView tabSelected="1" workbookViewId="0">'
-        '<pane ySplit="1" topLeftCell="A2" activePane="bottomLeft" state="frozen"/>'
-        '<selection pane="bottomLeft" activeCell="A2" sqref="A2"/></sheetView></sheetViews>'
-        f'<sheetFormatPr defaultRowHeight="15"/><cols>{columns}</cols><sheetData>'
-    )
-
-
-def _workbook(sheet_name: str, area: str) -> str:
-    absolute = "$" + area.replace(":", ":$")
-    absolute = re.sub(r"([A-Z]+)(\d+)", r"\1$\2", absolute)
-    quoted = "'" + sheet_name.replace("'", "''") + "'"
-    return (
-        _XML_HEAD + f'<workbook xmlns="{_MAIN_NS}" xmlns:r="{_REL_NS}">'
-        "<bookViews><workbookView/></bookViews>"
-        f'<sheets><sheet name={quoteattr(sheet_name)} sheetId="1" r:id="rId1"/></sheets>'
-        '<definedNames><definedName name="_xlnm._FilterDatabase" localSheetId="0" hidden="1">'
-        f"{_escape(quoted)}!{absolute}</definedName></definedNames></workbook>"
-    )
+    if _ILLEGAL_XML.search(value):
+        value = _ILLEGAL_XML.sub("\ufffd", value)
+    return value

@@ -37,7 +37,8 @@ def read_sheet(
     """The table of a workbook's ``Results`` sheet, else its first; ``lines`` are its row numbers.
 
     Every cell is read as text: the value a formula last showed, integral
-    numbers without ``.0``, dates in ISO form, empty cells as ``""``. Output
+    numbers without ``.0``, dates in ISO form, empty cells as ``""``, OOXML's
+    ``_xHHHH_`` escapes decoded (as Excel shows them). Output
     columns (``result``, ``status``, ...) are dropped as a CSV's are.
 
     Reading costs what the sheet's XML holds, never the row and column numbers
@@ -77,7 +78,10 @@ def cell_text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        # OOXML writes characters XML cannot hold as _xHHHH_ (a CR is _x000D_) and
+        # escapes literal _xHHHH_ text as _x005F_xHHHH_; Excel decodes both when it
+        # reads, openpyxl neither.
+        return _unescape(value) if "_x" in value else value
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
     if isinstance(value, float) and value.is_integer():
@@ -89,6 +93,15 @@ def cell_text(value: object) -> str:
     if isinstance(value, datetime.date | datetime.time):
         return value.isoformat()
     return str(value)
+
+
+def _unescape(text: str) -> str:
+    """``text`` with OOXML's ``_xHHHH_`` escapes decoded, left to right, as Excel does."""
+    # Imported here, as openpyxl is above: importing it costs every start.
+    from openpyxl.utils.escape import unescape
+
+    result: str = unescape(text)
+    return result
 
 
 def _check_archive(data: bytes, max_unzipped_bytes: int | None, max_cells: int | None) -> None:

@@ -2,8 +2,9 @@
 
 Builds ROWS rows of 6 cells of 200 characters of seeded random words, resets
 the process's peak-memory mark, writes them with WRITER (``batchexec`` or
-``pandas``) and prints JSON: the seconds the write took and how far the peak
-resident memory rose above the resident memory with the data built.
+``pandas``) and prints JSON: the engine that wrote the file, the seconds the
+write took and how far the peak resident memory rose above the resident
+memory with the data built.
 """
 
 from __future__ import annotations
@@ -48,16 +49,21 @@ def _reset_peak() -> bool:
     return True
 
 
-def write_batchexec(path: Path, header: list[str], rows: list[list[str]]) -> None:
+def write_batchexec(path: Path, header: list[str], rows: list[list[str]]) -> str:
     from batchexec.exports import Sheet, write_xlsx
 
     write_xlsx(path, Sheet(header, list(rows)))  # type: ignore[arg-type]
+    return "xlsxwriter"
 
 
-def write_pandas(path: Path, header: list[str], rows: list[list[str]]) -> None:
+def write_pandas(path: Path, header: list[str], rows: list[list[str]]) -> str:
+    """What ``DataFrame.to_excel(path)`` does, with the engine it chose kept to report."""
     import pandas
 
-    pandas.DataFrame(rows, columns=header).to_excel(path, index=False)
+    with pandas.ExcelWriter(path) as excel:
+        pandas.DataFrame(rows, columns=header).to_excel(excel, index=False)
+    engine: str = excel.engine
+    return engine
 
 
 WRITERS = {"batchexec": write_batchexec, "pandas": write_pandas}
@@ -72,17 +78,19 @@ def main(argv: list[str]) -> None:
     if writer_name == "pandas":
         import openpyxl  # noqa: F401
         import pandas  # noqa: F401
+        import xlsxwriter  # noqa: F401 - pandas' default engine where it is installed
     else:
         import batchexec.exports  # noqa: F401
     gc.collect()
     reset = _reset_peak()
     baseline_kb = _status_kb("VmRSS")
     started = time.perf_counter()
-    writer(path, header, rows)
+    engine = writer(path, header, rows)
     seconds = time.perf_counter() - started
     peak_kb = _status_kb("VmHWM")
     result = {
         "writer": writer_name,
+        "engine": engine,
         "rows": count,
         "seconds": seconds,
         "baseline_mb": baseline_kb / 1024,

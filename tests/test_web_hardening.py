@@ -375,11 +375,10 @@ async def test_instant_rows_hand_the_loop_back_every_few_hundred_rows(make_clien
 
 
 async def test_a_large_batch_is_validated_and_planned_off_the_loop(make_client, monkeypatch):
-    import batchexec.web.requests as requests_module
+    from batchexec.inputs import plan_rows as real_plan_rows
+    from batchexec.web.requests import validated as real_validated
 
     threads: list[str] = []
-    real_plan_rows = requests_module.plan_rows
-    real_validated = requests_module.validated
 
     def plan_rows(*args: Any) -> Any:
         threads.append(threading.current_thread().name)
@@ -389,8 +388,8 @@ async def test_a_large_batch_is_validated_and_planned_off_the_loop(make_client, 
         threads.append(threading.current_thread().name)
         return real_validated(*args)
 
-    monkeypatch.setattr(requests_module, "plan_rows", plan_rows)
-    monkeypatch.setattr(requests_module, "validated", validated)
+    monkeypatch.setattr("batchexec.web.requests.plan_rows", plan_rows)
+    monkeypatch.setattr("batchexec.web.requests.validated", validated)
     client = await make_client(max_executions_per_batch=3000)
     rows = [{"prompt": f"row {n} " + "x" * 40, "model": "echo"} for n in range(3000)]
     await submit(client, rows)
