@@ -202,6 +202,12 @@ class ResultWorkbooks:
             task = self._start(batch)
         return await asyncio.shield(task)
 
+    async def written(self, name: str) -> None:
+        """Wait for the write of workbook ``name``, if one is under way."""
+        task = self._writing.get(name)
+        if task is not None:
+            await asyncio.shield(task)
+
     async def idle(self) -> None:
         """Wait for every write under way (at shutdown, and in tests)."""
         while self._writing:

@@ -114,22 +114,13 @@ class Registry:
         succeeded there are copied over as already ``succeeded``; only the
         others are left to run.
         """
-        batch = Batch(
-            id=batch_id or self.new_id(),
-            owner=owner,
-            columns=plan.columns,
-            executions=[
-                Execution(row.index, row.target.model.name, row.cells) for row in plan.rows
-            ],
-            created_at=time.time(),
-            retry_of=retry_of.id if retry_of else None,
-            plan=plan,
-        )
-        for earlier in retry_of.executions if retry_of else ():
-            if earlier.status is ExecutionStatus.SUCCEEDED:
-                execution = batch.executions[earlier.index - 1]
-                execution.prompt_sent = earlier.prompt_sent
-                _end(batch, execution, replace(earlier.outcome, seq=batch.next_seq()))
+        batch_id = batch_id or self.new_id()
+        if len(plan.rows) > _BUILT_INLINE_ROWS:
+            # Plain records, shared with nothing yet: made in a thread, so a
+            # batch of 100,000 rows does not hold the event loop.
+            batch = await asyncio.to_thread(_new_batch, batch_id, owner, plan, retry_of)
+        else:
+            batch = _new_batch(batch_id, owner, plan, retry_of)
         await self.store.create(batch)
         self._active[batch.id] = batch
         return batch
@@ -392,6 +383,29 @@ class Registry:
             visible()
         else:
             self._commits.record(change, visible)
+
+
+#: Batches of more rows than this are made off the event loop.
+_BUILT_INLINE_ROWS = 2000
+
+
+def _new_batch(batch_id: str, owner: str, plan: BatchPlan, retry_of: Batch | None) -> Batch:
+    """A ``queued`` batch for ``plan``; a retry's rows that succeeded there come ended."""
+    batch = Batch(
+        id=batch_id,
+        owner=owner,
+        columns=plan.columns,
+        executions=[Execution(row.index, row.target.model.name, row.cells) for row in plan.rows],
+        created_at=time.time(),
+        retry_of=retry_of.id if retry_of else None,
+        plan=plan,
+    )
+    for earlier in retry_of.executions if retry_of else ():
+        if earlier.status is ExecutionStatus.SUCCEEDED:
+            execution = batch.executions[earlier.index - 1]
+            execution.prompt_sent = earlier.prompt_sent
+            _end(batch, execution, replace(earlier.outcome, seq=batch.next_seq()))
+    return batch
 
 
 def _end(batch: Batch, execution: Execution, outcome: Outcome) -> None:

@@ -30,10 +30,16 @@ _REQUEST_DRAIN_S = 5.0
 #: How long an idle keep-alive connection stays open (``web.run_app``'s default).
 _KEEPALIVE_S = 75.0
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SWITCH_INTERVAL_S = 0.001
 
 
 def serve(*, host: str | None = None, port: int | None = None) -> int:
     """Start the server and block until it is stopped by SIGINT or SIGTERM."""
+    # Workbooks, results and uploads are made in worker threads; while one
+    # runs Python, the event loop waits for the interpreter lock up to this
+    # long each time (CPython's default is 5 ms, which a request needing a
+    # few turns of the lock feels as tens of milliseconds).
+    sys.setswitchinterval(_SWITCH_INTERVAL_S)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

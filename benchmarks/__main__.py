@@ -1,8 +1,10 @@
 """``python -m benchmarks [SCENARIO ...]``: run the scenarios, print the table, write the files.
 
-With no argument every scenario runs, in about six minutes on two cores.
+With no argument every scenario runs, in about six minutes on two cores plus
+about six for the two 100,000-row ones (``responsive``).
 Name scenarios to run only those (for profiling one of them), e.g.
-``python -m benchmarks xlsx``; ``store`` names the three store scenarios.
+``python -m benchmarks xlsx``; ``store`` names the three store scenarios,
+``responsive`` the two of a 100,000-row batch.
 Knobs: ``BENCH_RUNS`` (runs per figure, default 3), ``BENCH_FULL=1`` (the
 sequential baseline over all 2,000 rows).
 """
@@ -15,12 +17,12 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from benchmarks import client as http
-from benchmarks import makespan, overhead, polling, report, store
+from benchmarks import makespan, overhead, polling, report, responsive, store
 from benchmarks.common import RESULTS_DIR, RUNS, Figure, Target, progress
 from benchmarks.memory import memory
 from benchmarks.profiling import profile_overhead
@@ -42,9 +44,22 @@ STORE_PAIR_SCENARIOS: dict[
     "store-makespan": store.makespan,
 }
 STORE_SCENARIOS = (*STORE_PAIR_SCENARIOS, "store-memory")
-SCENARIOS = (*HTTP_SCENARIOS, "sequential", "profile", "providers", "xlsx", *STORE_SCENARIOS)
+#: Scenarios that run against a server of their own that takes 100,000-row batches.
+RESPONSIVE_SCENARIOS: dict[str, Callable[[http.BatchClient], Awaitable[Figure]]] = {
+    "responsive-health": responsive.health,
+    "responsive-linear": responsive.linear,
+}
+SCENARIOS = (
+    *HTTP_SCENARIOS,
+    "sequential",
+    "profile",
+    "providers",
+    "xlsx",
+    *STORE_SCENARIOS,
+    *RESPONSIVE_SCENARIOS,
+)
 #: Names that stand for several scenarios.
-GROUPS = {"store": STORE_SCENARIOS}
+GROUPS = {"store": STORE_SCENARIOS, "responsive": tuple(RESPONSIVE_SCENARIOS)}
 #: Each scenario's figure (key and title), in the issue's order: the table's.
 FIGURES = {
     "independent": ("makespan_independent", "makespan vs ideal, independent rows"),
@@ -58,6 +73,8 @@ FIGURES = {
     "store-rows": ("store_rows", "instant rows/s, SQLite vs memory://"),
     "store-makespan": ("store_makespan", "makespan vs ideal, SQLite"),
     "store-memory": ("store_memory", "memory after 50 batches vs 1, SQLite"),
+    "responsive-health": ("responsive_health", "/health during a 100,000-row batch"),
+    "responsive-linear": ("responsive_linear", "100,000 rows vs 10 x 10,000, wall time"),
 }
 ORDER = [key for key, _ in FIGURES.values()]
 WARM_UP_ROWS = 200
@@ -85,7 +102,8 @@ def _arguments(argv: list[str]) -> list[str]:
         prog="python -m benchmarks",
         description="Run batchexec's benchmarks, print the table, write bench-results/.",
         epilog=f"scenarios: {', '.join(SCENARIOS)} (all by default; store names the "
-        f"{len(STORE_SCENARIOS)} store scenarios); memory is reported "
+        f"{len(STORE_SCENARIOS)} store scenarios, responsive the "
+        f"{len(RESPONSIVE_SCENARIOS)} of a 100,000-row batch); memory is reported "
         "whenever an HTTP scenario ran. BENCH_RUNS sets the runs a figure (default 3), "
         "BENCH_FULL=1 runs the sequential baseline over all 2,000 rows.",
     )
@@ -101,7 +119,11 @@ def _arguments(argv: list[str]) -> list[str]:
     return chosen
 
 
-async def _http_scenarios(server: Server, chosen: list[str]) -> list[Figure]:
+async def _http_scenarios(
+    server: Server,
+    chosen: list[str],
+    scenarios: Mapping[str, Callable[[http.BatchClient], Awaitable[Figure]]] = HTTP_SCENARIOS,
+) -> list[Figure]:
     figures: list[Figure] = []
     async with http.session() as session:
         client = http.BatchClient(session, server.url)
@@ -110,7 +132,7 @@ async def _http_scenarios(server: Server, chosen: list[str]) -> list[Figure]:
         for name in chosen:
             progress(name, "starting")
             try:
-                figures.append(await HTTP_SCENARIOS[name](client))
+                figures.append(await scenarios[name](client))
             except Exception as error:
                 figures.append(_failed(name, error))
     return figures
@@ -141,6 +163,18 @@ async def _store_pair_scenarios(sqlite: Server, memory: Server, chosen: list[str
                 figures.append(await STORE_PAIR_SCENARIOS[name](on_sqlite, on_memory))
             except Exception as error:
                 figures.append(_failed(name, error))
+    return figures
+
+
+def _run_responsive(workdir: Path, chosen: list[str]) -> list[Figure]:
+    """The 100,000-row scenarios, on a server whose limits take such a batch."""
+    try:
+        with responsive.server(workdir) as server:
+            progress("responsive", f"server pid {server.pid} on {server.url}")
+            figures = asyncio.run(_http_scenarios(server, chosen, RESPONSIVE_SCENARIOS))
+            progress("responsive", f"server peak RSS {server.peak_rss_mb():,.0f} MB")
+    except Exception as error:
+        return [_failed(name, error) for name in chosen]
     return figures
 
 
@@ -180,6 +214,9 @@ def main(argv: list[str]) -> int:
         pair_chosen = [name for name in STORE_PAIR_SCENARIOS if name in chosen]
         if pair_chosen:
             figures += _run_store_pair(workdir, pair_chosen)
+        responsive_chosen = [name for name in RESPONSIVE_SCENARIOS if name in chosen]
+        if responsive_chosen:
+            figures += _run_responsive(workdir, responsive_chosen)
         steps: list[tuple[str, Callable[[], Figure | None]]] = [
             (
                 "sequential",

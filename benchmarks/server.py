@@ -24,7 +24,11 @@ from benchmarks.common import ROOT, mb
 
 API_KEY = "bench-token"
 #: Echo models the harness's catalog defines: name -> simulated latency in seconds.
-ECHO_MODELS: Mapping[str, float] = {"bench-echo-100ms": 0.1, "bench-echo-0": 0.0}
+ECHO_MODELS: Mapping[str, float] = {
+    "bench-echo-100ms": 0.1,
+    "bench-echo-0": 0.0,
+    "bench-echo-1ms": 0.001,
+}
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 60.0
 #: Variables that would change what the server does and that the harness does not set.

@@ -19,10 +19,13 @@ async def download(request: web.Request) -> web.StreamResponse:
     entry = await registry.check_file(name, request[OWNER])
     folder = request.app[SETTINGS].results_dir
     if not entry.template and _plain_name(name):
-        # Being written, or gone (a new disk, a cleaned folder): made from the records.
-        batch = await registry.get(entry.batch_id, request[OWNER])
-        if batch.status.finished and batch.file_name == name:
-            await request.app[RESULT_WORKBOOKS].ensure(batch)
+        workbooks = request.app[RESULT_WORKBOOKS]
+        await workbooks.written(name)
+        if not (folder / name).is_file():
+            # Gone (a new disk, a cleaned folder, a crash mid-write): made from the records.
+            batch = await registry.get(entry.batch_id, request[OWNER])
+            if batch.status.finished and batch.file_name == name:
+                await workbooks.ensure(batch)
     return web.FileResponse(
         _inside(folder, name),
         headers={

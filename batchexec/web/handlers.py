@@ -40,7 +40,7 @@ async def health(request: web.Request) -> web.Response:
 async def execute_batch(request: web.Request) -> web.Response:
     """Validate a batch of executions and start it in the background."""
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
-    plan = await plan_off_loop(request, from_executions(body.executions))
+    plan = await plan_off_loop(request, lambda: from_executions(body.executions))
     batch = await request.app[ENGINE].submit(request[OWNER], plan)
     return answer(InvokeResponse.started(batch.id))
 
@@ -69,8 +69,11 @@ async def retry(request: web.Request) -> web.Response:
     rerun = [e.index for e in original.executions if e.status is not ExecutionStatus.SUCCEEDED]
     if not rerun:
         raise ConflictError("Every execution of the batch succeeded; there is nothing to retry.")
+
     # Planned again, against today's catalog: the rows run now, not when first sent.
-    rows = Rows.of(original.columns, [execution.row_input for execution in original.executions])
+    def rows() -> Rows:
+        return Rows.of(original.columns, [execution.row_input for execution in original.executions])
+
     plan = await plan_off_loop(request, rows)
     batch = await request.app[ENGINE].submit(request[OWNER], plan, retry_of=original)
     return answer(RetryResponse.retrying(batch.id, original, rerun))

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from batchexec.exports import csv_sheet, render_csv
 from batchexec.records import Batch, Execution
-from batchexec.schemas import ResultsQuery, ResultsResponse
+from batchexec.schemas import ExecutionOut, ResultsQuery, ResultsResponse
 from batchexec.web.keys import RESULTS_CACHE
 from batchexec.web.requests import xlsx_url
 
@@ -100,8 +100,13 @@ def _tail(batch: Batch) -> dict[str, object]:
     results route does it once, off the event loop, and keeps the answer.
     """
     csv_content = render_csv(csv_sheet(batch)) if batch.status.finished else None
-    answer = ResultsResponse.of(batch, csv_content=csv_content)
-    return answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS))
+    finished = [e for e in batch.executions if e.status.finished]
+    answer = ResultsResponse.of(batch, csv_content=csv_content, executions=[])
+    fields = answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS))
+    # A row at a time: one model_dump over 100,000 rows is one long C call that
+    # holds the interpreter lock, stalling the event loop even from a thread.
+    fields["executions"] = [ExecutionOut.of(e).model_dump(mode="json") for e in finished]
+    return fields
 
 
 def _dumps_in_pieces(fields: dict[str, object]) -> bytes:
