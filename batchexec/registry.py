@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -322,7 +323,11 @@ class Registry:
         batch.status = status
         batch.message = message
         batch.finished_at = finished_at
-        batch.plan = None
+        plan, batch.plan = batch.plan, None
+        if plan is not None and len(plan.rows) > _BUILT_INLINE_ROWS:
+            # Freeing 100,000 planned rows takes a while: let a thread do it.
+            threading.Thread(target=_drop, args=(plan,), daemon=True).start()
+        del plan
         self._active.pop(batch.id, None)
         self._finished.put(batch)
         self.events.publish(batch.id, done_event(batch))
@@ -387,6 +392,11 @@ class Registry:
 
 #: Batches of more rows than this are made off the event loop.
 _BUILT_INLINE_ROWS = 2000
+
+
+def _drop(plan: BatchPlan) -> None:
+    """Let go of the last reference to ``plan``, in the thread that calls this."""
+    del plan
 
 
 def _new_batch(batch_id: str, owner: str, plan: BatchPlan, retry_of: Batch | None) -> Batch:
