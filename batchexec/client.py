@@ -9,8 +9,8 @@
 
 Every error the server answers with is raised as a ``ClientError`` subclass
 chosen by its HTTP status; a server that cannot be reached, or breaks off, is
-``ConnectionFailed``. It loads none of the server: only aiohttp and the API's
-names.
+``ConnectionFailed``. It loads none of the server: only aiohttp, aiofiles, the
+API's names and the project's errors and atomic file writes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -26,11 +25,11 @@ from typing import Any, NamedTuple
 from urllib.parse import quote, unquote, urlsplit
 
 import aiofiles
-import aiofiles.os
 import aiohttp
 
 from batchexec import api
 from batchexec.errors import BatchexecError, FieldError
+from batchexec.files import atomic_path
 
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 #: The events route sends a keep-alive comment every 15 s; a longer silence is a dead link.
@@ -215,19 +214,13 @@ class Client:
         Written (with aiofiles) to a temporary file beside ``path`` and renamed
         at the end, so ``path`` is never half a workbook.
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        try:
+        with atomic_path(path) as temporary:
             async with (
                 self._request("GET", _download_path(xlsx_url_or_file_name)) as response,
                 aiofiles.open(temporary, "wb") as file,
             ):
                 async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
                     await file.write(chunk)
-            await aiofiles.os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
 
     async def follow(self, invocation_id: str) -> AsyncGenerator[Event, None]:
         """The batch's server-sent events as they come; ends after ``done``.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import logging
 from collections.abc import Awaitable, Callable
@@ -217,11 +218,11 @@ class ResultWorkbooks:
         name = batch.file_name
         task = asyncio.create_task(self._write(batch.id, batch.owner), name=f"workbook {name}")
         self._writing[name] = task
-        task.add_done_callback(self._written)
+        task.add_done_callback(functools.partial(self._written, name))
         return task
 
-    def _written(self, task: asyncio.Task[Path]) -> None:
-        self._writing.pop(task.get_name().removeprefix("workbook "), None)
+    def _written(self, name: str, task: asyncio.Task[Path]) -> None:
+        self._writing.pop(name, None)
         if not task.cancelled():
             task.exception()  # logged by _write; retrieved so asyncio does not log it again
 

@@ -13,7 +13,8 @@ from pathlib import Path
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed to ``path`` when the block ends.
 
-    Blocking; use it in a worker thread (``asyncio.to_thread``). If the block
+    Its own steps are a few file-system calls; what the block writes should
+    be written off the event loop (a worker thread, or aiofiles). If the block
     raises, the temporary file is removed and ``path`` is left as it was, so
     a reader never sees half a file. The file is made readable by all, as an
     ordinary output is (``mkstemp`` makes it private).

@@ -170,12 +170,12 @@ def decode(data: bytes, fmt: Format) -> str:
         ) from exc
 
 
-def from_table(table: Table) -> Rows:
-    """Rows of a parsed CSV, each placed at the line it starts on."""
+def from_table(table: Table, *, place: str = "line") -> Rows:
+    """Rows of a parsed CSV (placed at the line each starts on) or sheet (``place="row"``)."""
     return Rows(
         columns=table.columns,
         rows=tuple(_row_of(cells) for cells in table.rows),
-        places=tuple(f"line {line}" for line in table.lines),
+        places=tuple(f"{place} {line}" for line in table.lines),
     )
 
 
@@ -239,11 +239,7 @@ def parse_xlsx(
         max_cells=max_cells,
         timeout_s=timeout_s,
     )
-    return Rows(
-        columns=table.columns,
-        rows=tuple(_row_of(cells) for cells in table.rows),
-        places=tuple(f"row {number}" for number in table.lines),
-    )
+    return from_table(table, place="row")
 
 
 def from_executions(executions: Sequence[ExecutionIn | None]) -> Rows:

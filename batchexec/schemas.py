@@ -224,13 +224,10 @@ class ResultsResponse(BaseModel):
         batch: Batch,
         *,
         csv_content: str | None,
-        executions: list[Execution] | None = None,
-        cursor: int | None = None,
+        executions: list[Execution],
+        cursor: int,
     ) -> ResultsResponse:
-        """The answer for ``batch``: ``executions`` (by default every finished one, by row)
-        and ``cursor`` (by default the last end's); ``xlsx_url`` is the caller's."""
-        if executions is None:
-            executions = [e for e in batch.executions if e.status.finished]
+        """The answer for ``batch`` listing ``executions``; ``xlsx_url`` is the caller's."""
         prompt_tokens, completion_tokens = batch.tokens()
         return cls(
             status=batch.status,
@@ -240,7 +237,7 @@ class ResultsResponse(BaseModel):
             progress=Progress.of(batch.counts),
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
             executions=[ExecutionOut.of(e) for e in executions],
-            cursor=batch.cursor if cursor is None else cursor,
+            cursor=cursor,
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 _WRITE_CHUNK_BYTES = 64 * 1024
 #: Seconds a client may take to read one chunk before its connection is closed.
 _WRITE_TIMEOUT_S = 30.0
-#: A running batch of more rows than this has its whole answer rendered off the loop.
+#: An answer listing more rows than this (and not cached) is rendered off the loop.
 _INLINE_ROWS = 1000
 #: Fields of the results answer rendered per request, ahead of the cached rest.
 _HEAD_FIELDS = ("status", "invocationId", "message", "xlsx_url")
@@ -49,20 +50,17 @@ async def answer_results(
             cursor = batch.cursor if query.since is None else query.since
         else:
             executions, cursor = batch.ended_since(query.since or 0)
-        answer = ResultsResponse.of(batch, csv_content=None, executions=executions, cursor=cursor)
-        rest = dumps(answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS)))
+        rest = await _render(lambda: _tail(batch, executions, cursor), len(executions))
     elif batch.status.finished:
 
         async def render() -> bytes:
-            return await asyncio.to_thread(lambda: _dumps_in_pieces(_tail(batch)))
+            return await asyncio.to_thread(lambda: _dumps_in_pieces(_whole(batch)))
 
         rest = await request.app[RESULTS_CACHE].get(batch.id, render)
-    elif len(batch.executions) > _INLINE_ROWS:
-        # A running batch's answer changes with every row: rendered each time,
-        # off the loop (its rows are read as they are at that moment).
-        rest = await asyncio.to_thread(lambda: _dumps_in_pieces(_tail(batch)))
     else:
-        rest = dumps(_tail(batch))
+        # A running batch's answer changes with every row: rendered each time
+        # (its rows are read as they are at that moment).
+        rest = await _render(lambda: _whole(batch), len(batch.executions))
     # The head's closing brace gives way to the rest's fields; a view, not a copy,
     # of the cached rest, which may be tens of megabytes.
     return await _stream(request, [dumps(_head(batch, url))[:-1], b",", memoryview(rest)[1:]])
@@ -93,19 +91,33 @@ def _head(batch: Batch, url: str | None) -> dict[str, object]:
     }
 
 
-def _tail(batch: Batch) -> dict[str, object]:
-    """The fields of a results answer that depend on the batch alone.
+async def _render(fields: Callable[[], dict[str, object]], rows: int) -> bytes:
+    """``fields`` as JSON: in a worker thread, a field and a row at a time, when large."""
+    if rows > _INLINE_ROWS:
+        return await asyncio.to_thread(lambda: _dumps_in_pieces(fields()))
+    return dumps(fields())
+
+
+def _whole(batch: Batch) -> dict[str, object]:
+    """The whole answer's fields after the head: every finished row, by row number.
 
     A finished batch's CSV content is rendered from its records here: the
     results route does it once, off the event loop, and keeps the answer.
     """
     csv_content = render_csv(csv_sheet(batch)) if batch.status.finished else None
     finished = [e for e in batch.executions if e.status.finished]
-    answer = ResultsResponse.of(batch, csv_content=csv_content, executions=[])
+    return _tail(batch, finished, batch.cursor, csv_content)
+
+
+def _tail(
+    batch: Batch, executions: list[Execution], cursor: int, csv_content: str | None = None
+) -> dict[str, object]:
+    """The fields of a results answer after the head, listing ``executions``."""
+    answer = ResultsResponse.of(batch, csv_content=csv_content, executions=[], cursor=cursor)
     fields = answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS))
     # A row at a time: one model_dump over 100,000 rows is one long C call that
     # holds the interpreter lock, stalling the event loop even from a thread.
-    fields["executions"] = [ExecutionOut.of(e).model_dump(mode="json") for e in finished]
+    fields["executions"] = [ExecutionOut.of(e).model_dump(mode="json") for e in executions]
     return fields
 
 
