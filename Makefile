@@ -42,7 +42,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-.PHONY: bench hostile stress
+.PHONY: bench hostile stress cluster
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks
 
@@ -53,3 +53,7 @@ hostile: $(BENCH_STAMP)
 # SIGKILLs of a real server during batches: rows lost (must be 0) and calls sent twice.
 stress: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.stress
+
+# Three replicas on one PostgreSQL database (the local `test` unless DATABASE_URL says).
+cluster: $(STAMP)
+	$(BIN)/python tools/cluster.py

@@ -7,7 +7,9 @@ then makes it visible. So a client never sees what a crash could take back,
 and a thousand rows ending at once cost one commit, not a thousand.
 
 A group the store refuses is never shown; each batch it touches is reported
-to ``on_failure`` (the engine fails them).
+to ``on_failure`` (the engine fails them). In a shared store, the changes of
+a batch whose lease another replica has taken are not written: they are not
+shown either, and the batch is reported to ``on_lost`` (the engine lets it go).
 """
 
 from __future__ import annotations
@@ -25,14 +27,19 @@ log = logging.getLogger(__name__)
 Visible = Callable[[], None]
 #: Called with a batch's id when a change to it could not be written.
 StoreFailure = Callable[[str, StoreError], None]
+#: Called with a batch's id when its lease is another replica's now.
+LeaseLost = Callable[[str], None]
 
 
 class GroupCommits:
     """The write-behind queue between the registry and a durable store."""
 
-    def __init__(self, store: BatchStore, on_failure: StoreFailure) -> None:
+    def __init__(
+        self, store: BatchStore, on_failure: StoreFailure, on_lost: LeaseLost | None = None
+    ) -> None:
         self._store = store
         self._on_failure = on_failure
+        self._on_lost = on_lost
         #: Changes waiting for the next group commit, each with what it makes visible.
         self._pending: list[tuple[Change | None, Visible]] = []
         #: Resolved once the pending group is committed, and the one being written.
@@ -94,9 +101,10 @@ class GroupCommits:
     async def _commit(self, group: list[tuple[Change | None, Visible]]) -> None:
         """Write ``group`` in one transaction; show it if written, else fail its batches."""
         changes = [change for change, _ in group if change is not None]
+        lost: frozenset[str] = frozenset()
         try:
             if changes:
-                await self._store.apply(changes)
+                lost = await self._store.apply(changes)
         except Exception as exc:
             error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
             log.error("could not write %d changes: %s", len(changes), error)
@@ -105,7 +113,13 @@ class GroupCommits:
             for batch_id in dict.fromkeys(change.batch_id for change in changes):
                 self._on_failure(batch_id, error)
             return
-        for _, visible in group:
+        for batch_id in lost:
+            log.warning("batch %s: its lease is another replica's; letting it go", batch_id)
+            if self._on_lost is not None:
+                self._on_lost(batch_id)
+        for change, visible in group:
+            if lost and change is not None and change.batch_id in lost:
+                continue  # not written, so never shown
             try:
                 visible()
             except Exception:

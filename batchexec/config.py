@@ -25,6 +25,8 @@ MAX_INPUT_COLUMNS = 16_384 - 8
 
 SQLITE_URL_PREFIX = "sqlite:///"
 MEMORY_URL = "memory://"
+#: The schemes of a PostgreSQL ``DATABASE_URL`` (libpq's two spellings).
+POSTGRES_URL_PREFIXES = ("postgresql://", "postgres://")
 
 
 def check_database_url(url: str) -> str:
@@ -33,8 +35,11 @@ def check_database_url(url: str) -> str:
         return url
     if url.startswith(SQLITE_URL_PREFIX) and url.removeprefix(SQLITE_URL_PREFIX).strip():
         return url
+    if url.startswith(POSTGRES_URL_PREFIXES):
+        return url
     raise ValueError(
-        "must be sqlite:///PATH (a relative path; sqlite:////PATH for an absolute one) or memory://"
+        "must be sqlite:///PATH (a relative path; sqlite:////PATH for an absolute one), "
+        "postgresql://USER@HOST/DATABASE or memory://"
     )
 
 
@@ -121,6 +126,13 @@ class Settings(BaseSettings):
     batch_cache_bytes: Annotated[
         int, _env("BATCH_CACHE_BYTES", "batch_cache_bytes"), Field(ge=0)
     ] = 8 * 1024 * 1024
+    #: Connections each process keeps to a PostgreSQL ``DATABASE_URL``.
+    database_pool_size: Annotated[
+        int, _env("DATABASE_POOL_SIZE", "database_pool_size"), Field(ge=2, le=100)
+    ] = 10
+    #: Seconds a replica's claim on a batch lasts unless renewed (PostgreSQL only): how
+    #: long a dead replica's batches wait before another replica takes them over.
+    lease_s: Annotated[float, _env("LEASE_S", "lease_s"), Field(ge=0.5, le=3600)] = 15.0
 
     openai_base_url: Annotated[str | None, _env("OPENAI_BASE_URL", "openai_base_url")] = None
     watsonx_url: Annotated[str | None, _env("WATSONX_URL", "watsonx_url")] = None

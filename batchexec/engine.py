@@ -13,6 +13,12 @@ it was given.
 With a durable store a stopping engine ends no batch it has not finished:
 rows that had not started stay pending, rows cut off stay running, and the
 next process resumes them (``resume``). With ``memory://`` they are cancelled.
+
+With a shared store (PostgreSQL, several replicas) a submitted batch is only
+stored: whichever replica claims its lease runs it (``cluster.Replica``
+calls ``resume``), a batch whose lease is lost is let go (``abandon``) as at
+a shutdown, and a cancel of a batch another replica runs is passed on
+through the store (``Remote``).
 """
 
 from __future__ import annotations
@@ -20,22 +26,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Protocol
 
 from batchexec.config import Settings
-from batchexec.errors import ConflictError, QueueFullError, ShuttingDownError
+from batchexec.errors import ConflictError, InputError, QueueFullError, ShuttingDownError
 from batchexec.execution import Executor
 from batchexec.exports import OutputWriter
+from batchexec.limits import CallLimits
 from batchexec.planning import BatchPlan, PlannedRow
 from batchexec.providers import Provider
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
 from batchexec.registry import Registry
 from batchexec.scheduling import ReadyRows
-from batchexec.store import StoreError
+from batchexec.store import SharedStore, StoreError
 from batchexec.templating import substitute
 
 log = logging.getLogger(__name__)
+
+
+class Remote(Protocol):
+    """Batches that other replicas run, as a shared store lets this process reach them."""
+
+    async def cancel(self, batch_id: str, reason: str) -> None:
+        """Have the batch cancelled wherever it runs, and wait until it has ended."""
 
 
 class Engine:
@@ -49,9 +64,11 @@ class Engine:
         *,
         rng: random.Random | None = None,
         outputs: OutputWriter | None = None,
+        limits: CallLimits | None = None,
     ) -> None:
         """``outputs`` writes a finished batch's CSV content and workbook; without one they
-        are left to the caller (the command line writes only the files it was asked for)."""
+        are left to the caller (the command line writes only the files it was asked for).
+        ``limits`` are the per-model limits, this process's own unless given."""
         self._settings = settings
         self._outputs = outputs
         self._registry = registry
@@ -67,8 +84,13 @@ class Engine:
         self._failures: dict[str, str] = {}
         #: Batches whose end has been recorded.
         self._ended: set[str] = set()
-        self._executor = Executor(settings, providers, rng=rng or random.Random())
+        self._executor = Executor(settings, providers, rng=rng or random.Random(), limits=limits)
         self._stopping = False
+        #: Batches let go because another replica took their lease.
+        self._abandoned: set[str] = set()
+        #: How a batch run by another replica is reached (a shared store only).
+        self.remote: Remote | None = None
+        registry.on_lease_lost = self.abandon
 
     async def submit(
         self,
@@ -85,7 +107,12 @@ class Engine:
         Raises ``QueueFullError`` when every batch slot is busy and
         ``max_queued_batches`` batches already wait, and ``ShuttingDownError``
         once the engine is stopping.
+
+        With a shared store the batch is only stored, for a replica to claim;
+        ``max_queued_batches`` then counts the batches no replica has claimed.
         """
+        if self._registry.shared:
+            return await self._store_for_claim(owner, plan, batch_id, retry_of)
         self._check_room()
         batch = await self._registry.add(owner, plan, batch_id=batch_id, retry_of=retry_of)
         try:
@@ -96,6 +123,61 @@ class Engine:
             raise
         self._start(batch)
         return batch
+
+    async def _store_for_claim(
+        self, owner: str, plan: BatchPlan, batch_id: str | None, retry_of: Batch | None
+    ) -> Batch:
+        if self._stopping:
+            raise ShuttingDownError("The server is shutting down; try again later.")
+        store = self._registry.store
+        assert isinstance(store, SharedStore)
+        # Concurrent submissions to several replicas may each see room for one
+        # more: the bound holds to within the submissions in flight.
+        if self.free_slots() == 0 and await store.waiting() >= self._settings.max_queued_batches:
+            raise QueueFullError("Too many batches are queued; try again later.")
+        return await self._registry.add(
+            owner, plan, batch_id=batch_id, retry_of=retry_of, hold=False
+        )
+
+    def free_slots(self) -> int:
+        """How many more batches this process would run now."""
+        return max(self._settings.max_concurrent_batches - len(self._tasks), 0)
+
+    def running(self) -> list[str]:
+        """The batches this process runs or holds queued, by id."""
+        return list(self._tasks)
+
+    def abandon(self, batch_id: str) -> None:
+        """Stop working on ``batch_id`` without ending it: another replica has it now.
+
+        Its rows in flight are cancelled and nothing more of it is recorded
+        here; the replica that took it over runs them again.
+        """
+        task = self._tasks.get(batch_id)
+        if task is not None and batch_id not in self._abandoned | self._ended:
+            self._abandoned.add(batch_id)
+            log.warning("batch %s: lease lost; stopping work on it here", batch_id)
+            self._cancel(task)
+
+    def resume_stored(self, batch: Batch, plan_of: Callable[[Batch], BatchPlan]) -> None:
+        """Resume ``batch`` (read back from the store) with the plan ``plan_of`` makes of it.
+
+        A batch that can no longer be planned (its model left the catalog)
+        fails, saying why.
+        """
+        try:
+            plan = plan_of(batch)
+        except InputError as exc:
+            reason = "; ".join(error.message for error in exc.errors) or exc.detail
+            log.error("batch %s cannot resume: %s", batch.id, reason)
+            self._registry.cancel_unfinished(batch, f"Not resumed: {reason}")
+            self._registry.finish_batch(
+                batch, BatchStatus.FAILED, f"Batch failed to resume: {reason}"
+            )
+            return
+        left = _rows_left(batch)
+        log.info("resuming batch %s (%d rows left)", batch.id, left)
+        self.resume(batch, plan)
 
     def resume(self, batch: Batch, plan: BatchPlan) -> None:
         """Run ``batch``, which a previous process left unfinished, to its end with ``plan``.
@@ -135,11 +217,21 @@ class Engine:
         """
         task = self._tasks.get(batch_id)
         batch = self._batches.get(batch_id)
+        if task is None and self.remote is not None:
+            await self.remote.cancel(batch_id, _BY_REQUEST)
+            return
         if task is None or batch is None or _all_rows_ended(batch):
             raise ConflictError("The batch has already ended; there is nothing to cancel.")
-        self._cancel_reasons.setdefault(batch_id, "Cancelled by request.")
-        self._cancel(task)
+        self.cancel_soon(batch_id, _BY_REQUEST)
         await self.join(batch_id)
+
+    def cancel_soon(self, batch_id: str, reason: str) -> None:
+        """Start cancelling batch ``batch_id`` (if it runs here), giving ``reason``."""
+        task = self._tasks.get(batch_id)
+        if task is None:
+            return
+        self._cancel_reasons.setdefault(batch_id, reason)
+        self._cancel(task)
 
     async def drain(self, grace_s: float) -> None:
         """Stop gently: refuse new batches, start no new executions, stop queued batches,
@@ -181,6 +273,7 @@ class Engine:
         self._cancel_reasons.pop(batch_id, None)
         self._failures.pop(batch_id, None)
         self._ended.discard(batch_id)
+        self._abandoned.discard(batch_id)
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("batch %s: background task failed", batch_id, exc_info=error)
 
@@ -199,6 +292,8 @@ class Engine:
 
     def _leaves_unfinished(self, batch: Batch) -> bool:
         """Whether a batch being stopped is left for the next process rather than ended."""
+        if batch.id in self._abandoned:
+            return True
         return (
             self._stopping
             and self._keep_unfinished
@@ -209,7 +304,9 @@ class Engine:
     def _stopped(self, batch: Batch) -> None:
         """End (or leave) a batch whose task was cancelled; its outputs are not written."""
         failure = self._failures.get(batch.id)
-        if failure is not None:
+        if batch.id in self._abandoned:
+            self._registry.leave(batch)
+        elif failure is not None:
             self._registry.fail(batch, f"Batch failed: {failure}")
         elif self._leaves_unfinished(batch):
             self._registry.leave(batch)
@@ -241,7 +338,11 @@ class Engine:
                 await self._settle(batch, status, message)
         except asyncio.CancelledError:
             if batch.id not in self._ended:
-                if batch.id in self._failures or self._leaves_unfinished(batch):
+                if (
+                    batch.id in self._failures
+                    or batch.id in self._abandoned
+                    or self._leaves_unfinished(batch)
+                ):
                     self._stopped(batch)
                 else:
                     reason = self._cancel_reasons.get(batch.id, _SHUTDOWN)
@@ -282,7 +383,9 @@ class Engine:
                 BatchStatus.FAILED,
                 f"Batch failed: could not write its outputs: {error}",
             )
-        if (failure := self._failures.get(batch.id)) is not None:
+        if batch.id in self._abandoned:
+            self._registry.leave(batch)  # another replica ends it
+        elif (failure := self._failures.get(batch.id)) is not None:
             # The store refused a change meanwhile (a cancel's, say): the batch fails.
             self._registry.fail(batch, f"Batch failed: {failure}")
         else:
@@ -371,6 +474,7 @@ class Engine:
 
 
 _SHUTDOWN = "Cancelled: the server shut down."
+_BY_REQUEST = "Cancelled by request."
 #: Rows a batch ends, at most, before its workers let other work run.
 _YIELD_EVERY_ROWS = 200
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from batchexec.config import Settings
 from batchexec.errors import ProviderError, ProviderNotConfiguredError
-from batchexec.limits import ModelLimits
+from batchexec.limits import CallLimits, ModelLimits
 from batchexec.planning import PlannedRow
 from batchexec.providers import ChatRequest, Completion, Provider, unconfigured
 from batchexec.records import ExecutionStatus, Outcome
@@ -37,11 +37,13 @@ class Executor:
         providers: Mapping[str, Provider],
         *,
         rng: random.Random,
+        limits: CallLimits | None = None,
     ) -> None:
-        """``rng`` draws the retries' jitter (not security)."""
+        """``rng`` draws the retries' jitter (not security); ``limits`` are this
+        process's own unless given (a cluster's)."""
         self._settings = settings
         self._providers = providers
-        self._limits = ModelLimits()
+        self._limits: CallLimits = limits or ModelLimits()
         self._retry = RetryPolicy(max_retries=settings.max_retries)
         self._rng = rng
 

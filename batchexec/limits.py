@@ -6,11 +6,21 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import Protocol
 
 from batchexec.catalog import ModelSpec, fold
 
 #: Most models have no limits; their calls skip the bookkeeping entirely.
 _UNLIMITED: AbstractAsyncContextManager[object] = nullcontext()
+
+
+class CallLimits(Protocol):
+    """Per-model limits held around each call: this process's (``ModelLimits``), or a
+    cluster's (``shared_limits.SharedModelLimits``)."""
+
+    def call(self, model: ModelSpec) -> AbstractAsyncContextManager[object]:
+        """Held around each request to ``model``; waits for a slot, then for the pacer."""
+        ...
 
 
 class _Pacer:

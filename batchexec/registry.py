@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 
 from batchexec.commits import GroupCommits, StoreFailure, Visible, nothing
@@ -52,6 +53,7 @@ from batchexec.store import (
     ExecutionEnded,
     ExecutionStarted,
     FileEntry,
+    SharedStore,
     StoreError,
 )
 
@@ -73,9 +75,13 @@ class Registry:
         self._active: dict[str, Batch] = {}
         self._finished = FinishedBatches(cache_bytes)
         #: Changes on their way to a durable store; None for ``memory://``.
-        self._commits = GroupCommits(store, self._store_failed) if store.durable else None
+        self._commits = (
+            GroupCommits(store, self._store_failed, self._lease_lost) if store.durable else None
+        )
         #: Told when a change could not be written, so the batch can be failed.
         self.on_store_failure: StoreFailure | None = None
+        #: Told when another replica has taken a batch over, so its work here stops.
+        self.on_lease_lost: Callable[[str], None] | None = None
         self._templates_lock = asyncio.Lock()
         #: Batches failed because the store refused their changes (rare, kept till exit).
         self._failed: dict[str, Batch] = {}
@@ -92,9 +98,21 @@ class Registry:
         if self._commits is not None:
             await self._commits.close()
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes share the store (and run some of its batches)."""
+        return isinstance(self.store, SharedStore)
+
     def _store_failed(self, batch_id: str, error: StoreError) -> None:
         if self.on_store_failure is not None:
             self.on_store_failure(batch_id, error)
+
+    def _lease_lost(self, batch_id: str) -> None:
+        batch = self._active.get(batch_id)
+        if batch is not None:
+            self.leave(batch)
+        if self.on_lease_lost is not None:
+            self.on_lease_lost(batch_id)
 
     @staticmethod
     def new_id() -> str:
@@ -108,12 +126,14 @@ class Registry:
         *,
         batch_id: str | None = None,
         retry_of: Batch | None = None,
+        hold: bool = True,
     ) -> Batch:
         """Register a new ``queued`` batch for ``plan``, under ``batch_id`` when given.
 
         It is in the store when this returns. With ``retry_of``, the rows that
         succeeded there are copied over as already ``succeeded``; only the
-        others are left to run.
+        others are left to run. ``hold=False`` leaves it to whichever replica
+        claims it (a shared store): this process keeps no record of it.
         """
         batch_id = batch_id or self.new_id()
         if len(plan.rows) > _BUILT_INLINE_ROWS:
@@ -123,7 +143,8 @@ class Registry:
         else:
             batch = _new_batch(batch_id, owner, plan, retry_of)
         await self.store.create(batch)
-        self._active[batch.id] = batch
+        if hold:
+            self._active[batch.id] = batch
         return batch
 
     async def discard(self, batch: Batch) -> None:
@@ -147,6 +168,17 @@ class Registry:
             loading = self._loading[batch_id] = asyncio.ensure_future(self.store.load(batch_id))
             loading.add_done_callback(lambda _: self._loaded(batch_id))
         return await asyncio.shield(loading)
+
+    async def reload(self, batch_id: str) -> Batch | None:
+        """The batch as it is now, for a caller that has checked its owner already.
+
+        From memory if this process runs it or it has finished, else read
+        again from the store (another replica runs it).
+        """
+        batch = self.cached(batch_id)
+        if batch is not None and (batch.status.finished or batch_id in self._active):
+            return batch
+        return await self._load(batch_id)
 
     def _loaded(self, batch_id: str) -> None:
         loading = self._loading.pop(batch_id)
@@ -181,23 +213,29 @@ class Registry:
         return replace(summary, counts=counts)
 
     async def resumable(self) -> list[Batch]:
-        """The batches a previous process left queued or running, now this one's to run.
+        """The batches a previous process left queued or running, now this one's to run."""
+        batches = await self.store.unfinished()
+        for batch in batches:
+            self.adopt(batch)
+        return batches
+
+    def adopt(self, batch: Batch) -> None:
+        """Make ``batch``, read back from the store unfinished, this process's to run.
 
         Rows that were running are pending again: they run again (at least
         once, not exactly once), their ``attempts`` counting on.
         """
-        batches = await self.store.unfinished()
-        for batch in batches:
-            for execution in batch.executions:
-                if execution.status is ExecutionStatus.RUNNING:
-                    _end(
-                        batch, execution, replace(execution.outcome, status=ExecutionStatus.PENDING)
-                    )
-            # Queued until it has a slot again, here as for a new batch.
-            batch.status = BatchStatus.QUEUED
-            batch.message = "Batch is queued."
-            self._active[batch.id] = batch
-        return batches
+        for execution in batch.executions:
+            if execution.status is ExecutionStatus.RUNNING:
+                _end(batch, execution, replace(execution.outcome, status=ExecutionStatus.PENDING))
+        # Queued until it has a slot again, here as for a new batch.
+        batch.status = BatchStatus.QUEUED
+        batch.message = "Batch is queued."
+        self._active[batch.id] = batch
+
+    def holds(self, batch_id: str) -> bool:
+        """Whether this process runs (or is about to run) batch ``batch_id``."""
+        return batch_id in self._active
 
     async def add_file(
         self, file_name: str, owner: str, *, batch_id: str, template: bool = False

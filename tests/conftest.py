@@ -15,6 +15,8 @@ from batchexec.providers import Provider
 from tests.fakes import GATED_CATALOG, GatedProvider
 from tests.helpers import ClientFactory, SettingsFactory
 
+pytest_plugins = ["tests.postgres"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -60,10 +60,10 @@ class Refusing(SQLiteStore):
     def refuse(self, changes: Sequence[Change]) -> bool:
         return False
 
-    async def apply(self, changes: Sequence[Change]) -> None:
+    async def apply(self, changes: Sequence[Change]) -> frozenset[str]:
         if self.refusing and self.refuse(changes):
             raise StoreError("database or disk is full")
-        await super().apply(changes)
+        return await super().apply(changes)
 
 
 @pytest.fixture

@@ -271,10 +271,10 @@ async def test_a_store_that_fails_mid_batch_fails_the_batch_and_the_server_goes_
     disk_full = True
     apply = SQLiteStore.apply
 
-    async def apply_unless_full(self: SQLiteStore, changes: Any) -> None:
+    async def apply_unless_full(self: SQLiteStore, changes: Any) -> frozenset[str]:
         if disk_full:
             raise StoreError("The SQLite store cannot be written: database or disk is full")
-        await apply(self, changes)
+        return await apply(self, changes)
 
     invocation_id = await submit(
         client, [{"prompt": "x1", "model": "gated"}, {"prompt": "x2", "model": "gated"}]

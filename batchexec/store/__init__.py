@@ -1,10 +1,18 @@
-"""Where batches are kept: ``memory://`` or ``sqlite:///PATH``, chosen by ``DATABASE_URL``."""
+"""Where batches are kept: ``memory://``, ``sqlite:///PATH`` or ``postgresql://...``.
+
+``DATABASE_URL`` chooses; ``store_for`` makes the store it names.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from batchexec.config import MEMORY_URL, SQLITE_URL_PREFIX, check_database_url
+from batchexec.config import (
+    MEMORY_URL,
+    POSTGRES_URL_PREFIXES,
+    SQLITE_URL_PREFIX,
+    check_database_url,
+)
 from batchexec.store.base import (
     BatchEnded,
     BatchStarted,
@@ -13,6 +21,10 @@ from batchexec.store.base import (
     ExecutionEnded,
     ExecutionStarted,
     FileEntry,
+    Notice,
+    NoticeKind,
+    Renewal,
+    SharedStore,
     StoreError,
 )
 
@@ -24,16 +36,28 @@ __all__ = [
     "ExecutionEnded",
     "ExecutionStarted",
     "FileEntry",
+    "Notice",
+    "NoticeKind",
+    "Renewal",
+    "SharedStore",
     "StoreError",
     "store_for",
 ]
 
 
-def store_for(url: str) -> BatchStore:
-    """The store ``url`` names (a ``DATABASE_URL``); call ``open()`` before use."""
+def store_for(url: str, *, replica: str = "", pool_size: int = 10) -> BatchStore:
+    """The store ``url`` names (a ``DATABASE_URL``); call ``open()`` before use.
+
+    ``replica`` names this process in a PostgreSQL store's leases, which keeps
+    ``pool_size`` connections.
+    """
     from batchexec.store.memory import MemoryStore
     from batchexec.store.sqlite import SQLiteStore
 
     if check_database_url(url) == MEMORY_URL:
         return MemoryStore()
+    if url.startswith(POSTGRES_URL_PREFIXES):
+        from batchexec.store.postgres import PostgresStore
+
+        return PostgresStore(url, replica=replica, pool_size=pool_size)
     return SQLiteStore(Path(url.removeprefix(SQLITE_URL_PREFIX)))

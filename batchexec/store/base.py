@@ -1,12 +1,18 @@
 """The store interface: what the registry writes through, and reads back after a restart.
 
 One interface for every backend: ``memory://`` (nothing outlives the
-process), SQLite (one process, durable) and, later, PostgreSQL (several
-processes sharing one batch space). It assumes no single writer: every
-change is a small, self-contained ``Change`` applied in a group by
-``apply``, each keyed by batch id and row, so two processes can write the
+process), SQLite (one process, durable) and PostgreSQL (several processes,
+the replicas, sharing one batch space: ``SharedStore``). It assumes no single
+writer: every change is a small, self-contained ``Change`` applied in a group
+by ``apply``, each keyed by batch id and row, so two processes can write the
 same database and a process can read back what another wrote. Every method
 is a coroutine; implementations do their I/O off the event loop.
+
+In a shared store a batch is run by the replica holding its *lease*
+(``SharedStore.claim``), renewed by heartbeat and taken over by another
+replica once it lapses; ``apply`` writes only the changes of batches whose
+lease this process still holds, so a replica that lost one (a long pause, a
+partition) can no longer change it.
 """
 
 from __future__ import annotations
@@ -15,12 +21,16 @@ import hashlib
 import hmac
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from batchexec.errors import BatchexecError
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome, Summary
+
+if TYPE_CHECKING:
+    from batchexec.catalog import ModelSpec
 
 
 class StoreError(BatchexecError):
@@ -112,8 +122,13 @@ class BatchStore(ABC):
         """Record a new batch and every one of its rows, at once."""
 
     @abstractmethod
-    async def apply(self, changes: Sequence[Change]) -> None:
-        """Apply ``changes``, in order, in one transaction: all of them or none."""
+    async def apply(self, changes: Sequence[Change]) -> frozenset[str]:
+        """Apply ``changes``, in order, in one transaction: all of them or none.
+
+        Returns the batches whose changes were not written because this
+        process no longer holds their lease (only a ``SharedStore`` has
+        leases; every other store returns an empty set).
+        """
 
     @abstractmethod
     async def delete(self, batch_id: str) -> None:
@@ -163,4 +178,112 @@ class BatchStore(ABC):
         """Forget finished batches and workbooks from before ``older_than`` (epoch seconds).
 
         Returns the names of the workbooks whose files should now be deleted.
+        """
+
+
+#: What a ``Notice`` says of its batch: its rows or state changed (``changed``), it
+#: was asked to stop (``cancel``), or it waits for a replica to claim it (``queued``).
+NoticeKind = Literal["changed", "cancel", "queued"]
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A change another process (or this one) made to the shared store, as it is told."""
+
+    kind: NoticeKind
+    batch_id: str
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What a heartbeat learned: the leases still held, and which of them to cancel."""
+
+    #: The batches whose lease was renewed: still this process's to run.
+    held: frozenset[str]
+    #: Of those, the ones some replica was asked to cancel, with the reason given.
+    cancels: Mapping[str, str] = field(default_factory=dict)
+
+
+class SharedLimits(Protocol):
+    """Per-model limits across replicas (``limits.CallLimits``, with a lifetime)."""
+
+    def call(self, model: ModelSpec) -> AbstractAsyncContextManager[object]:
+        """Held around each request to ``model``."""
+        ...
+
+    async def start(self) -> None:
+        """Begin; before the first limited call."""
+
+    async def close(self) -> None:
+        """End; after the last call, before the store closes."""
+
+
+class SharedStore(BatchStore):
+    """A store several processes share: each unfinished batch is run by its lease holder.
+
+    ``replica`` names this process in the leases it takes. Lease times are the
+    database's clock, never a replica's, so replicas need no synchronised
+    clocks; a replica times its own leases from when it *sent* the claim or
+    renewal, which is never later than the database's, so it stops before
+    another replica can start.
+    """
+
+    durable = True
+    #: Whether several processes share this store (and the engine runs batches by lease).
+    shared: ClassVar[bool] = True
+
+    def __init__(self, replica: str) -> None:
+        super().__init__()
+        self.replica = replica
+
+    @abstractmethod
+    async def claim(self, limit: int, lease_s: float) -> list[Batch]:
+        """Take the lease of up to ``limit`` unfinished batches whose lease is free, oldest first.
+
+        A lease is free when no replica holds it or its holder let it lapse.
+        Beyond ``limit``, every free batch asked to cancel is claimed too (it
+        is run only to be cancelled). Each lease lasts ``lease_s`` seconds.
+        Batches are returned whole, as ``load`` gives them; two replicas
+        claiming at once never get the same batch.
+        """
+
+    @abstractmethod
+    async def renew(self, batch_ids: Collection[str], lease_s: float) -> Renewal:
+        """Extend this process's leases of ``batch_ids`` by ``lease_s`` from now.
+
+        A lease another replica has taken since, or of a batch that no longer
+        exists, is not renewed (and so not in ``Renewal.held``).
+        """
+
+    @abstractmethod
+    async def release(self, batch_ids: Collection[str]) -> None:
+        """Give up this process's leases of ``batch_ids``: another replica may take them now."""
+
+    @abstractmethod
+    async def request_cancel(self, batch_id: str, reason: str) -> bool:
+        """Ask whichever replica runs (or next claims) ``batch_id`` to cancel it.
+
+        False when the batch has finished or does not exist. Tells every
+        replica (a ``cancel`` notice).
+        """
+
+    @abstractmethod
+    async def waiting(self) -> int:
+        """Unfinished batches no replica holds a lease of, in the whole cluster."""
+
+    @abstractmethod
+    def call_limits(self, *, hold_s: float) -> SharedLimits:
+        """Each model's ``max_concurrency`` and ``rpm``, held for every replica together.
+
+        A call's slot whose holder died frees itself after ``hold_s``.
+        """
+
+    @abstractmethod
+    async def listen(self, on_notice: Callable[[Notice], None]) -> None:
+        """Call ``on_notice`` (on the event loop) for every ``Notice`` until ``close``.
+
+        Returns once listening. ``create`` tells ``queued``, ``apply`` tells
+        ``changed`` for each batch it wrote, ``request_cancel`` tells
+        ``cancel``. A lost connection is made again with backoff; notices sent
+        meanwhile are lost, so a listener also polls now and then.
         """

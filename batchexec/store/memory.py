@@ -33,8 +33,8 @@ class MemoryStore(BatchStore):
     async def create(self, batch: Batch) -> None:
         self._batches[batch.id] = batch
 
-    async def apply(self, changes: Sequence[Change]) -> None:
-        pass
+    async def apply(self, changes: Sequence[Change]) -> frozenset[str]:
+        return frozenset()
 
     async def delete(self, batch_id: str) -> None:
         self._batches.pop(batch_id, None)

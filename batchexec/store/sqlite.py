@@ -216,7 +216,7 @@ class SQLiteStore(BatchStore):
 
         await self._run(write)
 
-    async def apply(self, changes: Sequence[Change]) -> None:
+    async def apply(self, changes: Sequence[Change]) -> frozenset[str]:
         def write(db: sqlite3.Connection) -> None:
             # Here, not on the event loop: a group can hold thousands of changes.
             started, ended, batches = coalesced(changes)
@@ -227,6 +227,7 @@ class SQLiteStore(BatchStore):
                     apply_batch_change(db, change)
 
         await self._run(write)
+        return frozenset()  # one process a file: no leases to lose
 
     async def delete(self, batch_id: str) -> None:
         def write(db: sqlite3.Connection) -> None:

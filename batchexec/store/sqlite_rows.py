@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome
-from batchexec.store.base import BatchEnded, BatchStarted, Change, ExecutionEnded, ExecutionStarted
+from batchexec.store.base import BatchEnded, BatchStarted, Change
+from batchexec.store.changes import coalesced as shared_coalesced
 
 INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, "
@@ -90,41 +91,8 @@ def execution_rows(batch: Batch) -> Iterator[tuple[Any, ...]]:
 def coalesced(
     changes: Sequence[Change],
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[Change]]:
-    """A group's changes as rows' starts and ends to write in bulk, and the batches' changes.
-
-    A row's end overwrites everything its start wrote, so a start whose end
-    is in the same group is not written at all: a fast row costs one update,
-    not two. Rows are independent of each other and of their batch's record,
-    so writing each kind in bulk leaves the same state as writing in order.
-    """
-    started: dict[tuple[str, int], tuple[Any, ...]] = {}
-    ended: dict[tuple[str, int], tuple[Any, ...]] = {}
-    batches: list[Change] = []
-    for change in changes:
-        if isinstance(change, ExecutionEnded):
-            key = (change.batch_id, change.index)
-            if key in ended:
-                continue  # the first end wins, as in the store
-            started.pop(key, None)
-            outcome = change.outcome
-            ended[key] = (
-                outcome.status.value,
-                text(change.prompt_sent),
-                text(outcome.result),
-                text(outcome.error),
-                outcome.latency_ms,
-                outcome.attempts,
-                outcome.prompt_tokens,
-                outcome.completion_tokens,
-                outcome.seq,
-                *key,
-            )
-        elif isinstance(change, ExecutionStarted):
-            key = (change.batch_id, change.index)
-            started[key] = (text(change.prompt_sent), change.attempts, *key)
-        else:
-            batches.append(change)
-    return list(started.values()), list(ended.values()), batches
+    """A group's changes as rows' starts and ends to write in bulk (see ``changes.coalesced``)."""
+    return shared_coalesced(changes, text)
 
 
 def apply_batch_change(db: sqlite3.Connection, change: Change) -> None:

@@ -13,15 +13,14 @@ from pathlib import Path
 from aiohttp import web
 
 from batchexec.catalog import Catalog
+from batchexec.cluster import Replica, replica_name
 from batchexec.config import Settings
 from batchexec.engine import Engine
-from batchexec.errors import InputError
 from batchexec.exports import ResultWorkbooks
 from batchexec.providers import Provider
-from batchexec.records import BatchStatus, ExecutionStatus
 from batchexec.registry import Registry
 from batchexec.runtime import load_catalog, open_runtime, plan_again, provider_classes
-from batchexec.store import store_for
+from batchexec.store import SharedStore, store_for
 from batchexec.web.cache import RenderedResults
 from batchexec.web.keys import (
     CATALOG,
@@ -30,6 +29,7 @@ from batchexec.web.keys import (
     INPUT_POOL,
     PROVIDERS,
     REGISTRY,
+    REPLICA,
     RESULT_WORKBOOKS,
     RESULTS_CACHE,
     SETTINGS,
@@ -42,6 +42,8 @@ from batchexec.web.routes import setup_routes
 log = logging.getLogger(__name__)
 
 _MAX_SWEEP_PERIOD_S = 60.0
+#: Seconds a model call's slot outlives EXECUTION_TIMEOUT when its replica dies holding it.
+_SLOT_MARGIN_S = 30.0
 _INPUT_THREADS = 2
 
 
@@ -63,12 +65,13 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[CATALOG] = catalog
-    registry = app[REGISTRY] = Registry(
-        store_for(settings.database_url), cache_bytes=settings.batch_cache_bytes
+    store = store_for(
+        settings.database_url, replica=replica_name(), pool_size=settings.database_pool_size
     )
+    registry = app[REGISTRY] = Registry(store, cache_bytes=settings.batch_cache_bytes)
     app[RESULTS_CACHE] = RenderedResults(settings.results_cache_bytes)
 
-    async def store(app: web.Application) -> AsyncIterator[None]:
+    async def open_store(app: web.Application) -> AsyncIterator[None]:
         # Raises StoreError, naming DATABASE_URL, for a file that cannot be used.
         await registry.store.open()
         await registry.start()
@@ -86,20 +89,48 @@ def create_app(
     async def engine(app: web.Application) -> AsyncIterator[None]:
         providers: dict[str, Provider] = app[PROVIDERS]
         workbooks = app[RESULT_WORKBOOKS] = ResultWorkbooks(settings.results_dir, registry.get)
-        runner = app[ENGINE] = Engine(settings, registry, providers, outputs=workbooks.writer())
-        await _resume(registry, runner, app[CATALOG], settings)
+        limits = None
+        if isinstance(store, SharedStore):
+            # A call never outlasts EXECUTION_TIMEOUT: a dead replica's slots free after it.
+            limits = store.call_limits(hold_s=settings.execution_timeout_s + _SLOT_MARGIN_S)
+            await limits.start()
+        runner = app[ENGINE] = Engine(
+            settings, registry, providers, outputs=workbooks.writer(), limits=limits
+        )
+        catalog = app[CATALOG]
+        replica = None
+        if isinstance(store, SharedStore):
+            # Batches are claimed from the shared store, by this replica or another.
+            replica = app[REPLICA] = Replica(
+                store,
+                registry,
+                runner,
+                lambda batch: plan_again(batch, catalog, settings),
+                lease_s=settings.lease_s,
+            )
+            await replica.start()
+        else:
+            await _resume(registry, runner, catalog, settings)
         yield
         await runner.close()
+        if replica is not None:
+            await registry.flush()
+            await replica.close()  # what is left here, others take over at once
+        if limits is not None:
+            await limits.close()
         # Written before the store closes; a process killed first has them made on download.
         await workbooks.idle()
 
     async def drain(app: web.Application) -> None:
         # on_shutdown runs before the server waits for open requests, so event
         # streams see their batches end instead of being cut off.
+        replica = app.get(REPLICA)
+        if replica is not None:
+            await replica.stop_claiming()
         await app[ENGINE].drain(settings.shutdown_grace_s)
 
     app.cleanup_ctx.append(_input_pool)
-    app.cleanup_ctx.append(store)
+    app.cleanup_ctx.append(open_store)
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(engine)
     app.cleanup_ctx.append(_sweeper)
@@ -111,17 +142,7 @@ def create_app(
 async def _resume(registry: Registry, engine: Engine, catalog: Catalog, settings: Settings) -> None:
     """Run to their end the batches a previous process left queued or running."""
     for batch in await registry.resumable():
-        try:
-            plan = plan_again(batch, catalog, settings)
-        except InputError as exc:
-            reason = "; ".join(error.message for error in exc.errors) or exc.detail
-            log.error("batch %s cannot resume: %s", batch.id, reason)
-            registry.cancel_unfinished(batch, f"Not resumed: {reason}")
-            registry.finish_batch(batch, BatchStatus.FAILED, f"Batch failed to resume: {reason}")
-            continue
-        left = batch.counts[ExecutionStatus.PENDING] + batch.counts[ExecutionStatus.RUNNING]
-        log.info("resuming batch %s (%d rows left)", batch.id, left)
-        engine.resume(batch, plan)
+        engine.resume_stored(batch, lambda batch: plan_again(batch, catalog, settings))
 
 
 async def _input_pool(app: web.Application) -> AsyncIterator[None]:

@@ -55,9 +55,11 @@ async def results(request: web.Request) -> web.StreamResponse:
 async def cancel(request: web.Request) -> web.StreamResponse:
     """Cancel a queued or running batch; answers like the results route once it has stopped."""
     body = await parse_body(request, ResultsRequest)
-    batch = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    registry = request.app[REGISTRY]
+    batch = await registry.get(body.invocation_id, request[OWNER])
     await request.app[ENGINE].cancel(batch.id)
-    return await answer_results(request, batch)
+    # Read again: another replica may have run (and ended) it.
+    return await answer_results(request, await registry.get(batch.id, request[OWNER]))
 
 
 async def retry(request: web.Request) -> web.Response:

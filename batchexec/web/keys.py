@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from batchexec.catalog import Catalog
+from batchexec.cluster import Replica
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.exports import ResultWorkbooks
@@ -22,6 +23,8 @@ REGISTRY = web.AppKey("registry", Registry)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 PROVIDERS: web.AppKey[dict[str, Provider]] = web.AppKey("providers")
 ENGINE = web.AppKey("engine", Engine)
+#: This process's part in a cluster; only with a shared (PostgreSQL) store.
+REPLICA = web.AppKey("replica", Replica)
 RESULTS_CACHE = web.AppKey("results_cache", RenderedResults)
 #: Threads that read uploaded files, apart from those that write outputs.
 INPUT_POOL = web.AppKey("input_pool", ThreadPoolExecutor)

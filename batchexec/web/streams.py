@@ -3,6 +3,11 @@
 ``execution`` as each row ends, ``progress``, then ``done`` (or another
 final event). A client that connects late first gets the current state, so
 following a batch never needs a second call.
+
+A batch that another replica runs (a shared store) is followed from the
+store instead: each ``changed`` notice from its replica (and, lacking one,
+every ``_STORED_POLL_S``) reads it again and sends what ended since the last
+read, at most every ``_STORED_GAP_S``.
 """
 
 from __future__ import annotations
@@ -13,13 +18,19 @@ import json
 
 from aiohttp import web
 
+from batchexec.cluster import Replica
 from batchexec.events import FINAL_EVENTS, Event, done_event, execution_event, progress_event
 from batchexec.records import Batch
-from batchexec.web.keys import OWNER, REGISTRY
+from batchexec.registry import Registry
+from batchexec.web.keys import OWNER, REGISTRY, REPLICA
 from batchexec.web.requests import xlsx_url
 
 #: Seconds between comments that keep an idle event stream open through proxies.
 _HEARTBEAT_S = 15.0
+#: A batch run by another replica is read again at least this often, and at most
+#: once every ``_STORED_GAP_S``.
+_STORED_POLL_S = 1.0
+_STORED_GAP_S = 0.2
 _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -29,12 +40,58 @@ async def events(request: web.Request) -> web.StreamResponse:
     batch = await registry.get(request.match_info["invocation_id"], request[OWNER])
     response = web.StreamResponse(headers={**_HEADERS, "X-Accel-Buffering": "no"})
     await response.prepare(request)
+    replica = request.app.get(REPLICA)
+    if replica is not None and not batch.status.finished and not registry.holds(batch.id):
+        with contextlib.suppress(ConnectionResetError):
+            await _follow_stored(request, response, registry, replica, batch)
+        return response
     # Subscribing and taking the snapshot happen with no await between them,
     # so no event is missed or sent twice.
     # A client that goes away has nothing more to be told.
     with registry.events.watch(batch.id) as queue, contextlib.suppress(ConnectionResetError):
         await _follow(request, response, batch, _backlog(batch), queue)
     return response
+
+
+async def _follow_stored(
+    request: web.Request,
+    response: web.StreamResponse,
+    registry: Registry,
+    replica: Replica,
+    batch: Batch,
+) -> None:
+    """Follow a batch another replica runs, from the store, until it ends."""
+    async with replica.watching(batch.id) as changed:
+        # Watching before the first read: a change made after it is not missed.
+        await _send(response, request, batch, _backlog(batch))
+        cursor, counts = batch.cursor, dict(batch.counts)
+        quiet_s = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STORED_POLL_S):
+                    await changed.wait()
+            changed.clear()
+            fresh = await registry.reload(batch.id)
+            if fresh is None:
+                return  # expired meanwhile
+            ended, cursor = fresh.ended_since(cursor)
+            news = [execution_event(execution) for execution in ended]
+            if news or dict(fresh.counts) != counts:
+                news.append(progress_event(fresh))
+            if fresh.status.finished:
+                news.append(done_event(fresh))
+            if news:
+                await _send(response, request, fresh, news)
+                quiet_s = 0.0
+            else:
+                quiet_s += _STORED_POLL_S
+                if quiet_s >= _HEARTBEAT_S:
+                    await response.write(b": keep-alive\n\n")
+                    quiet_s = 0.0
+            if fresh.status.finished:
+                return
+            counts = dict(fresh.counts)
+            await asyncio.sleep(_STORED_GAP_S)
 
 
 def _backlog(batch: Batch) -> list[Event]:

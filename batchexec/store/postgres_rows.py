@@ -1,0 +1,321 @@
+"""The PostgreSQL store's SQL, and how records become rows and rows records.
+
+``postgres.py`` owns the pool, the retries, the transactions and the
+listener; this holds what they run: the statements (a group's bulk updates
+through ``unnest`` of one array a column, so a thousand row ends are one
+statement) and the conversions, with text PostgreSQL cannot hold kept
+exactly (``text``, ``read_text``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome
+
+#: The longest channel name NOTIFY takes (an identifier: 63 bytes).
+_CHANNEL_BYTES = 63
+
+SCHEMA_MIGRATIONS = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    "version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+    "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+)
+
+INSERT_BATCH = (
+    "INSERT INTO batches (id, owner, columns, status, message, created_at, started_at, "
+    "finished_at, xlsx_name, retry_of, counts) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
+#: The columns of ``execution_records``, which ``create`` copies in (COPY: the fastest
+#: way in for a batch of many thousand rows).
+EXECUTION_COLUMNS = [
+    "batch_id",
+    "idx",
+    "model",
+    "cells",
+    "status",
+    "prompt_sent",
+    "result",
+    "error",
+    "latency_ms",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "ended_seq",
+]
+SELECT_BATCH = (
+    "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
+    "xlsx_name, retry_of FROM batches WHERE id = $1"
+)
+SELECT_UNFINISHED = (
+    "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
+    "xlsx_name, retry_of FROM batches WHERE status IN ('queued', 'processing') "
+    "ORDER BY created_at, created_order"
+)
+SELECT_BATCHES = (
+    "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
+    "xlsx_name, retry_of FROM batches WHERE id = ANY($1::text[]) "
+    "ORDER BY created_at, created_order"
+)
+SELECT_EXECUTIONS = (
+    "SELECT batch_id, idx, model, cells, status, prompt_sent, result, error, latency_ms, "
+    "attempts, prompt_tokens, completion_tokens, ended_seq FROM executions "
+    "WHERE batch_id = ANY($1::text[]) ORDER BY batch_id, idx"
+)
+
+#: The batches of a group this replica may write (``lease_owner`` is it), locked
+#: until the group commits so that no claim can take one over meanwhile.
+SELECT_HELD = (
+    "SELECT id FROM batches WHERE id = ANY($1::text[]) AND lease_owner = $2 ORDER BY id FOR SHARE"
+)
+#: A row's end is final: neither a start nor a second end (a cancel racing the
+#: row's own answer) changes a row that has ended. Rows as ``changes.coalesced``
+#: makes them, one array a column.
+UPDATE_STARTED = (
+    "UPDATE executions AS e SET status = 'running', prompt_sent = c.prompt_sent, "
+    "attempts = c.attempts "
+    "FROM unnest($1::text[], $2::bigint[], $3::text[], $4::int[]) "
+    "AS c (prompt_sent, attempts, batch_id, idx) "
+    "WHERE e.batch_id = c.batch_id AND e.idx = c.idx AND e.status IN ('pending', 'running')"
+)
+#: An end with no prompt (a row never sent, or cancelled) keeps the prompt as sent.
+UPDATE_ENDED = (
+    "UPDATE executions AS e SET status = c.status, "
+    "prompt_sent = coalesce(c.prompt_sent, e.prompt_sent), result = c.result, "
+    "error = c.error, latency_ms = c.latency_ms, attempts = c.attempts, "
+    "prompt_tokens = c.prompt_tokens, completion_tokens = c.completion_tokens, "
+    "ended_seq = c.seq "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], "
+    "$7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::int[]) "
+    "AS c (status, prompt_sent, result, error, latency_ms, attempts, prompt_tokens, "
+    "completion_tokens, seq, batch_id, idx) "
+    "WHERE e.batch_id = c.batch_id AND e.idx = c.idx AND e.status IN ('pending', 'running')"
+)
+#: A batch's end is final too: a start applied again (a retried group) or late
+#: never reopens it.
+UPDATE_BATCH_STARTED = (
+    "UPDATE batches SET status = 'processing', message = $2, started_at = $3 "
+    "WHERE id = $1 AND status IN ('queued', 'processing')"
+)
+#: Counted here, in the transaction, after the group's rows: exact, and listing a
+#: finished batch then counts nothing. The lease lapses with the end (nothing is
+#: left to run); its owner stays, the only replica that may still write the batch.
+UPDATE_BATCH_ENDED = (
+    "UPDATE batches SET status = $2, message = $3, finished_at = $4, xlsx_name = $5, "
+    "lease_until = NULL, counts = (SELECT coalesce(json_object_agg(status, n), '{}')::text "
+    "FROM (SELECT status, count(*) AS n FROM executions WHERE batch_id = $1 "
+    "GROUP BY status) AS rows) "
+    "WHERE id = $1"
+)
+NOTIFY_CHANGED = "SELECT pg_notify($2, 'changed:' || id) FROM unnest($1::text[]) AS ids (id)"
+NOTIFY = "SELECT pg_notify($1, $2)"
+
+SELECT_SUMMARIES = (
+    "SELECT id, status, message, created_at, finished_at, retry_of, counts FROM batches "
+    "WHERE owner = $1 AND ($2::text IS NULL OR status = $2) "
+    "ORDER BY created_at DESC, created_order DESC LIMIT $3"
+)
+
+# Leases. Times are the database's clock, extract(epoch FROM clock_timestamp()), and a
+# lease is free when no replica holds it (lease_until is NULL) or its holder let it lapse.
+
+#: Up to $2 free batches oldest first, and every free one asked to cancel; two
+#: replicas claiming at once skip each other's rows instead of waiting or sharing.
+CLAIM = (
+    "WITH now AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS t), "
+    "oldest AS (SELECT id FROM batches WHERE status IN ('queued', 'processing') "
+    "AND (lease_until IS NULL OR lease_until < (SELECT t FROM now)) "
+    "ORDER BY created_at, created_order LIMIT $2 FOR UPDATE SKIP LOCKED), "
+    "cancels AS (SELECT id FROM batches WHERE status IN ('queued', 'processing') "
+    "AND (lease_until IS NULL OR lease_until < (SELECT t FROM now)) "
+    "AND cancel_reason IS NOT NULL FOR UPDATE SKIP LOCKED) "
+    "UPDATE batches SET lease_owner = $1, lease_until = (SELECT t FROM now) + $3 "
+    "WHERE id IN (SELECT id FROM oldest UNION SELECT id FROM cancels) RETURNING id"
+)
+RENEW = (
+    "UPDATE batches SET lease_until = extract(epoch FROM clock_timestamp())::double precision + $3 "
+    "WHERE id = ANY($1::text[]) AND lease_owner = $2 AND status IN ('queued', 'processing') "
+    "RETURNING id, cancel_reason"
+)
+#: The owner goes too: see ``PostgresStore.release``.
+RELEASE = (
+    "UPDATE batches SET lease_owner = NULL, lease_until = NULL "
+    "WHERE id = ANY($1::text[]) AND lease_owner = $2"
+)
+#: The first reason asked is kept.
+REQUEST_CANCEL = (
+    "UPDATE batches SET cancel_reason = coalesce(cancel_reason, $2) "
+    "WHERE id = $1 AND status IN ('queued', 'processing') RETURNING id"
+)
+WAITING = (
+    "SELECT count(*) FROM batches WHERE status IN ('queued', 'processing') "
+    "AND (lease_until IS NULL "
+    "OR lease_until < extract(epoch FROM clock_timestamp())::double precision)"
+)
+
+ADD_FILE = (
+    "INSERT INTO files (name, owner, written_at, batch_id, template) "
+    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+    "written_at = excluded.written_at, batch_id = excluded.batch_id, "
+    "template = excluded.template"
+)
+EXPIRE_BATCHES = "DELETE FROM batches WHERE finished_at IS NOT NULL AND finished_at < $1"
+#: A workbook goes with its batch; a template once it is old enough.
+EXPIRE_FILES = (
+    "DELETE FROM files WHERE written_at < $1 "
+    "AND NOT EXISTS (SELECT 1 FROM batches WHERE batches.id = files.batch_id) RETURNING name"
+)
+
+
+def channel_of(schema: str) -> str:
+    """Where NOTIFY tells the notices of the batches in ``schema``, as ``kind:batch_id``.
+
+    Channels are the whole database's, not a schema's: one a schema keeps
+    batchexecs on other schemas of the same database from hearing each other.
+    """
+    channel = f"batchexec:{schema}"
+    if len(channel.encode()) <= _CHANNEL_BYTES:
+        return channel
+    return f"batchexec:{hashlib.sha256(schema.encode()).hexdigest()[:32]}"
+
+
+def batch_row(batch: Batch) -> tuple[Any, ...]:
+    """``batch``'s row of ``batches``, for ``INSERT_BATCH``."""
+    counts = {str(state): n for state, n in batch.counts.items() if n}
+    return (
+        batch.id,
+        batch.owner,
+        json.dumps(batch.columns),
+        batch.status.value,
+        text(batch.message),
+        batch.created_at,
+        batch.started_at,
+        batch.finished_at,
+        batch.xlsx_name,
+        batch.retry_of,
+        json.dumps(counts) if batch.status.finished else None,
+    )
+
+
+def execution_records(batch: Batch) -> list[tuple[Any, ...]]:
+    """``batch``'s rows of ``executions``, in ``EXECUTION_COLUMNS``."""
+    return [
+        (
+            batch.id,
+            e.index,
+            text(e.model),
+            json.dumps(e.cells),
+            e.status.value,
+            text(e.prompt_sent),
+            text(e.result),
+            text(e.error),
+            e.latency_ms,
+            e.attempts,
+            e.prompt_tokens,
+            e.completion_tokens,
+            e.seq,
+        )
+        for e in batch.executions
+    ]
+
+
+def columns_of(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows of values as one list a column: what ``unnest`` of arrays takes."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def batches_of(batch_rows: Sequence[Any], execution_rows: Sequence[Any]) -> list[Batch]:
+    """Batches from their rows of ``batches`` (in the order given) and of ``executions``."""
+    executions: defaultdict[str, list[Execution]] = defaultdict(list)
+    for (
+        batch_id,
+        idx,
+        model,
+        cells,
+        execution_status,
+        prompt_sent,
+        result,
+        error,
+        latency_ms,
+        attempts,
+        prompt_tokens,
+        completion_tokens,
+        ended_seq,
+    ) in execution_rows:
+        executions[batch_id].append(
+            Execution(
+                index=idx,
+                model=read_text(model) or "",
+                cells=json.loads(cells),
+                outcome=Outcome(
+                    ExecutionStatus(execution_status),
+                    result=read_text(result),
+                    error=read_text(error),
+                    latency_ms=latency_ms,
+                    attempts=attempts,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    seq=ended_seq,
+                ),
+                prompt_sent=read_text(prompt_sent),
+            )
+        )
+    return [
+        Batch(
+            id=row[0],
+            owner=row[1],
+            columns=tuple(json.loads(row[2])),
+            executions=executions.pop(row[0], []),
+            created_at=row[5],
+            status=BatchStatus(row[3]),
+            message=read_text(row[4]) or "",
+            started_at=row[6],
+            finished_at=row[7],
+            xlsx_name=row[8],
+            retry_of=row[9],
+        )
+        for row in batch_rows
+    ]
+
+
+def counts_of(stored: str | None) -> Counter[ExecutionStatus] | None:
+    """Counts written with a batch's end, if it has ended."""
+    if stored is None:
+        return None
+    return Counter({ExecutionStatus(state): count for state, count in json.loads(stored).items()})
+
+
+#: Starts text stored escaped. A noncharacter, which Unicode sets aside for a
+#: program's own use: no text a person writes begins with one.
+_ESCAPED = "\ufdd0"
+#: What PostgreSQL's UTF-8 text cannot hold: NUL, and surrogates (no UTF-8 form).
+_UNREPRESENTABLE = re.compile("[\x00\ud800-\udfff]")
+#: What is escaped in escaped text: those, and the backslash that escapes them.
+_TO_ESCAPE = re.compile("[\\\\\x00\ud800-\udfff]")
+_ESCAPE = re.compile(r"\\u([0-9a-f]{4})")
+
+
+def text(value: str | None) -> str | None:
+    """``value`` as PostgreSQL text can hold it; ``read_text`` gives it back exactly.
+
+    Text with a NUL or a lone surrogate is stored as ``_ESCAPED`` followed by
+    the text with each of those characters, and each backslash, written
+    ``\\uXXXX``; so is text that itself begins with ``_ESCAPED``, so that
+    reading back is never ambiguous. Any other text is stored as it is.
+    """
+    if value is None or not (value.startswith(_ESCAPED) or _UNREPRESENTABLE.search(value)):
+        return value
+    return _ESCAPED + _TO_ESCAPE.sub(lambda match: f"\\u{ord(match[0]):04x}", value)
+
+
+def read_text(value: str | None) -> str | None:
+    """Text written by ``text``, exactly as it was."""
+    if value is None or not value.startswith(_ESCAPED):
+        return value
+    return _ESCAPE.sub(lambda match: chr(int(match[1], 16)), value[1:])
