@@ -42,7 +42,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-.PHONY: bench hostile stress cluster
+.PHONY: bench hostile stress stress-cluster cluster
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks
 
@@ -53,6 +53,10 @@ hostile: $(BENCH_STAMP)
 # SIGKILLs of a real server during batches: rows lost (must be 0) and calls sent twice.
 stress: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.stress
+
+# The same for replicas on PostgreSQL: kill -9 of a replica, a database restart, shared limits.
+stress-cluster: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.cluster_stress
 
 # Three replicas on one PostgreSQL database (the local `test` unless DATABASE_URL says).
 cluster: $(STAMP)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -15,6 +16,7 @@ from batchexec.records import ExecutionStatus
 from batchexec.store import StoreError
 from batchexec.web.keys import REGISTRY, REPLICA
 from tests.helpers import AUTH, gated, results, sheet_rows, submit
+from tests.postgres import base_url
 from tests.test_web_lifecycle import read_events
 
 Replicas = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -266,3 +268,36 @@ async def _true(value: bool) -> bool:
 async def _succeeded(client: TestClient[Any, Any], invocation_id: str, count: int) -> bool:
     batch = client.app[REGISTRY].cached(invocation_id)
     return batch is not None and batch.counts[ExecutionStatus.SUCCEEDED] >= count
+
+
+async def test_a_batch_goes_on_when_the_database_drops_every_connection(replica):
+    a = await replica(max_threads=2)
+    rows = [{"prompt": f"row {n}", "model": "gated"} for n in range(1, 7)]
+    invocation_id = await submit(a, rows)
+    provider = gated(a)
+    await provider.wait_started(2)
+    provider.open("row 1")
+    await eventually(lambda: _succeeded(a, invocation_id, 1), "row 1 finished")
+
+    # What a database restart does to this replica: every connection of it is cut.
+    store = a.app[REGISTRY].store
+    killer = await asyncpg.connect(base_url())
+    try:
+        cut = await killer.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            f"batchexec {store.replica}"[:63],
+        )
+    finally:
+        await killer.close()
+    assert cut >= 2  # the pool's connections and the listener's
+
+    provider.open()
+    body = await ended(a, invocation_id)
+    assert body["status"] == "completed"
+    assert [e["result"] for e in body["executions"]] == [f"answer(row {n})" for n in range(1, 7)]
+    # And notices flow again: a replica started now follows the next batch through events.
+    b = await replica()
+    second = await submit(b, [{"prompt": "after", "model": "gated"}])
+    gated(b).open()
+    assert (await ended(a, second))["status"] == "completed"
