@@ -81,6 +81,7 @@ class Replica:
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         engine.remote = self
+        engine.on_slot_freed = self._wake.set
 
     async def start(self) -> None:
         """Listen for notices and start claiming; ``StoreError`` if the store cannot listen."""

@@ -90,6 +90,8 @@ class Engine:
         self._abandoned: set[str] = set()
         #: How a batch run by another replica is reached (a shared store only).
         self.remote: Remote | None = None
+        #: Told when a batch of this process's has stopped, so its slot can be filled.
+        self.on_slot_freed: Callable[[], None] | None = None
         registry.on_lease_lost = self.abandon
 
     async def submit(
@@ -276,6 +278,8 @@ class Engine:
         self._abandoned.discard(batch_id)
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("batch %s: background task failed", batch_id, exc_info=error)
+        if self.on_slot_freed is not None:
+            self.on_slot_freed()
 
     def _store_failed(self, batch_id: str, error: StoreError) -> None:
         """The store refused a change to ``batch_id``: the batch fails, the server goes on."""
