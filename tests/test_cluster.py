@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from batchexec.api import BATCHES, CANCEL, RETRY, download_path, events_path
 from batchexec.records import ExecutionStatus
 from batchexec.store import StoreError
-from batchexec.web.keys import REGISTRY, REPLICA
+from batchexec.web.keys import REGISTRY, REPLICA, RESULT_WORKBOOKS
 from tests.helpers import AUTH, gated, results, sheet_rows, submit
 from tests.postgres import base_url
 from tests.test_web_lifecycle import read_events
@@ -301,3 +301,30 @@ async def test_a_batch_goes_on_when_the_database_drops_every_connection(replica)
     second = await submit(b, [{"prompt": "after", "model": "gated"}])
     gated(b).open()
     assert (await ended(a, second))["status"] == "completed"
+
+
+async def test_an_expired_batchs_workbook_goes_from_every_replicas_disk(replica, tmp_path):
+    ttl = {"results_ttl_hours": 2.0 / 3600}
+    a = await replica(**ttl)
+    gated(a).open()
+    invocation_id = await submit(a, [{"prompt": "short-lived", "model": "gated"}])
+    body = await ended(a, invocation_id)
+    name = body["xlsx_url"].rsplit("/", 1)[1]
+    b = await replica(**ttl)
+    await a.app[RESULT_WORKBOOKS].idle()
+    # B has no copy: the download is made on its disk, from the store.
+    assert (await b.get(download_path(name), headers=AUTH)).status == 200
+    copies = [
+        tmp_path / replica_dir / "batch_execution_results" / name
+        for replica_dir in ("replica-1", "replica-2")
+    ]
+    assert copies[1].is_file()  # B's own, made from the store
+
+    async def gone() -> bool:
+        return not any(copy.exists() for copy in copies)
+
+    await eventually(gone, "both copies of the workbook removed")
+    response = await b.post(
+        "/system/batch_execution/results", json={"invocation_id": invocation_id}, headers=AUTH
+    )
+    assert response.status == 404

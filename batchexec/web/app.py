@@ -176,10 +176,15 @@ async def _sweep_forever(registry: Registry, settings: Settings) -> None:
     while True:
         await asyncio.sleep(period_s)
         try:
-            expired = await registry.expire(older_than=time.time() - ttl_s)
+            older_than = time.time() - ttl_s
+            expired = await registry.expire(older_than=older_than)
             if expired:
                 await asyncio.to_thread(_delete, settings.results_dir, expired)
                 log.info("removed %d expired result files", len(expired))
+            if registry.shared:
+                # The store names an expired file to one replica only; a workbook made
+                # again on another replica's disk goes by its age.
+                await asyncio.to_thread(_delete_older, settings.results_dir, older_than)
         except Exception:
             log.exception("results sweeper failed; trying again next round")
 
@@ -187,3 +192,13 @@ async def _sweep_forever(registry: Registry, settings: Settings) -> None:
 def _delete(folder: Path, names: list[str]) -> None:
     for name in names:
         (folder / name).unlink(missing_ok=True)
+
+
+def _delete_older(folder: Path, older_than: float) -> None:
+    """Remove the workbooks in ``folder`` last written before ``older_than`` (epoch seconds)."""
+    if not folder.is_dir():
+        return
+    for path in folder.glob("*.xlsx"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < older_than:
+                path.unlink()
