@@ -179,9 +179,17 @@ class Replica:
     async def _claim(self) -> bool:
         """Claim what this process has room for; whether it took all it had room for."""
         free = self._engine.free_slots()
-        sent = asyncio.get_running_loop().time()
         batches = await self._store.claim(free, self._lease_s)
+        if not batches:
+            return False
+        # Renewed at once, and timed from this renewal: a claim may have been retried
+        # across a database outage, so when its lease began is not known here. The
+        # renewal also tells of a cancel asked before the claim.
+        sent = asyncio.get_running_loop().time()
+        renewal = await self._store.renew([batch.id for batch in batches], self._lease_s)
         for batch in batches:
+            if batch.id not in renewal.held:
+                continue  # lapsed again already: another replica's now
             if self._registry.holds(batch.id):
                 # Still being let go here after this process's own lease lapsed.
                 await self._store.release([batch.id])
@@ -189,11 +197,8 @@ class Replica:
             self._deadlines[batch.id] = sent + self._lease_s
             self._registry.adopt(batch)
             self._engine.resume_stored(batch, self._plan_of)
-        if batches:
-            # A cancel asked before the claim: the heartbeat's answer says so.
-            renewal = await self._store.renew([batch.id for batch in batches], self._lease_s)
-            for batch_id, reason in renewal.cancels.items():
-                self._engine.cancel_soon(batch_id, reason)
+        for batch_id, reason in renewal.cancels.items():
+            self._engine.cancel_soon(batch_id, reason)
         return 0 < free <= len(batches)
 
     async def _renew_forever(self) -> None:

@@ -282,8 +282,20 @@ class Engine:
             self.on_slot_freed()
 
     def _store_failed(self, batch_id: str, error: StoreError) -> None:
-        """The store refused a change to ``batch_id``: the batch fails, the server goes on."""
+        """The store refused a change to ``batch_id``: the batch fails, the server goes on.
+
+        With a shared store it is let go instead: what the store holds is the
+        truth, and another replica (or this one, once the lease lapses)
+        resumes the batch from it.
+        """
         task = self._tasks.get(batch_id)
+        if self._registry.shared:
+            log.warning("batch %s: letting it go, its changes could not be written", batch_id)
+            if task is not None and not task.done() and batch_id not in self._ended:
+                self.abandon(batch_id)
+            elif (batch := self._registry.cached(batch_id)) and not batch.status.finished:
+                self._registry.leave(batch)
+            return
         if task is None or task.done() or batch_id in self._ended:
             # Its end is recorded already: the change that failed was that end.
             batch = self._registry.cached(batch_id)

@@ -231,6 +231,7 @@ class Registry:
         # Queued until it has a slot again, here as for a new batch.
         batch.status = BatchStatus.QUEUED
         batch.message = "Batch is queued."
+        self._failed.pop(batch.id, None)  # what the store holds wins over an end never written
         self._active[batch.id] = batch
 
     def holds(self, batch_id: str) -> bool:

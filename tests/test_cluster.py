@@ -328,3 +328,33 @@ async def test_an_expired_batchs_workbook_goes_from_every_replicas_disk(replica,
         "/system/batch_execution/results", json={"invocation_id": invocation_id}, headers=AUTH
     )
     assert response.status == 404
+
+
+async def test_a_write_the_database_refuses_lets_the_batch_go_to_be_resumed_not_failed(
+    replica, monkeypatch
+):
+    a = await replica(max_threads=2, lease_s=1.0)
+    invocation_id = await submit(a, [{"prompt": f"row {n}", "model": "gated"} for n in (1, 2)])
+    provider = gated(a)
+    await provider.wait_started(2)
+    store = a.app[REGISTRY].store
+    apply = store.apply
+    refused = 0
+
+    async def refuse_once(changes: Any) -> frozenset[str]:
+        nonlocal refused
+        if refused == 0:
+            refused += 1
+            raise StoreError("The PostgreSQL store cannot be used: something went wrong")
+        return await apply(changes)
+
+    await a.app[REGISTRY].flush()
+    monkeypatch.setattr(store, "apply", refuse_once)
+    provider.open("row 1")
+    await eventually(lambda: _true(refused == 1), "the write of row 1's end was refused")
+    provider.open()
+    body = await ended(a, invocation_id)
+    assert body["status"] == "completed"
+    assert [e["result"] for e in body["executions"]] == ["answer(row 1)", "answer(row 2)"]
+    # The end that could not be written was never shown; the row ran again.
+    assert provider.started.count("row 1") == 2
