@@ -78,6 +78,31 @@ class Rows:
             return None
         return self.places[index - 1]
 
+    def places_of(self, indexes: Iterable[int], *, most: int = 10) -> str:
+        """Where executions ``indexes`` (1-based) came from, compactly: ``lines 2-4, 8``.
+
+        Consecutive places are joined into a range; past ``most`` ranges the
+        rest are counted (``... and 40 more``). Every place of one input is of
+        one kind (line, row or execution).
+        """
+        kind = "execution"
+        numbers: list[int] = []
+        for index in sorted(set(indexes)):
+            kind, _, digits = (self.place(index) or f"execution {index}").rpartition(" ")
+            numbers.append(int(digits))
+        ranges: list[list[int]] = []
+        for number in numbers:
+            if ranges and ranges[-1][1] == number - 1:
+                ranges[-1][1] = number
+            else:
+                ranges.append([number, number])
+        shown = ", ".join(
+            f"{first}-{last}" if last > first else str(first) for first, last in ranges[:most]
+        )
+        rest = sum(last - first + 1 for first, last in ranges[most:])
+        noun = kind if len(numbers) == 1 else f"{kind}s"
+        return f"{noun} {shown}" + (f" and {rest} more" if rest else "")
+
     def located(self, error: FieldError) -> FieldError:
         """``error`` with its message starting with its row's place, as the HTTP API reports it."""
         place = self.place(error.index)

@@ -196,7 +196,11 @@ def test_validate_of_a_valid_file_says_what_it_holds(tmp_path, capsys):
     (tmp_path / "b.jsonl").write_text('{"prompt": "a", "model": "echo"}\n{"prompt": "b"}\n')
     assert main(["validate", "b.jsonl"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("batchexec: warning: 1 row (from line 2) use 'Llama3.1 70b Instruct'")
+    assert out[0] == (
+        "batchexec: warning: line 2 uses 'Llama3.1 70b Instruct', which cannot be called as "
+        "configured: watsonx.ai is not configured: set WATSONX_URL, WATSONX_APIKEY, "
+        "WATSONX_PROJECT_ID."
+    )
     assert out[1] == (
         "b.jsonl: 2 rows are valid (JSONL; columns: prompt, model; "
         "uses: echo (1), Llama3.1 70b Instruct (1))"

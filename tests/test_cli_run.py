@@ -188,14 +188,32 @@ def test_standard_input_errors_name_the_line(tmp_path, monkeypatch, capsys):
     )
 
 
-def test_rows_that_fail_make_exit_code_1(tmp_path, capsys):
-    # The default model is on watsonx.ai, and no credentials are set.
-    write_csv(tmp_path / "p.csv", ["prompt", "model"], [["fine", "echo"], ["no keys", ""]])
+def test_rows_that_fail_make_exit_code_1(tmp_path, monkeypatch, capsys):
+    # The second row, with the first's answer filled in twice, is too long to send.
+    write_csv(
+        tmp_path / "p.csv",
+        ["prompt", "model"],
+        [["ten chars!", "echo"], ["${output.1}" * 2, "echo"]],
+    )
+    monkeypatch.setenv("MAX_SENT_PROMPT_LENGTH", "15")
     assert main(["run", "p.csv", "-o", "out.xlsx"]) == 1
     err = capsys.readouterr().err
-    assert "warning: 1 row (from line 3) use 'Llama3.1 70b Instruct'" in err
-    assert "line 3 (failed): watsonx.ai is not configured" in err
+    assert "line 3 (failed): Not sent: with ${output.n} filled in the prompt is 20" in err
     assert column(sheet_rows(tmp_path / "out.xlsx"), "status") == ["succeeded", "failed"]
+
+
+def test_a_model_that_cannot_be_called_is_refused_before_anything_runs(tmp_path, capsys):
+    # The default model is on watsonx.ai, and no credentials are set.
+    rows = [["no keys", ""], ["fine", "echo"], ["again", ""], ["more", "Llama3.1 70b Instruct"]]
+    write_csv(tmp_path / "p.csv", ["prompt", "model"], rows)
+    assert main(["run", "p.csv", "-o", "out.xlsx", "--csv", "out.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "batchexec: p.csv: Lines 2, 4-5 use 'Llama3.1 70b Instruct', which cannot be called "
+        "as configured: watsonx.ai is not configured: set WATSONX_URL, WATSONX_APIKEY, "
+        "WATSONX_PROJECT_ID."
+    ]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.csv"]  # nor a journal
 
 
 def test_bad_setting_is_exit_2_naming_the_variable(tmp_path, monkeypatch, capsys):

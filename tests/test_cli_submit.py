@@ -41,7 +41,13 @@ def test_submit_wait_downloads_the_workbook_the_server_holds(tmp_path):
         [[f"row {n}", "slow-echo", f"n{n}"] for n in range(6)] + [["then ${output.1}", "", "x"]],
     )
     port = free_port()
-    env = {"PUBLIC_DIR": str(tmp_path / "public"), "DEFAULT_MAX_THREADS": "6"}
+    env = {
+        "PUBLIC_DIR": str(tmp_path / "public"),
+        "DEFAULT_MAX_THREADS": "6",
+        "ASSISTANTS_DEFAULT_MODEL_ID_OR_NAME": "echo",
+        # The last row, "then row 0" once filled in, is too long to send.
+        "MAX_SENT_PROMPT_LENGTH": "8",
+    }
     with cli_process("serve", "--port", str(port), cwd=tmp_path, env=env) as server:
         try:
             assert server.stderr is not None
@@ -53,18 +59,19 @@ def test_submit_wait_downloads_the_workbook_the_server_holds(tmp_path):
                 "prompts.csv",
                 *args,
                 cwd=tmp_path,
+                # The server's default model runs the last row, not submit's.
                 env={"ASSISTANTS_DEFAULT_MODEL_ID_OR_NAME": "ignored-by-submit"},
             )
         finally:
             server.terminate()
             server.wait(timeout=PROCESS_TIMEOUT_S)
-    assert result.returncode == 1, result.stderr  # the last row's default model is not set up
+    assert result.returncode == 1, result.stderr  # the last row failed
     invocation_id = result.stdout.strip()
     held = tmp_path / "public" / "batch_execution_results" / f"batch_execution_{invocation_id}.xlsx"
     assert (tmp_path / "out" / "got.xlsx").read_bytes() == held.read_bytes()
     assert "progress: " in result.stderr
     assert "rows: 7 (6 succeeded, 1 failed, 0 skipped, 0 cancelled)" in result.stderr
-    assert "line 8 (failed): watsonx.ai is not configured" in result.stderr
+    assert "line 8 (failed): Not sent: with ${output.n} filled in the prompt is 10" in result.stderr
     assert "workbook: out/got.xlsx" in result.stderr
 
 
@@ -176,6 +183,20 @@ async def test_refused_rows_are_named_by_their_line(make_server, tmp_path):
     assert lines[1].startswith("  line 5: model: Unknown model 'nope'. Known models: ")
     assert lines[2] == "  line 6: prompt: must not be empty"
     assert not (tmp_path / "out.xlsx").exists()
+
+
+async def test_a_model_the_server_cannot_call_is_exit_2_said_once(make_server, tmp_path):
+    _, url, paths = await make_server()
+    rows = [["ok", "echo"], ["no keys", "Granite 13B V2.1"], ["again", "Granite 13B V2.1"]]
+    source = source_of(write_csv(tmp_path / "p.csv", ["prompt", "model"], rows))
+    code, out, err = await follow(source, url, tmp_path / "out.xlsx")
+    assert (code, out) == (2, "")
+    assert err == (
+        "batchexec: the server found problems with the batch (HTTP 422): Executions 2-3 use "
+        "'Granite 13B V2.1', which cannot be called as configured: watsonx.ai is not "
+        "configured: set WATSONX_URL, WATSONX_APIKEY, WATSONX_PROJECT_ID.\n"
+    )
+    assert paths == [EXECUTE_BATCH]
 
 
 async def test_a_wrong_key_is_exit_2_with_a_hint(make_server, tmp_path):

@@ -70,8 +70,12 @@ async def events_of(client: Client, invocation_id: str) -> list[Event]:
     return [event async for event in client.follow(invocation_id)]
 
 
-async def test_a_batch_is_submitted_followed_and_its_workbook_downloaded(client, tmp_path):
-    executions = [{"prompt": "a", "model": "echo", "note": "n1"}, {"prompt": "then ${output.1}"}]
+async def test_a_batch_is_submitted_followed_and_its_workbook_downloaded(server, client, tmp_path):
+    gated(server).open()
+    executions = [
+        {"prompt": "a", "model": "echo", "note": "n1"},
+        {"prompt": "fail: then ${output.1}", "model": "gated"},
+    ]
     invocation_id = await client.submit(executions)
     events = await events_of(client, invocation_id)
     assert [event.name for event in events].count("execution") == 2
@@ -81,7 +85,7 @@ async def test_a_batch_is_submitted_followed_and_its_workbook_downloaded(client,
     assert data["status"] == "completed"
     body = await client.results(invocation_id)
     assert body["status"] == "completed"
-    assert body["progress"]["succeeded"] == 1  # the second row's default model is not set up
+    assert body["progress"]["succeeded"] == 1  # the model refuses the second row
     assert [e["status"] for e in body["executions"]] == ["succeeded", "failed"]
     workbook = await client.download(body["xlsx_url"])
     assert workbook.startswith(b"PK")

@@ -501,3 +501,23 @@ def test_check_readable_raises_only_when_rows_could_not_be_read():
     parse_jsonl('{"prompt": "a"}\n').check_readable()
     error = input_error(parse_jsonl('{"prompt": 1}\n').check_readable)
     assert error.detail == "1 execution is invalid."
+
+
+@pytest.mark.parametrize(
+    ("indexes", "expected"),
+    [
+        ([2], "line 3"),
+        ([1, 2, 3, 7], "lines 2-4, 8"),
+        ([7, 1, 3, 2, 3], "lines 2-4, 8"),
+        ([1, 5], "lines 2, 6"),
+    ],
+)
+def test_places_are_named_compactly(indexes, expected):
+    rows = Rows(("prompt",), (), tuple(f"line {number}" for number in range(2, 12)))
+    assert rows.places_of(indexes) == expected
+
+
+def test_executions_without_places_and_past_the_shown_ranges_are_counted():
+    rows = Rows.of(["prompt"], [])
+    assert rows.places_of([1, 2, 3, 7]) == "executions 1-3, 7"
+    assert rows.places_of(range(1, 40, 2), most=3) == "executions 1, 3, 5 and 17 more"

@@ -400,7 +400,7 @@ async def test_a_refused_process_csv_leaves_no_workbook(make_client, tmp_path):
     await submit(client, [{"prompt": "busy", "model": "gated"}])
     await gated(client).wait_started(1)
     response = await client.post(
-        PROCESS_CSV, json={"csv_content": "prompt\nhi\n", "execute": True}, headers=AUTH
+        PROCESS_CSV, json={"csv_content": "prompt,model\nhi,echo\n", "execute": True}, headers=AUTH
     )
     assert response.status == 429
     results_dir = Path(tmp_path / "public" / "batch_execution_results")

@@ -11,7 +11,8 @@ from typing import BinaryIO, TextIO
 from batchexec.errors import FieldError, InputError
 from batchexec.inputs import Format, Rows, format_of, read_rows, sniff
 from batchexec.planning import BatchPlan
-from batchexec.providers import Provider, unconfigured
+from batchexec.providers import Provider
+from batchexec.readiness import unready
 
 #: The INPUT that means standard input.
 STDIN = "-"
@@ -67,23 +68,12 @@ def print_problems(exc: InputError, label: str, rows: Rows | None, stream: TextI
 def warn_unconfigured(
     plan: BatchPlan, providers: Mapping[str, Provider], rows: Rows, stream: TextIO
 ) -> None:
-    """Warn of each model the plan uses that cannot be called as configured; its rows will fail."""
-    unready: dict[str, tuple[str, list[int]]] = {}
-    for row in plan.rows:
-        model = row.target.model
-        if model.name in unready:
-            unready[model.name][1].append(row.index)
-            continue
-        reason = unconfigured(providers, model)
-        if reason is not None:
-            unready[model.name] = (reason, [row.index])
-    for name, (reason, indexes) in unready.items():
-        count = f"{len(indexes)} row{'s' if len(indexes) != 1 else ''}"
-        print(
-            f"batchexec: warning: {count} (from {rows.place(indexes[0])}) use {name!r}, "
-            f"which cannot be called as configured: {reason}",
-            file=stream,
-        )
+    """Warn of each model the plan names that cannot be called as configured.
+
+    ``validate``'s words for what ``run`` (``readiness.require_ready``) refuses.
+    """
+    for group in unready(plan, providers):
+        print(f"batchexec: warning: {group.describe(rows)}", file=stream)
 
 
 def _hint(error: FieldError) -> str:

@@ -21,7 +21,6 @@ from batchexec.cli.inputfile import (
     label_of,
     print_problems,
     read_source,
-    warn_unconfigured,
 )
 from batchexec.cli.journal import as_stopped, end_journal, journal_store, journaled_run
 from batchexec.cli.journal import journal_for as journal_for  # re-exported: tests import it here
@@ -48,6 +47,7 @@ from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
 from batchexec.files import write_atomically
 from batchexec.inputs import plan_rows
 from batchexec.providers import Provider
+from batchexec.readiness import require_ready
 from batchexec.records import Batch, ExecutionStatus, progress_counts
 from batchexec.registry import Registry
 from batchexec.runtime import limits_from, open_runtime
@@ -70,8 +70,9 @@ INPUT holds one execution a row:
          process_csv writes, filled in, works; its output columns are ignored)
 
 The rows are checked first, against the same limits and catalog as the server
-(MAX_EXECUTIONS_PER_BATCH, MAX_PROMPT_LENGTH, BATCHEXEC_MODELS, ...); nothing
-is sent to a model unless every row is valid. Progress goes to standard error:
+(MAX_EXECUTIONS_PER_BATCH, MAX_PROMPT_LENGTH, BATCHEXEC_MODELS, ...), and
+every model they name must be callable as configured (its keys and address
+set); nothing is sent to a model unless every row is valid. Progress goes to standard error:
 a live bar on a terminal, otherwise a line every --progress-every seconds.
 
 The run is journaled to OUT.xlsx.journal (--journal to choose the file): if
@@ -198,8 +199,9 @@ async def run_batch(
 ) -> int:
     """Validate, run and write the outputs of ``source``; returns the exit code.
 
-    Raises ``InputError`` listing every problem before any model is called,
-    and ``StoreError`` when the journal cannot be used. With a ``journal``
+    Raises ``InputError`` listing every problem before any model is called
+    (a model that cannot be called as configured among them), and
+    ``StoreError`` when the journal cannot be used. With a ``journal``
     (None keeps nothing), an earlier run of the same rows that did not end is
     continued (``fresh`` discards it). ``exit_now`` ends the process on a
     second Ctrl-C.
@@ -207,7 +209,8 @@ async def run_batch(
     loop = asyncio.get_running_loop()
     async with open_runtime(settings, catalog, extra_providers) as runtime:
         plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
-        warn_unconfigured(plan, runtime.providers, source.rows, stream)
+        # Refused before the journal is opened: a run its models cannot make leaves nothing.
+        require_ready(plan, runtime.providers, source.rows)
         store = journal_store(journal)
         await store.open()
         registry = Registry(store)

@@ -226,7 +226,8 @@ def _explain(refusal: ClientError, rows: Rows, stream: TextIO) -> None:
     what = _REFUSALS.get(refusal.status or 0, "the server refused the request")
     print(f"batchexec: {what} (HTTP {refusal.status}): {refusal.detail}", file=stream)
     for error in refusal.errors:
-        print(f"  {rows.describe(error)}", file=stream)
+        if error.message != refusal.detail:  # a problem that is the whole answer is said once
+            print(f"  {rows.describe(error)}", file=stream)
     if isinstance(refusal, AuthError):
         print(f"  pass --key, or set {KEY_ENV}", file=stream)
     if refusal.retry_after_s is not None:

@@ -32,8 +32,9 @@ examples:
 
 Every problem is listed, each with the line (CSV, JSONL), sheet row (XLSX) or
 execution (JSON) it is on. A model that is in the catalog but cannot be called
-as configured (a missing key, say) is a warning: the file is valid, but those
-rows would fail.
+as configured here (a missing key, say) is a warning, naming its rows and what
+to set: the file is valid (a server configured otherwise takes it), but 'run'
+on this machine refuses it until the variables are set.
 
 exit status: 0 valid, 2 invalid (or bad configuration).
 """

@@ -13,6 +13,7 @@ from aiohttp import web
 from batchexec.errors import ConflictError
 from batchexec.inputs import Rows, from_executions
 from batchexec.providers import unconfigured
+from batchexec.readiness import require_ready
 from batchexec.records import ExecutionStatus
 from batchexec.schemas import (
     AssistantOut,
@@ -38,9 +39,15 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def execute_batch(request: web.Request) -> web.Response:
-    """Validate a batch of executions and start it in the background."""
+    """Validate a batch of executions and start it in the background.
+
+    A batch naming a model that cannot be called as configured is refused
+    (422) before anything is stored: its rows would all fail.
+    """
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
     plan = await plan_off_loop(request, lambda: from_executions(body.executions))
+    providers = request.app[PROVIDERS]
+    require_ready(plan, providers)
     batch = await request.app[ENGINE].submit(request[OWNER], plan)
     return answer(InvokeResponse.started(batch.id))
 
@@ -63,7 +70,11 @@ async def cancel(request: web.Request) -> web.StreamResponse:
 
 
 async def retry(request: web.Request) -> web.Response:
-    """Start a new batch that reruns only the rows of a finished batch that did not succeed."""
+    """Start a new batch that reruns only the rows of a finished batch that did not succeed.
+
+    Refused (422) when a row to rerun names a model that cannot be called as
+    configured; rows that keep their results are not checked.
+    """
     body = await parse_body(request, ResultsRequest)
     original = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
     if not original.status.finished:
@@ -77,6 +88,8 @@ async def retry(request: web.Request) -> web.Response:
         return Rows.of(original.columns, [execution.row_input for execution in original.executions])
 
     plan = await plan_off_loop(request, rows)
+    providers = request.app[PROVIDERS]
+    require_ready(plan, providers, only=rerun)
     batch = await request.app[ENGINE].submit(request[OWNER], plan, retry_of=original)
     return answer(RetryResponse.retrying(batch.id, original, rerun))
 

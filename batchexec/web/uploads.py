@@ -1,8 +1,10 @@
 """Spreadsheets in: ``process_csv`` (CSV text in JSON) and ``upload`` (a multipart file).
 
 Either way the rows are validated, written as an XLSX template and, with
-``execute``, started as a batch whose id is the template's. Workbooks are
-read in worker processes (``WORKBOOKS``); large CSV text on the input pool.
+``execute``, started as a batch whose id is the template's (a batch to start
+whose model cannot be called as configured is refused first, with nothing
+written). Workbooks are read in worker processes (``WORKBOOKS``); large CSV
+text on the input pool.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from batchexec.inputs import (
     sniff,
 )
 from batchexec.planning import BatchPlan
+from batchexec.readiness import require_ready
 from batchexec.records import Batch
 from batchexec.schemas import Message, ProcessCsvRequest, ProcessCsvResponse
-from batchexec.web.keys import ENGINE, OWNER, REGISTRY, SETTINGS, WORKBOOKS
+from batchexec.web.keys import ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, WORKBOOKS
 from batchexec.web.requests import answer, on_input_pool, parse_body, plan_off_loop, xlsx_url
 
 #: CSV bodies above this are parsed off the event loop.
@@ -78,6 +81,9 @@ async def _process_rows(
         plan = await plan_off_loop(request, rows)
     except InputError as exc:
         raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
+    if execute:
+        providers = request.app[PROVIDERS]
+        require_ready(plan, providers, rows)
     batch_id = request.app[REGISTRY].new_id()
     file_name = Batch.file_name_for(batch_id)
     await _write_template(request, plan, file_name, batch_id, execute=execute)
