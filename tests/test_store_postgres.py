@@ -1,6 +1,8 @@
-"""The PostgreSQL store on its own: the store contract, leases, fencing, notices, lost connections.
+"""The PostgreSQL store: the store contract (``store_contract.py``) run on it, and what is its own.
 
-Each test gets a fresh schema (``tests/postgres.py``) and is skipped when no
+Its own: its schema's bookkeeping and errors of reaching the server, leases and
+fencing, retried writes, text escaped, notices, and lost connections. Each
+test gets a fresh schema (``tests/postgres.py``) and is skipped when no
 server answers. Stores are named replicas with a tag of the test's own, so a
 test can find its stores' connections in ``pg_stat_activity`` and kill them.
 """
@@ -8,8 +10,6 @@ test can find its stores' connections in ``pg_stat_activity`` and kill them.
 from __future__ import annotations
 
 import asyncio
-import json
-import random
 import secrets
 import socket
 import time
@@ -22,42 +22,101 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome
+from batchexec.records import Batch, BatchStatus, ExecutionStatus
 from batchexec.store import (
     BatchEnded,
     BatchStarted,
     Change,
-    ExecutionEnded,
     ExecutionStarted,
-    FileEntry,
     Notice,
     StoreError,
 )
 from batchexec.store.migrations import latest, migrations
 from batchexec.store.postgres import PostgresStore
 from batchexec.store.postgres_rows import read_text, text
-from tests.test_store_sqlite import a_batch
+from tests.postgres import MakePostgresUrl
+from tests.store_contract import StoreContract, StoreKit, a_batch, created_and_held, ended
 
 OpenStore = Callable[..., Awaitable[PostgresStore]]
 #: The longest a test waits for something that must happen over real connections.
 _WAIT_S = 10.0
 
 
+class PostgresKit(StoreKit[PostgresStore]):
+    """PostgreSQL stores on the test's schema unless told another URL, named ``replica``."""
+
+    dialect = "postgresql"
+    too_large = "int64"
+
+    def __init__(self, url: str, make_url: MakePostgresUrl) -> None:
+        super().__init__()
+        self.url = url
+        self._make_url = make_url
+        self._tag = secrets.token_hex(4)
+
+    def make(self, where: str | None, *, replica: str = "a", **options: Any) -> PostgresStore:
+        return PostgresStore(where or self.url, replica=f"{replica}-{self._tag}", **options)
+
+    async def elsewhere(self) -> str:
+        return await self._make_url()
+
+    async def another_process(self, store: PostgresStore) -> PostgresStore:
+        return await self.open(store._url, replica="b")
+
+    async def query(self, sql: str) -> list[tuple[Any, ...]]:
+        return await query(self.url, sql)
+
+    async def schema_version(self) -> int:
+        [(version,)] = await query(self.url, "SELECT max(version) FROM schema_migrations")
+        return int(version)
+
+    async def write_first_schema(self, secret: bytes, *statements: str) -> None:
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute(migrations("postgresql")[0].sql)
+            await conn.execute(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            await conn.execute("INSERT INTO schema_migrations VALUES (1, '0001_initial.sql')")
+            await conn.execute("INSERT INTO meta (key, value) VALUES ('secret', $1)", secret)
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    async def fail_batch_ends(self) -> str:
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute(
+                "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$"
+            )
+            await conn.execute(
+                "CREATE TRIGGER disk_full BEFORE UPDATE OF finished_at ON batches "
+                "FOR EACH ROW EXECUTE FUNCTION disk_full()"
+            )
+        finally:
+            await conn.close()
+        return "No space left on device"
+
+
 @pytest.fixture
-async def open_store(postgres_url: str) -> AsyncIterator[OpenStore]:
+async def kit(postgres_url: str, make_postgres_url: MakePostgresUrl) -> AsyncIterator[PostgresKit]:
+    """PostgreSQL stores on the test's schema; every one is closed after."""
+    stores = PostgresKit(postgres_url, make_postgres_url)
+    yield stores
+    await stores.close()
+
+
+@pytest.fixture
+def open_store(kit: PostgresKit) -> OpenStore:
     """Opens a store on the test's schema (unless told another URL); every one is closed after."""
-    stores: list[PostgresStore] = []
-    tag = secrets.token_hex(4)
+    return kit.open
 
-    async def open_(url: str | None = None, *, replica: str = "a", **options: Any) -> PostgresStore:
-        store = PostgresStore(url or postgres_url, replica=f"{replica}-{tag}", **options)
-        stores.append(store)
-        await store.open()
-        return store
 
-    yield open_
-    for store in stores:
-        await store.close()  # closing twice is harmless
+class TestStoreContract(StoreContract):
+    """Every SQL store's tests, on PostgreSQL."""
 
 
 async def query(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -81,25 +140,12 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str) -> 
         await asyncio.sleep(0.01)
 
 
-async def created_and_held(store: PostgresStore, *batches: Batch) -> None:
-    """Store ``batches`` and take their leases, so that ``store`` may write them."""
-    for batch in batches:
-        await store.create(batch)
-    claimed = await store.claim(len(batches), 60.0)
-    assert {batch.id for batch in claimed} >= {batch.id for batch in batches}
-
-
 async def terminate(url: str, where: str, *args: Any) -> int:
     """Kill the backends of ``pg_stat_activity`` that ``where`` picks; how many there were."""
     rows = await query(
         url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {where}", *args
     )
     return len(rows)
-
-
-def ended(batch_id: str, index: int, status: ExecutionStatus, seq: int, **fields: Any) -> Change:
-    outcome = Outcome(status, attempts=1, seq=seq, **fields)
-    return ExecutionEnded(batch_id, index, outcome, f"row {index}")
 
 
 # Opening
@@ -119,24 +165,6 @@ async def test_a_new_schema_is_migrated_to_the_latest_version_and_gets_a_secret(
     [(secret,)] = await query(postgres_url, "SELECT value FROM meta WHERE key = 'secret'")
     assert isinstance(secret, bytes)
     assert len(secret) == 32
-
-
-async def test_reopening_keeps_the_data_and_the_secret(open_store, make_postgres_url):
-    url = await make_postgres_url()
-    store = await open_store(url)
-    batch = a_batch("b1")
-    await store.create(batch)
-    fingerprint = store.fingerprint("key-a")
-    await store.close()
-
-    again = await open_store(url)
-    assert await again.load("b1") == batch
-    assert again.fingerprint("key-a") == fingerprint
-    assert again.fingerprint("key-b") != fingerprint
-    assert "key-a" not in fingerprint
-
-    elsewhere = await open_store(await make_postgres_url())
-    assert elsewhere.fingerprint("key-a") != fingerprint
 
 
 async def test_replicas_starting_at_once_migrate_once_and_share_the_secret_and_data(
@@ -193,138 +221,14 @@ async def test_a_database_that_does_not_exist_is_a_store_error(open_store, postg
         await open_store(url)
 
 
-async def test_a_closed_store_refuses_to_work_and_closes_again_harmlessly(open_store):
-    store = await open_store()
-    await store.close()
-    await store.close()
-    with pytest.raises(StoreError, match="not open"):
-        await store.load("b1")
-    # Unnamed stores get names of their own: two processes must never share one.
+def test_unnamed_stores_get_names_of_their_own():
+    # Two processes must never share one: they would write each other's batches.
     unnamed = [PostgresStore("postgresql://unused", replica="") for _ in range(2)]
     assert unnamed[0].replica
     assert unnamed[0].replica != unnamed[1].replica
 
 
 # Writing and reading back
-
-
-async def test_every_field_round_trips_through_create_apply_and_load(open_store):
-    store = await open_store()
-    columns = ("prompt", "model", "note")
-    cells = [
-        {"prompt": "Grüße, 世界 🌍", "model": "echo", "note": "a\ud800b"},  # lone surrogate
-        {"prompt": "uses ${output.1}", "model": "", "note": "\udfff\x00"},
-        {"prompt": "fails", "model": "echo", "note": ""},
-        {"prompt": "times out", "model": "echo", "note": ""},
-        {"prompt": "skipped", "model": "echo", "note": ""},
-        {"prompt": "cancelled", "model": "echo", "note": ""},
-        {"prompt": "running", "model": "echo", "note": ""},
-        {"prompt": "pending", "model": "echo", "note": ""},
-    ]
-    submitted = Batch(
-        id="b1",
-        owner="owner-a",
-        columns=columns,
-        executions=[
-            Execution(index, "echo" if index != 2 else "m\x00del", row)
-            for index, row in enumerate(cells, start=1)
-        ],
-        created_at=1000.25,
-        retry_of="b0",
-    )
-    await store.create(submitted)
-    assert await store.load("b1") == submitted
-    await store.claim(1, 60.0)
-
-    outcomes = {
-        1: Outcome(ExecutionStatus.SUCCEEDED, "réponse ✓ \ud83d", None, 12, 1, 3, 5, 1),
-        2: Outcome(ExecutionStatus.SUCCEEDED, "", None, 0, 2, 0, 0, 2),
-        3: Outcome(
-            ExecutionStatus.FAILED, None, "the model refused \udc80\x00", 7, 3, None, None, 3
-        ),
-        4: Outcome(ExecutionStatus.TIMED_OUT, None, "Timed out after 1 s.", 1000, 4, seq=4),
-        5: Outcome(ExecutionStatus.SKIPPED, None, "Skipped: ${output.3} did not succeed.", seq=5),
-        6: Outcome(ExecutionStatus.CANCELLED, None, "Cancelled by request.", None, 1, seq=6),
-    }
-    sent = {1: "Grüße, 世界 🌍 \udbff", 2: "uses réponse", 3: "fails\x00", 4: "times out", 6: "c"}
-    changes: list[Change] = [BatchStarted("b1", 1001.5)]
-    for index, outcome in outcomes.items():
-        if index in sent:
-            changes.append(ExecutionStarted("b1", index, sent[index], outcome.attempts))
-        changes.append(ExecutionEnded("b1", index, outcome, sent.get(index)))
-    changes.append(ExecutionStarted("b1", 7, "still running", 2))
-    changes.append(
-        BatchEnded("b1", BatchStatus.CANCELLED, "Batch cancelled.\x00", 1002.75, "b1.xlsx")
-    )
-    assert await store.apply(changes) == frozenset()
-
-    loaded = await store.load("b1")
-    assert loaded is not None
-    assert (loaded.id, loaded.owner, loaded.columns, loaded.retry_of) == (
-        "b1",
-        "owner-a",
-        columns,
-        "b0",
-    )
-    assert (loaded.status, loaded.message, loaded.xlsx_name) == (
-        BatchStatus.CANCELLED,
-        "Batch cancelled.\x00",
-        "b1.xlsx",
-    )
-    assert (loaded.created_at, loaded.started_at, loaded.finished_at) == (1000.25, 1001.5, 1002.75)
-    assert [execution.cells for execution in loaded.executions] == cells
-    assert [e.model for e in loaded.executions][:2] == ["echo", "m\x00del"]
-    assert [(e.status, e.prompt_sent, e.attempts, e.seq) for e in loaded.executions] == [
-        (ExecutionStatus.SUCCEEDED, "Grüße, 世界 🌍 \udbff", 1, 1),
-        (ExecutionStatus.SUCCEEDED, "uses réponse", 2, 2),
-        (ExecutionStatus.FAILED, "fails\x00", 3, 3),
-        (ExecutionStatus.TIMED_OUT, "times out", 4, 4),
-        (ExecutionStatus.SKIPPED, None, 0, 5),
-        (ExecutionStatus.CANCELLED, "c", 1, 6),
-        (ExecutionStatus.RUNNING, "still running", 2, 0),
-        (ExecutionStatus.PENDING, None, 0, 0),
-    ]
-    assert [
-        (e.result, e.error, e.latency_ms, e.prompt_tokens, e.completion_tokens)
-        for e in loaded.executions
-    ] == [
-        ("réponse ✓ \ud83d", None, 12, 3, 5),
-        ("", None, 0, 0, 0),
-        (None, "the model refused \udc80\x00", 7, None, None),
-        (None, "Timed out after 1 s.", 1000, None, None),
-        (None, "Skipped: ${output.3} did not succeed.", None, None, None),
-        (None, "Cancelled by request.", None, None, None),
-        (None, None, None, None, None),
-        (None, None, None, None, None),
-    ]
-    assert loaded.counts == {
-        ExecutionStatus.SUCCEEDED: 2,
-        ExecutionStatus.FAILED: 1,
-        ExecutionStatus.TIMED_OUT: 1,
-        ExecutionStatus.SKIPPED: 1,
-        ExecutionStatus.CANCELLED: 1,
-        ExecutionStatus.RUNNING: 1,
-        ExecutionStatus.PENDING: 1,
-    }
-    assert await store.load("b2") is None
-
-
-#: Text that PostgreSQL cannot hold as it is, or that looks like the escape of such text.
-_AWKWARD = [
-    "\x00",
-    "a\x00b\x00",
-    "\ud800",
-    "x\udfffy",
-    "\ud83d\ude00",  # a surrogate pair as two code points, not the emoji
-    "😀",
-    "\ufdd0",
-    "\ufdd0plain",
-    "\\u0000",
-    "\ufdd0\\u0000",
-    "back\\slash\x00",
-    "\\",
-    "",
-]
 
 
 @given(
@@ -346,48 +250,10 @@ def test_any_text_is_stored_as_postgresql_text_and_read_back_exactly(value):
         assert stored == value  # text PostgreSQL can hold is stored as it is
 
 
-async def test_text_with_nul_and_lone_surrogates_round_trips_through_the_database(
-    open_store, postgres_url
+async def test_a_cancel_reason_with_nul_and_lone_surrogates_reaches_the_holder_exactly(
+    open_store,
 ):
     store = await open_store()
-    rng = random.Random(20240601)
-    alphabet = ["\x00", "\\", "\ufdd0", "u", "0", "a", "é", "世", "😀", "\ud800", "\udc00", "\n"]
-    values = _AWKWARD + [
-        "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12))) for _ in range(300)
-    ]
-    # Cells and columns are JSON, as in SQLite: exact for any text JSON input can carry
-    # (not a high and a low surrogate as two code points, which JSON reads as one).
-    cell = [value if json.loads(json.dumps(value)) == value else "" for value in values]
-    batch = Batch(
-        id="b1",
-        owner="owner-a",
-        columns=("prompt", *cell[:3]),
-        executions=[
-            Execution(
-                index,
-                value,
-                {"prompt": cell[index - 1], cell[index - 1]: cell[index - 1]},
-                outcome=Outcome(ExecutionStatus.FAILED, value, value, seq=index),
-                prompt_sent=value,
-            )
-            for index, value in enumerate(values, start=1)
-        ],
-        created_at=1.0,
-        status=BatchStatus.FAILED,
-        message="\x00\ud800 the batch",
-        finished_at=2.0,
-    )
-    await store.create(batch)
-
-    loaded = await store.load("b1")
-    assert loaded == batch
-    assert loaded is not None
-    assert [(e.model, e.prompt_sent, e.result, e.error) for e in loaded.executions] == [
-        (value, value, value, value) for value in values
-    ]
-    # Text PostgreSQL can hold is kept as it is, readable by anyone querying the table.
-    assert await query(postgres_url, "SELECT result FROM executions WHERE idx = 6") == [("😀",)]
-
     await store.request_cancel("b2-missing", "\x00")  # nothing to cancel, and no error
     await store.create(a_batch("b2"))
     await store.request_cancel("b2", "why\x00\ud800")
@@ -395,60 +261,6 @@ async def test_text_with_nul_and_lone_surrogates_round_trips_through_the_databas
     assert renewal.held == frozenset()  # not claimed yet
     (claimed,) = await store.claim(0, 60.0)
     assert (await store.renew([claimed.id], 60.0)).cancels == {"b2": "why\x00\ud800"}
-
-
-async def test_a_count_beyond_64_bits_is_a_store_error_and_nothing_is_written(open_store):
-    store = await open_store()
-    await created_and_held(store, a_batch("b1", rows=[ExecutionStatus.PENDING] * 2))
-    outcome = Outcome(ExecutionStatus.SUCCEEDED, "answer", attempts=1, prompt_tokens=2**64)
-    group = [
-        ended("b1", 1, ExecutionStatus.SUCCEEDED, 1),
-        ExecutionEnded("b1", 2, outcome, "row 2"),
-    ]
-    started = time.monotonic()
-    with pytest.raises(StoreError, match="int64"):
-        await store.apply(group)
-    assert time.monotonic() - started < 5  # refused, not retried
-    loaded = await store.load("b1")
-    assert loaded is not None
-    assert [e.status for e in loaded.executions] == [ExecutionStatus.PENDING] * 2
-
-
-async def test_a_group_whose_last_change_fails_leaves_none_applied(open_store, postgres_url):
-    store = await open_store()
-    await created_and_held(store, a_batch("b1", rows=[ExecutionStatus.PENDING] * 2))
-    # A full disk, as the database would report it, for the batch's last write only.
-    conn = await asyncpg.connect(postgres_url)
-    await conn.execute(
-        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$"
-    )
-    await conn.execute(
-        "CREATE TRIGGER disk_full BEFORE UPDATE OF finished_at ON batches "
-        "FOR EACH ROW EXECUTE FUNCTION disk_full()"
-    )
-    await conn.close()
-    group: list[Change] = [
-        BatchStarted("b1", 2.0),
-        ExecutionStarted("b1", 1, "row 1", 1),
-        ended("b1", 1, ExecutionStatus.SUCCEEDED, 1, result="answer"),
-        ended("b1", 2, ExecutionStatus.FAILED, 2, error="no"),
-        BatchEnded("b1", BatchStatus.COMPLETED, "Done.", 3.0, None),
-    ]
-
-    with pytest.raises(StoreError, match="No space left on device"):
-        await store.apply(group)
-
-    assert await store.load("b1") == a_batch("b1", rows=[ExecutionStatus.PENDING] * 2)
-    # The transaction was rolled back, not left open: the next group is written.
-    await store.apply(group[:-1])
-    loaded = await store.load("b1")
-    assert loaded is not None
-    assert loaded.status is BatchStatus.PROCESSING
-    assert [e.status for e in loaded.executions] == [
-        ExecutionStatus.SUCCEEDED,
-        ExecutionStatus.FAILED,
-    ]
 
 
 async def test_a_group_written_twice_leaves_what_writing_it_once_does(open_store):
@@ -476,211 +288,6 @@ async def test_a_group_written_twice_leaves_what_writing_it_once_does(open_store
     assert (again.status, again.started_at) == (BatchStatus.CANCELLED, 2.0)
     assert again.executions[0].result == "first"
     assert again.executions[1].status is ExecutionStatus.RUNNING
-
-
-async def test_apply_writes_a_thousand_row_ends_in_one_group(open_store):
-    store = await open_store()
-    await created_and_held(store, a_batch("b1", rows=[ExecutionStatus.PENDING] * 1000))
-    group = [ended("b1", n, ExecutionStatus.SUCCEEDED, n, result=f"r{n}") for n in range(1, 1001)]
-    group.append(BatchEnded("b1", BatchStatus.COMPLETED, "Done.", 3.0, None))
-
-    assert await store.apply(group) == frozenset()
-
-    (summary,) = await store.summaries("owner-a", status=None, limit=1)
-    assert summary.counts == {ExecutionStatus.SUCCEEDED: 1000}
-    loaded = await store.load("b1")
-    assert loaded is not None
-    assert [e.result for e in loaded.executions] == [f"r{n}" for n in range(1, 1001)]
-
-
-# Listing
-
-
-async def test_summaries_are_the_owners_newest_first_with_counts_per_status(open_store):
-    store = await open_store()
-    done = BatchStatus.COMPLETED
-    await store.create(a_batch("old", created_at=1.0, status=done, finished_at=2.0))
-    await store.create(
-        a_batch(
-            "middle",
-            created_at=5.0,
-            rows=[ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED, ExecutionStatus.FAILED],
-            status=done,
-            finished_at=6.0,
-        )
-    )
-    await store.create(a_batch("new", created_at=9.0, status=BatchStatus.PROCESSING))
-    # Created in the same instant as "new", but after it.
-    await store.create(a_batch("newest", created_at=9.0))
-    await store.create(a_batch("someone else's", owner="owner-b", created_at=10.0))
-
-    found = await store.summaries("owner-a", status=None, limit=10)
-    assert [summary.id for summary in found] == ["newest", "new", "middle", "old"]
-    middle = found[2]
-    assert (middle.status, middle.created_at, middle.finished_at) == (done, 5.0, 6.0)
-    assert middle.counts == {ExecutionStatus.SUCCEEDED: 1, ExecutionStatus.FAILED: 2}
-    assert found[0].counts is None
-    assert await store.counts("newest") == {ExecutionStatus.PENDING: 1}
-    assert found[0].finished_at is None
-
-    assert [s.id for s in await store.summaries("owner-a", status=None, limit=2)] == [
-        "newest",
-        "new",
-    ]
-    assert [s.id for s in await store.summaries("owner-a", status=done, limit=10)] == [
-        "middle",
-        "old",
-    ]
-    assert [s.id for s in await store.summaries("owner-a", status=done, limit=1)] == ["middle"]
-    assert await store.summaries("owner-c", status=None, limit=10) == []
-
-
-async def test_unfinished_is_the_queued_and_processing_batches_oldest_first(open_store):
-    store = await open_store()
-    await store.create(a_batch("queued later", created_at=3.0))
-    await store.create(
-        a_batch(
-            "processing",
-            created_at=1.0,
-            status=BatchStatus.PROCESSING,
-            rows=[ExecutionStatus.SUCCEEDED, ExecutionStatus.RUNNING, ExecutionStatus.PENDING],
-        )
-    )
-    for status in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED):
-        await store.create(a_batch(status.value, created_at=0.5, status=status, finished_at=2.0))
-    await store.create(a_batch("queued", created_at=2.0, owner="owner-b"))
-    await store.create(a_batch("queued too", created_at=2.0))
-
-    found = await store.unfinished()
-    assert [batch.id for batch in found] == ["processing", "queued", "queued too", "queued later"]
-    assert [e.status for e in found[0].executions] == [
-        ExecutionStatus.SUCCEEDED,
-        ExecutionStatus.RUNNING,
-        ExecutionStatus.PENDING,
-    ]
-    assert found[1].owner == "owner-b"
-
-
-# Files
-
-
-async def test_files_are_recorded_replaced_forgotten_and_templates_counted(open_store):
-    store = await open_store()
-    workbook = FileEntry("batch_execution_b1.xlsx", "owner-a", 5.0, "b1", template=False)
-    await store.add_file(workbook)
-    assert await store.file(workbook.name) == workbook
-    assert await store.file("batch_execution_b2.xlsx") is None
-
-    rewritten = FileEntry(workbook.name, "owner-a", 7.0, "b1", template=False)
-    await store.add_file(rewritten)
-    assert await store.file(workbook.name) == rewritten
-
-    for name, owner, written_at in (
-        ("t3", "owner-a", 30.0),
-        ("t1", "owner-a", 10.0),
-        ("t2", "owner-b", 20.0),
-        ("t4", "owner-a", 40.0),
-    ):
-        await store.add_file(FileEntry(name, owner, written_at, f"id-{name}", template=True))
-    assert await store.templates_of("owner-a") == [10.0, 30.0, 40.0]
-    assert await store.templates_of("owner-b") == [20.0]
-    assert await store.templates_of("owner-c") == []
-    assert await store.file("t1") == FileEntry("t1", "owner-a", 10.0, "id-t1", template=True)
-
-    await store.forget_file("t3")
-    await store.forget_file(workbook.name)
-    await store.forget_file("never recorded")
-    assert await store.file("t3") is None
-    assert await store.file(workbook.name) is None
-    assert await store.templates_of("owner-a") == [10.0, 40.0]
-
-
-# Expiry
-
-
-async def test_expire_forgets_old_finished_batches_and_names_exactly_the_files_to_delete(
-    open_store, postgres_url
-):
-    store = await open_store()
-    other = await open_store(replica="b")
-    done = BatchStatus.COMPLETED
-    rows = [ExecutionStatus.SUCCEEDED] * 3
-    await store.create(a_batch("old", created_at=10.0, status=done, finished_at=90.0, rows=rows))
-    await store.create(
-        a_batch("old failed", created_at=10.0, status=BatchStatus.FAILED, finished_at=95.0)
-    )
-    await store.create(a_batch("recent", created_at=150.0, status=done, finished_at=250.0))
-    await store.create(a_batch("old running", created_at=5.0, status=BatchStatus.PROCESSING))
-    await store.create(a_batch("old queued", created_at=6.0))
-    for entry in (
-        FileEntry("old.xlsx", "owner-a", 89.0, "old", template=False),
-        FileEntry("recent.xlsx", "owner-a", 249.0, "recent", template=False),
-        FileEntry("old running.xlsx", "owner-a", 5.0, "old running", template=False),
-        FileEntry("old template.xlsx", "owner-a", 50.0, "t-old", template=True),
-        FileEntry("new template.xlsx", "owner-a", 150.0, "t-new", template=True),
-    ):
-        await store.add_file(entry)
-
-    # Two replicas' sweepers at once: each file is named to exactly one of them.
-    expired = await asyncio.gather(store.expire(100.0), other.expire(100.0))
-
-    assert sorted(expired[0] + expired[1]) == ["old template.xlsx", "old.xlsx"]
-    assert await store.load("old") is None
-    assert await store.load("old failed") is None
-    for kept in ("recent", "old running", "old queued"):
-        assert await store.load(kept) is not None
-    assert await query(
-        postgres_url, "SELECT DISTINCT batch_id FROM executions ORDER BY batch_id"
-    ) == [("old queued",), ("old running",), ("recent",)]
-    assert sorted(name for (name,) in await query(postgres_url, "SELECT name FROM files")) == [
-        "new template.xlsx",
-        "old running.xlsx",
-        "recent.xlsx",
-    ]
-    assert await store.templates_of("owner-a") == [150.0]
-    assert await store.expire(older_than=100.0) == []
-
-
-async def test_a_database_of_an_earlier_version_is_migrated_keeping_its_batches(
-    open_store, postgres_url
-):
-    # A database as the first schema left it, with a finished batch in it.
-    conn = await asyncpg.connect(postgres_url)
-    await conn.execute(migrations("postgresql")[0].sql)
-    await conn.execute(
-        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-        "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-    )
-    await conn.execute("INSERT INTO schema_migrations VALUES (1, '0001_initial.sql')")
-    await conn.execute("INSERT INTO meta (key, value) VALUES ('secret', $1)", b"s" * 32)
-    await conn.execute(
-        "INSERT INTO batches (id, owner, columns, status, message, created_at, finished_at) "
-        "VALUES ('old', 'owner-a', '[\"prompt\"]', 'completed', 'done', 1.0, 2.0)"
-    )
-    await conn.execute(
-        "INSERT INTO executions (batch_id, idx, model, cells, status, result, attempts) "
-        "VALUES ('old', 1, 'echo', '{\"prompt\": \"p\"}', 'succeeded', 'p', 1)"
-    )
-    await conn.close()
-
-    store = await open_store()
-    assert await query(postgres_url, "SELECT max(version) FROM schema_migrations") == [
-        (latest("postgresql"),)
-    ]
-    assert store.fingerprint("key-a") == PostgresStore.fingerprint(_with_secret(b"s" * 32), "key-a")
-    loaded = await store.load("old")
-    assert loaded is not None
-    assert loaded.executions[0].result == "p"
-    assert loaded.executions[0].seq == 1  # numbered by its row, as 0003 does
-    (summary,) = await store.summaries("owner-a", status=None, limit=10)
-    assert summary.counts is None
-    assert await store.counts("old") == {ExecutionStatus.SUCCEEDED: 1}
-
-
-def _with_secret(secret: bytes) -> PostgresStore:
-    store = PostgresStore("postgresql://unused", replica="x")
-    store._secret = secret
-    return store
 
 
 # Leases and fencing

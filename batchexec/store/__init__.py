@@ -1,6 +1,7 @@
 """Where batches are kept: ``memory://``, ``sqlite:///PATH`` or ``postgresql://...``.
 
-``DATABASE_URL`` chooses; ``store_for`` makes the store it names.
+``DATABASE_URL`` chooses; ``store_for`` makes the store it names. The
+interface every store implements (``base.py``) is this package's too.
 """
 
 from __future__ import annotations
@@ -13,39 +14,14 @@ from batchexec.config import (
     SQLITE_URL_PREFIX,
     check_database_url,
 )
-from batchexec.store.base import (
-    BatchEnded,
-    BatchStarted,
-    BatchStore,
-    Change,
-    ExecutionEnded,
-    ExecutionStarted,
-    FileEntry,
-    Notice,
-    NoticeKind,
-    Renewal,
-    SharedStore,
-    StoreError,
-)
+from batchexec.store import base
+from batchexec.store.base import *  # noqa: F403  (the interface, named once in base.__all__)
 
-__all__ = [
-    "BatchEnded",
-    "BatchStarted",
-    "BatchStore",
-    "Change",
-    "ExecutionEnded",
-    "ExecutionStarted",
-    "FileEntry",
-    "Notice",
-    "NoticeKind",
-    "Renewal",
-    "SharedStore",
-    "StoreError",
-    "store_for",
-]
+__all__ = ["store_for"]
+__all__ += base.__all__
 
 
-def store_for(url: str, *, replica: str = "", pool_size: int = 10) -> BatchStore:
+def store_for(url: str, *, replica: str = "", pool_size: int = 10) -> base.BatchStore:
     """The store ``url`` names (a ``DATABASE_URL``); call ``open()`` before use.
 
     ``replica`` names this process in a PostgreSQL store's leases, which keeps

@@ -32,6 +32,22 @@ from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome, Summ
 if TYPE_CHECKING:
     from batchexec.catalog import ModelSpec
 
+__all__ = [
+    "BatchEnded",
+    "BatchStarted",
+    "BatchStore",
+    "Change",
+    "ExecutionEnded",
+    "ExecutionStarted",
+    "FileEntry",
+    "Notice",
+    "NoticeKind",
+    "Renewal",
+    "SharedLimits",
+    "SharedStore",
+    "StoreError",
+]
+
 
 class StoreError(BatchexecError):
     """The store cannot be opened or written; the message says what to do."""

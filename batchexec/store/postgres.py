@@ -37,7 +37,9 @@ channel names the schema because channels are the whole database's.
 The schema is versioned by the table ``schema_migrations`` and the files in
 ``sql/postgresql``, applied under an advisory lock so replicas starting at
 once migrate once; a database written by a newer batchexec is refused. The
-statements and conversions are in ``postgres_rows.py``.
+statements, and how PostgreSQL keeps text, are in ``postgres_rows.py``; the
+conversions between records and rows, the same for every SQL store, in
+``rows.py``.
 """
 
 from __future__ import annotations
@@ -69,7 +71,6 @@ from batchexec.store.base import (
     SharedStore,
     StoreError,
 )
-from batchexec.store.changes import coalesced
 from batchexec.store.migrations import migrations
 from batchexec.store.postgres_rows import (
     ADD_FILE,
@@ -95,14 +96,18 @@ from batchexec.store.postgres_rows import (
     UPDATE_ENDED,
     UPDATE_STARTED,
     WAITING,
-    batch_row,
-    batches_of,
     channel_of,
     columns_of,
-    counts_of,
-    execution_records,
     read_text,
     text,
+)
+from batchexec.store.rows import (
+    batch_row,
+    batches_of,
+    coalesced,
+    counted,
+    execution_rows,
+    summaries_of,
 )
 
 log = logging.getLogger(__name__)
@@ -347,8 +352,11 @@ class PostgresStore(SharedStore):
     # Writing
 
     async def create(self, batch: Batch) -> None:
-        row = batch_row(batch)
-        records = await _off_loop(len(batch.executions), execution_records, batch)
+        row = batch_row(batch, text)
+        # The generator runs where the list is made: off the loop for a large batch.
+        records: list[tuple[Any, ...]] = await _off_loop(
+            len(batch.executions), list, execution_rows(batch, text)
+        )
         tried = False
 
         async def write(conn: Connection) -> None:
@@ -422,18 +430,7 @@ class PostgresStore(SharedStore):
     ) -> list[Summary]:
         value = None if status is None else status.value
         rows = await self._run(lambda conn: conn.fetch(SELECT_SUMMARIES, owner, value, limit))
-        return [
-            Summary(
-                row[0],
-                BatchStatus(row[1]),
-                read_text(row[2]) or "",
-                row[3],
-                row[4],
-                row[5],
-                counts_of(row[6]),
-            )
-            for row in rows
-        ]
+        return summaries_of(rows, read_text)
 
     async def counts(self, batch_id: str) -> Counter[ExecutionStatus]:
         rows = await self._run(
@@ -442,7 +439,7 @@ class PostgresStore(SharedStore):
                 batch_id,
             )
         )
-        return Counter({ExecutionStatus(status): count for status, count in rows})
+        return counted(rows)
 
     # Files
 
@@ -620,9 +617,9 @@ async def _fetch_batches(
 
 
 async def _batches_of(
-    batch_rows: list[asyncpg.Record], execution_rows: list[asyncpg.Record]
+    batch_rows: list[asyncpg.Record], executions: list[asyncpg.Record]
 ) -> list[Batch]:
-    return await _off_loop(len(execution_rows), batches_of, batch_rows, execution_rows)
+    return await _off_loop(len(executions), batches_of, batch_rows, executions, read_text)
 
 
 async def _off_loop(size: int, work: Callable[..., _T], *args: Any) -> _T:

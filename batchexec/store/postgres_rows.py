@@ -1,22 +1,20 @@
-"""The PostgreSQL store's SQL, and how records become rows and rows records.
+"""The PostgreSQL store's SQL, and how PostgreSQL keeps text.
 
 ``postgres.py`` owns the pool, the retries, the transactions and the
 listener; this holds what they run: the statements (a group's bulk updates
-through ``unnest`` of one array a column, so a thousand row ends are one
-statement) and the conversions, with text PostgreSQL cannot hold kept
-exactly (``text``, ``read_text``).
+through ``unnest`` of one array a column, ``columns_of``, so a thousand row
+ends are one statement) and how text PostgreSQL cannot hold is kept exactly
+(``text``, ``read_text``). The conversions between records and rows, the
+same in every SQL store, are in ``rows.py``; ``postgres.py`` hands them these
+two.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
-
-from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome
 
 #: The longest channel name NOTIFY takes (an identifier: 63 bytes).
 _CHANNEL_BYTES = 63
@@ -32,7 +30,7 @@ INSERT_BATCH = (
     "finished_at, xlsx_name, retry_of, counts) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 )
-#: The columns of ``execution_records``, which ``create`` copies in (COPY: the fastest
+#: The columns of ``rows.execution_rows``, which ``create`` copies in (COPY: the fastest
 #: way in for a batch of many thousand rows).
 EXECUTION_COLUMNS = [
     "batch_id",
@@ -75,7 +73,7 @@ SELECT_HELD = (
     "SELECT id FROM batches WHERE id = ANY($1::text[]) AND lease_owner = $2 ORDER BY id FOR SHARE"
 )
 #: A row's end is final: neither a start nor a second end (a cancel racing the
-#: row's own answer) changes a row that has ended. Rows as ``changes.coalesced``
+#: row's own answer) changes a row that has ended. Rows as ``rows.coalesced``
 #: makes them, one array a column.
 UPDATE_STARTED = (
     "UPDATE executions AS e SET status = 'running', prompt_sent = c.prompt_sent, "
@@ -185,110 +183,9 @@ def channel_of(schema: str) -> str:
     return f"batchexec:{hashlib.sha256(schema.encode()).hexdigest()[:32]}"
 
 
-def batch_row(batch: Batch) -> tuple[Any, ...]:
-    """``batch``'s row of ``batches``, for ``INSERT_BATCH``."""
-    counts = {str(state): n for state, n in batch.counts.items() if n}
-    return (
-        batch.id,
-        batch.owner,
-        json.dumps(batch.columns),
-        batch.status.value,
-        text(batch.message),
-        batch.created_at,
-        batch.started_at,
-        batch.finished_at,
-        batch.xlsx_name,
-        batch.retry_of,
-        json.dumps(counts) if batch.status.finished else None,
-    )
-
-
-def execution_records(batch: Batch) -> list[tuple[Any, ...]]:
-    """``batch``'s rows of ``executions``, in ``EXECUTION_COLUMNS``."""
-    return [
-        (
-            batch.id,
-            e.index,
-            text(e.model),
-            json.dumps(e.cells),
-            e.status.value,
-            text(e.prompt_sent),
-            text(e.result),
-            text(e.error),
-            e.latency_ms,
-            e.attempts,
-            e.prompt_tokens,
-            e.completion_tokens,
-            e.seq,
-        )
-        for e in batch.executions
-    ]
-
-
 def columns_of(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
     """Rows of values as one list a column: what ``unnest`` of arrays takes."""
     return [list(column) for column in zip(*rows, strict=True)]
-
-
-def batches_of(batch_rows: Sequence[Any], execution_rows: Sequence[Any]) -> list[Batch]:
-    """Batches from their rows of ``batches`` (in the order given) and of ``executions``."""
-    executions: defaultdict[str, list[Execution]] = defaultdict(list)
-    for (
-        batch_id,
-        idx,
-        model,
-        cells,
-        execution_status,
-        prompt_sent,
-        result,
-        error,
-        latency_ms,
-        attempts,
-        prompt_tokens,
-        completion_tokens,
-        ended_seq,
-    ) in execution_rows:
-        executions[batch_id].append(
-            Execution(
-                index=idx,
-                model=read_text(model) or "",
-                cells=json.loads(cells),
-                outcome=Outcome(
-                    ExecutionStatus(execution_status),
-                    result=read_text(result),
-                    error=read_text(error),
-                    latency_ms=latency_ms,
-                    attempts=attempts,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    seq=ended_seq,
-                ),
-                prompt_sent=read_text(prompt_sent),
-            )
-        )
-    return [
-        Batch(
-            id=row[0],
-            owner=row[1],
-            columns=tuple(json.loads(row[2])),
-            executions=executions.pop(row[0], []),
-            created_at=row[5],
-            status=BatchStatus(row[3]),
-            message=read_text(row[4]) or "",
-            started_at=row[6],
-            finished_at=row[7],
-            xlsx_name=row[8],
-            retry_of=row[9],
-        )
-        for row in batch_rows
-    ]
-
-
-def counts_of(stored: str | None) -> Counter[ExecutionStatus] | None:
-    """Counts written with a batch's end, if it has ended."""
-    if stored is None:
-        return None
-    return Counter({ExecutionStatus(state): count for state, count in json.loads(stored).items()})
 
 
 #: Starts text stored escaped. A noncharacter, which Unicode sets aside for a

@@ -7,8 +7,9 @@ so a client listing its batches never delays a commit (WAL lets a reader and
 the writer work at once, the reader seeing the last commit). The registry
 hands ``apply`` whole groups of changes, each written in one transaction,
 which is what keeps the hot path fast (a commit per group, not per row). The
-statements and the conversions between records and rows are in
-``sqlite_rows.py``.
+statements, and how SQLite keeps text, are in ``sqlite_rows.py``; the
+conversions between records and rows, the same for every SQL store, in
+``rows.py``.
 
 The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives
 the process being killed at any moment (``kill -9``, the OOM killer); after a
@@ -30,26 +31,28 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
-from batchexec.store.base import (
-    BatchStore,
-    Change,
-    FileEntry,
-    StoreError,
-)
+from batchexec.store.base import BatchStore, Change, FileEntry, StoreError
 from batchexec.store.migrations import latest, migrations
+from batchexec.store.rows import (
+    batch_row,
+    batches_of,
+    coalesced,
+    counted,
+    execution_rows,
+    summaries_of,
+)
 from batchexec.store.sqlite_rows import (
     INSERT_BATCH,
     INSERT_EXECUTION,
+    SELECT_BATCH,
+    SELECT_EXECUTIONS,
     SELECT_SUMMARIES,
+    SELECT_UNFINISHED,
     UPDATE_ENDED,
     UPDATE_STARTED,
     apply_batch_change,
-    batch_of,
-    batch_row,
-    coalesced,
-    counts_of,
-    execution_rows,
     read_text,
+    text,
 )
 
 _T = TypeVar("_T")
@@ -211,15 +214,15 @@ class SQLiteStore(BatchStore):
     async def create(self, batch: Batch) -> None:
         def write(db: sqlite3.Connection) -> None:
             with _transaction(db):
-                db.execute(INSERT_BATCH, batch_row(batch))
-                db.executemany(INSERT_EXECUTION, execution_rows(batch))
+                db.execute(INSERT_BATCH, batch_row(batch, text))
+                db.executemany(INSERT_EXECUTION, execution_rows(batch, text))
 
         await self._run(write)
 
     async def apply(self, changes: Sequence[Change]) -> frozenset[str]:
         def write(db: sqlite3.Connection) -> None:
             # Here, not on the event loop: a group can hold thousands of changes.
-            started, ended, batches = coalesced(changes)
+            started, ended, batches = coalesced(changes, text)
             with _transaction(db):
                 db.executemany(UPDATE_STARTED, started)
                 db.executemany(UPDATE_ENDED, ended)
@@ -238,12 +241,8 @@ class SQLiteStore(BatchStore):
 
     async def load(self, batch_id: str) -> Batch | None:
         def read(db: sqlite3.Connection) -> Batch | None:
-            row = db.execute(
-                "SELECT id, owner, columns, status, message, created_at, started_at, "
-                "finished_at, xlsx_name, retry_of FROM batches WHERE id = ?",
-                (batch_id,),
-            ).fetchone()
-            return None if row is None else batch_of(db, row)
+            found = _batches(db, SELECT_BATCH, (batch_id,))
+            return found[0] if found else None
 
         return await self._read(read)
 
@@ -252,19 +251,8 @@ class SQLiteStore(BatchStore):
     ) -> list[Summary]:
         def read(db: sqlite3.Connection) -> list[Summary]:
             value = None if status is None else status.value
-            rows = db.execute(SELECT_SUMMARIES, (owner, value, value, limit)).fetchall()
-            return [
-                Summary(
-                    row[0],
-                    BatchStatus(row[1]),
-                    read_text(row[2]) or "",
-                    row[3],
-                    row[4],
-                    row[5],
-                    counts_of(row[6]),
-                )
-                for row in rows
-            ]
+            rows = db.execute(SELECT_SUMMARIES, (owner, value, value, limit))
+            return summaries_of(rows, read_text)
 
         return await self._read(read)
 
@@ -274,20 +262,12 @@ class SQLiteStore(BatchStore):
                 "SELECT status, count(*) FROM executions WHERE batch_id = ? GROUP BY status",
                 (batch_id,),
             )
-            return Counter({ExecutionStatus(status): count for status, count in rows})
+            return counted(rows)
 
         return await self._read(read)
 
     async def unfinished(self) -> list[Batch]:
-        def read(db: sqlite3.Connection) -> list[Batch]:
-            rows = db.execute(
-                "SELECT id, owner, columns, status, message, created_at, started_at, "
-                "finished_at, xlsx_name, retry_of FROM batches "
-                "WHERE status IN ('queued', 'processing') ORDER BY created_at, rowid"
-            ).fetchall()
-            return [batch_of(db, row) for row in rows]
-
-        return await self._read(read)
+        return await self._read(lambda db: _batches(db, SELECT_UNFINISHED))
 
     async def add_file(self, entry: FileEntry) -> None:
         await self._run(
@@ -369,6 +349,13 @@ class _transaction:
             self._db.execute("ROLLBACK")
         if isinstance(error, sqlite3.Error):
             raise StoreError(f"The SQLite store cannot be written: {error}") from error
+
+
+def _batches(db: sqlite3.Connection, query: str, args: tuple[Any, ...] = ()) -> list[Batch]:
+    """The batches ``query`` selects, with their rows."""
+    batch_rows = db.execute(query, args).fetchall()
+    executions = [row for batch in batch_rows for row in db.execute(SELECT_EXECUTIONS, (batch[0],))]
+    return batches_of(batch_rows, executions, read_text)
 
 
 def _statements(script: str) -> list[str]:

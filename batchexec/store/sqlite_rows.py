@@ -1,21 +1,18 @@
-"""The SQLite store's SQL, and how records become rows and rows records.
+"""The SQLite store's SQL, and how SQLite keeps text.
 
 ``sqlite.py`` owns the connections, the threads and the transactions; this
-holds what they run: the statements, a group of changes coalesced into bulk
-updates, and the conversions (text with lone surrogates kept as bytes).
+holds what they run (the statements, and a batch's start or end written)
+and how text is stored (``text``, ``read_text``: text with a lone surrogate
+is kept as bytes). The conversions between records and rows, the same in
+every SQL store, are in ``rows.py``; ``sqlite.py`` hands them these two.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from typing import Any
 
-from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome
 from batchexec.store.base import BatchEnded, BatchStarted, Change
-from batchexec.store.changes import coalesced as shared_coalesced
 
 INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, "
@@ -27,9 +24,19 @@ INSERT_EXECUTION = (
     "latency_ms, attempts, prompt_tokens, completion_tokens, ended_seq) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+SELECT_BATCH = (
+    "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
+    "xlsx_name, retry_of FROM batches WHERE id = ?"
+)
+SELECT_UNFINISHED = (
+    "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
+    "xlsx_name, retry_of FROM batches WHERE status IN ('queued', 'processing') "
+    "ORDER BY created_at, rowid"
+)
 SELECT_EXECUTIONS = (
-    "SELECT idx, model, cells, status, prompt_sent, result, error, latency_ms, attempts, "
-    "prompt_tokens, completion_tokens, ended_seq FROM executions WHERE batch_id = ? ORDER BY idx"
+    "SELECT batch_id, idx, model, cells, status, prompt_sent, result, error, latency_ms, "
+    "attempts, prompt_tokens, completion_tokens, ended_seq FROM executions "
+    "WHERE batch_id = ? ORDER BY idx"
 )
 #: A row's end is final: neither a start nor a second end (a cancel racing the
 #: row's own answer) changes a row that has ended.
@@ -48,51 +55,6 @@ SELECT_SUMMARIES = (
     "WHERE owner = ? AND (? IS NULL OR status = ?) "
     "ORDER BY created_at DESC, rowid DESC LIMIT ?"
 )
-
-
-def batch_row(batch: Batch) -> tuple[Any, ...]:
-    """``batch``'s row of ``batches``, for ``INSERT_BATCH``."""
-    counts = {str(state): n for state, n in batch.counts.items() if n}
-    return (
-        batch.id,
-        batch.owner,
-        json.dumps(batch.columns),
-        batch.status.value,
-        text(batch.message),
-        batch.created_at,
-        batch.started_at,
-        batch.finished_at,
-        batch.xlsx_name,
-        batch.retry_of,
-        json.dumps(counts) if batch.status.finished else None,
-    )
-
-
-def execution_rows(batch: Batch) -> Iterator[tuple[Any, ...]]:
-    """``batch``'s rows of ``executions``, for ``INSERT_EXECUTION``."""
-    for e in batch.executions:
-        yield (
-            batch.id,
-            e.index,
-            text(e.model),
-            json.dumps(e.cells),
-            e.status.value,
-            text(e.prompt_sent),
-            text(e.result),
-            text(e.error),
-            e.latency_ms,
-            e.attempts,
-            e.prompt_tokens,
-            e.completion_tokens,
-            e.seq,
-        )
-
-
-def coalesced(
-    changes: Sequence[Change],
-) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[Change]]:
-    """A group's changes as rows' starts and ends to write in bulk (see ``changes.coalesced``)."""
-    return shared_coalesced(changes, text)
 
 
 def apply_batch_change(db: sqlite3.Connection, change: Change) -> None:
@@ -124,62 +86,6 @@ def apply_batch_change(db: sqlite3.Connection, change: Change) -> None:
                     batch_id,
                 ),
             )
-
-
-def batch_of(db: sqlite3.Connection, row: tuple[Any, ...]) -> Batch:
-    batch_id, owner, columns, status, message, created_at, started_at, finished_at = row[:8]
-    executions = [
-        Execution(
-            index=idx,
-            model=read_text(model) or "",
-            cells=json.loads(cells),
-            outcome=Outcome(
-                ExecutionStatus(execution_status),
-                result=read_text(result),
-                error=read_text(error),
-                latency_ms=latency_ms,
-                attempts=attempts,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                seq=ended_seq,
-            ),
-            prompt_sent=read_text(prompt_sent),
-        )
-        for (
-            idx,
-            model,
-            cells,
-            execution_status,
-            prompt_sent,
-            result,
-            error,
-            latency_ms,
-            attempts,
-            prompt_tokens,
-            completion_tokens,
-            ended_seq,
-        ) in db.execute(SELECT_EXECUTIONS, (batch_id,))
-    ]
-    return Batch(
-        id=batch_id,
-        owner=owner,
-        columns=tuple(json.loads(columns)),
-        executions=executions,
-        created_at=created_at,
-        status=BatchStatus(status),
-        message=read_text(message) or "",
-        started_at=started_at,
-        finished_at=finished_at,
-        xlsx_name=row[8],
-        retry_of=row[9],
-    )
-
-
-def counts_of(stored: str | None) -> Counter[ExecutionStatus] | None:
-    """Counts written with a batch's end, if it has ended."""
-    if stored is None:
-        return None
-    return Counter({ExecutionStatus(state): count for state, count in json.loads(stored).items()})
 
 
 def text(value: str | None) -> str | bytes | None:

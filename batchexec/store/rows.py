@@ -1,0 +1,198 @@
+"""Records as rows and rows as records: what every SQL store converts the same way.
+
+Each dialect keeps text its own way (``text`` and ``read_text`` in
+``sqlite_rows.py`` and ``postgres_rows.py``: SQLite keeps text with no UTF-8
+form as bytes, PostgreSQL escapes what its text cannot hold), so the
+conversions here that write or read text take the dialect's as an argument.
+The order of each row's values is the order of the columns in every
+dialect's statements.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome, Summary
+from batchexec.store.base import Change, ExecutionEnded, ExecutionStarted
+
+#: How a dialect stores a text value (None stays None).
+TextOf = Callable[[str | None], Any]
+#: How a dialect reads back a text value ``TextOf`` stored, exactly as it was.
+ReadText = Callable[[Any], str | None]
+
+
+def batch_row(batch: Batch, text: TextOf) -> tuple[Any, ...]:
+    """``batch``'s row of ``batches``, for the dialect's ``INSERT_BATCH``."""
+    counts = {str(state): n for state, n in batch.counts.items() if n}
+    return (
+        batch.id,
+        batch.owner,
+        json.dumps(batch.columns),
+        batch.status.value,
+        text(batch.message),
+        batch.created_at,
+        batch.started_at,
+        batch.finished_at,
+        batch.xlsx_name,
+        batch.retry_of,
+        json.dumps(counts) if batch.status.finished else None,
+    )
+
+
+def execution_rows(batch: Batch, text: TextOf) -> Iterator[tuple[Any, ...]]:
+    """``batch``'s rows of ``executions``, in the order ``batches_of`` reads them."""
+    for e in batch.executions:
+        yield (
+            batch.id,
+            e.index,
+            text(e.model),
+            json.dumps(e.cells),
+            e.status.value,
+            text(e.prompt_sent),
+            text(e.result),
+            text(e.error),
+            e.latency_ms,
+            e.attempts,
+            e.prompt_tokens,
+            e.completion_tokens,
+            e.seq,
+        )
+
+
+def coalesced(
+    changes: Sequence[Change], text: TextOf
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[Change]]:
+    """A group's changes as rows' starts and ends to write in bulk, and the batches' changes.
+
+    A start is ``(prompt_sent, attempts, batch_id, idx)``; an end is ``(status,
+    prompt_sent, result, error, latency_ms, attempts, prompt_tokens,
+    completion_tokens, seq, batch_id, idx)``: the batch id is always second
+    from last. A row's end overwrites everything its start wrote, so a start
+    whose end is in the same group is not written at all: a fast row costs
+    one update, not two. Rows are independent of each other and of their
+    batch's record, so writing each kind in bulk leaves the same state as
+    writing in order.
+    """
+    started: dict[tuple[str, int], tuple[Any, ...]] = {}
+    ended: dict[tuple[str, int], tuple[Any, ...]] = {}
+    batches: list[Change] = []
+    for change in changes:
+        if isinstance(change, ExecutionEnded):
+            key = (change.batch_id, change.index)
+            if key in ended:
+                continue  # the first end wins, as in the store
+            started.pop(key, None)
+            outcome = change.outcome
+            ended[key] = (
+                outcome.status.value,
+                text(change.prompt_sent),
+                text(outcome.result),
+                text(outcome.error),
+                outcome.latency_ms,
+                outcome.attempts,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                outcome.seq,
+                *key,
+            )
+        elif isinstance(change, ExecutionStarted):
+            key = (change.batch_id, change.index)
+            started[key] = (text(change.prompt_sent), change.attempts, *key)
+        else:
+            batches.append(change)
+    return list(started.values()), list(ended.values()), batches
+
+
+def batches_of(
+    batch_rows: Iterable[Any], execution_rows: Iterable[Any], read_text: ReadText
+) -> list[Batch]:
+    """Batches from their rows of ``batches`` (in the order given) and of ``executions``.
+
+    A batch's row is ``(id, owner, columns, status, message, created_at,
+    started_at, finished_at, xlsx_name, retry_of)``; an execution's is
+    ``(batch_id, idx, model, cells, status, prompt_sent, result, error,
+    latency_ms, attempts, prompt_tokens, completion_tokens, ended_seq)``, each
+    batch's in the order of their index.
+    """
+    executions: defaultdict[str, list[Execution]] = defaultdict(list)
+    for (
+        batch_id,
+        idx,
+        model,
+        cells,
+        execution_status,
+        prompt_sent,
+        result,
+        error,
+        latency_ms,
+        attempts,
+        prompt_tokens,
+        completion_tokens,
+        ended_seq,
+    ) in execution_rows:
+        executions[batch_id].append(
+            Execution(
+                index=idx,
+                model=read_text(model) or "",
+                cells=json.loads(cells),
+                outcome=Outcome(
+                    ExecutionStatus(execution_status),
+                    result=read_text(result),
+                    error=read_text(error),
+                    latency_ms=latency_ms,
+                    attempts=attempts,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    seq=ended_seq,
+                ),
+                prompt_sent=read_text(prompt_sent),
+            )
+        )
+    return [
+        Batch(
+            id=row[0],
+            owner=row[1],
+            columns=tuple(json.loads(row[2])),
+            executions=executions.pop(row[0], []),
+            created_at=row[5],
+            status=BatchStatus(row[3]),
+            message=read_text(row[4]) or "",
+            started_at=row[6],
+            finished_at=row[7],
+            xlsx_name=row[8],
+            retry_of=row[9],
+        )
+        for row in batch_rows
+    ]
+
+
+def summaries_of(rows: Iterable[Any], read_text: ReadText) -> list[Summary]:
+    """Summaries from rows of ``(id, status, message, created_at, finished_at, retry_of,
+    counts)``."""
+    return [
+        Summary(
+            row[0],
+            BatchStatus(row[1]),
+            read_text(row[2]) or "",
+            row[3],
+            row[4],
+            row[5],
+            counts_of(row[6]),
+        )
+        for row in rows
+    ]
+
+
+def counted(rows: Iterable[Any]) -> Counter[ExecutionStatus]:
+    """Rows per status from ``(status, count)`` pairs (``GROUP BY status``)."""
+    return Counter({ExecutionStatus(status): count for status, count in rows})
+
+
+def counts_of(stored: str | None) -> Counter[ExecutionStatus] | None:
+    """Counts written with a batch's end, if it has ended."""
+    if stored is None:
+        return None
+    return counted(json.loads(stored).items())

@@ -1,0 +1,590 @@
+"""The store contract: what every SQL store does alike, written once and run on each.
+
+``StoreContract`` holds the tests; each dialect's test module subclasses it
+as ``TestStoreContract`` and gives it a ``kit`` fixture, a ``StoreKit`` of
+that dialect's stores, so every test here runs once a dialect (and the
+PostgreSQL ones are skipped, as ``tests/postgres.py`` skips them, when no
+server answers). The kit holds what differs: how a store is opened and
+where another database is, how the test reads the database itself, and the
+few set-ups only the dialect's own SQL can write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Generic, TypeVar
+
+import pytest
+
+from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome
+from batchexec.store import (
+    BatchEnded,
+    BatchStarted,
+    BatchStore,
+    Change,
+    ExecutionEnded,
+    ExecutionStarted,
+    FileEntry,
+    SharedStore,
+    StoreError,
+)
+from batchexec.store.memory import MemoryStore
+from batchexec.store.migrations import latest
+
+StoreT = TypeVar("StoreT", bound=BatchStore)
+
+
+class StoreKit(ABC, Generic[StoreT]):
+    """One dialect's stores for a test, and what the contract needs of its databases."""
+
+    #: The dialect's name in ``sql/``, as ``migrations.latest`` takes it.
+    dialect: ClassVar[str]
+    #: What the store's error says of an integer past 64 bits (a provider's usage count).
+    too_large: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._stores: list[StoreT] = []
+
+    async def open(self, where: Any = None, **options: Any) -> StoreT:
+        """A store open on ``where`` (the test's database unless told); closed after the test."""
+        store = self.make(where, **options)
+        self._stores.append(store)
+        await store.open()
+        return store
+
+    async def close(self) -> None:
+        """Close every store ``open`` opened."""
+        for store in self._stores:
+            await store.close()  # closing twice is harmless
+
+    @abstractmethod
+    def make(self, where: Any, **options: Any) -> StoreT:
+        """A store, not yet open, on ``where`` (the test's database when None)."""
+
+    @abstractmethod
+    async def elsewhere(self) -> Any:
+        """Where a new database of its own can be, for ``open``."""
+
+    @abstractmethod
+    async def another_process(self, store: StoreT) -> StoreT:
+        """Another process's store on ``store``'s database, where the dialect allows one."""
+
+    @abstractmethod
+    async def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """``sql``'s rows in the test's database, read through a connection of the test's own."""
+
+    @abstractmethod
+    async def schema_version(self) -> int:
+        """The version of the schema the test's database has now."""
+
+    @abstractmethod
+    async def write_first_schema(self, secret: bytes, *statements: str) -> None:
+        """Make the test's database as the first migration left it: ``secret``, ``statements``."""
+
+    @abstractmethod
+    async def fail_batch_ends(self) -> str:
+        """Make every write of a batch's end fail as a full disk does; what the error says."""
+
+
+def a_batch(
+    batch_id: str,
+    *,
+    owner: str = "owner-a",
+    created_at: float = 1.0,
+    status: BatchStatus = BatchStatus.QUEUED,
+    finished_at: float | None = None,
+    rows: list[ExecutionStatus] | tuple[ExecutionStatus, ...] = (ExecutionStatus.PENDING,),
+) -> Batch:
+    executions = [
+        Execution(index, "echo", {"prompt": f"row {index}"}, outcome=Outcome(row_status))
+        for index, row_status in enumerate(rows, start=1)
+    ]
+    return Batch(
+        id=batch_id,
+        owner=owner,
+        columns=("prompt",),
+        executions=executions,
+        created_at=created_at,
+        status=status,
+        finished_at=finished_at,
+    )
+
+
+def ended(batch_id: str, index: int, status: ExecutionStatus, seq: int, **fields: Any) -> Change:
+    outcome = Outcome(status, attempts=1, seq=seq, **fields)
+    return ExecutionEnded(batch_id, index, outcome, f"row {index}")
+
+
+async def created_and_held(store: BatchStore, *batches: Batch) -> None:
+    """Store ``batches`` and make them ``store``'s to write: a shared store's takes their leases."""
+    for batch in batches:
+        await store.create(batch)
+    if isinstance(store, SharedStore):
+        claimed = await store.claim(len(batches), 60.0)
+        assert {batch.id for batch in claimed} >= {batch.id for batch in batches}
+
+
+def fingerprint_of(secret: bytes, api_key: str) -> str:
+    """What a store whose secret is ``secret`` records as ``api_key``'s owner."""
+    store = MemoryStore()
+    store._secret = secret
+    return store.fingerprint(api_key)
+
+
+#: Text a database cannot hold as it is, or that looks like the way a dialect keeps such text.
+_AWKWARD = [
+    "\x00",
+    "a\x00b\x00",
+    "\ud800",
+    "x\udfffy",
+    "\ud83d\ude00",  # a surrogate pair as two code points, not the emoji
+    "😀",
+    "\ufdd0",
+    "\ufdd0plain",
+    "\\u0000",
+    "\ufdd0\\u0000",
+    "back\\slash\x00",
+    "\\",
+    "",
+]
+
+
+class StoreContract:
+    """The tests every SQL store passes; a subclass named ``Test...`` gives the ``kit``."""
+
+    # Opening
+
+    async def test_reopening_keeps_the_data_and_the_secret(self, kit):
+        store = await kit.open()
+        batch = a_batch("b1")
+        await store.create(batch)
+        fingerprint = store.fingerprint("key-a")
+        await store.close()
+
+        again = await kit.open()
+        assert await again.load("b1") == batch
+        assert again.fingerprint("key-a") == fingerprint
+        assert again.fingerprint("key-b") != fingerprint
+        assert "key-a" not in fingerprint
+
+        elsewhere = await kit.open(await kit.elsewhere())
+        assert elsewhere.fingerprint("key-a") != fingerprint
+
+    async def test_a_closed_store_refuses_to_work_and_closes_again_harmlessly(self, kit):
+        store = await kit.open()
+        await store.close()
+        await store.close()
+        with pytest.raises(StoreError, match="not open"):
+            await store.load("b1")
+
+    async def test_a_database_of_an_earlier_version_is_migrated_keeping_its_batches(self, kit):
+        # A database as the first schema left it, with a finished batch in it.
+        await kit.write_first_schema(
+            b"s" * 32,
+            "INSERT INTO batches (id, owner, columns, status, message, created_at, finished_at) "
+            "VALUES ('old', 'owner-a', '[\"prompt\"]', 'completed', 'done', 1.0, 2.0)",
+            "INSERT INTO executions (batch_id, idx, model, cells, status, result, attempts) "
+            "VALUES ('old', 1, 'echo', '{\"prompt\": \"p\"}', 'succeeded', 'p', 1)",
+        )
+
+        store = await kit.open()
+        assert await kit.schema_version() == latest(kit.dialect)
+        assert store.fingerprint("key-a") == fingerprint_of(b"s" * 32, "key-a")
+        loaded = await store.load("old")
+        assert loaded is not None
+        assert loaded.executions[0].result == "p"
+        assert loaded.executions[0].seq == 1  # numbered by its row, as 0003 does
+        (summary,) = await store.summaries("owner-a", status=None, limit=10)
+        # Finished before counts were kept: the store counts its rows when asked.
+        assert summary.counts is None
+        assert await store.counts("old") == {ExecutionStatus.SUCCEEDED: 1}
+
+    # Writing and reading back
+
+    async def test_every_field_round_trips_through_create_apply_and_load(self, kit):
+        store = await kit.open()
+        columns = ("prompt", "model", "note")
+        cells = [
+            {"prompt": "Grüße, 世界 🌍", "model": "echo", "note": "a\ud800b"},  # lone surrogate
+            {"prompt": "uses ${output.1}", "model": "", "note": "\udfff\x00"},
+            {"prompt": "fails", "model": "echo", "note": ""},
+            {"prompt": "times out", "model": "echo", "note": ""},
+            {"prompt": "skipped", "model": "echo", "note": ""},
+            {"prompt": "cancelled", "model": "echo", "note": ""},
+            {"prompt": "running", "model": "echo", "note": ""},
+            {"prompt": "pending", "model": "echo", "note": ""},
+        ]
+        submitted = Batch(
+            id="b1",
+            owner="owner-a",
+            columns=columns,
+            executions=[
+                Execution(index, "echo" if index != 2 else "m\x00del", row)
+                for index, row in enumerate(cells, start=1)
+            ],
+            created_at=1000.25,
+            retry_of="b0",
+        )
+        await created_and_held(store, submitted)
+        assert await store.load("b1") == submitted
+
+        outcomes = {
+            1: Outcome(ExecutionStatus.SUCCEEDED, "réponse ✓ \ud83d", None, 12, 1, 3, 5, 1),
+            2: Outcome(ExecutionStatus.SUCCEEDED, "", None, 0, 2, 0, 0, 2),
+            3: Outcome(
+                ExecutionStatus.FAILED, None, "the model refused \udc80\x00", 7, 3, None, None, 3
+            ),
+            4: Outcome(ExecutionStatus.TIMED_OUT, None, "Timed out after 1 s.", 1000, 4, seq=4),
+            5: Outcome(
+                ExecutionStatus.SKIPPED, None, "Skipped: ${output.3} did not succeed.", seq=5
+            ),
+            6: Outcome(ExecutionStatus.CANCELLED, None, "Cancelled by request.", None, 1, seq=6),
+        }
+        sent = {
+            1: "Grüße, 世界 🌍 \udbff",
+            2: "uses réponse",
+            3: "fails\x00",
+            4: "times out",
+            6: "c",
+        }
+        changes: list[Change] = [BatchStarted("b1", 1001.5)]
+        for index, outcome in outcomes.items():
+            if index in sent:
+                changes.append(ExecutionStarted("b1", index, sent[index], outcome.attempts))
+            changes.append(ExecutionEnded("b1", index, outcome, sent.get(index)))
+        changes.append(ExecutionStarted("b1", 7, "still running", 2))
+        changes.append(
+            BatchEnded("b1", BatchStatus.CANCELLED, "Batch cancelled.\x00", 1002.75, "b1.xlsx")
+        )
+        assert await store.apply(changes) == frozenset()
+
+        loaded = await store.load("b1")
+        assert loaded is not None
+        assert (loaded.id, loaded.owner, loaded.columns, loaded.retry_of) == (
+            "b1",
+            "owner-a",
+            columns,
+            "b0",
+        )
+        assert (loaded.status, loaded.message, loaded.xlsx_name) == (
+            BatchStatus.CANCELLED,
+            "Batch cancelled.\x00",
+            "b1.xlsx",
+        )
+        assert (loaded.created_at, loaded.started_at, loaded.finished_at) == (
+            1000.25,
+            1001.5,
+            1002.75,
+        )
+        # Cells go through JSON, which escapes a lone surrogate: they come back as sent.
+        assert [execution.cells for execution in loaded.executions] == cells
+        assert [e.model for e in loaded.executions][:2] == ["echo", "m\x00del"]
+        assert [(e.status, e.prompt_sent, e.attempts, e.seq) for e in loaded.executions] == [
+            (ExecutionStatus.SUCCEEDED, "Grüße, 世界 🌍 \udbff", 1, 1),
+            (ExecutionStatus.SUCCEEDED, "uses réponse", 2, 2),
+            (ExecutionStatus.FAILED, "fails\x00", 3, 3),
+            (ExecutionStatus.TIMED_OUT, "times out", 4, 4),
+            (ExecutionStatus.SKIPPED, None, 0, 5),
+            (ExecutionStatus.CANCELLED, "c", 1, 6),
+            (ExecutionStatus.RUNNING, "still running", 2, 0),
+            (ExecutionStatus.PENDING, None, 0, 0),
+        ]
+        # Other text with a NUL or a lone surrogate (no UTF-8 form) is kept the
+        # dialect's way: it comes back as sent.
+        assert [
+            (e.result, e.error, e.latency_ms, e.prompt_tokens, e.completion_tokens)
+            for e in loaded.executions
+        ] == [
+            ("réponse ✓ \ud83d", None, 12, 3, 5),
+            ("", None, 0, 0, 0),
+            (None, "the model refused \udc80\x00", 7, None, None),
+            (None, "Timed out after 1 s.", 1000, None, None),
+            (None, "Skipped: ${output.3} did not succeed.", None, None, None),
+            (None, "Cancelled by request.", None, None, None),
+            (None, None, None, None, None),
+            (None, None, None, None, None),
+        ]
+        assert loaded.counts == {
+            ExecutionStatus.SUCCEEDED: 2,
+            ExecutionStatus.FAILED: 1,
+            ExecutionStatus.TIMED_OUT: 1,
+            ExecutionStatus.SKIPPED: 1,
+            ExecutionStatus.CANCELLED: 1,
+            ExecutionStatus.RUNNING: 1,
+            ExecutionStatus.PENDING: 1,
+        }
+        assert await store.load("b2") is None
+
+    async def test_text_with_nul_and_lone_surrogates_round_trips_through_the_database(self, kit):
+        store = await kit.open()
+        rng = random.Random(20240601)
+        alphabet = [
+            "\x00",
+            "\\",
+            "\ufdd0",
+            "u",
+            "0",
+            "a",
+            "é",
+            "世",
+            "😀",
+            "\ud800",
+            "\udc00",
+            "\n",
+        ]
+        values = _AWKWARD + [
+            "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12))) for _ in range(300)
+        ]
+        # Cells and columns are JSON: exact for any text JSON input can carry (not a
+        # high and a low surrogate as two code points, which JSON reads as one).
+        cell = [value if json.loads(json.dumps(value)) == value else "" for value in values]
+        batch = Batch(
+            id="b1",
+            owner="owner-a",
+            columns=("prompt", *cell[:3]),
+            executions=[
+                Execution(
+                    index,
+                    value,
+                    {"prompt": cell[index - 1], cell[index - 1]: cell[index - 1]},
+                    outcome=Outcome(ExecutionStatus.FAILED, value, value, seq=index),
+                    prompt_sent=value,
+                )
+                for index, value in enumerate(values, start=1)
+            ],
+            created_at=1.0,
+            status=BatchStatus.FAILED,
+            message="\x00\ud800 the batch",
+            finished_at=2.0,
+        )
+        await store.create(batch)
+
+        loaded = await store.load("b1")
+        assert loaded == batch
+        assert loaded is not None
+        assert [(e.model, e.prompt_sent, e.result, e.error) for e in loaded.executions] == [
+            (value, value, value, value) for value in values
+        ]
+        # Text the database can hold is kept as it is, readable by anyone querying the table.
+        assert await kit.query("SELECT result FROM executions WHERE idx = 6") == [("😀",)]
+
+    async def test_a_count_beyond_64_bits_is_a_store_error_and_nothing_is_written(self, kit):
+        store = await kit.open()
+        await created_and_held(store, a_batch("b1", rows=[ExecutionStatus.PENDING] * 2))
+        outcome = Outcome(ExecutionStatus.SUCCEEDED, "answer", attempts=1, prompt_tokens=2**64)
+        group = [
+            ended("b1", 1, ExecutionStatus.SUCCEEDED, 1),
+            ExecutionEnded("b1", 2, outcome, "row 2"),
+        ]
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=kit.too_large):
+            await store.apply(group)
+        assert time.monotonic() - started < 5  # refused, not retried
+        loaded = await store.load("b1")
+        assert loaded is not None
+        assert [e.status for e in loaded.executions] == [ExecutionStatus.PENDING] * 2
+
+    async def test_a_group_whose_last_change_fails_leaves_none_applied(self, kit):
+        store = await kit.open()
+        await created_and_held(store, a_batch("b1", rows=[ExecutionStatus.PENDING] * 2))
+        # A full disk, as the database would report it, for the batch's last write only.
+        full = await kit.fail_batch_ends()
+        group: list[Change] = [
+            BatchStarted("b1", 2.0),
+            ExecutionStarted("b1", 1, "row 1", 1),
+            ended("b1", 1, ExecutionStatus.SUCCEEDED, 1, result="answer"),
+            ended("b1", 2, ExecutionStatus.FAILED, 2, error="no"),
+            BatchEnded("b1", BatchStatus.COMPLETED, "Done.", 3.0, None),
+        ]
+
+        with pytest.raises(StoreError, match=full):
+            await store.apply(group)
+
+        assert await store.load("b1") == a_batch("b1", rows=[ExecutionStatus.PENDING] * 2)
+        # The transaction was rolled back, not left open: the next group is written.
+        await store.apply(group[:-1])
+        loaded = await store.load("b1")
+        assert loaded is not None
+        assert loaded.status is BatchStatus.PROCESSING
+        assert [e.status for e in loaded.executions] == [
+            ExecutionStatus.SUCCEEDED,
+            ExecutionStatus.FAILED,
+        ]
+
+    async def test_apply_writes_a_thousand_row_ends_in_one_group(self, kit):
+        store = await kit.open()
+        await created_and_held(store, a_batch("b1", rows=[ExecutionStatus.PENDING] * 1000))
+        group = [
+            ended("b1", n, ExecutionStatus.SUCCEEDED, n, result=f"r{n}") for n in range(1, 1001)
+        ]
+        group.append(BatchEnded("b1", BatchStatus.COMPLETED, "Done.", 3.0, None))
+
+        assert await store.apply(group) == frozenset()
+
+        (summary,) = await store.summaries("owner-a", status=None, limit=1)
+        assert summary.counts == {ExecutionStatus.SUCCEEDED: 1000}
+        loaded = await store.load("b1")
+        assert loaded is not None
+        assert [e.result for e in loaded.executions] == [f"r{n}" for n in range(1, 1001)]
+
+    # Listing
+
+    async def test_summaries_are_the_owners_newest_first_with_counts_per_status(self, kit):
+        store = await kit.open()
+        done = BatchStatus.COMPLETED
+        await store.create(a_batch("old", created_at=1.0, status=done, finished_at=2.0))
+        await store.create(
+            a_batch(
+                "middle",
+                created_at=5.0,
+                rows=[ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED, ExecutionStatus.FAILED],
+                status=done,
+                finished_at=6.0,
+            )
+        )
+        await store.create(a_batch("new", created_at=9.0, status=BatchStatus.PROCESSING))
+        # Created in the same instant as "new", but after it.
+        await store.create(a_batch("newest", created_at=9.0))
+        await store.create(a_batch("someone else's", owner="owner-b", created_at=10.0))
+
+        found = await store.summaries("owner-a", status=None, limit=10)
+        assert [summary.id for summary in found] == ["newest", "new", "middle", "old"]
+        middle = found[2]
+        assert (middle.status, middle.created_at, middle.finished_at) == (done, 5.0, 6.0)
+        assert middle.counts == {ExecutionStatus.SUCCEEDED: 1, ExecutionStatus.FAILED: 2}
+        # An unfinished batch's counts are not kept: the registry has them, or counts them.
+        assert found[0].counts is None
+        assert await store.counts("newest") == {ExecutionStatus.PENDING: 1}
+        assert found[0].finished_at is None
+
+        assert [s.id for s in await store.summaries("owner-a", status=None, limit=2)] == [
+            "newest",
+            "new",
+        ]
+        assert [s.id for s in await store.summaries("owner-a", status=done, limit=10)] == [
+            "middle",
+            "old",
+        ]
+        assert [s.id for s in await store.summaries("owner-a", status=done, limit=1)] == ["middle"]
+        assert await store.summaries("owner-c", status=None, limit=10) == []
+
+    async def test_unfinished_is_the_queued_and_processing_batches_oldest_first(self, kit):
+        store = await kit.open()
+        await store.create(a_batch("queued later", created_at=3.0))
+        await store.create(
+            a_batch(
+                "processing",
+                created_at=1.0,
+                status=BatchStatus.PROCESSING,
+                rows=[ExecutionStatus.SUCCEEDED, ExecutionStatus.RUNNING, ExecutionStatus.PENDING],
+            )
+        )
+        for status in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED):
+            await store.create(
+                a_batch(status.value, created_at=0.5, status=status, finished_at=2.0)
+            )
+        await store.create(a_batch("queued", created_at=2.0, owner="owner-b"))
+        # Created in the same instant as "queued", but after it.
+        await store.create(a_batch("queued too", created_at=2.0))
+
+        found = await store.unfinished()
+        assert [batch.id for batch in found] == [
+            "processing",
+            "queued",
+            "queued too",
+            "queued later",
+        ]
+        # Whole batches, rows included, as they were left.
+        assert [e.status for e in found[0].executions] == [
+            ExecutionStatus.SUCCEEDED,
+            ExecutionStatus.RUNNING,
+            ExecutionStatus.PENDING,
+        ]
+        assert found[1].owner == "owner-b"
+
+    # Files
+
+    async def test_files_are_recorded_replaced_forgotten_and_templates_counted(self, kit):
+        store = await kit.open()
+        workbook = FileEntry("batch_execution_b1.xlsx", "owner-a", 5.0, "b1", template=False)
+        await store.add_file(workbook)
+        assert await store.file(workbook.name) == workbook
+        assert await store.file("batch_execution_b2.xlsx") is None
+
+        rewritten = FileEntry(workbook.name, "owner-a", 7.0, "b1", template=False)
+        await store.add_file(rewritten)
+        assert await store.file(workbook.name) == rewritten
+
+        for name, owner, written_at in (
+            ("t3", "owner-a", 30.0),
+            ("t1", "owner-a", 10.0),
+            ("t2", "owner-b", 20.0),
+            ("t4", "owner-a", 40.0),
+        ):
+            await store.add_file(FileEntry(name, owner, written_at, f"id-{name}", template=True))
+        assert await store.templates_of("owner-a") == [10.0, 30.0, 40.0]
+        assert await store.templates_of("owner-b") == [20.0]
+        assert await store.templates_of("owner-c") == []
+        assert await store.file("t1") == FileEntry("t1", "owner-a", 10.0, "id-t1", template=True)
+
+        await store.forget_file("t3")
+        await store.forget_file(workbook.name)
+        await store.forget_file("never recorded")
+        assert await store.file("t3") is None
+        assert await store.file(workbook.name) is None
+        assert await store.templates_of("owner-a") == [10.0, 40.0]
+
+    # Expiry
+
+    async def test_expire_forgets_old_finished_batches_and_names_exactly_the_files_to_delete(
+        self, kit
+    ):
+        store = await kit.open()
+        other = await kit.another_process(store)
+        done = BatchStatus.COMPLETED
+        rows = [ExecutionStatus.SUCCEEDED] * 3
+        await store.create(
+            a_batch("old", created_at=10.0, status=done, finished_at=90.0, rows=rows)
+        )
+        await store.create(
+            a_batch("old failed", created_at=10.0, status=BatchStatus.FAILED, finished_at=95.0)
+        )
+        await store.create(a_batch("recent", created_at=150.0, status=done, finished_at=250.0))
+        # Unfinished batches stay however old they are, and so do their workbooks.
+        await store.create(a_batch("old running", created_at=5.0, status=BatchStatus.PROCESSING))
+        await store.create(a_batch("old queued", created_at=6.0))
+        for entry in (
+            FileEntry("old.xlsx", "owner-a", 89.0, "old", template=False),
+            FileEntry("recent.xlsx", "owner-a", 249.0, "recent", template=False),
+            # process_csv with execute records the workbook before the batch runs.
+            FileEntry("old running.xlsx", "owner-a", 5.0, "old running", template=False),
+            FileEntry("old template.xlsx", "owner-a", 50.0, "t-old", template=True),
+            FileEntry("new template.xlsx", "owner-a", 150.0, "t-new", template=True),
+        ):
+            await store.add_file(entry)
+
+        # Two sweepers at once (two replicas', where there can be two): each file is
+        # named to exactly one of them.
+        expired = await asyncio.gather(store.expire(100.0), other.expire(100.0))
+
+        assert sorted(expired[0] + expired[1]) == ["old template.xlsx", "old.xlsx"]
+        assert await store.load("old") is None
+        assert await store.load("old failed") is None
+        for kept in ("recent", "old running", "old queued"):
+            assert await store.load(kept) is not None
+        assert await kit.query("SELECT DISTINCT batch_id FROM executions ORDER BY batch_id") == [
+            ("old queued",),
+            ("old running",),
+            ("recent",),
+        ]
+        assert sorted(name for (name,) in await kit.query("SELECT name FROM files")) == [
+            "new template.xlsx",
+            "old running.xlsx",
+            "recent.xlsx",
+        ]
+        assert await store.templates_of("owner-a") == [150.0]
+        assert await store.expire(older_than=100.0) == []
