@@ -346,7 +346,8 @@ async def test_a_write_the_database_refuses_lets_the_batch_go_to_be_resumed_not_
         if refused == 0:
             refused += 1
             raise StoreError("The PostgreSQL store cannot be used: something went wrong")
-        return await apply(changes)
+        lost: frozenset[str] = await apply(changes)
+        return lost
 
     await a.app[REGISTRY].flush()
     monkeypatch.setattr(store, "apply", refuse_once)

@@ -145,6 +145,10 @@ _LOST = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
+    # What a query gets on a connection whose server has just ended it, before the
+    # driver has read the end ("cannot switch to state 15; another operation (2) is in
+    # progress"): seen during a fast shutdown, when the connection is not closed yet.
+    asyncpg.exceptions.InternalClientError,
 )
 #: Every other error the database or the driver reports: a ``StoreError`` at once.
 _DATABASE_ERRORS = (
