@@ -64,6 +64,15 @@ class NotFoundError(BatchexecError):
     """The batch or file does not exist, or belongs to another key."""
 
 
+class TemplateNotRunError(NotFoundError):
+    """The id names a template workbook (rows written, never run): no batch to answer for."""
+
+    def __init__(self, message: str, *, xlsx_url: str) -> None:
+        super().__init__(message)
+        #: Where the template workbook can be downloaded.
+        self.xlsx_url = xlsx_url
+
+
 class ProviderError(BatchexecError):
     """A model provider could not give an answer.
 

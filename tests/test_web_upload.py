@@ -5,14 +5,23 @@ from __future__ import annotations
 import csv
 import io
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import openpyxl
 import pytest
 
-from batchexec.api import PROCESS_CSV, UPLOAD
+from batchexec.api import (
+    API_KEY_HEADER,
+    CANCEL,
+    PROCESS_CSV,
+    RESULTS,
+    RETRY,
+    UPLOAD,
+    events_path,
+)
 from batchexec.web.keys import SETTINGS
-from tests.helpers import AUTH, finished, sheet_rows
+from tests.helpers import API_KEY, AUTH, finished, sheet_rows
 
 
 def form(
@@ -52,10 +61,14 @@ async def test_csv_upload_answers_exactly_like_process_csv(make_client):
     assert uploaded.status == posted.status == 200
     upload_body, csv_body = await uploaded.json(), await posted.json()
     assert upload_body.keys() == csv_body.keys()
-    assert upload_body["response"][0]["message"] == csv_body["response"][0]["message"]
-    assert (
-        upload_body["response"][0]["message"]
-        == "CSV processed: 1 row written to the XLSX template."
+    # Each says how to run the rows through its own route.
+    assert upload_body["response"][0]["message"] == (
+        "CSV processed: 1 row written to the XLSX template; nothing was run. "
+        "To run it, upload the file again with execute=true."
+    )
+    assert csv_body["response"][0]["message"] == (
+        "CSV processed: 1 row written to the XLSX template; nothing was run. "
+        'To run it, send the CSV again with "execute": true.'
     )
     assert template_rows(client, upload_body) == template_rows(client, csv_body)
 
@@ -212,3 +225,56 @@ async def test_a_malformed_multipart_body_is_422(make_client):
         )
         assert response.status == 422, await response.text()
         assert "multipart" in (await response.json())["detail"]
+
+
+# A template's id
+
+
+async def test_a_templates_id_says_what_it_is_and_how_to_run_it(make_client):
+    client = await make_client(integrations_api_keys="dev-only-token,other")
+    content = "prompt,model\nName a colour,echo\nWhy ${output.1}?,echo\n"
+    written = await (
+        await client.post(PROCESS_CSV, json={"csv_content": content}, headers=AUTH)
+    ).json()
+    template_id = written["invocationId"]
+    for path, body in [
+        (RESULTS, {"invocation_id": template_id}),
+        (CANCEL, {"invocation_id": template_id}),
+        (RETRY, {"invocation_id": template_id}),
+    ]:
+        response = await client.post(path, json=body, headers=AUTH)
+        assert response.status == 404, path
+        answer = await response.json()
+        assert answer["detail"].startswith(
+            f"Invocation ID {template_id} names a template workbook (written by process_csv "
+            'or upload without "execute"): its rows have not run, so it has no results. '
+            'To run them, send the CSV again with "execute": true, or upload the workbook'
+        )
+        assert answer["xlsx_url"] == written["xlsx_url"]
+    events = await client.get(events_path(template_id), headers=AUTH)
+    assert events.status == 404
+    assert (await events.json())["xlsx_url"] == written["xlsx_url"]
+    # To another key, and for an id that names nothing, it is the contract's plain 404.
+    for key, invocation_id in [("other", template_id), (API_KEY, "no-such-id")]:
+        response = await client.post(
+            RESULTS, json={"invocation_id": invocation_id}, headers={API_KEY_HEADER: key}
+        )
+        assert response.status == 404
+        assert await response.json() == {"detail": "Invocation ID not found"}
+
+
+async def test_a_template_runs_when_its_workbook_is_uploaded_with_execute(make_client):
+    client = await make_client()
+    content = "id,prompt,model\n7,Name a colour,echo\n8,Why ${output.1}?,echo\n"
+    written = await (
+        await client.post(PROCESS_CSV, json={"csv_content": content}, headers=AUTH)
+    ).json()
+    download = await client.get(urlsplit(written["xlsx_url"]).path, headers=AUTH)
+    template = await download.read()
+    started = await client.post(
+        UPLOAD, data=form(template, "template.xlsx", execute="true"), headers=AUTH
+    )
+    assert started.status == 200, await started.text()
+    body = await finished(client, (await started.json())["invocationId"])
+    assert body["invocationId"] != written["invocationId"]
+    assert [e["result"] for e in body["executions"]] == ["Name a colour", "Why Name a colour?"]

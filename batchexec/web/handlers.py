@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from batchexec.errors import ConflictError
+from batchexec.errors import ConflictError, NotFoundError, TemplateNotRunError
 from batchexec.inputs import Rows, from_executions
 from batchexec.providers import unconfigured
 from batchexec.readiness import require_ready
-from batchexec.records import ExecutionStatus
+from batchexec.records import Batch, ExecutionStatus
 from batchexec.schemas import (
     AssistantOut,
     BatchList,
@@ -28,9 +28,10 @@ from batchexec.schemas import (
     ResultsRequest,
     RetryResponse,
 )
+from batchexec.web import streams
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
 from batchexec.web.presenting import answer_results
-from batchexec.web.requests import answer, parse_body, plan_off_loop, validated
+from batchexec.web.requests import answer, parse_body, plan_off_loop, validated, xlsx_url
 
 
 async def health(request: web.Request) -> web.Response:
@@ -55,15 +56,23 @@ async def execute_batch(request: web.Request) -> web.Response:
 async def results(request: web.Request) -> web.StreamResponse:
     """A batch's status, progress, finished executions and, once ended, its outputs."""
     body = await parse_body(request, ResultsQuery)
-    batch = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    batch = await _batch_of(request, body.invocation_id)
     return await answer_results(request, batch, body)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """The event stream of ``streams``, whose 404 for a template's id says what the id is."""
+    try:
+        return await streams.events(request)
+    except NotFoundError as exc:
+        raise await _not_found(request, request.match_info["invocation_id"], exc) from None
 
 
 async def cancel(request: web.Request) -> web.StreamResponse:
     """Cancel a queued or running batch; answers like the results route once it has stopped."""
     body = await parse_body(request, ResultsRequest)
     registry = request.app[REGISTRY]
-    batch = await registry.get(body.invocation_id, request[OWNER])
+    batch = await _batch_of(request, body.invocation_id)
     await request.app[ENGINE].cancel(batch.id)
     # Read again: another replica may have run (and ended) it.
     return await answer_results(request, await registry.get(batch.id, request[OWNER]))
@@ -76,7 +85,7 @@ async def retry(request: web.Request) -> web.Response:
     configured; rows that keep their results are not checked.
     """
     body = await parse_body(request, ResultsRequest)
-    original = await request.app[REGISTRY].get(body.invocation_id, request[OWNER])
+    original = await _batch_of(request, body.invocation_id)
     if not original.status.finished:
         raise ConflictError("The batch is still running; retry it once it has ended.")
     rerun = [e.index for e in original.executions if e.status is not ExecutionStatus.SUCCEEDED]
@@ -119,4 +128,38 @@ async def models(request: web.Request) -> web.Response:
     default_model = request.app[SETTINGS].default_model
     return answer(
         CatalogResponse(default_model=default_model, models=model_list, assistants=assistant_list)
+    )
+
+
+async def _batch_of(request: web.Request, invocation_id: str) -> Batch:
+    """The caller's batch ``invocation_id``; ``NotFoundError`` saying what an id with none is."""
+    try:
+        return await request.app[REGISTRY].get(invocation_id, request[OWNER])
+    except NotFoundError as exc:
+        raise await _not_found(request, invocation_id, exc) from None
+
+
+async def _not_found(request: web.Request, invocation_id: str, exc: NotFoundError) -> NotFoundError:
+    """The 404 for an id that names no batch of the caller's.
+
+    The id of a template (``process_csv`` or ``upload`` without ``execute``)
+    names a workbook, not a batch: it never runs, and this says so, where the
+    workbook is and how to run its rows (send them again with ``execute``,
+    which starts a batch with an id of its own). Any other id is plain
+    "Invocation ID not found", as the original contract answers.
+    """
+    file_name = Batch.file_name_for(invocation_id)
+    try:
+        entry = await request.app[REGISTRY].check_file(file_name, request[OWNER])
+    except NotFoundError:
+        return exc
+    if not entry.template:
+        return exc
+    return TemplateNotRunError(
+        f"Invocation ID {invocation_id} names a template workbook (written by process_csv "
+        'or upload without "execute"): its rows have not run, so it has no results. '
+        'To run them, send the CSV again with "execute": true, or upload the workbook '
+        "(filled in, if you like) with execute=true; the batch that starts has an "
+        "invocation ID of its own. The workbook is at xlsx_url.",
+        xlsx_url=xlsx_url(request, file_name),
     )

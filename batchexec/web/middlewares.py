@@ -19,6 +19,7 @@ from batchexec.errors import (
     QueueFullError,
     ShuttingDownError,
     StorageError,
+    TemplateNotRunError,
 )
 from batchexec.store import StoreError
 from batchexec.web.keys import OWNER, REGISTRY, SETTINGS
@@ -124,6 +125,8 @@ def _answer(exc: Exception, status: int) -> web.Response:
             for error in exc.errors
         ]
         return json_error(status, exc.detail, errors=errors)
+    if isinstance(exc, TemplateNotRunError):
+        return json_error(status, str(exc), xlsx_url=exc.xlsx_url)
     response = json_error(status, str(exc))
     retry_after_s: float | None = getattr(exc, "retry_after_s", None)
     if retry_after_s is not None:

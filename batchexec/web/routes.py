@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from batchexec import api
-from batchexec.web import downloads, handlers, streams, uploads
+from batchexec.web import downloads, handlers, uploads
 
 
 def setup_routes(app: web.Application) -> None:
@@ -19,7 +19,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_post(api.RESULTS + "/", handlers.results)
     router.add_get(api.DOWNLOAD, downloads.download, name="download")
     router.add_get(api.MODELS, handlers.models)
-    router.add_get(api.EVENTS, streams.events)
+    router.add_get(api.EVENTS, handlers.events)
     router.add_post(api.CANCEL, handlers.cancel)
     router.add_post(api.RETRY, handlers.retry)
     router.add_get(api.BATCHES, handlers.batches)

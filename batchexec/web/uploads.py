@@ -34,6 +34,11 @@ from batchexec.schemas import Message, ProcessCsvRequest, ProcessCsvResponse
 from batchexec.web.keys import ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, WORKBOOKS
 from batchexec.web.requests import answer, on_input_pool, parse_body, plan_off_loop, xlsx_url
 
+#: How a template's rows are run, by the route that wrote it.
+_RUN_AGAIN = {
+    "process_csv": 'send the CSV again with "execute": true',
+    "upload": "upload the file again with execute=true",
+}
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
 
@@ -42,7 +47,7 @@ async def process_csv(request: web.Request) -> web.Response:
     """Parse a CSV, write its XLSX template and, with ``execute``, start the batch."""
     body = await parse_body(request, ProcessCsvRequest)
     rows = await _csv_rows(request, body.csv_content)
-    return await _process_rows(request, rows, execute=body.execute, kind="CSV")
+    return await _process_rows(request, rows, execute=body.execute, kind="CSV", route="process_csv")
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -52,11 +57,11 @@ async def upload(request: web.Request) -> web.Response:
     fmt = Format.XLSX if data.startswith(ZIP_MAGIC) else format_of(name or "") or sniff(data)
     if fmt is Format.XLSX:
         rows = await request.app[WORKBOOKS].read(data)
-        return await _process_rows(request, rows, execute=execute, kind="XLSX")
+        return await _process_rows(request, rows, execute=execute, kind="XLSX", route="upload")
     if fmt is not Format.CSV:
         raise InputError(f"Upload a CSV or XLSX file; this one looks like {fmt.value.upper()}.")
     rows = await _csv_rows(request, decode(data, Format.CSV))
-    return await _process_rows(request, rows, execute=execute, kind="CSV")
+    return await _process_rows(request, rows, execute=execute, kind="CSV", route="upload")
 
 
 async def _csv_rows(request: web.Request, text: str) -> Rows:
@@ -74,9 +79,14 @@ async def _csv_rows(request: web.Request, text: str) -> Rows:
 
 
 async def _process_rows(
-    request: web.Request, rows: Rows, *, execute: bool, kind: str
+    request: web.Request, rows: Rows, *, execute: bool, kind: str, route: str
 ) -> web.Response:
-    """Validate ``rows``, write their XLSX template and, with ``execute``, start the batch."""
+    """Validate ``rows``, write their XLSX template and, with ``execute``, start the batch.
+
+    Without ``execute`` nothing runs, and the answer says how to run the rows
+    (through ``route`` again, with ``execute``): the template's id names its
+    workbook, never a batch (the results route's 404 for it says the same).
+    """
     try:
         plan = await plan_off_loop(request, rows)
     except InputError as exc:
@@ -95,7 +105,11 @@ async def _process_rows(
             f"{batch_id} to check status and retrieve results."
         )
     else:
-        message = f"{kind} processed: {count} written to the XLSX template."
+        again = _RUN_AGAIN[route]
+        message = (
+            f"{kind} processed: {count} written to the XLSX template; nothing was run. "
+            f"To run {'it' if len(plan.rows) == 1 else 'them'}, {again}."
+        )
     return answer(
         ProcessCsvResponse(
             invocationId=batch_id,
