@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +23,7 @@ from pydantic import (
     StrictStr,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from batchexec.catalog import AssistantSpec, ModelSpec
 from batchexec.records import (
@@ -78,9 +80,35 @@ class ProcessCsvRequest(BaseModel):
 
 
 class ResultsRequest(BaseModel):
-    """Body of the results, cancel and retry routes: which batch."""
+    """Body of the results, cancel and retry routes: which batch.
 
-    invocation_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    The id is ``invocation_id``, or ``invocationId`` as every answer spells
+    it, so a client may send back the field it was given; both at once must
+    agree.
+    """
+
+    invocation_id: Annotated[
+        StrictStr,
+        Field(
+            min_length=1,
+            max_length=200,
+            validation_alias=AliasChoices("invocation_id", "invocationId"),
+        ),
+    ]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_id(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and "invocation_id" in data
+            and "invocationId" in data
+            and data["invocation_id"] != data["invocationId"]
+        ):
+            raise PydanticCustomError(
+                "two_ids", "invocation_id and invocationId name different batches; send one"
+            )
+        return data
 
 
 class ResultsQuery(ResultsRequest):

@@ -208,3 +208,33 @@ async def test_expired_batches_and_files_disappear(make_client, tmp_path):
     assert not path.exists()
     download = await client.get(download_path(name), headers=AUTH)
     assert download.status == 404
+
+
+async def test_every_route_takes_the_id_as_invocationId_too(make_client):
+    client = await make_client()
+    provider = gated(client)
+    running = await submit(client, [{"prompt": "waits", "model": "gated"}])
+    await provider.wait_started(1)
+    body = {"invocationId": running}
+    results_answer = await client.post(RESULTS, json={**body, "since": 0}, headers=AUTH)
+    assert results_answer.status == 200, await results_answer.text()
+    assert (await results_answer.json())["invocationId"] == running
+    cancelled = await client.post(CANCEL, json=body, headers=AUTH)
+    assert cancelled.status == 200, await cancelled.text()
+    assert (await cancelled.json())["status"] == "cancelled"
+    retried = await client.post(RETRY, json=body, headers=AUTH)
+    assert retried.status == 200, await retried.text()
+    assert (await retried.json())["retry_of"] == running
+    provider.open()
+    # Both spellings at once must name one batch.
+    same = await client.post(RESULTS, json={**body, "invocation_id": running}, headers=AUTH)
+    assert same.status == 200
+    two = await client.post(RESULTS, json={**body, "invocation_id": "other"}, headers=AUTH)
+    assert two.status == 422
+    assert (await two.json())["errors"] == [
+        {
+            "index": None,
+            "field": None,
+            "message": "invocation_id and invocationId name different batches; send one",
+        }
+    ]
