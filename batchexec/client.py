@@ -163,13 +163,19 @@ class Client:
             await self._session.close()
             self._session = None
 
-    async def submit(self, executions: Sequence[Mapping[str, Any]]) -> str:
+    async def submit(
+        self, executions: Sequence[Mapping[str, Any]], *, columns: Sequence[str] | None = None
+    ) -> str:
         """Start a batch; its invocation id.
 
         Each execution has a ``prompt`` and optionally a ``model`` or an
-        ``assistant``; other keys are carried into the outputs.
+        ``assistant``; other keys are carried into the outputs, in the order
+        ``columns`` gives (a file's header), else after ``prompt`` and ``model``.
         """
-        body = await self._post(api.EXECUTE_BATCH, {"executions": list(executions)})
+        request: dict[str, Any] = {"executions": list(executions)}
+        if columns is not None:
+            request["columns"] = list(columns)
+        body = await self._post(api.EXECUTE_BATCH, request)
         return _invocation_id(body)
 
     async def results(self, invocation_id: str) -> dict[str, Any]:

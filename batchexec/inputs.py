@@ -267,21 +267,38 @@ def parse_xlsx(
     return from_table(table, place="row")
 
 
-def from_executions(executions: Sequence[ExecutionIn | None]) -> Rows:
+def from_executions(
+    executions: Sequence[ExecutionIn | None], columns: Sequence[str] | None = None
+) -> Rows:
     """Rows of ``execute_batch`` executions: extra keys become extra columns.
 
-    A None entry (an execution that could not be read) becomes a placeholder row.
+    Without ``columns`` they are ``prompt``, ``model``, ``assistant`` (if any
+    execution names one), then the other keys as they first appear. With
+    ``columns`` (the input's own, in its order) the rows keep that order,
+    and only what it leaves out follows: ``prompt``, and ``model`` or
+    ``assistant`` where an execution names one, then the other keys. A None
+    entry (an execution that could not be read) becomes a placeholder row.
     """
-    columns = ["prompt", "model"]
-    if any(execution and execution.assistant for execution in executions):
-        columns.append("assistant")
+    if columns is None:
+        names = ["prompt", "model"]
+        if any(execution and execution.assistant for execution in executions):
+            names.append("assistant")
+    else:
+        names = list(columns)
+        if "prompt" not in names:
+            names.insert(0, "prompt")
+        for known in ("model", "assistant"):
+            if known not in names and any(
+                execution and getattr(execution, known) for execution in executions
+            ):
+                names.append(known)
     rows: list[RowInput] = []
     for execution in executions:
         if execution is None:
             rows.append(_PLACEHOLDER)
             continue
         extra = execution.extra_cells()
-        columns += [name for name in extra if name not in columns]
+        names += [name for name in extra if name not in names]
         cells = {"prompt": execution.prompt, "model": execution.model or ""}
         cells["assistant"] = execution.assistant or ""
         rows.append(
@@ -292,7 +309,7 @@ def from_executions(executions: Sequence[ExecutionIn | None]) -> Rows:
                 cells={**extra, **cells},
             )
         )
-    return Rows.of(columns, rows)
+    return Rows.of(names, rows)
 
 
 def plan_rows(rows: Rows, catalog: Catalog, limits: Limits) -> BatchPlan:

@@ -21,6 +21,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -67,9 +68,28 @@ def _cell(value: Any) -> str:
 
 
 class ExecuteBatchRequest(BaseModel):
-    """Body of ``POST /experience/batch_execution/execute_batch/invoke``."""
+    """Body of ``POST /experience/batch_execution/execute_batch/invoke``.
+
+    ``columns`` (optional, added to the original contract) is the order of the
+    input's columns, a file's header, which the outputs keep; ``submit``
+    sends it, so a file's batch has the columns ``run`` gives it. Without it
+    the columns are ``prompt``, ``model`` (and ``assistant``), then the other
+    keys as they first appear.
+    """
 
     executions: list[ExecutionIn]
+    columns: list[StrictStr] | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct(cls, columns: list[str] | None) -> list[str] | None:
+        if columns is not None:
+            seen: set[str] = set()
+            for name in columns:
+                if name in seen:
+                    raise PydanticCustomError("twice", f"{name!r} appears twice")
+                seen.add(name)
+        return columns
 
 
 class ProcessCsvRequest(BaseModel):

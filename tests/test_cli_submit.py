@@ -18,18 +18,22 @@ from batchexec import create_app
 from batchexec.api import EXECUTE_BATCH, RESULTS, download_path, events_path
 from batchexec.cli import main
 from batchexec.cli.inputfile import Source, read_source
+from batchexec.cli.run import run_batch
 from batchexec.cli.submit import executions_of, resolve_key, submit_batch
 from batchexec.config import DEV_API_KEY
 from batchexec.inputs import parse_jsonl
+from batchexec.runtime import load_catalog, provider_classes
 from batchexec.web.keys import SETTINGS
 from tests.fakes import GatedProvider
 from tests.helpers import (
     API_KEY,
+    AUTH,
     PROCESS_TIMEOUT_S,
     cli_process,
     free_port,
     gated,
     run_cli,
+    sheet_rows,
     write_csv,
 )
 
@@ -355,3 +359,40 @@ def test_unreadable_rows_are_exit_2_before_anything_is_sent(tmp_path, capsys):
     # Nothing listens there: reaching out would be exit 1, not 2.
     assert main(["submit", "b.jsonl", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
     assert "  line 2: prompt: Input should be a valid string" in capsys.readouterr().err
+
+
+async def test_submit_and_run_write_the_inputs_columns_in_its_order(
+    make_server, make_settings, tmp_path
+):
+    _, url, _ = await make_server(default_model="echo")
+    rows = [["7", "Name a colour", "echo", "first", ""], ["8", "Why ${output.1}?", "", "", ""]]
+    prompts = write_csv(tmp_path / "p.csv", ["id", "prompt", "model", "notes", "assistant"], rows)
+    code, _, err = await follow(source_of(prompts), url, tmp_path / "submitted.xlsx")
+    assert code == 0, err
+    settings = make_settings(default_model="echo")
+    code = await run_batch(
+        source_of(prompts),
+        settings,
+        load_catalog(settings, provider_classes([GatedProvider])),
+        output=tmp_path / "run.xlsx",
+        stream=io.StringIO(),
+        extra_providers=[GatedProvider],
+    )
+    assert code == 0
+    submitted, ran = sheet_rows(tmp_path / "submitted.xlsx"), sheet_rows(tmp_path / "run.xlsx")
+    assert submitted[0] == ran[0]
+    assert submitted[0][:5] == ["id", "prompt", "model", "notes", "assistant"]
+    latency = ran[0].index("latency_ms")
+    assert [row[:latency] for row in submitted] == [row[:latency] for row in ran]
+
+
+async def test_a_file_without_a_model_column_has_none_through_submit_either(make_server, tmp_path):
+    client, url, _ = await make_server(default_model="echo")
+    prompts = write_csv(tmp_path / "p.csv", ["prompt", "id"], [["hi", "1"]])
+    code, invocation_id, err = await follow(source_of(prompts), url, tmp_path / "out.xlsx")
+    assert code == 0, err
+    assert sheet_rows(tmp_path / "out.xlsx")[0][:4] == ["prompt", "id", "result", "status"]
+    body = await (
+        await client.post(RESULTS, json={"invocation_id": invocation_id}, headers=AUTH)
+    ).json()
+    assert body["csv_content"] == "prompt,id,result\nhi,1,hi\n"

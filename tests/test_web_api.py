@@ -406,3 +406,26 @@ async def test_a_refused_process_csv_leaves_no_workbook(make_client, tmp_path):
     results_dir = Path(tmp_path / "public" / "batch_execution_results")
     assert [path.name for path in results_dir.glob("*.xlsx")] == []
     gated(client).open()
+
+
+async def test_execute_batch_keeps_the_column_order_it_is_given(make_client):
+    client = await make_client(default_model="echo")
+    executions = [
+        {"prompt": "a", "model": "echo", "id": "1", "notes": "x"},
+        {"prompt": "b", "id": "2", "notes": "", "late": "y"},
+    ]
+    body = {"executions": executions, "columns": ["id", "prompt", "notes", "model"]}
+    response = await client.post(EXECUTE_BATCH, json=body, headers=AUTH)
+    assert response.status == 200, await response.text()
+    ended = await finished(client, (await response.json())["invocationId"])
+    assert ended["csv_content"].splitlines()[0] == "id,prompt,notes,model,late,result"
+    # Without it: prompt and model first, then the other keys as they come.
+    plain = await finished(client, await submit(client, executions))
+    assert plain["csv_content"].splitlines()[0] == "prompt,model,id,notes,late,result"
+    twice = await client.post(
+        EXECUTE_BATCH, json={**body, "columns": ["id", "prompt", "id"]}, headers=AUTH
+    )
+    assert twice.status == 422
+    assert (await twice.json())["errors"] == [
+        {"index": None, "field": "columns", "message": "'id' appears twice"}
+    ]

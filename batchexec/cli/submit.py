@@ -183,7 +183,10 @@ async def submit_batch(
     loop = asyncio.get_running_loop()
     async with Client(url, key, connect_timeout_s=_CONNECT_S, read_timeout_s=_READ_S) as client:
         try:
-            invocation_id = await client.submit(executions_of(source.rows))
+            # The input's columns go too: the outputs keep its order, as run's do.
+            invocation_id = await client.submit(
+                executions_of(source.rows), columns=source.rows.columns
+            )
             print(invocation_id, file=out, flush=True)
             if not wait:
                 return EXIT_OK

@@ -46,7 +46,7 @@ async def execute_batch(request: web.Request) -> web.Response:
     (422) before anything is stored: its rows would all fail.
     """
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
-    plan = await plan_off_loop(request, lambda: from_executions(body.executions))
+    plan = await plan_off_loop(request, lambda: from_executions(body.executions, body.columns))
     providers = request.app[PROVIDERS]
     require_ready(plan, providers)
     batch = await request.app[ENGINE].submit(request[OWNER], plan)
