@@ -1,12 +1,14 @@
 """``python -m benchmarks [SCENARIO ...]``: run the scenarios, print the table, write the files.
 
 With no argument every scenario runs, in about six minutes on two cores plus
-about six for the two 100,000-row ones (``responsive``).
+about six for the two 100,000-row ones (``responsive``) and two for the
+replicas' (``cluster``).
 Name scenarios to run only those (for profiling one of them), e.g.
 ``python -m benchmarks xlsx``; ``store`` names the three store scenarios,
-``responsive`` the two of a 100,000-row batch.
+``responsive`` the two of a 100,000-row batch, ``cluster`` the replicas'.
 Knobs: ``BENCH_RUNS`` (runs per figure, default 3), ``BENCH_FULL=1`` (the
-sequential baseline over all 2,000 rows).
+sequential baseline over all 2,000 rows), ``BENCH_POSTGRES_URL`` (the
+PostgreSQL server of the PostgreSQL rows; without one they say skipped).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks import client as http
-from benchmarks import makespan, overhead, polling, report, responsive, store
+from benchmarks import cluster_bench, makespan, overhead, polling, report, responsive, store
 from benchmarks.common import RESULTS_DIR, RUNS, Figure, Target, progress
 from benchmarks.memory import memory
 from benchmarks.profiling import profile_overhead
@@ -36,14 +38,13 @@ HTTP_SCENARIOS: dict[str, Callable[[http.BatchClient], Awaitable[Figure]]] = {
     "overhead": overhead.overhead,
     "polling": polling.polling,
 }
-#: Scenarios that run against a SQLite server and a memory:// server of their own, side by side.
-STORE_PAIR_SCENARIOS: dict[
-    str, Callable[[http.BatchClient, http.BatchClient], Awaitable[Figure]]
-] = {
+#: Scenarios that run against a SQLite, a memory:// and a PostgreSQL server of their own,
+#: side by side.
+STORE_SERVER_SCENARIOS: dict[str, Callable[[store.Stores], Awaitable[list[Figure]]]] = {
     "store-rows": store.rows_per_s,
     "store-makespan": store.makespan,
 }
-STORE_SCENARIOS = (*STORE_PAIR_SCENARIOS, "store-memory")
+STORE_SCENARIOS = (*STORE_SERVER_SCENARIOS, "store-memory")
 #: Scenarios that run against a server of their own that takes 100,000-row batches.
 RESPONSIVE_SCENARIOS: dict[str, Callable[[http.BatchClient], Awaitable[Figure]]] = {
     "responsive-health": responsive.health,
@@ -57,10 +58,16 @@ SCENARIOS = (
     "xlsx",
     *STORE_SCENARIOS,
     *RESPONSIVE_SCENARIOS,
+    "cluster-replicas",
 )
 #: Names that stand for several scenarios.
-GROUPS = {"store": STORE_SCENARIOS, "responsive": tuple(RESPONSIVE_SCENARIOS)}
-#: Each scenario's figure (key and title), in the issue's order: the table's.
+GROUPS = {
+    "store": STORE_SCENARIOS,
+    "responsive": tuple(RESPONSIVE_SCENARIOS),
+    "cluster": ("cluster-replicas",),
+}
+#: Each scenario's figure (key and title), in the issue's order: the table's. Names that are
+#: no scenario's (``memory``, ``store-rows-postgres``, ...) are more figures of one.
 FIGURES = {
     "independent": ("makespan_independent", "makespan vs ideal, independent rows"),
     "chains": ("makespan_chains", "makespan vs ideal, chains"),
@@ -71,10 +78,15 @@ FIGURES = {
     "polling": ("polling", "results polling"),
     "memory": ("memory", "memory"),
     "store-rows": ("store_rows", "instant rows/s, SQLite vs memory://"),
+    "store-rows-postgres": store.ROWS_POSTGRES,
     "store-makespan": ("store_makespan", "makespan vs ideal, SQLite"),
+    "store-makespan-postgres": store.MAKESPAN_POSTGRES,
     "store-memory": ("store_memory", "memory after 50 batches vs 1, SQLite"),
     "responsive-health": ("responsive_health", "/health during a 100,000-row batch"),
     "responsive-linear": ("responsive_linear", "100,000 rows vs 10 x 10,000, wall time"),
+    "cluster-replicas": cluster_bench.KEYS[1],
+    "cluster-replicas-2": cluster_bench.KEYS[2],
+    "cluster-replicas-3": cluster_bench.KEYS[3],
 }
 ORDER = [key for key, _ in FIGURES.values()]
 WARM_UP_ROWS = 200
@@ -103,9 +115,10 @@ def _arguments(argv: list[str]) -> list[str]:
         description="Run batchexec's benchmarks, print the table, write bench-results/.",
         epilog=f"scenarios: {', '.join(SCENARIOS)} (all by default; store names the "
         f"{len(STORE_SCENARIOS)} store scenarios, responsive the "
-        f"{len(RESPONSIVE_SCENARIOS)} of a 100,000-row batch); memory is reported "
-        "whenever an HTTP scenario ran. BENCH_RUNS sets the runs a figure (default 3), "
-        "BENCH_FULL=1 runs the sequential baseline over all 2,000 rows.",
+        f"{len(RESPONSIVE_SCENARIOS)} of a 100,000-row batch, cluster the replicas'); "
+        "memory is reported whenever an HTTP scenario ran. BENCH_RUNS sets the runs a "
+        "figure (default 3), BENCH_FULL=1 runs the sequential baseline over all 2,000 "
+        "rows, BENCH_POSTGRES_URL the PostgreSQL server (default the local `test`).",
     )
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO")
     named: list[str] = parser.parse_args(argv).scenarios or list(SCENARIOS)
@@ -150,17 +163,16 @@ def _run_http(workdir: Path, chosen: list[str]) -> list[Figure]:
     return [*figures, memory(peak_mb, chosen)]
 
 
-async def _store_pair_scenarios(sqlite: Server, memory: Server, chosen: list[str]) -> list[Figure]:
+async def _store_server_scenarios(servers: store.StoreServers, chosen: list[str]) -> list[Figure]:
     figures: list[Figure] = []
     async with http.session() as session:
-        on_sqlite = http.BatchClient(session, sqlite.url)
-        on_memory = http.BatchClient(session, memory.url)
-        progress("store", f"warming up both servers with {WARM_UP_ROWS} rows")
-        await store.warm_up(on_sqlite, on_memory)
+        stores = store.Stores.of(servers, session)
+        progress("store", f"warming up {len(stores.clients)} servers with {WARM_UP_ROWS} rows")
+        await store.warm_up(stores)
         for name in chosen:
             progress(name, "starting")
             try:
-                figures.append(await STORE_PAIR_SCENARIOS[name](on_sqlite, on_memory))
+                figures += await STORE_SERVER_SCENARIOS[name](stores)
             except Exception as error:
                 figures.append(_failed(name, error))
     return figures
@@ -178,11 +190,11 @@ def _run_responsive(workdir: Path, chosen: list[str]) -> list[Figure]:
     return figures
 
 
-def _run_store_pair(workdir: Path, chosen: list[str]) -> list[Figure]:
-    """The store scenarios that compare a SQLite server with a memory:// one."""
+def _run_store_servers(workdir: Path, chosen: list[str]) -> list[Figure]:
+    """The store scenarios that compare SQLite and PostgreSQL servers with a memory:// one."""
     try:
-        with store.servers(workdir) as (sqlite, memory):
-            return asyncio.run(_store_pair_scenarios(sqlite, memory, chosen))
+        with store.servers(workdir) as servers:
+            return asyncio.run(_store_server_scenarios(servers, chosen))
     except Exception as error:
         return [_failed(name, error) for name in chosen]
 
@@ -211,13 +223,13 @@ def main(argv: list[str]) -> int:
         http_chosen = [name for name in HTTP_SCENARIOS if name in chosen]
         if http_chosen:
             figures += _run_http(workdir, http_chosen)
-        pair_chosen = [name for name in STORE_PAIR_SCENARIOS if name in chosen]
-        if pair_chosen:
-            figures += _run_store_pair(workdir, pair_chosen)
+        servers_chosen = [name for name in STORE_SERVER_SCENARIOS if name in chosen]
+        if servers_chosen:
+            figures += _run_store_servers(workdir, servers_chosen)
         responsive_chosen = [name for name in RESPONSIVE_SCENARIOS if name in chosen]
         if responsive_chosen:
             figures += _run_responsive(workdir, responsive_chosen)
-        steps: list[tuple[str, Callable[[], Figure | None]]] = [
+        steps: list[tuple[str, Callable[[], Figure | Sequence[Figure] | None]]] = [
             (
                 "sequential",
                 lambda: asyncio.run(makespan.sequential(_median(figures, "makespan_independent"))),
@@ -226,6 +238,7 @@ def main(argv: list[str]) -> int:
             ("providers", lambda: _providers(workdir)),
             ("xlsx", lambda: xlsx(workdir)),
             ("store-memory", lambda: store.memory_growth(workdir)),
+            ("cluster-replicas", lambda: cluster_bench.replicas(workdir)),
         ]
         for name, step in steps:
             if name not in chosen:
@@ -236,8 +249,10 @@ def main(argv: list[str]) -> int:
             except Exception as error:
                 figure = _failed(name, error) if name in FIGURES else None
                 extra.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"
-            if figure is not None:
+            if isinstance(figure, Figure):
                 figures.append(figure)
+            elif figure is not None:
+                figures += figure
     figures.sort(key=lambda figure: ORDER.index(figure.key))
     elapsed = time.perf_counter() - started
     report.write_json(RESULTS_DIR / "results.json", figures, extra, elapsed, revision)

@@ -6,9 +6,16 @@ user message echoed back as the assistant's ``content`` (usage included).
 Each call is appended to ``PATH`` as one JSON object a line, ``{"at": epoch
 seconds, "prompt": the user message}``, flushed, as the request arrives and
 before the answer is sent: a script reading the file counts every call made,
-including those whose caller died before the answer came. ``GET /health``
-answers 200. It runs in its own process, so the server under test can be
-killed and restarted while the log keeps counting.
+including those whose caller died before the answer came. Once the wait is
+over, just before the answer is sent (or when the request is dropped
+midway), the call's end is appended too, ``{"at": ..., "prompt": ...,
+"end": true}``: the lines are in the order things happened, so counting up
+at each arrival and down at each end gives the calls in flight
+(``most_in_flight``). ``read_calls`` reads the arrivals only. ``GET
+/health`` answers 200, and ``GET /v1/models`` an empty list (a batchexec
+with ``OPENAI_BASE_URL`` pointing here discovers no models, and does not
+warn). It runs in its own process, so the server under test can be killed
+and restarted while the log keeps counting.
 """
 
 from __future__ import annotations
@@ -68,9 +75,19 @@ async def chat_completions(request: web.Request) -> web.Response:
     # Written and flushed before the wait: the call counts even if the caller dies now.
     log.write(json.dumps({"at": time.time(), "prompt": prompt}) + "\n")
     log.flush()
-    await asyncio.sleep(request.app[LATENCY_S])
+    try:
+        await asyncio.sleep(request.app[LATENCY_S])
+    finally:
+        # Before the answer leaves: a caller told of the end has always been logged first.
+        log.write(json.dumps({"at": time.time(), "prompt": prompt, "end": True}) + "\n")
+        log.flush()
     model = body.get("model") if isinstance(body.get("model"), str) else "counted"
     return web.json_response(completion(prompt, model))
+
+
+async def models(request: web.Request) -> web.Response:
+    """No models listed: a catalog names the model it calls here."""
+    return web.json_response({"object": "list", "data": []})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -90,20 +107,38 @@ def create_app(latency_s: float, log_path: Path) -> web.Application:
     app[LOG_PATH] = log_path
     app.cleanup_ctx.append(call_log)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     return app
 
 
-def read_calls(log_path: Path) -> list[tuple[float, str]]:
-    """The calls made so far, in order, as (epoch seconds, prompt); a torn last line is left out."""
+def read_log(log_path: Path) -> list[tuple[float, str, bool]]:
+    """Every line so far, in order, as (epoch seconds, prompt, whether it is a call's end).
+
+    A torn last line is left out.
+    """
     if not log_path.exists():
         return []
-    calls: list[tuple[float, str]] = []
+    records: list[tuple[float, str, bool]] = []
     for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True):
         if line.endswith("\n"):
-            call = json.loads(line)
-            calls.append((call["at"], call["prompt"]))
-    return calls
+            record = json.loads(line)
+            records.append((record["at"], record["prompt"], bool(record.get("end", False))))
+    return records
+
+
+def read_calls(log_path: Path) -> list[tuple[float, str]]:
+    """The calls made so far, in order, as (epoch seconds of arrival, prompt); ends left out."""
+    return [(at, prompt) for at, prompt, end in read_log(log_path) if not end]
+
+
+def most_in_flight(log_path: Path) -> int:
+    """The most calls the provider held at once: arrivals less ends, in the log's order."""
+    in_flight = most = 0
+    for _, _, end in read_log(log_path):
+        in_flight += -1 if end else 1
+        most = max(most, in_flight)
+    return most
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, RUNS, Figure
+from benchmarks.common import ROOT, RUNS, Figure, Target
 
 HEADER = ("figure", "how", "measured (median of N, spread)", "reference", "ratio", "target", "met?")
 
@@ -57,9 +57,25 @@ def _ratio(figure: Figure) -> str:
     return f"{figure.ratio:.3f}" if figure.ratio < 10 else f"{figure.ratio:,.1f}"
 
 
+def skipped(key: str, title: str, how: str, reason: str) -> Figure:
+    """The row of a figure that could not be measured here (no PostgreSQL server): why."""
+    return Figure(
+        key=key,
+        title=title,
+        how=how,
+        measured=f"skipped: {reason}",
+        reference="-",
+        ratio=None,
+        target=Target(None, label="-"),
+        data={"skipped": reason},
+    )
+
+
 def _met(figure: Figure) -> str:
     if "error" in figure.data:
         return "**failed**"
+    if "skipped" in figure.data:
+        return "skipped"
     met = figure.met
     return "-" if met is None else ("yes" if met else "**no**")
 

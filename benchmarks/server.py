@@ -1,11 +1,14 @@
 """The benchmarks' subprocesses: the real service and stand-in providers; start, stop.
 
-The service runs with a catalog and settings in a temporary folder.
+The service runs with a catalog and settings in a temporary folder; a
+PostgreSQL store, on a fresh schema of ``BENCH_POSTGRES_URL``'s server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,10 +16,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
+import asyncpg
 from pydantic import AliasChoices
 
 from batchexec.config import Settings
@@ -36,6 +41,11 @@ _CLEARED = ("OPENAI_BASE_URL", "SERVER_NAME", "HOST", "PORT")
 #: The package's default store: a SQLite file relative to the server's working directory.
 SQLITE_DEFAULT_URL = "sqlite:///batchexec.db"
 MEMORY_URL = "memory://"
+#: The PostgreSQL server of the PostgreSQL scenarios, without a schema (each makes its own).
+POSTGRES_URL = (
+    os.environ.get("BENCH_POSTGRES_URL", "").strip() or "postgresql://postgres@127.0.0.1:5432/test"
+)
+_POSTGRES_REACH_S = 3.0
 
 
 def free_port() -> int:
@@ -118,6 +128,63 @@ def stop_process(process: subprocess.Popen[bytes], what: str) -> int:
     return process.returncode
 
 
+def postgres_where(url: str = POSTGRES_URL) -> str:
+    """``url``'s host and port, without its user and password."""
+    return url.partition("://")[2].partition("/")[0].rpartition("@")[2] or url
+
+
+async def _postgres_connect(url: str) -> asyncpg.Connection[asyncpg.Record]:
+    return await asyncio.wait_for(
+        asyncpg.connect(url, timeout=_POSTGRES_REACH_S), _POSTGRES_REACH_S
+    )
+
+
+def postgres_unreachable(url: str = POSTGRES_URL) -> str | None:
+    """Why the PostgreSQL server of ``url`` cannot be used, in one line; None if it answers."""
+
+    async def attempt() -> None:
+        conn = await _postgres_connect(url)
+        await conn.close()
+
+    try:
+        asyncio.run(attempt())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = " ".join((str(exc) or type(exc).__name__).split())
+        return f"PostgreSQL not reachable at {postgres_where(url)} (BENCH_POSTGRES_URL): {reason}"
+    return None
+
+
+def with_schema(url: str, schema: str) -> str:
+    """``url`` with ``schema`` as its search path (asyncpg sends it as a setting)."""
+    return f"{url}{'&' if '?' in url else '?'}search_path={schema}"
+
+
+@contextmanager
+def postgres_schema(label: str, url: str = POSTGRES_URL) -> Iterator[str]:
+    """A fresh schema ``batchexec_bench_<label>_<hex>``: a URL to it, then it is dropped.
+
+    Leave the block only once the servers using it have stopped.
+    """
+    schema = f"batchexec_bench_{label}_{secrets.token_hex(4)}"
+
+    async def execute(statement: str) -> None:
+        conn = await _postgres_connect(url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(execute(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield with_schema(url, schema)
+    finally:
+        try:
+            asyncio.run(execute(f'DROP SCHEMA "{schema}" CASCADE'))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Not to hide what went wrong inside the block (the server gone, often).
+            print(f"benchmarks: could not drop schema {schema}: {exc}", file=sys.stderr)
+
+
 def status_mb(pid: int, field: str) -> float:
     """A memory figure of ``/proc/PID/status`` (``VmHWM``, ``VmRSS``), in MB."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -165,7 +232,9 @@ class Server:
     server runs with ``workdir`` as its working directory, so no ``.env`` of the
     repository is read, and writes its log there rather than to a pipe that
     could fill up. ``database_url`` becomes its ``DATABASE_URL``; the default,
-    a relative SQLite path, puts the database in ``workdir`` too.
+    a relative SQLite path, puts the database in ``workdir`` too. ``models``
+    (TOML) is appended to the catalog of echo models, and ``settings`` are set
+    over the harness's limits.
     """
 
     def __init__(
@@ -176,6 +245,8 @@ class Server:
         command: Sequence[str] = ("-m", "batchexec"),
         name: str = "server",
         database_url: str = SQLITE_DEFAULT_URL,
+        models: str = "",
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.name = name
@@ -184,6 +255,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self._command = [sys.executable, *command, "serve", "--port", str(self.port)]
         self._max_threads = max_threads
+        self._models = models
+        self._settings = dict(settings or {})
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / f"{name}.log"
 
@@ -207,6 +280,7 @@ class Server:
                 f'[models."{model}"]\nprovider = "echo"\nlatency_s = {latency}\n\n'
                 for model, latency in ECHO_MODELS.items()
             )
+            + self._models
         )
         env = child_env(
             {
@@ -219,10 +293,17 @@ class Server:
                 "MAX_BODY_BYTES": str(64 * 1024 * 1024),
                 "SHUTDOWN_GRACE_S": "5",
                 "DATABASE_URL": self.database_url,
+                **self._settings,
             }
         )
         self._process = spawn(self._command, self.log_path, env, cwd=self.workdir)
-        wait_for_http(f"{self.url}/health", self._process, _START_TIMEOUT_S)
+        try:
+            wait_for_http(f"{self.url}/health", self._process, _START_TIMEOUT_S)
+        except RuntimeError as error:
+            stop_process(self._process, self.name)  # if it still runs
+            self._process = None
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"{self.name}: {error}; its log ends: {''.join(tail)}") from None
 
     @property
     def pid(self) -> int:

@@ -1,14 +1,20 @@
-"""Scenarios 9 to 11: what keeping batches in SQLite costs, next to ``memory://``.
+"""Scenarios 9 to 11: what keeping batches in SQLite or PostgreSQL costs, next to ``memory://``.
 
 9. ``store-rows``: 10,000 instant echo rows through HTTP, submit until the list
-   route shows the batch completed, on a SQLite server and a ``memory://``
-   server side by side (runs interleaved): SQLite at least 0.8 x memory and at
-   least 10,000 rows/s.
-10. ``store-makespan``: scenario 1's 2,000 x 0.1 s rows on the SQLite server:
-    at most 1.05 x the ideal 2.0 s (the ``memory://`` server's run for reference).
+   route shows the batch completed, on a SQLite server, a ``memory://`` server
+   and a PostgreSQL server side by side (runs interleaved): SQLite at least
+   0.8 x memory and at least 10,000 rows/s; PostgreSQL's figure is reported,
+   with no target.
+10. ``store-makespan``: scenario 1's 2,000 x 0.1 s rows on the same servers:
+    SQLite at most 1.05 x the ideal 2.0 s (the ``memory://`` server's run for
+    reference); PostgreSQL's reported.
 11. ``store-memory``: a fresh SQLite server's resident memory after 1 and after
     50 finished 10,000-row batches, each read after a few idle seconds: flat
     within 20 %.
+
+The PostgreSQL server runs on a fresh schema of ``BENCH_POSTGRES_URL``'s
+server (the local ``test`` database by default), dropped after; where that
+server does not answer, its rows say skipped and why.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from batchexec import api
 from benchmarks import client as http
@@ -26,7 +35,14 @@ from benchmarks import makespan as scenario_makespan
 from benchmarks.client import BatchClient
 from benchmarks.common import RUNS, Figure, Samples, Target, progress
 from benchmarks.overhead import instant_rows
-from benchmarks.server import MEMORY_URL, Server
+from benchmarks.report import skipped
+from benchmarks.server import (
+    MEMORY_URL,
+    Server,
+    postgres_schema,
+    postgres_unreachable,
+    postgres_where,
+)
 
 LIST = api.BATCHES
 ROWS = 10_000
@@ -42,19 +58,72 @@ MEMORY_MAX = 1.2
 IDLE_S = 3.0
 
 
+SQLITE, MEMORY, POSTGRES = "SQLite", "memory://", "PostgreSQL"
+ROWS_POSTGRES = ("store_rows_postgres", "instant rows/s, PostgreSQL vs memory://")
+MAKESPAN_POSTGRES = ("store_makespan_postgres", "makespan vs ideal, PostgreSQL")
+NO_TARGET = Target(None, label="report (no target)")
+
+
+@dataclass(frozen=True)
+class StoreServers:
+    """The servers of scenarios 9 and 10; no ``postgres`` where ``postgres_skipped`` says why."""
+
+    sqlite: Server
+    memory: Server
+    postgres: Server | None
+    postgres_skipped: str
+
+
+@dataclass(frozen=True)
+class Stores:
+    """A client of each of the ``StoreServers``, by store name (PostgreSQL's if it runs)."""
+
+    clients: dict[str, BatchClient]
+    postgres_skipped: str
+
+    @classmethod
+    def of(cls, servers: StoreServers, session: aiohttp.ClientSession) -> Stores:
+        clients = {
+            SQLITE: BatchClient(session, servers.sqlite.url),
+            MEMORY: BatchClient(session, servers.memory.url),
+        }
+        if servers.postgres is not None:
+            clients[POSTGRES] = BatchClient(session, servers.postgres.url)
+        return cls(clients, servers.postgres_skipped)
+
+    def in_turn(self, run: int) -> list[tuple[str, BatchClient]]:
+        """The stores in the order run ``run`` uses: each run starts one further along,
+        so that a drift of the machine does not favour one."""
+        pairs = list(self.clients.items())
+        shift = (run - 1) % len(pairs)
+        return pairs[shift:] + pairs[:shift]
+
+
 @contextmanager
-def servers(workdir: Path) -> Iterator[tuple[Server, Server]]:
-    """A SQLite server and a ``memory://`` server, both running until the block ends."""
-    with (
-        Server(workdir / "store-sqlite", name="sqlite-server") as sqlite,
-        Server(workdir / "store-memory", name="memory-server", database_url=MEMORY_URL) as memory,
-    ):
-        progress("store", f"SQLite server pid {sqlite.pid}, memory:// server pid {memory.pid}")
-        yield sqlite, memory
+def servers(workdir: Path) -> Iterator[StoreServers]:
+    """A SQLite, a ``memory://`` and (if reachable) a PostgreSQL server, until the block ends."""
+    with ExitStack() as stack:
+        sqlite = stack.enter_context(Server(workdir / "store-sqlite", name="sqlite-server"))
+        memory = stack.enter_context(
+            Server(workdir / "store-memory", name="memory-server", database_url=MEMORY_URL)
+        )
+        reason = postgres_unreachable()
+        postgres = None
+        if reason is None:
+            url = stack.enter_context(postgres_schema("store"))
+            postgres = stack.enter_context(
+                Server(workdir / "store-postgres", name="postgres-server", database_url=url)
+            )
+        on_postgres = f", PostgreSQL server pid {postgres.pid}" if postgres else f"; {reason}"
+        progress(
+            "store",
+            f"SQLite server pid {sqlite.pid}, memory:// server pid {memory.pid}{on_postgres}",
+        )
+        yield StoreServers(sqlite, memory, postgres, reason or "")
 
 
-async def warm_up(*clients: BatchClient) -> None:
-    for client in clients:
+async def warm_up(stores: Stores) -> None:
+    for client in stores.clients.values():
         await client.run(instant_rows(WARM_UP_ROWS))
 
 
@@ -95,74 +164,137 @@ async def listed_s(client: BatchClient, rows: list[dict[str, str]]) -> float:
     return elapsed
 
 
-async def rows_per_s(sqlite: BatchClient, memory: BatchClient) -> Figure:
-    """Scenario 9: the same instant batches on both stores, runs interleaved."""
+def _per_row_us(samples: Samples) -> str:
+    return f"{1e6 / samples.median:,.0f} µs per row"
+
+
+async def rows_per_s(stores: Stores) -> list[Figure]:
+    """Scenario 9: the same instant batches on every store, runs interleaved."""
     rows = instant_rows(ROWS)
-    values: dict[str, list[float]] = {"SQLite": [], "memory://": []}
+    values: dict[str, list[float]] = {store: [] for store in stores.clients}
     for run in range(1, RUNS + 1):
-        pair = [("SQLite", sqlite), ("memory://", memory)]
-        # Alternate which goes first, so a drift of the machine does not favour one.
-        for store, client in pair if run % 2 else pair[::-1]:
+        for store, client in stores.in_turn(run):
             seconds = await listed_s(client, rows)
             values[store].append(len(rows) / seconds)
             progress(
                 "store rows/s",
                 f"run {run}/{RUNS} {store}: {seconds:.3f} s, {values[store][-1]:,.0f} rows/s",
             )
-    on_sqlite = Samples.of(values["SQLite"], "rows/s")
-    on_memory = Samples.of(values["memory://"], "rows/s")
-    return Figure(
-        key="store_rows",
-        title="instant rows/s, SQLite vs memory://",
-        how=f"{ROWS:,} instant echo rows through HTTP: `execute_batch`, then the list route "
-        f"every {POLL_S * 1000:g} ms until it shows the batch completed; a SQLite server and a "
-        "memory:// server side by side, runs interleaved",
-        measured=f"SQLite {on_sqlite.text(thousands=True)}",
-        reference=f"memory:// {on_memory.text(thousands=True)}",
-        ratio=on_sqlite.median / on_memory.median,
-        target=Target(
-            ">=", MIN_RATIO, f">= {MIN_RATIO:g}, SQLite >= {TARGET_ROWS_PER_S:,.0f} rows/s"
-        ),
-        also_met=on_sqlite.median >= TARGET_ROWS_PER_S,
-        data={
-            "samples": on_sqlite.as_json(),
-            "memory_samples": on_memory.as_json(),
-            "rows": ROWS,
-            "poll_s": POLL_S,
-        },
+    samples = {store: Samples.of(runs, "rows/s") for store, runs in values.items()}
+    on_sqlite, on_memory = samples[SQLITE], samples[MEMORY]
+    how = (
+        f"{ROWS:,} instant echo rows through HTTP: `execute_batch`, then the list route "
+        f"every {POLL_S * 1000:g} ms until it shows the batch completed"
     )
+    figures = [
+        Figure(
+            key="store_rows",
+            title="instant rows/s, SQLite vs memory://",
+            how=f"{how}; a SQLite server and a memory:// server side by side (and the "
+            "PostgreSQL one of the next row), runs interleaved",
+            measured=f"SQLite {on_sqlite.text(thousands=True)}; {_per_row_us(on_sqlite)}",
+            reference=f"memory:// {on_memory.text(thousands=True)}; {_per_row_us(on_memory)}",
+            ratio=on_sqlite.median / on_memory.median,
+            target=Target(
+                ">=", MIN_RATIO, f">= {MIN_RATIO:g}, SQLite >= {TARGET_ROWS_PER_S:,.0f} rows/s"
+            ),
+            also_met=on_sqlite.median >= TARGET_ROWS_PER_S,
+            data={
+                "samples": on_sqlite.as_json(),
+                "memory_samples": on_memory.as_json(),
+                "rows": ROWS,
+                "poll_s": POLL_S,
+            },
+        )
+    ]
+    postgres_how = (
+        f"{how}; a server with `DATABASE_URL=postgresql://...` on a fresh schema of "
+        f"{postgres_where()}, runs interleaved with the SQLite and memory:// servers above"
+    )
+    if POSTGRES not in samples:
+        figures.append(skipped(*ROWS_POSTGRES, postgres_how, stores.postgres_skipped))
+        return figures
+    on_postgres = samples[POSTGRES]
+    figures.append(
+        Figure(
+            key=ROWS_POSTGRES[0],
+            title=ROWS_POSTGRES[1],
+            how=postgres_how,
+            measured=f"PostgreSQL {on_postgres.text(thousands=True)}; {_per_row_us(on_postgres)}",
+            reference=f"memory:// {on_memory.median:,.0f} rows/s, {_per_row_us(on_memory)}; "
+            f"SQLite {on_sqlite.median:,.0f} rows/s, {_per_row_us(on_sqlite)} (same runs)",
+            ratio=on_postgres.median / on_memory.median,
+            target=NO_TARGET,
+            data={
+                "samples": on_postgres.as_json(),
+                "memory_samples": on_memory.as_json(),
+                "sqlite_samples": on_sqlite.as_json(),
+                "rows": ROWS,
+                "poll_s": POLL_S,
+            },
+        )
+    )
+    return figures
 
 
-async def makespan(sqlite: BatchClient, memory: BatchClient) -> Figure:
-    """Scenario 10: scenario 1 on the SQLite server, the memory:// server for reference."""
+async def makespan(stores: Stores) -> list[Figure]:
+    """Scenario 10: scenario 1 on every store's server, runs interleaved."""
     rows = scenario_makespan.independent_rows()
     ideal = len(rows) / scenario_makespan.IN_FLIGHT * scenario_makespan.LATENCY_S
-    values: dict[str, list[float]] = {"SQLite": [], "memory://": []}
+    values: dict[str, list[float]] = {store: [] for store in stores.clients}
     for run in range(1, RUNS + 1):
-        pair = [("SQLite", sqlite), ("memory://", memory)]
-        for store, client in pair if run % 2 else pair[::-1]:
+        for store, client in stores.in_turn(run):
             _, elapsed = await scenario_makespan.makespan_s(client, rows)
             values[store].append(elapsed)
             progress("store makespan", f"run {run}/{RUNS} {store}: {elapsed:.3f} s")
-    on_sqlite = Samples.of(values["SQLite"], "s")
-    on_memory = Samples.of(values["memory://"], "s")
-    return Figure(
-        key="store_makespan",
-        title="makespan vs ideal, SQLite",
-        how=f"scenario 1 ({len(rows):,} rows of a {scenario_makespan.LATENCY_S:g} s echo model, "
-        f"{scenario_makespan.IN_FLIGHT} in flight, HTTP submit to the `done` event) on the "
-        "SQLite server; the memory:// server's runs interleaved",
-        measured=f"SQLite {on_sqlite.text(3)}",
-        reference=f"ideal {ideal:.2f} s; memory:// {on_memory.text(3)} "
-        f"({on_memory.median / ideal:.3f})",
-        ratio=on_sqlite.median / ideal,
-        target=Target("<=", MAKESPAN_MAX),
-        data={
-            "samples": on_sqlite.as_json(),
-            "memory_samples": on_memory.as_json(),
-            "ideal_s": ideal,
-        },
+    samples = {store: Samples.of(runs, "s") for store, runs in values.items()}
+    on_sqlite, on_memory = samples[SQLITE], samples[MEMORY]
+    how = (
+        f"scenario 1 ({len(rows):,} rows of a {scenario_makespan.LATENCY_S:g} s echo model, "
+        f"{scenario_makespan.IN_FLIGHT} in flight, HTTP submit to the `done` event)"
     )
+    figures = [
+        Figure(
+            key="store_makespan",
+            title="makespan vs ideal, SQLite",
+            how=f"{how} on the SQLite server; the memory:// server's runs interleaved",
+            measured=f"SQLite {on_sqlite.text(3)}",
+            reference=f"ideal {ideal:.2f} s; memory:// {on_memory.text(3)} "
+            f"({on_memory.median / ideal:.3f})",
+            ratio=on_sqlite.median / ideal,
+            target=Target("<=", MAKESPAN_MAX),
+            data={
+                "samples": on_sqlite.as_json(),
+                "memory_samples": on_memory.as_json(),
+                "ideal_s": ideal,
+            },
+        )
+    ]
+    postgres_how = f"{how} on the PostgreSQL server, runs interleaved with the two above"
+    if POSTGRES not in samples:
+        figures.append(skipped(*MAKESPAN_POSTGRES, postgres_how, stores.postgres_skipped))
+        return figures
+    on_postgres = samples[POSTGRES]
+    figures.append(
+        Figure(
+            key=MAKESPAN_POSTGRES[0],
+            title=MAKESPAN_POSTGRES[1],
+            how=postgres_how,
+            measured=f"PostgreSQL {on_postgres.text(3)}",
+            reference=f"ideal {ideal:.2f} s; memory:// {on_memory.median:.3f} s "
+            f"({on_memory.median / ideal:.3f}), SQLite {on_sqlite.median:.3f} s "
+            f"({on_sqlite.median / ideal:.3f}) (same runs)",
+            ratio=on_postgres.median / ideal,
+            target=NO_TARGET,
+            data={
+                "samples": on_postgres.as_json(),
+                "memory_samples": on_memory.as_json(),
+                "sqlite_samples": on_sqlite.as_json(),
+                "ideal_s": ideal,
+            },
+        )
+    )
+    return figures
 
 
 def memory_growth(workdir: Path) -> Figure:
