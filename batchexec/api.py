@@ -23,6 +23,8 @@ MODELS = "/system/batch_execution/models"
 EVENTS = "/system/batch_execution/events/{invocation_id}"
 #: A workbook, by its file name.
 DOWNLOAD = "/public/batch_execution_results/{file_name}"
+#: The app's Prometheus metrics.
+METRICS = "/metrics"
 
 
 def events_path(invocation_id: str) -> str:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
+from batchexec.metrics import NO_METRICS, Metrics
 from batchexec.store import BatchStore, Change, StoreError
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,16 @@ class GroupCommits:
     """The write-behind queue between the registry and a durable store."""
 
     def __init__(
-        self, store: BatchStore, on_failure: StoreFailure, on_lost: LeaseLost | None = None
+        self,
+        store: BatchStore,
+        on_failure: StoreFailure,
+        on_lost: LeaseLost | None = None,
+        *,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        """``metrics`` is told how long each group took to write, and its size."""
         self._store = store
+        self._metrics = metrics
         self._on_failure = on_failure
         self._on_lost = on_lost
         #: Changes waiting for the next group commit, each with what it makes visible.
@@ -104,7 +113,9 @@ class GroupCommits:
         lost: frozenset[str] = frozenset()
         try:
             if changes:
+                started_s = time.perf_counter()
                 lost = await self._store.apply(changes)
+                self._metrics.store_write(time.perf_counter() - started_s, len(changes))
         except Exception as exc:
             error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
             log.error("could not write %d changes: %s", len(changes), error)

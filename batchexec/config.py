@@ -133,6 +133,8 @@ class Settings(BaseSettings):
     #: Seconds a replica's claim on a batch lasts unless renewed (PostgreSQL only): how
     #: long a dead replica's batches wait before another replica takes them over.
     lease_s: Annotated[float, _env("LEASE_S", "lease_s"), Field(ge=0.5, le=3600)] = 15.0
+    #: ``GET /metrics`` without a key, for requests from a loopback address only.
+    metrics_open: Annotated[bool, _env("METRICS_OPEN", "metrics_open")] = False
 
     openai_base_url: Annotated[str | None, _env("OPENAI_BASE_URL", "openai_base_url")] = None
     watsonx_url: Annotated[str | None, _env("WATSONX_URL", "watsonx_url")] = None

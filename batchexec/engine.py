@@ -68,7 +68,8 @@ class Engine:
     ) -> None:
         """``outputs`` writes a finished batch's CSV content and workbook; without one they
         are left to the caller (the command line writes only the files it was asked for).
-        ``limits`` are the per-model limits, this process's own unless given."""
+        ``limits`` are the per-model limits, this process's own unless given. Calls are
+        reported to ``registry.metrics``."""
         self._settings = settings
         self._outputs = outputs
         self._registry = registry
@@ -84,7 +85,13 @@ class Engine:
         self._failures: dict[str, str] = {}
         #: Batches whose end has been recorded.
         self._ended: set[str] = set()
-        self._executor = Executor(settings, providers, rng=rng or random.Random(), limits=limits)
+        self._executor = Executor(
+            settings,
+            providers,
+            rng=rng or random.Random(),
+            limits=limits,
+            metrics=registry.metrics,
+        )
         self._stopping = False
         #: Batches let go because another replica took their lease.
         self._abandoned: set[str] = set()
@@ -144,6 +151,10 @@ class Engine:
     def free_slots(self) -> int:
         """How many more batches this process would run now."""
         return max(self._settings.max_concurrent_batches - len(self._tasks), 0)
+
+    def queued(self) -> int:
+        """How many batches this process has accepted that wait for a batch slot."""
+        return len(self._queued)
 
     def running(self) -> list[str]:
         """The batches this process runs or holds queued, by id."""

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from batchexec.config import Settings
 from batchexec.errors import ProviderError, ProviderNotConfiguredError
 from batchexec.limits import CallLimits, ModelLimits
+from batchexec.metrics import NO_METRICS, Metrics
 from batchexec.planning import PlannedRow
 from batchexec.providers import ChatRequest, Completion, Provider, unconfigured
 from batchexec.records import ExecutionStatus, Outcome
@@ -38,10 +39,12 @@ class Executor:
         *,
         rng: random.Random,
         limits: CallLimits | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         """``rng`` draws the retries' jitter (not security); ``limits`` are this
-        process's own unless given (a cluster's)."""
+        process's own unless given (a cluster's); ``metrics`` times each call."""
         self._settings = settings
+        self._metrics = metrics
         self._providers = providers
         self._limits: CallLimits = limits or ModelLimits()
         self._retry = RetryPolicy(max_retries=settings.max_retries)
@@ -95,7 +98,7 @@ class Executor:
         try:
             async with asyncio.timeout(timeout_s):
                 completion = await call_with_retries(
-                    lambda: self._call(row, request),
+                    lambda: self._call(row, request, retry=attempts.count > earlier_attempts + 1),
                     self._retry,
                     attempts=attempts,
                     deadline=started + timeout_s,
@@ -121,10 +124,13 @@ class Executor:
             )
         return ended(ExecutionStatus.SUCCEEDED, answer=completion)
 
-    async def _call(self, row: PlannedRow, request: ChatRequest) -> Completion:
+    async def _call(self, row: PlannedRow, request: ChatRequest, *, retry: bool) -> Completion:
         model = row.target.model
         missing = unconfigured(self._providers, model)
         if missing is not None:
             raise ProviderNotConfiguredError(missing)
+        if retry:
+            self._metrics.retry(model.name)
         async with self._limits.call(model):
-            return await self._providers[model.provider].complete(model, request)
+            with self._metrics.call(model.name, model.provider):
+                return await self._providers[model.provider].complete(model, request)

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -36,6 +37,7 @@ from batchexec.events import (
     progress_event,
 )
 from batchexec.finished import FinishedBatches
+from batchexec.metrics import NO_METRICS, Metrics
 from batchexec.planning import BatchPlan
 from batchexec.records import (
     Batch,
@@ -69,14 +71,20 @@ class Registry:
         *,
         cache_bytes: int = 8 * 1024 * 1024,
         events: EventHub | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics`` is told of each batch's and row's end and of each store write,
+        and is what the engine that runs this registry's batches reports to."""
         self.store = store
         self.events = events or EventHub()
+        self.metrics = metrics or NO_METRICS
         self._active: dict[str, Batch] = {}
         self._finished = FinishedBatches(cache_bytes)
         #: Changes on their way to a durable store; None for ``memory://``.
         self._commits = (
-            GroupCommits(store, self._store_failed, self._lease_lost) if store.durable else None
+            GroupCommits(store, self._store_failed, self._lease_lost, metrics=self.metrics)
+            if store.durable
+            else None
         )
         #: Told when a change could not be written, so the batch can be failed.
         self.on_store_failure: StoreFailure | None = None
@@ -234,6 +242,10 @@ class Registry:
         self._failed.pop(batch.id, None)  # what the store holds wins over an end never written
         self._active[batch.id] = batch
 
+    def active_counts(self) -> Counter[BatchStatus]:
+        """How many batches this process holds unfinished, by status (queued or processing)."""
+        return Counter(batch.status for batch in self._active.values())
+
     def holds(self, batch_id: str) -> bool:
         """Whether this process runs (or is about to run) batch ``batch_id``."""
         return batch_id in self._active
@@ -317,6 +329,7 @@ class Registry:
             if prompt is not None:
                 execution.prompt_sent = prompt
             _end(batch, execution, outcome)
+            self.metrics.execution_ended(outcome.status, execution.model)
             if self.events.watched(batch.id):
                 self.events.publish(batch.id, execution_event(execution), progress_event(batch))
 
@@ -338,6 +351,7 @@ class Registry:
             def visible(execution: Execution = execution, cancelled: Outcome = cancelled) -> None:
                 if not execution.status.finished:
                     _end(batch, execution, cancelled)
+                    self.metrics.execution_ended(cancelled.status, execution.model)
                     self.events.publish(batch.id, execution_event(execution))
 
             self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), visible)
@@ -369,6 +383,7 @@ class Registry:
         del plan
         self._active.pop(batch.id, None)
         self._finished.put(batch)
+        self.metrics.batch_ended(status)
         self.events.publish(batch.id, done_event(batch))
 
     def leave(self, batch: Batch) -> None:
@@ -398,6 +413,7 @@ class Registry:
                     seq=batch.next_seq(),
                 )
                 _end(batch, execution, cancelled)
+                self.metrics.execution_ended(cancelled.status, execution.model)
                 self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), nothing)
         finished_at = time.time()
         self.events.publish(batch.id, progress_event(batch))

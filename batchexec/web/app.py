@@ -17,6 +17,7 @@ from batchexec.cluster import Replica, replica_name
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.exports import ResultWorkbooks
+from batchexec.prometheus import PrometheusMetrics
 from batchexec.providers import Provider
 from batchexec.registry import Registry
 from batchexec.runtime import load_catalog, open_runtime, plan_again, provider_classes
@@ -27,6 +28,7 @@ from batchexec.web.keys import (
     CLIENT_SESSION,
     ENGINE,
     INPUT_POOL,
+    METRICS,
     PROVIDERS,
     REGISTRY,
     REPLICA,
@@ -68,7 +70,10 @@ def create_app(
     store = store_for(
         settings.database_url, replica=replica_name(), pool_size=settings.database_pool_size
     )
-    registry = app[REGISTRY] = Registry(store, cache_bytes=settings.batch_cache_bytes)
+    metrics = app[METRICS] = PrometheusMetrics()
+    registry = app[REGISTRY] = Registry(
+        store, cache_bytes=settings.batch_cache_bytes, metrics=metrics
+    )
     app[RESULTS_CACHE] = RenderedResults(settings.results_cache_bytes)
 
     async def open_store(app: web.Application) -> AsyncIterator[None]:
@@ -95,8 +100,13 @@ def create_app(
             limits = store.call_limits(hold_s=settings.execution_timeout_s + _SLOT_MARGIN_S)
             await limits.start()
         runner = app[ENGINE] = Engine(
-            settings, registry, providers, outputs=workbooks.writer(), limits=limits
+            settings,
+            registry,
+            providers,
+            outputs=workbooks.writer(),
+            limits=limits,
         )
+        metrics.watch(registry.active_counts, runner.queued)
         catalog = app[CATALOG]
         replica = None
         if isinstance(store, SharedStore):

@@ -12,6 +12,7 @@ from batchexec.cluster import Replica
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.exports import ResultWorkbooks
+from batchexec.prometheus import PrometheusMetrics
 from batchexec.providers import Provider
 from batchexec.registry import Registry
 from batchexec.web.cache import RenderedResults
@@ -33,6 +34,9 @@ WORKBOOKS = web.AppKey("workbooks", WorkbookReader)
 
 #: The results workbooks: written after their batch ends, or again when gone.
 RESULT_WORKBOOKS = web.AppKey("result_workbooks", ResultWorkbooks)
+
+#: The app's metrics, in a Prometheus registry of their own, for ``GET /metrics``.
+METRICS = web.AppKey("metrics", PrometheusMetrics)
 
 #: Who is calling: a digest of the API key, so the raw key is never stored.
 OWNER = web.RequestKey("owner", str)

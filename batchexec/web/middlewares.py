@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import math
 
@@ -76,9 +77,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Checks ``Integrations-API-Key`` in constant time and records the caller's identity."""
-    if request.path in _OPEN_PATHS or _is_open(request):
+    if request.path in _OPEN_PATHS or _is_open(request) or _metrics_open(request):
         return await handler(request)
-    offered = request.headers.get(API_KEY_HEADER, "")
+    offered = request.headers.get(API_KEY_HEADER, "") or _scraper_key(request)
     try:
         offered_bytes = offered.encode("ascii")
     except UnicodeEncodeError:
@@ -101,6 +102,42 @@ def _is_open(request: web.Request) -> bool:
     """``/health`` under whatever prefix the app is mounted at."""
     resource = request.match_info.route.resource
     return resource is not None and resource.name == "health"
+
+
+def _metrics_open(request: web.Request) -> bool:
+    """``/metrics`` asked from a loopback address while ``METRICS_OPEN`` is set."""
+    return (
+        _route_name(request) == "metrics"
+        and request.app[SETTINGS].metrics_open
+        and _from_loopback(request)
+    )
+
+
+def _scraper_key(request: web.Request) -> str:
+    """On ``/metrics``, the key of ``Authorization: Bearer <key>``: what Prometheus sends."""
+    if _route_name(request) != "metrics":
+        return ""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _route_name(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return resource.name if resource is not None else None
+
+
+def _from_loopback(request: web.Request) -> bool:
+    """Whether the connection comes from this machine: its socket's peer, never a header."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not isinstance(peer, tuple) or not peer:
+        return False  # a Unix socket, or a connection already gone
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1
+    return address.is_loopback
 
 
 def _http_detail(exc: web.HTTPException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from batchexec import api
-from batchexec.web import downloads, handlers, uploads
+from batchexec.web import downloads, handlers, metrics, uploads
 
 
 def setup_routes(app: web.Application) -> None:
@@ -23,3 +23,4 @@ def setup_routes(app: web.Application) -> None:
     router.add_post(api.CANCEL, handlers.cancel)
     router.add_post(api.RETRY, handlers.retry)
     router.add_get(api.BATCHES, handlers.batches)
+    router.add_get(api.METRICS, metrics.metrics, name="metrics")
