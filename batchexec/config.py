@@ -13,6 +13,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batchexec.errors import ConfigError
+from batchexec.logs import LogFormat
 
 DEV_API_KEY = "dev-only-token"
 RESULTS_SUBDIR = "batch_execution_results"
@@ -133,6 +134,8 @@ class Settings(BaseSettings):
     #: Seconds a replica's claim on a batch lasts unless renewed (PostgreSQL only): how
     #: long a dead replica's batches wait before another replica takes them over.
     lease_s: Annotated[float, _env("LEASE_S", "lease_s"), Field(ge=0.5, le=3600)] = 15.0
+    #: ``json``: one JSON object a log line (``logs.JSONFormatter``); ``text``: plain lines.
+    log_format: Annotated[LogFormat, _env("LOG_FORMAT", "log_format")] = "text"
     #: ``GET /metrics`` without a key, for requests from a loopback address only.
     metrics_open: Annotated[bool, _env("METRICS_OPEN", "metrics_open")] = False
 
@@ -151,6 +154,11 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _fold_log_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("database_url")
     @classmethod

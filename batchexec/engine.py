@@ -35,6 +35,7 @@ from batchexec.errors import ConflictError, InputError, QueueFullError, Shutting
 from batchexec.execution import Executor
 from batchexec.exports import OutputWriter
 from batchexec.limits import CallLimits
+from batchexec.logs import bind_batch
 from batchexec.planning import BatchPlan, PlannedRow
 from batchexec.providers import Provider
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
@@ -65,12 +66,15 @@ class Engine:
         rng: random.Random | None = None,
         outputs: OutputWriter | None = None,
         limits: CallLimits | None = None,
+        log_failed_rows: bool = False,
     ) -> None:
         """``outputs`` writes a finished batch's CSV content and workbook; without one they
         are left to the caller (the command line writes only the files it was asked for).
-        ``limits`` are the per-model limits, this process's own unless given. Calls are
-        reported to ``registry.metrics``."""
+        ``limits`` are the per-model limits, this process's own unless given.
+        ``log_failed_rows`` logs each row that fails or times out, once, at WARNING (the
+        command line reports them itself). Calls are reported to ``registry.metrics``."""
         self._settings = settings
+        self._log_failed_rows = log_failed_rows
         self._outputs = outputs
         self._registry = registry
         registry.on_store_failure = self._store_failed
@@ -344,6 +348,7 @@ class Engine:
         self._ended.add(batch.id)
 
     async def _run_batch(self, batch: Batch) -> None:
+        bind_batch(batch.id, batch.owner)  # what this task logs names the batch
         registry = self._registry
         try:
             # The outputs are written inside the slot, so the batches that show
@@ -472,16 +477,14 @@ class Engine:
             unsent = self._executor.refusal(row, outputs)
         if unsent is not None:
             attempts = batch.executions[row.index - 1].attempts
-            self._registry.finish_execution(
-                batch, row.index, replace(unsent, attempts=attempts), None
-            )
+            self._finish_row(batch, row.index, replace(unsent, attempts=attempts), None)
             return
         prompt = substitute(row.prompt, outputs)
         # Calls made in earlier lives of the row (it was running when a process died).
         earlier = batch.executions[row.index - 1].attempts
         self._registry.start_execution(batch, row.index, prompt, earlier + 1)
         outcome = await self._executor.run(row, prompt, earlier)
-        self._registry.finish_execution(batch, row.index, outcome, prompt)
+        self._finish_row(batch, row.index, outcome, prompt)
         # The worker takes no other row until this one's end is durable: a process
         # killed at any moment then sends again only the rows in flight, one a
         # worker, and a dependent only ever uses a stored output. Commits are
@@ -489,6 +492,20 @@ class Engine:
         await self._registry.flush()
         if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
             outputs[row.index] = outcome.result
+
+    def _finish_row(self, batch: Batch, index: int, outcome: Outcome, prompt: str | None) -> None:
+        """Record how row ``index`` ended; a failure is logged here, once, naming its batch."""
+        self._registry.finish_execution(batch, index, outcome, prompt)
+        if self._log_failed_rows and outcome.status in _FAILURES:
+            log.warning(
+                "batch %s: execution %d (%s) %s: %s",
+                batch.id,
+                index,
+                batch.executions[index - 1].model,
+                outcome.status.value.replace("_", " "),
+                outcome.error,
+                extra={"batch_id": batch.id, "owner": batch.owner},
+            )
 
     async def _write_outputs(self, batch: Batch) -> None:
         """Hand the batch to the outputs writer and record the workbook it names."""
@@ -501,6 +518,8 @@ class Engine:
 
 
 _SHUTDOWN = "Cancelled: the server shut down."
+#: The ends of a row that are logged: it was sent, or meant to be, and did not succeed.
+_FAILURES = frozenset({ExecutionStatus.FAILED, ExecutionStatus.TIMED_OUT})
 _BY_REQUEST = "Cancelled by request."
 #: Rows a batch ends, at most, before its workers let other work run.
 _YIELD_EVERY_ROWS = 200

@@ -15,10 +15,13 @@ import sys
 
 from aiohttp import web
 
+from batchexec import logs
+from batchexec.catalog import Catalog
 from batchexec.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from batchexec.config import DEV_API_KEY, Settings, load_settings
 from batchexec.engine import Engine
 from batchexec.errors import ConfigError
+from batchexec.providers import anthropic, openai, watsonx
 from batchexec.store import StoreError
 from batchexec.web.app import create_app
 from batchexec.web.keys import CATALOG, ENGINE
@@ -40,9 +43,6 @@ def serve(*, host: str | None = None, port: int | None = None) -> int:
     # long each time (CPython's default is 5 ms, which a request needing a
     # few turns of the lock feels as tens of milliseconds).
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     overrides = {
         name: value for name, value in (("host", host), ("port", port)) if value is not None
     }
@@ -52,6 +52,8 @@ def serve(*, host: str | None = None, port: int | None = None) -> int:
     except ConfigError as exc:
         print(f"batchexec: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # Once the app is made (it logs nothing before it starts): its catalog names the keys.
+    logs.configure(settings.log_format, log_secrets(settings, app[CATALOG]))
     refusal = _refuse_dev_key(settings)
     if refusal:
         print(f"batchexec: {refusal}", file=sys.stderr)
@@ -147,6 +149,16 @@ def _announce(app: web.Application, settings: Settings) -> None:
             "exposing this server",
             DEV_API_KEY,
         )
+
+
+def log_secrets(settings: Settings, catalog: Catalog) -> list[str]:
+    """What no log line may show: the accepted API keys, and every provider key set."""
+    names = {openai.KEY_ENV, watsonx.KEY_ENV, anthropic.KEY_ENV}
+    names.update(model.api_key_env for model in catalog.models if model.api_key_env)
+    provider_keys = [settings.secret(name) for name in sorted(names)]
+    # The development key is no secret: the README prints it, and a warning names it.
+    api_keys = [key for key in settings.api_keys if key != DEV_API_KEY]
+    return api_keys + [key for key in provider_keys if key]
 
 
 def _refuse_dev_key(settings: Settings) -> str | None:

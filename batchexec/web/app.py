@@ -105,6 +105,7 @@ def create_app(
             providers,
             outputs=workbooks.writer(),
             limits=limits,
+            log_failed_rows=True,
         )
         metrics.watch(registry.active_counts, runner.queued)
         catalog = app[CATALOG]
