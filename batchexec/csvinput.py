@@ -6,17 +6,17 @@ import csv
 import io
 from dataclasses import dataclass
 
-from batchexec.columns import KNOWN_COLUMNS, RESERVED_COLUMNS
+from batchexec.columns import KNOWN_COLUMNS, RESERVED_COLUMNS, Cell
 from batchexec.errors import FieldError, InputError
 
 
 @dataclass(frozen=True)
 class Table:
     """Parsed input: column names in order, and each data row's cells with its line number
-    (a CSV's line, a sheet's row)."""
+    (a CSV's line, a sheet's row). A CSV's cells are text; a sheet's may be numbers."""
 
     columns: tuple[str, ...]
-    rows: tuple[dict[str, str], ...]
+    rows: tuple[dict[str, Cell], ...]
     lines: tuple[int, ...]
 
 
@@ -45,7 +45,7 @@ def parse_csv(text: str, *, max_field_chars: int, max_columns: int | None = None
             )
             raise InputError(message, [FieldError(None, "columns", message)])
         columns = header_columns(header, f"CSV line {reader.line_num}", unnamed_ok=False)
-        rows: list[dict[str, str]] = []
+        rows: list[dict[str, Cell]] = []
         lines: list[int] = []
         while True:
             # A quoted field may span lines: a row is named by the line it starts on.

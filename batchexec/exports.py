@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchexec.columns import OUTPUT_COLUMNS
+from batchexec.columns import OUTPUT_COLUMNS, Cell, cell_text
 from batchexec.errors import StorageError
 from batchexec.files import atomic_path
 from batchexec.planning import BatchPlan
@@ -26,10 +26,11 @@ _SHEET = "Results"
 
 @dataclass(frozen=True)
 class Sheet:
-    """A header and rows of cells; strings are user or model text, ints are ours."""
+    """A header and rows of cells: strings are text, numbers and booleans are the input's
+    (a workbook's number cells) or ours (``latency_ms``, ...); None is empty."""
 
     header: list[str]
-    rows: list[list[str | int | None]]
+    rows: list[list[Cell | None]]
 
 
 def result_text(execution: Execution) -> str:
@@ -41,8 +42,8 @@ def result_text(execution: Execution) -> str:
     return ""
 
 
-def _input_cells(batch: Batch, execution: Execution) -> list[str]:
-    """A row's input cells as run.
+def _input_cells(batch: Batch, execution: Execution) -> list[Cell]:
+    """A row's input cells as run, numbers and booleans as they were.
 
     ``prompt`` shows the prompt as sent, with ``${output.n}`` filled in; a
     blank ``model`` shows the model that ran, unless an assistant did.
@@ -53,7 +54,7 @@ def _input_cells(batch: Batch, execution: Execution) -> list[str]:
         value = execution.cells.get(column, "")
         if column == "prompt" and sent is not None:
             value = sent
-        elif column == "model" and not value.strip() and not execution.by_assistant:
+        elif column == "model" and not cell_text(value).strip() and not execution.by_assistant:
             value = execution.model
         cells.append(value)
     return cells
@@ -61,7 +62,7 @@ def _input_cells(batch: Batch, execution: Execution) -> list[str]:
 
 def csv_sheet(batch: Batch) -> Sheet:
     """The ``csv_content`` table: the input columns, then ``result``."""
-    rows: list[list[str | int | None]] = [
+    rows: list[list[Cell | None]] = [
         [*_input_cells(batch, execution), result_text(execution)] for execution in batch.executions
     ]
     return Sheet([*batch.columns, "result"], rows)
@@ -74,9 +75,9 @@ def results_sheet(batch: Batch) -> Sheet:
     ``model`` cells already show the model that ran.
     """
     extra = [name for name in OUTPUT_COLUMNS if name != "model" or name not in batch.columns]
-    rows: list[list[str | int | None]] = []
+    rows: list[list[Cell | None]] = []
     for execution in batch.executions:
-        values: dict[str, str | int | None] = {
+        values: dict[str, Cell | None] = {
             "result": result_text(execution),
             "status": execution.status.value,
             "error": execution.error or "",
@@ -92,7 +93,7 @@ def results_sheet(batch: Batch) -> Sheet:
 
 def template_sheet(plan: BatchPlan) -> Sheet:
     """The workbook ``process_csv`` writes before running: input rows, an empty ``result``."""
-    rows: list[list[str | int | None]] = [
+    rows: list[list[Cell | None]] = [
         [*(row.cells.get(column, "") for column in plan.columns), ""] for row in plan.rows
     ]
     return Sheet([*plan.columns, "result"], rows)
@@ -109,16 +110,18 @@ def render_csv(sheet: Sheet) -> str:
     Cells are written exactly as they are, including those that start with
     ``=``, ``+``, ``-`` or ``@``: ``csv_content`` is data for programs and must
     read back unchanged. A spreadsheet application may take such a cell for
-    a formula, so people should open the XLSX workbook, where every cell is
-    text, or import the CSV with its columns as text.
+    a formula, so people should open the XLSX workbook, where every text cell
+    is text, or import the CSV with its columns as text. Numbers (a
+    workbook's number cells) are written as the number (``7``, ``0.5``),
+    booleans as ``TRUE`` or ``FALSE``, as spreadsheets write them.
     """
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
     quoting_all = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    rows: list[list[str | int | None]] = [list(sheet.header), *sheet.rows]
+    rows: list[list[Cell | None]] = [list(sheet.header), *sheet.rows]
     for row in rows:
-        cells = ["" if cell is None else cell for cell in row]
-        if any(isinstance(cell, str) and "\r" in cell for cell in cells):
+        cells = ["" if cell is None else cell_text(cell) for cell in row]
+        if any("\r" in cell for cell in cells):
             quoting_all.writerow(cells)
         else:
             writer.writerow(cells)

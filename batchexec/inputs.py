@@ -9,7 +9,7 @@ can be reported where the user will look for it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import PurePath
@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from batchexec.catalog import Catalog
+from batchexec.columns import Cell, cell_text
 from batchexec.csvinput import Table, parse_csv
 from batchexec.errors import FieldError, InputError
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
@@ -342,11 +343,16 @@ class _Unreadable:
 _PLACEHOLDER = RowInput(prompt="(unreadable)")
 
 
-def _row_of(cells: dict[str, str]) -> RowInput:
+def _row_of(cells: Mapping[str, Cell]) -> RowInput:
+    # The readers give prompt, model and assistant as text; the others may be numbers.
+    def text(column: str) -> str | None:
+        cell = cells.get(column)
+        return None if cell is None else cell_text(cell)
+
     return RowInput(
-        prompt=cells["prompt"],
-        model=cells.get("model"),
-        assistant=cells.get("assistant"),
+        prompt=text("prompt") or "",
+        model=text("model"),
+        assistant=text("assistant"),
         cells=cells,
     )
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchexec.catalog import Catalog, Target, UnknownNameError
-from batchexec.columns import RESERVED_COLUMNS
+from batchexec.columns import RESERVED_COLUMNS, Cell
 from batchexec.errors import FieldError, InputError
 from batchexec.templating import TemplateError, references
 
@@ -19,7 +19,7 @@ class RowInput:
     prompt: str
     model: str | None = None
     assistant: str | None = None
-    cells: Mapping[str, str] | None = None
+    cells: Mapping[str, Cell] | None = None
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class PlannedRow:
     prompt: str
     target: Target
     depends_on: frozenset[int]
-    cells: Mapping[str, str]
+    cells: Mapping[str, Cell]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from batchexec.columns import Cell, cell_text
 from batchexec.planning import BatchPlan, RowInput
 
 
@@ -95,8 +96,9 @@ class Execution:
     index: int
     #: The model that runs it (an assistant's model for an assistant's row).
     model: str
-    #: The row's input cells by column, ``prompt`` (as written) among them.
-    cells: Mapping[str, str]
+    #: The row's input cells by column, ``prompt`` (as written) among them; a
+    #: workbook's numbers and booleans stay numbers and booleans.
+    cells: Mapping[str, Cell]
     outcome: Outcome = PENDING
     #: The prompt as sent, ``${output.n}`` filled in; None until it is sent.
     prompt_sent: str | None = None
@@ -138,20 +140,25 @@ class Execution:
         """The row as it was submitted, to plan it again (a resume, a retry)."""
         cells = self.cells
         return RowInput(
-            prompt=cells.get("prompt", ""),
-            model=cells.get("model"),
-            assistant=cells.get("assistant"),
+            prompt=self._text("prompt") or "",
+            model=self._text("model"),
+            assistant=self._text("assistant"),
             cells=cells,
         )
+
+    def _text(self, column: str) -> str | None:
+        """The text of the cell ``column``; None when the row has none."""
+        cell = self.cells.get(column)
+        return None if cell is None else cell_text(cell)
 
     @property
     def by_assistant(self) -> bool:
         """Whether the row named an assistant rather than a model."""
-        return bool((self.cells.get("assistant") or "").strip())
+        return bool((self._text("assistant") or "").strip())
 
     def size_bytes(self) -> int:
         """About what the row holds in memory: its text, and the objects around it."""
-        text = sum(len(value) for value in self.cells.values())
+        text = sum(len(value) if isinstance(value, str) else 8 for value in self.cells.values())
         for value in (self.prompt_sent, self.result, self.error):
             text += len(value) if value else 0
         # Measured: about 600 bytes a row of short text, read back from the store.

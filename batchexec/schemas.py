@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from batchexec.catalog import AssistantSpec, ModelSpec
+from batchexec.columns import Cell
 from batchexec.records import (
     Batch,
     BatchStatus,
@@ -45,7 +46,7 @@ class ExecutionIn(BaseModel):
     prompt: StrictStr
     model: StrictStr | None = None
     assistant: StrictStr | None = None
-    _cells: dict[str, str] = PrivateAttr(default_factory=dict)
+    _cells: dict[str, Cell] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _write_extra_cells(self) -> ExecutionIn:
@@ -54,15 +55,16 @@ class ExecutionIn(BaseModel):
         self._cells = {key: _cell(value) for key, value in (self.model_extra or {}).items()}
         return self
 
-    def extra_cells(self) -> dict[str, str]:
-        """Extra keys as text cells: scalars as they read, lists and objects as JSON."""
+    def extra_cells(self) -> dict[str, Cell]:
+        """Extra keys as cells: text, numbers and booleans as they are; null empty; lists
+        and objects as JSON text."""
         return self._cells
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any) -> Cell:
     if value is None:
         return ""
-    if isinstance(value, str):
+    if isinstance(value, str | int | float):  # bool is an int
         return value
     return json.dumps(value, ensure_ascii=False)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from batchexec.columns import KNOWN_COLUMNS, Cell
 from batchexec.csvinput import Table, header_columns
 from batchexec.errors import FieldError, InputError
 from batchexec.xlsx import column_letter
@@ -23,6 +24,9 @@ from batchexec.xlsx import column_letter
 _RESULTS_SHEET = "results"
 #: Excel's last column, XFD; a value said to lie past it is refused whatever the limit.
 _EXCEL_COLUMNS = 16_384
+#: Integral numbers up to this are read as ints (``7``, not ``7.0``); past it a
+#: double no longer holds every integer, so the number is kept as it was.
+_EXACT_INT = 2**53
 
 
 def read_sheet(
@@ -36,10 +40,13 @@ def read_sheet(
 ) -> Table:
     """The table of a workbook's ``Results`` sheet, else its first; ``lines`` are its row numbers.
 
-    Every cell is read as text: the value a formula last showed, integral
-    numbers without ``.0``, dates in ISO form, empty cells as ``""``, OOXML's
-    ``_xHHHH_`` escapes decoded (as Excel shows them). Output
-    columns (``result``, ``status``, ...) are dropped as a CSV's are.
+    Every cell is read as its value (``cell_value``): the value a formula last
+    showed; numbers and booleans as numbers and booleans (integral ones as
+    ints), so that the outputs keep them; dates in ISO form, empty cells as
+    ``""``, OOXML's ``_xHHHH_`` escapes decoded (as Excel shows them). The
+    header and the ``prompt``, ``model`` and ``assistant`` cells are text
+    (``cell_text``). Output columns (``result``, ``status``, ...) are dropped
+    as a CSV's are.
 
     Reading costs what the sheet's XML holds, never the row and column numbers
     it claims. ``max_unzipped_bytes`` refuses a workbook whose parts unpack to
@@ -75,6 +82,19 @@ def read_sheet(
 
 def cell_text(value: object) -> str:
     """A sheet cell as the text it shows: ``7`` not ``7.0``, ISO dates, ``TRUE``; None is ``""``."""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(cell_value(value))
+
+
+def cell_value(value: object) -> Cell:
+    """A sheet cell as batchexec keeps it: a number or boolean as itself, the rest as text.
+
+    An integral float is an int (``7``, not ``7.0``) while a double holds it
+    exactly; dates and times are ISO text; None is ``""``.
+    """
     if value is None:
         return ""
     if isinstance(value, str):
@@ -82,10 +102,10 @@ def cell_text(value: object) -> str:
         # escapes literal _xHHHH_ text as _x005F_xHHHH_; Excel decodes both when it
         # reads, openpyxl neither.
         return _unescape(value) if "_x" in value else value
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) <= _EXACT_INT else value
     if isinstance(value, datetime.datetime):
         if value.time() == datetime.time():
             return value.date().isoformat()
@@ -183,8 +203,8 @@ class _SheetLimits:
 
     def rows(
         self, parsed: Iterable[tuple[int, list[dict[str, Any]]]]
-    ) -> Iterator[tuple[int, dict[int, str]]]:
-        """Each row of ``parsed`` as its number and its cells' text by column (1-based)."""
+    ) -> Iterator[tuple[int, dict[int, Cell]]]:
+        """Each row of ``parsed`` as its number and its cells' values by column (1-based)."""
         last_column = min(self.max_columns or _EXCEL_COLUMNS, _EXCEL_COLUMNS)
         elements = 0
         previous = 0
@@ -204,31 +224,36 @@ class _SheetLimits:
             if number <= previous:
                 continue
             previous = number
-            texts: dict[int, str] = {}
+            values: dict[int, Cell] = {}
             for cell in cells:
                 column: int = cell["column"]
-                text = cell_text(cell["value"])
+                value = cell_value(cell["value"])
                 if column <= last_column:
-                    texts[column] = text
-                elif text.strip():
+                    values[column] = value
+                elif _filled(value):
                     raise InputError(
                         f"Sheet {self.title!r} row {number}: column {column_letter(column - 1)} "
                         f"has a value; the limit is {last_column} columns "
                         f"(up to {column_letter(last_column - 1)})."
                     )
-            yield number, texts
+            yield number, values
+
+
+def _filled(value: Cell) -> bool:
+    """Whether a cell holds anything: a number or boolean does, text that is not blank."""
+    return not isinstance(value, str) or bool(value.strip())
 
 
 def _table(
-    title: str, sheet_rows: Iterable[tuple[int, dict[int, str]]], max_rows: int | None
+    title: str, sheet_rows: Iterable[tuple[int, dict[int, Cell]]], max_rows: int | None
 ) -> Table:
     lines = iter(sheet_rows)
     header: list[str] | None = None
     header_number = 0
-    for number, texts in lines:
-        filled = [column for column, text in texts.items() if text.strip()]
+    for number, values in lines:
+        filled = [column for column, value in values.items() if _filled(value)]
         if filled:
-            header = [texts.get(column, "") for column in range(1, max(filled) + 1)]
+            header = [cell_text(values.get(column, "")) for column in range(1, max(filled) + 1)]
             header_number = number
             break
     if header is None:
@@ -237,10 +262,10 @@ def _table(
         )
     where = f"Sheet {title!r} row {header_number}"
     names = header_columns(header, where, unnamed_ok=True)
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Cell]] = []
     numbers: list[int] = []
-    for number, texts in lines:
-        filled = sorted(column for column, text in texts.items() if text.strip())
+    for number, values in lines:
+        filled = sorted(column for column, value in values.items() if _filled(value))
         if not filled:
             continue
         for column in filled:
@@ -253,10 +278,19 @@ def _table(
         if max_rows is not None and len(rows) == max_rows:
             message = f"The sheet {title!r} has more than {max_rows} rows; the limit is {max_rows}."
             raise InputError(message, [FieldError(None, "executions", message)])
-        row = {name: texts.get(column, "") for column, name in enumerate(names, start=1) if name}
+        row = {
+            name: _as_read(name, values.get(column, ""))
+            for column, name in enumerate(names, start=1)
+            if name
+        }
         rows.append(row)
         numbers.append(number)
     if not rows:
         raise InputError(f"The sheet {title!r} has a header but no rows.")
     columns = tuple(name for name in names if name)
     return Table(columns=columns, rows=tuple(rows), lines=tuple(numbers))
+
+
+def _as_read(column: str, value: Cell) -> Cell:
+    """A cell of ``column``: text for ``prompt``, ``model`` and ``assistant``, else as it is."""
+    return cell_text(value) if column in KNOWN_COLUMNS and not isinstance(value, str) else value

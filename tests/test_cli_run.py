@@ -116,7 +116,7 @@ def test_json_input(tmp_path, capsys):
     rows = sheet_rows(tmp_path / "out.xlsx")
     assert rows[0][:3] == ["prompt", "model", "id"]
     assert column(rows, "result") == ["Name a colour.", "Rhyme with Name a colour."]
-    assert column(rows, "id") == ["1", "2"]
+    assert column(rows, "id") == [1, 2]  # JSON numbers stay numbers
     assert "2 succeeded" in capsys.readouterr().err
 
 
@@ -157,9 +157,10 @@ def test_xlsx_input_keeps_every_column(tmp_path):
     assert main(["run", "prompts.xlsx", "-o", "out.xlsx", "--model", "echo"]) == 0
     rows = sheet_rows(tmp_path / "out.xlsx")
     assert rows[0] == ["prompt", "Ticket", "model", "Due", *OUTPUT_COLUMNS]
+    # Number cells stay numbers (8.0 is 8, as the sheet shows it).
     assert [row[:4] for row in rows[1:]] == [
-        ["Summarise ticket 7", "7", "echo", None],
-        ["And 8", "8", "echo", "soon"],
+        ["Summarise ticket 7", 7, "echo", None],
+        ["And 8", 8, "echo", "soon"],
     ]
 
 
@@ -361,7 +362,8 @@ async def test_the_process_csv_template_filled_in_by_hand_round_trips(
     assert rows[0] == ["id", "prompt", "model", "Topic", *OUTPUT_COLUMNS]
     assert [row[:5] for row in rows[1:]] == [
         ["1", "Name a colour, please", "echo", "art", "Name a colour, please"],
-        ["2", "Describe Name a colour, please", "echo", "design", "Describe Name a colour, please"],
+        # A number typed by hand stays a number; the CSV's and the typed text stay text.
+        [2, "Describe Name a colour, please", "echo", "design", "Describe Name a colour, please"],
         [
             "3",
             "Rhyme with Describe Name a colour, please",

@@ -323,7 +323,7 @@ def test_rows_become_execute_batch_executions():
         '{"prompt": "a", "model": "echo", "n": 1}\n{"prompt": "b", "assistant": "x"}\n'
     )
     assert executions_of(rows) == [
-        {"prompt": "a", "model": "echo", "n": "1"},
+        {"prompt": "a", "model": "echo", "n": 1},  # a number goes as a number
         {"prompt": "b", "assistant": "x"},
     ]
 

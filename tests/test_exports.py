@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 
 from batchexec import exports
 from batchexec.catalog import Catalog
+from batchexec.columns import Cell
 from batchexec.csvinput import parse_csv
 from batchexec.exports import (
     Sheet,
@@ -54,14 +55,14 @@ model = "slow-echo"
 
 
 def make_plan(
-    rows: Sequence[dict[str, str]], columns: Sequence[str], catalog: Catalog | None = None
+    rows: Sequence[Mapping[str, Cell]], columns: Sequence[str], catalog: Catalog | None = None
 ) -> BatchPlan:
     """A plan built the way handlers build one: a RowInput per row of cells."""
     inputs = [
         RowInput(
-            prompt=cells["prompt"],
-            model=cells.get("model"),
-            assistant=cells.get("assistant"),
+            prompt=str(cells["prompt"]),
+            model=str(cells["model"]) if "model" in cells else None,
+            assistant=str(cells["assistant"]) if "assistant" in cells else None,
             cells=cells,
         )
         for cells in rows
@@ -71,7 +72,7 @@ def make_plan(
 
 
 def make_batch(
-    rows: Sequence[dict[str, str]], columns: Sequence[str], catalog: Catalog | None = None
+    rows: Sequence[Mapping[str, Cell]], columns: Sequence[str], catalog: Catalog | None = None
 ) -> tuple[Registry, Batch]:
     """A batch record of ``rows``, as the registry makes one, and a registry to change it."""
     plan = make_plan(rows, columns, catalog)
@@ -322,7 +323,7 @@ def test_workbook_holds_every_row(tmp_path: Path) -> None:
     sheet = results_sheet(batch)
     path = tmp_path / "batch.xlsx"
     write_xlsx(path, sheet)
-    table: list[list[str | int | None]] = [list(sheet.header), *sheet.rows]
+    table: list[list[Cell | None]] = [list(sheet.header), *sheet.rows]
     expected = [[None if cell in ("", None) else cell for cell in row] for row in table]
     assert values(load_sheet(path)) == expected
 

@@ -87,7 +87,7 @@ def text_row(number: int, *texts: str) -> str:
     return f'<row r="{number}">{cells}</row>'
 
 
-def cells(rows: Rows) -> list[dict[str, str]]:
+def cells(rows: Rows) -> list[dict[str, Any]]:
     return [dict(row.cells or {}) for row in rows.rows]
 
 
@@ -166,7 +166,8 @@ def test_json_becomes_the_columns_execute_batch_makes():
     rows = parse_json(json.dumps(document))
     assert rows.columns == ("prompt", "model", "assistant", "tag", "meta", "note")
     assert cells(rows) == [
-        {"prompt": "a", "model": "echo", "assistant": "", "tag": "7", "meta": '{"k": [1]}'},
+        # A JSON number stays a number; a list or an object becomes JSON text.
+        {"prompt": "a", "model": "echo", "assistant": "", "tag": 7, "meta": '{"k": [1]}'},
         {"prompt": "b", "model": "", "assistant": "helper", "note": ""},
     ]
     assert rows.places == ("execution 1", "execution 2")
@@ -198,7 +199,7 @@ def test_jsonl_skips_blank_lines_and_names_lines():
     rows = parse_jsonl(text)
     assert rows.places == ("line 1", "line 4")
     assert [row.prompt for row in rows.rows] == ["a", "b\u2028c"]
-    assert cells(rows)[1]["extra"] == "true"
+    assert cells(rows)[1]["extra"] is True
 
 
 def test_unreadable_jsonl_lines_are_problems_in_place():
@@ -227,8 +228,8 @@ def test_xlsx_rows_are_placed_at_their_sheet_rows():
     rows = parse_xlsx(data)
     assert rows.columns == ("prompt", "model", "id")
     assert cells(rows) == [
-        {"prompt": "first", "model": "echo", "id": "1"},
-        {"prompt": "second", "model": "", "id": "2.5"},
+        {"prompt": "first", "model": "echo", "id": 1},
+        {"prompt": "second", "model": "", "id": 2.5},
     ]
     assert rows.places == ("row 3", "row 5")
 
@@ -449,13 +450,24 @@ def test_cells_read_as_the_text_they_show(value, text):
     assert cell_text(value) == text
 
 
-def test_numbers_dates_and_booleans_in_a_real_workbook_read_as_text():
+def test_a_real_workbooks_numbers_and_booleans_stay_so_and_dates_read_as_text():
     data = workbook_bytes(
-        ("S", [["prompt", "n", "when", "ok"], ["p", 7, datetime.datetime(2024, 1, 2), True]])
+        (
+            "S",
+            [
+                ["prompt", "n", "when", "ok", "x"],
+                ["p", 7, datetime.datetime(2024, 1, 2), True, 0.5],
+                [42, 7.0, "7", False, 1e20],
+            ],
+        )
     )
-    assert cells(parse_xlsx(data)) == [
-        {"prompt": "p", "n": "7", "when": "2024-01-02", "ok": "TRUE"}
+    rows = parse_xlsx(data)
+    assert cells(rows) == [
+        {"prompt": "p", "n": 7, "when": "2024-01-02", "ok": True, "x": 0.5},
+        # A prompt is text whatever its cell; text that looks like a number stays text.
+        {"prompt": "42", "n": 7, "when": "7", "ok": False, "x": 1e20},
     ]
+    assert [type(cell) for cell in cells(rows)[1].values()] == [str, int, str, bool, float]
 
 
 def test_the_process_csv_template_round_trips(tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from typing import Any
@@ -20,8 +21,8 @@ from batchexec.api import (
     UPLOAD,
     events_path,
 )
-from batchexec.web.keys import SETTINGS
-from tests.helpers import API_KEY, AUTH, finished, sheet_rows
+from batchexec.web.keys import RESULT_WORKBOOKS, SETTINGS
+from tests.helpers import API_KEY, AUTH, finished, results, sheet_rows
 
 
 def form(
@@ -278,3 +279,96 @@ async def test_a_template_runs_when_its_workbook_is_uploaded_with_execute(make_c
     body = await finished(client, (await started.json())["invocationId"])
     assert body["invocationId"] != written["invocationId"]
     assert [e["result"] for e in body["executions"]] == ["Name a colour", "Why Name a colour?"]
+
+
+# A workbook's numbers and booleans
+
+TYPED_SHEET: list[list[Any]] = [
+    ["prompt", "model", "n", "ratio", "ok", "code", "formula"],
+    ["Say hi", "echo", 7, 0.5, True, "007", "+1"],
+    ["Say bye", "echo", -3, 1e20, False, "1e3", "@x"],
+]
+
+
+async def run_typed_sheet(client: Any) -> str:
+    """Upload ``TYPED_SHEET`` to run, wait for it; its invocation id."""
+    started = await client.post(
+        UPLOAD, data=form(workbook(TYPED_SHEET), "typed.xlsx", execute="true"), headers=AUTH
+    )
+    assert started.status == 200, await started.text()
+    invocation_id: str = (await started.json())["invocationId"]
+    await ended(client, invocation_id)
+    return invocation_id
+
+
+async def ended(client: Any, invocation_id: str) -> dict[str, Any]:
+    """The batch's results once it has ended, and its workbook is written.
+
+    Polled: with PostgreSQL a replica claims the batch from the store, so the
+    engine may not hold it yet when asked.
+    """
+    for _ in range(1000):
+        body = await results(client, invocation_id)
+        if body["status"] not in ("queued", "processing"):
+            await client.app[RESULT_WORKBOOKS].idle()
+            return body
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"batch {invocation_id} never ended")
+
+
+async def assert_types_kept(client: Any, invocation_id: str) -> None:
+    """The outputs hold the sheet's numbers and booleans as such, and its texts as text."""
+    body = await ended(client, invocation_id)
+    assert body["csv_content"] == (
+        "prompt,model,n,ratio,ok,code,formula,result\n"
+        "Say hi,echo,7,0.5,TRUE,007,+1,Say hi\n"
+        "Say bye,echo,-3,1e+20,FALSE,1e3,@x,Say bye\n"
+    )
+    # The workbook is made again from the store's records.
+    path = client.app[SETTINGS].results_dir / f"batch_execution_{invocation_id}.xlsx"
+    path.unlink(missing_ok=True)
+    download = await client.get(urlsplit(body["xlsx_url"]).path, headers=AUTH)
+    assert download.status == 200
+    sheet = openpyxl.load_workbook(io.BytesIO(await download.read()))["Results"]
+    cells = [[(cell.value, cell.data_type) for cell in row[:7]] for row in sheet.iter_rows(2)]
+    assert cells == [
+        [
+            ("Say hi", "s"),
+            ("echo", "s"),
+            (7, "n"),
+            (0.5, "n"),
+            (True, "b"),
+            ("007", "s"),
+            ("+1", "s"),
+        ],
+        [
+            ("Say bye", "s"),
+            ("echo", "s"),
+            (-3, "n"),
+            (1e20, "n"),
+            (False, "b"),
+            ("1e3", "s"),
+            ("@x", "s"),
+        ],
+    ]
+
+
+async def test_a_workbooks_numbers_and_booleans_stay_so_in_the_outputs(make_client):
+    client = await make_client(database_url="memory://")
+    await assert_types_kept(client, await run_typed_sheet(client))
+
+
+async def test_numbers_and_booleans_survive_the_sqlite_store_and_a_restart(make_client):
+    client = await make_client()  # the default store: batchexec.db in the test's folder
+    invocation_id = await run_typed_sheet(client)
+    await client.close()
+    await assert_types_kept(await make_client(), invocation_id)
+
+
+async def test_numbers_and_booleans_survive_the_postgresql_store_and_a_restart(
+    make_client, postgres_url
+):
+    client = await make_client(database_url=postgres_url)
+    invocation_id = await run_typed_sheet(client)
+    await client.close()
+    await assert_types_kept(await make_client(database_url=postgres_url), invocation_id)

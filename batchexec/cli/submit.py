@@ -24,6 +24,7 @@ from batchexec.cli.progress import (
     showing,
 )
 from batchexec.client import AuthError, BadAnswer, Client, ClientError, ConnectionFailed
+from batchexec.columns import Cell
 from batchexec.config import DEV_API_KEY, read_dotenv
 from batchexec.errors import InputError
 from batchexec.inputs import Rows
@@ -272,11 +273,15 @@ async def _follow(
         await asyncio.sleep(poll_s)
 
 
-def executions_of(rows: Rows) -> list[dict[str, str]]:
-    """The rows as ``execute_batch`` executions; other columns go as extra keys."""
+def executions_of(rows: Rows) -> list[dict[str, Cell]]:
+    """The rows as ``execute_batch`` executions; other columns go as extra keys.
+
+    A workbook's numbers and booleans go as JSON numbers and booleans, which
+    the server keeps as such, as ``run`` does.
+    """
     executions = []
     for row in rows.rows:
-        execution = {"prompt": row.prompt}
+        execution: dict[str, Cell] = {"prompt": row.prompt}
         if row.model and row.model.strip():
             execution["model"] = row.model
         if row.assistant and row.assistant.strip():
