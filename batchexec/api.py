@@ -11,6 +11,9 @@ from __future__ import annotations
 API_KEY_HEADER = "Integrations-API-Key"
 
 HEALTH = "/health"
+#: The OpenAPI document of this API, and the page that shows it.
+OPENAPI = "/openapi.json"
+DOCS = "/docs"
 EXECUTE_BATCH = "/experience/batch_execution/execute_batch/invoke"
 PROCESS_CSV = "/system/batch_execution/process_csv/invoke"
 UPLOAD = "/system/batch_execution/upload/invoke"

@@ -29,6 +29,7 @@ from batchexec.schemas import (
     RetryResponse,
 )
 from batchexec.web import streams
+from batchexec.web.bodies import HealthResponse
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
 from batchexec.web.presenting import answer_results
 from batchexec.web.requests import answer, parse_body, plan_off_loop, validated, xlsx_url
@@ -36,7 +37,7 @@ from batchexec.web.requests import answer, parse_body, plan_off_loop, validated,
 
 async def health(request: web.Request) -> web.Response:
     """Liveness: answers without an API key."""
-    return web.json_response({"status": "ok"})
+    return answer(HealthResponse())
 
 
 async def execute_batch(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ import math
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from pydantic import BaseModel
 
 from batchexec import api
 from batchexec.api import API_KEY_HEADER
@@ -23,12 +24,20 @@ from batchexec.errors import (
     TemplateNotRunError,
 )
 from batchexec.store import StoreError
+from batchexec.web.bodies import (
+    ErrorResponse,
+    FieldErrorOut,
+    InvalidResponse,
+    TemplateNotRunResponse,
+)
 from batchexec.web.keys import OWNER, REGISTRY, SETTINGS
 
 log = logging.getLogger(__name__)
 
-#: Routes anyone may call.
-_OPEN_PATHS = frozenset({api.HEALTH})
+#: Routes anyone may call: by path, and by route name under whatever prefix the
+#: app is mounted at.
+_OPEN_PATHS = frozenset({api.HEALTH, api.OPENAPI, api.DOCS})
+OPEN_ROUTES = frozenset({"health", "openapi", "docs"})
 #: The status each of the project's errors answers with; a subclass answers as its
 #: nearest listed base. Foreign errors are mapped to these where they enter
 #: (``requests.parse_body`` for pydantic's), so none is listed here.
@@ -46,9 +55,9 @@ _STATUSES: dict[type[BatchexecError], int] = {
 _LOGGED = (StorageError, StoreError)
 
 
-def json_error(status: int, detail: str, **extra: object) -> web.Response:
-    """An error answer: ``{"detail": ...}`` plus ``extra`` fields."""
-    return web.json_response({"detail": detail, **extra}, status=status)
+def json_error(status: int, body: BaseModel) -> web.Response:
+    """An error answer: ``body``, one of the error envelope's models, with ``status``."""
+    return web.json_response(body.model_dump(mode="json"), status=status)
 
 
 @web.middleware
@@ -59,7 +68,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = json_error(exc.status, _http_detail(exc))
+        response = json_error(exc.status, ErrorResponse(detail=_http_detail(exc)))
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
@@ -68,7 +77,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = _status_of(exc)
         if status is None:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return json_error(500, "Internal server error.")
+            return json_error(500, ErrorResponse(detail="Internal server error."))
         if isinstance(exc, _LOGGED):
             log.warning("%s %s: %s", request.method, request.path, exc)
         return _answer(exc, status)
@@ -99,9 +108,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _is_open(request: web.Request) -> bool:
-    """``/health`` under whatever prefix the app is mounted at."""
-    resource = request.match_info.route.resource
-    return resource is not None and resource.name == "health"
+    """One of ``OPEN_ROUTES`` under whatever prefix the app is mounted at."""
+    return _route_name(request) in OPEN_ROUTES
 
 
 def _metrics_open(request: web.Request) -> bool:
@@ -157,14 +165,11 @@ def _status_of(exc: Exception) -> int | None:
 def _answer(exc: Exception, status: int) -> web.Response:
     """The JSON answer of one of the project's errors: its message, rows and when to retry."""
     if isinstance(exc, InputError):
-        errors = [
-            {"index": error.index, "field": error.field, "message": error.message}
-            for error in exc.errors
-        ]
-        return json_error(status, exc.detail, errors=errors)
+        errors = [FieldErrorOut.of(error) for error in exc.errors]
+        return json_error(status, InvalidResponse(detail=exc.detail, errors=errors))
     if isinstance(exc, TemplateNotRunError):
-        return json_error(status, str(exc), xlsx_url=exc.xlsx_url)
-    response = json_error(status, str(exc))
+        return json_error(status, TemplateNotRunResponse(detail=str(exc), xlsx_url=exc.xlsx_url))
+    response = json_error(status, ErrorResponse(detail=str(exc)))
     retry_after_s: float | None = getattr(exc, "retry_after_s", None)
     if retry_after_s is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))

@@ -1,26 +1,32 @@
-"""The route table."""
+"""The route table.
+
+Each route's name is its ``operationId`` in the OpenAPI document
+(``openapi.OPERATIONS``), which describes every route listed here.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from batchexec import api
-from batchexec.web import downloads, handlers, metrics, uploads
+from batchexec.web import apidocs, downloads, handlers, metrics, openapi, uploads
 
 
 def setup_routes(app: web.Application) -> None:
     """Add every route of the HTTP API to ``app``."""
     router = app.router
     router.add_get(api.HEALTH, handlers.health, name="health")
-    router.add_post(api.PROCESS_CSV, uploads.process_csv)
-    router.add_post(api.UPLOAD, uploads.upload)
-    router.add_post(api.EXECUTE_BATCH, handlers.execute_batch)
-    router.add_post(api.RESULTS, handlers.results)
-    router.add_post(api.RESULTS + "/", handlers.results)
+    router.add_get(api.OPENAPI, openapi.openapi_json, name="openapi")
+    router.add_get(api.DOCS, apidocs.docs, name="docs")
+    router.add_post(api.PROCESS_CSV, uploads.process_csv, name="process_csv")
+    router.add_post(api.UPLOAD, uploads.upload, name="upload")
+    router.add_post(api.EXECUTE_BATCH, handlers.execute_batch, name="execute_batch")
+    router.add_post(api.RESULTS, handlers.results, name="results")
+    router.add_post(api.RESULTS + "/", handlers.results, name="results_slash")
     router.add_get(api.DOWNLOAD, downloads.download, name="download")
-    router.add_get(api.MODELS, handlers.models)
-    router.add_get(api.EVENTS, handlers.events)
-    router.add_post(api.CANCEL, handlers.cancel)
-    router.add_post(api.RETRY, handlers.retry)
-    router.add_get(api.BATCHES, handlers.batches)
+    router.add_get(api.MODELS, handlers.models, name="models")
+    router.add_get(api.EVENTS, handlers.events, name="events")
+    router.add_post(api.CANCEL, handlers.cancel, name="cancel")
+    router.add_post(api.RETRY, handlers.retry, name="retry")
+    router.add_get(api.BATCHES, handlers.batches, name="batches")
     router.add_get(api.METRICS, metrics.metrics, name="metrics")

@@ -1,0 +1,95 @@
+"""Bodies of the HTTP layer's own: the error envelope, health, the upload form, events.
+
+Every refusal is one of the envelope's models, made by
+``middlewares.error_middleware``; the OpenAPI document describes them from
+the same models. (The batch routes' bodies are in ``batchexec.schemas``.)
+The events route writes its events' data from ``batchexec.events``, a row
+at a time and without a model; ``ExecutionEvent`` and ``FinalEvent``
+describe it, and the tests hold the two together.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from batchexec.errors import FieldError
+from batchexec.records import BatchStatus, ExecutionStatus
+
+
+class ErrorResponse(BaseModel):
+    """Every error: what went wrong, in a sentence."""
+
+    detail: str
+
+
+class FieldErrorOut(BaseModel):
+    """One problem of a refused request."""
+
+    index: int | None = Field(
+        description="The 1-based execution, CSV line or sheet row; null when the problem "
+        "is no one row's."
+    )
+    field: str | None = Field(description="The field or column at fault, when there is one.")
+    message: str
+
+    @classmethod
+    def of(cls, error: FieldError) -> FieldErrorOut:
+        return cls(index=error.index, field=error.field, message=error.message)
+
+
+class InvalidResponse(ErrorResponse):
+    """422: the request is invalid; each problem listed (nothing was stored or run)."""
+
+    errors: list[FieldErrorOut]
+
+
+class TemplateNotRunResponse(ErrorResponse):
+    """404 for the id of a template workbook: ``detail`` says what the id is and how to
+    run its rows."""
+
+    xlsx_url: str = Field(description="Where the template workbook can be downloaded.")
+
+
+class HealthResponse(BaseModel):
+    """Answer to ``GET /health``."""
+
+    status: Literal["ok"] = "ok"
+
+
+class UploadForm(BaseModel):
+    """The multipart/form-data body of the upload route.
+
+    ``uploads`` reads the parts itself, a chunk at a time, with the same names
+    and meanings.
+    """
+
+    file: bytes = Field(
+        description="The spreadsheet: CSV (UTF-8, a BOM is fine) or XLSX, told by its "
+        "content and its file name."
+    )
+    execute: bool = Field(
+        default=False,
+        description="true (or 1) starts the batch; false, 0 or empty writes only the template.",
+    )
+
+
+class ExecutionEvent(BaseModel):
+    """Data of an ``execution`` event: a row has ended."""
+
+    index: int
+    status: ExecutionStatus
+    latency_ms: int | None
+    error: str | None
+    attempts: int
+
+
+class FinalEvent(BaseModel):
+    """Data of the last event: ``done`` (the batch has ended) or ``interrupted`` (the
+    server stops first; the batch resumes when it starts again, so reconnect)."""
+
+    status: BatchStatus
+    message: str
+    invocationId: str  # the original contract's name
+    xlsx_url: str | None

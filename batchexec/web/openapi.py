@@ -1,0 +1,622 @@
+"""The OpenAPI 3.1 document of the HTTP API, made from the models the handlers use.
+
+``OPERATIONS`` lists every route once: its method and path (from ``api``),
+its route name (the document's ``operationId``), the model of its JSON
+body, query or multipart form, what it answers with and which errors. The
+schemas are pydantic's, of the very models the handlers parse requests
+with and answer from, so the document cannot drift from the code; the
+tests check the list against the routes the app registers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import AliasChoices, BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from batchexec import __version__, api
+from batchexec.schemas import (
+    BatchList,
+    CatalogResponse,
+    ExecuteBatchRequest,
+    InvokeResponse,
+    ListQuery,
+    ProcessCsvRequest,
+    ProcessCsvResponse,
+    Progress,
+    ResultsQuery,
+    ResultsRequest,
+    ResultsResponse,
+    RetryResponse,
+)
+from batchexec.web.bodies import (
+    ErrorResponse,
+    ExecutionEvent,
+    FinalEvent,
+    HealthResponse,
+    InvalidResponse,
+    TemplateNotRunResponse,
+    UploadForm,
+)
+from batchexec.web.downloads import XLSX_CONTENT_TYPE
+from batchexec.web.keys import SETTINGS
+from batchexec.web.middlewares import OPEN_ROUTES
+
+#: The names of the key schemes in ``components/securitySchemes``: the header every
+#: route takes, and the bearer token a metrics scraper may send instead.
+SECURITY_SCHEME = "IntegrationsApiKey"
+BEARER_SCHEME = "ScraperBearer"
+_REF_TEMPLATE = "#/components/schemas/{model}"
+#: The reference to a model's schema in the document, by the model and its mode.
+_Ref = Callable[[type[BaseModel], JsonSchemaMode], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Content:
+    """A 200 answer that is not a model's JSON: a file, a stream, a page.
+
+    For ``text/event-stream``, ``events`` names each event and the model of its
+    JSON data; the schema is then of one event, as OpenAPI 3.1 has it.
+    """
+
+    media_type: str
+    schema: Mapping[str, Any]
+    description: str
+    events: Mapping[str, type[BaseModel]] = field(default_factory=dict)
+
+
+#: What an operation answers with when it succeeds: a model (as JSON), or other content.
+Answer = type[BaseModel] | Content
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One route of the API, as the document describes it."""
+
+    #: The route's name in the app's router, and the operation's ``operationId``.
+    name: str
+    method: Literal["GET", "POST"]
+    path: str
+    summary: str
+    description: str
+    answer: Answer
+    #: Statuses of ``ERRORS`` the route can answer with (401 is added unless it is open).
+    errors: tuple[int, ...] = ()
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    form: type[BaseModel] | None = None
+    #: A request body worth sending, shown in the document (and sent by fuzzers first).
+    example: Mapping[str, Any] | None = None
+    #: Whether the answer's ``invocationId`` names a batch the batch routes take.
+    starts_batch: bool = False
+    #: Whether the key may come as ``Authorization: Bearer <key>`` instead.
+    bearer: bool = False
+    tags: tuple[str, ...] = field(default=("batches",))
+
+    @property
+    def open(self) -> bool:
+        """Whether the route answers without an API key."""
+        return self.name in OPEN_ROUTES
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """An error status: when it is answered, and the envelope's models it answers with."""
+
+    description: str
+    models: tuple[type[BaseModel], ...] = (ErrorResponse,)
+    retry_after: bool = False
+
+
+#: Every error status of the API, with the error envelope's model for it.
+ERRORS: Mapping[int, ErrorAnswer] = {
+    400: ErrorAnswer(
+        "The body is not JSON (or is nested too deeply, or holds a number of more than "
+        "4,300 digits), or the HTTP request itself is malformed."
+    ),
+    401: ErrorAnswer(f"The {api.API_KEY_HEADER} header is missing or not accepted."),
+    404: ErrorAnswer(
+        "No such batch or file of the caller's (another key's is not found either). For "
+        "the id of a template workbook the answer says what the id is and carries the "
+        "workbook's xlsx_url.",
+        (TemplateNotRunResponse, ErrorResponse),
+    ),
+    409: ErrorAnswer(
+        "The batch is not in a state that allows this: cancel of a batch that has ended, "
+        "retry of one still running or with nothing to retry."
+    ),
+    413: ErrorAnswer("The body is larger than MAX_BODY_BYTES."),
+    422: ErrorAnswer(
+        "The request is invalid, each problem listed (1-based index of the row at fault; "
+        "null when no one row is); or it names a model that cannot be called as configured, "
+        "or an input is over MAX_COLUMNS, MAX_INPUT_CELLS or PARSE_TIMEOUT_S. Nothing was "
+        "stored or run.",
+        (InvalidResponse,),
+    ),
+    429: ErrorAnswer(
+        "MAX_QUEUED_BATCHES batches already wait, or the key keeps MAX_TEMPLATES template "
+        "workbooks: try again after Retry-After seconds.",
+        retry_after=True,
+    ),
+    503: ErrorAnswer(
+        "The server is shutting down (with Retry-After), or cannot write a workbook or "
+        "its store (a full or read-only disk, a lost database).",
+        retry_after=True,
+    ),
+}
+
+_SUBMIT_ERRORS = (400, 413, 422, 429, 503)
+_BATCH_ERRORS = (400, 404, 413, 422, 503)
+_EXAMPLE_ID = "5fd70ec7-6084-422b-a35e-668ab138c6d5"
+_RESULTS_DESCRIPTION = (
+    "Status, progress and the executions finished so far; xlsx_url and csv_content once "
+    "the batch has ended. With since (the cursor of an earlier answer) only the executions "
+    "that ended after it, in the order they ended; with progress_only none. Either leaves "
+    "csv_content out. The body may name the batch as invocationId instead."
+)
+
+#: Where the invocationId of an answer that starts a batch leads (for clients and fuzzers).
+_BATCH_LINKS = {
+    name: {
+        "operationId": name,
+        "requestBody": {"invocation_id": "$response.body#/invocationId"},
+        "description": f"The {name} route of the batch.",
+    }
+    for name in ("results", "results_slash", "cancel", "retry")
+} | {
+    "events": {
+        "operationId": "events",
+        "parameters": {"invocation_id": "$response.body#/invocationId"},
+        "description": "The events of the batch.",
+    }
+}
+
+#: Every route of the API.
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        name="process_csv",
+        method="POST",
+        path=api.PROCESS_CSV,
+        summary="Validate a CSV, write its workbook and, with execute, run it",
+        description=(
+            "The CSV needs a prompt column; model and assistant are optional and any other "
+            "column is carried into the outputs. Without execute only the XLSX template is "
+            "written (its invocationId names the workbook, not a batch); with it the batch "
+            "starts under that id."
+        ),
+        body=ProcessCsvRequest,
+        answer=ProcessCsvResponse,
+        errors=_SUBMIT_ERRORS,
+        starts_batch=True,
+        example={"csv_content": "prompt,model\nTranslate hello to French,echo\n", "execute": True},
+    ),
+    Operation(
+        name="upload",
+        method="POST",
+        path=api.UPLOAD,
+        summary="Like process_csv, for an uploaded CSV or XLSX file",
+        description="A multipart/form-data body with a file part and an optional execute.",
+        form=UploadForm,
+        answer=ProcessCsvResponse,
+        errors=(413, 422, 429, 503),
+        starts_batch=True,
+    ),
+    Operation(
+        name="execute_batch",
+        method="POST",
+        path=api.EXECUTE_BATCH,
+        summary="Validate a batch of executions and start it",
+        description=(
+            "${output.n} in a prompt is the result of execution n (1-based, an earlier one). "
+            "Keys of an execution other than prompt, model and assistant become columns of "
+            "the outputs; columns lists their order."
+        ),
+        body=ExecuteBatchRequest,
+        answer=InvokeResponse,
+        errors=_SUBMIT_ERRORS,
+        starts_batch=True,
+        example={
+            "executions": [
+                {"prompt": "Name a primary colour.", "model": "echo"},
+                {"prompt": "Write a haiku about ${output.1}", "model": "echo"},
+            ]
+        },
+    ),
+    Operation(
+        name="results",
+        method="POST",
+        path=api.RESULTS,
+        summary="A batch's status, progress, executions and outputs",
+        description=_RESULTS_DESCRIPTION,
+        body=ResultsQuery,
+        answer=ResultsResponse,
+        errors=_BATCH_ERRORS,
+        example={"invocation_id": _EXAMPLE_ID},
+    ),
+    Operation(
+        name="results_slash",
+        method="POST",
+        path=api.RESULTS + "/",
+        summary="The results route, with a trailing slash",
+        description=_RESULTS_DESCRIPTION,
+        body=ResultsQuery,
+        answer=ResultsResponse,
+        errors=_BATCH_ERRORS,
+        example={"invocation_id": _EXAMPLE_ID},
+    ),
+    Operation(
+        name="download",
+        method="GET",
+        path=api.DOWNLOAD,
+        summary="A workbook of the caller's",
+        description="The XLSX that xlsx_url names; a name that is no plain file name is 404.",
+        answer=Content(
+            XLSX_CONTENT_TYPE,
+            {"type": "string", "format": "binary"},
+            "The workbook, with a download file name.",
+        ),
+        errors=(404, 503),
+        tags=("files",),
+    ),
+    Operation(
+        name="models",
+        method="GET",
+        path=api.MODELS,
+        summary="The model catalog",
+        description="Names, aliases, provider and whether each can be called as configured.",
+        answer=CatalogResponse,
+        tags=("catalog",),
+    ),
+    Operation(
+        name="events",
+        method="GET",
+        path=api.EVENTS,
+        summary="A batch's life as server-sent events",
+        description=(
+            "An execution event as each row ends (index, status, latency_ms, error, "
+            "attempts), a progress event with the counts, and a final done event (status, "
+            "message, invocationId, xlsx_url), or interrupted if the server stops first. A "
+            "client that connects late first gets the current state."
+        ),
+        answer=Content(
+            "text/event-stream",
+            {},
+            "Events, each an event: line naming it and a data: line of JSON, until the "
+            "last (done or interrupted). Comment lines keep an idle stream open.",
+            events={
+                "execution": ExecutionEvent,
+                "progress": Progress,
+                "done": FinalEvent,
+                "interrupted": FinalEvent,
+            },
+        ),
+        errors=(404, 503),
+    ),
+    Operation(
+        name="cancel",
+        method="POST",
+        path=api.CANCEL,
+        summary="Stop a queued or running batch, keeping what finished",
+        description="Answers as the results route once the batch has stopped.",
+        body=ResultsRequest,
+        answer=ResultsResponse,
+        errors=(400, 404, 409, 413, 422, 503),
+        example={"invocation_id": _EXAMPLE_ID},
+    ),
+    Operation(
+        name="retry",
+        method="POST",
+        path=api.RETRY,
+        summary="Rerun the rows of a finished batch that did not succeed",
+        description="Starts a new batch, retry_of the first; rerun lists the rows it runs.",
+        body=ResultsRequest,
+        answer=RetryResponse,
+        errors=(400, 404, 409, 413, 422, 429, 503),
+        starts_batch=True,
+        example={"invocation_id": _EXAMPLE_ID},
+    ),
+    Operation(
+        name="batches",
+        method="GET",
+        path=api.BATCHES,
+        summary="The caller's batches, newest first",
+        description="limit (1 to 1000) and status filter them.",
+        query=ListQuery,
+        answer=BatchList,
+        errors=(422, 503),
+    ),
+    Operation(
+        name="health",
+        method="GET",
+        path=api.HEALTH,
+        summary="Liveness",
+        description="Answers without an API key.",
+        answer=HealthResponse,
+        tags=("service",),
+    ),
+    Operation(
+        name="openapi",
+        method="GET",
+        path=api.OPENAPI,
+        summary="This document",
+        description="The OpenAPI 3.1 document of the API; no key needed.",
+        answer=Content("application/json", {"type": "object"}, "The OpenAPI document."),
+        tags=("service",),
+    ),
+    Operation(
+        name="docs",
+        method="GET",
+        path=api.DOCS,
+        summary="This document as a page",
+        description="The routes, their parameters and schemas, for people; no key needed.",
+        answer=Content("text/html", {"type": "string"}, "An HTML page."),
+        tags=("service",),
+    ),
+    Operation(
+        name="metrics",
+        method="GET",
+        path=api.METRICS,
+        summary="Prometheus metrics",
+        description=(
+            "Batches, executions, provider calls, retries and store writes in Prometheus' "
+            "text format (OpenMetrics if the Accept header asks for it). The key may also "
+            "come as Authorization: Bearer <key>; with METRICS_OPEN=true, requests from a "
+            "loopback address need none."
+        ),
+        answer=Content(
+            "text/plain",
+            {"type": "string"},
+            "The metrics, in the Prometheus text exposition format.",
+        ),
+        tags=("service",),
+        bearer=True,
+    ),
+)
+
+
+@functools.cache
+def document() -> Mapping[str, Any]:
+    """The OpenAPI document, with no ``servers`` (the handler adds where it is served).
+
+    Made once a process: it depends on the code only. Read-only: callers copy
+    what they change.
+    """
+    modes: list[tuple[type[BaseModel], JsonSchemaMode]] = []
+    for operation in OPERATIONS:
+        for request_model in (operation.body, operation.query, operation.form):
+            if request_model is not None:
+                modes.append((request_model, "validation"))
+        if isinstance(operation.answer, type):
+            modes.append((operation.answer, "serialization"))
+        else:
+            modes.extend((model, "serialization") for model in operation.answer.events.values())
+    for error in ERRORS.values():
+        modes.extend((model, "serialization") for model in error.models)
+    refs, definitions = models_json_schema(list(dict.fromkeys(modes)), ref_template=_REF_TEMPLATE)
+    schemas: dict[str, Any] = definitions.get("$defs", {})
+    for model, mode in modes:
+        if mode == "validation":
+            _accept_alias_choices(model, schemas[_name(refs[(model, mode)]["$ref"])])
+
+    def ref(model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
+        return dict(refs[(model, mode)])
+
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in OPERATIONS:
+        described = _operation(operation, ref, schemas)
+        paths.setdefault(operation.path, {})[operation.method.lower()] = described
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "batchexec",
+            "version": __version__,
+            "summary": "Run batches of LLM prompts; results as CSV and XLSX.",
+            "description": (
+                f"Every route but health, this document and its page needs the "
+                f"{api.API_KEY_HEADER} header. Every error is JSON with a detail; a 422 lists "
+                "each problem. A batch belongs to the key that created it: another key gets "
+                "404 for it and its files."
+            ),
+        },
+        "tags": [
+            {"name": "batches", "description": "Submit, follow, cancel and retry batches."},
+            {"name": "files", "description": "The workbooks of batches and templates."},
+            {"name": "catalog", "description": "The models and assistants a batch can name."},
+            {"name": "service", "description": "The server itself; no key needed."},
+        ],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                SECURITY_SCHEME: {"type": "apiKey", "in": "header", "name": api.API_KEY_HEADER},
+                BEARER_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": f"The same key, as Authorization: Bearer; {api.METRICS} only.",
+                },
+            },
+        },
+        "security": [{SECURITY_SCHEME: []}],
+    }
+
+
+def served(request: web.Request) -> dict[str, Any]:
+    """``document()`` with ``servers``: ``SERVER_NAME``, else the app's mount prefix."""
+    server_name = request.app[SETTINGS].server_name
+    if server_name:
+        url = server_name
+    else:
+        # The app may be mounted under a prefix; the document's paths are the app's own.
+        own = str(request.app.router["openapi"].url_for())
+        url = own[: -len(api.OPENAPI)] or "/"
+    return {**document(), "servers": [{"url": url}]}
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """The OpenAPI document of the API."""
+    return web.Response(
+        body=json.dumps(served(request), ensure_ascii=False).encode(),
+        content_type="application/json",
+    )
+
+
+def _operation(operation: Operation, ref: _Ref, schemas: Mapping[str, Any]) -> dict[str, Any]:
+    """The operation object of ``operation``."""
+    described: dict[str, Any] = {
+        "operationId": operation.name,
+        "summary": operation.summary,
+        "description": operation.description,
+        "tags": list(operation.tags),
+    }
+    if operation.open:
+        described["security"] = []
+    elif operation.bearer:
+        described["security"] = [{SECURITY_SCHEME: []}, {BEARER_SCHEME: []}]
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _path_parameters(operation.path)
+    ]
+    if operation.query is not None:
+        query = schemas[_name(ref(operation.query, "validation")["$ref"])]
+        parameters.extend(_query_parameters(query))
+    if parameters:
+        described["parameters"] = parameters
+    if operation.body is not None:
+        media: dict[str, Any] = {"schema": ref(operation.body, "validation")}
+        if operation.example is not None:
+            media["example"] = dict(operation.example)
+        described["requestBody"] = {"required": True, "content": {"application/json": media}}
+    elif operation.form is not None:
+        described["requestBody"] = {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": ref(operation.form, "validation")}},
+        }
+    responses: dict[str, Any] = {"200": _success(operation.answer, ref)}
+    if operation.starts_batch:
+        responses["200"]["links"] = _BATCH_LINKS
+    statuses = sorted({*operation.errors, *(() if operation.open else (401,))})
+    for status in statuses:
+        responses[str(status)] = _error(ERRORS[status], ref)
+    described["responses"] = responses
+    return described
+
+
+def _success(answer: Answer, ref: _Ref) -> dict[str, Any]:
+    if isinstance(answer, Content):
+        schema = dict(answer.schema)
+        if answer.events:
+            schema["oneOf"] = [
+                _event(name, ref(model, "serialization")) for name, model in answer.events.items()
+            ]
+        return {
+            "description": answer.description,
+            "content": {answer.media_type: {"schema": schema}},
+        }
+    return {
+        "description": (answer.__doc__ or answer.__name__).splitlines()[0],
+        "content": {"application/json": {"schema": ref(answer, "serialization")}},
+    }
+
+
+def _event(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The schema of one server-sent event ``name`` whose data is JSON of schema ``data``."""
+    return {
+        "type": "object",
+        "properties": {
+            "event": {"const": name},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": data,
+            },
+        },
+        "required": ["event", "data"],
+    }
+
+
+def _error(error: ErrorAnswer, ref: _Ref) -> dict[str, Any]:
+    refs = [ref(model, "serialization") for model in error.models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
+    answer: dict[str, Any] = {
+        "description": error.description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if error.retry_after:
+        answer["headers"] = {
+            "Retry-After": {
+                "description": "Seconds to wait before trying again, when known.",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        }
+    return answer
+
+
+def _path_parameters(path: str) -> list[str]:
+    """The ``{name}`` parts of ``path``, in order."""
+    return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
+
+
+def _query_parameters(schema: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One query parameter a property of the query model's ``schema``.
+
+    An optional field's null is left out: a query string cannot say null,
+    only leave the parameter out.
+    """
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = dict(prop)
+        description = prop.pop("description", None)
+        choices = [choice for choice in prop.get("anyOf", ()) if choice != {"type": "null"}]
+        if "anyOf" in prop and len(choices) == 1:
+            del prop["anyOf"]
+            prop = {**choices[0], **prop}
+            if prop.get("default", ...) is None:
+                del prop["default"]
+        parameter: dict[str, Any] = {
+            "name": name,
+            "in": "query",
+            "required": name in required,
+            "schema": prop,
+        }
+        if description:
+            parameter["description"] = description
+        parameters.append(parameter)
+    return parameters
+
+
+def _accept_alias_choices(model: type[BaseModel], schema: dict[str, Any]) -> None:
+    """Add to a request model's ``schema`` the other names its fields accept.
+
+    pydantic describes a field by the first of its ``AliasChoices``; the
+    model takes any of them (``invocation_id`` or ``invocationId``), so each
+    is a property, and a required field needs one of them.
+    """
+    properties = schema.get("properties", {})
+    required: list[str] = schema.get("required", [])
+    for model_field in model.model_fields.values():
+        alias = model_field.validation_alias
+        if not isinstance(alias, AliasChoices):
+            continue
+        names = [choice for choice in alias.choices if isinstance(choice, str)]
+        if len(names) < 2 or names[0] not in properties:
+            continue
+        for other in names[1:]:
+            properties[other] = properties[names[0]]
+        if names[0] in required:
+            required.remove(names[0])
+            # Both at once must name the same batch, which a schema cannot say: one of them.
+            schema["oneOf"] = [{"required": [name]} for name in names]
+    if not required:
+        schema.pop("required", None)
+
+
+def _name(reference: str) -> str:
+    """The schema name a ``#/components/schemas/NAME`` reference points at."""
+    return reference.rsplit("/", 1)[1]
