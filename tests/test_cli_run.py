@@ -123,6 +123,7 @@ def test_json_input(tmp_path, capsys):
 def test_jsonl_input_with_a_csv_output(tmp_path):
     lines = ['{"prompt": "a", "tag": "x"}', "", '{"prompt": "b ${output.1}", "tag": "y"}']
     (tmp_path / "batch.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "out").mkdir()
     code = main(
         [
             "run",
@@ -247,6 +248,56 @@ def test_an_output_that_is_a_folder_is_refused_before_running(tmp_path, capsys, 
     write_csv(tmp_path / "p.csv", ["prompt"], [["hi"]])
     assert main(["run", "p.csv", *args, "--model", "echo"]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["-o", "no/such/dir/out.xlsx"],
+            "-o no/such/dir/out.xlsx: the folder no/such/dir does not exist; create it first.",
+        ),
+        (
+            ["-o", "out.csv"],
+            "-o out.csv: -o writes an XLSX workbook; give a file name ending in .xlsx.",
+        ),
+        (["-o", "out"], "-o out: -o writes an XLSX workbook; give a file name ending in .xlsx."),
+        (
+            ["-o", "out.xlsx", "--csv", "out.xlsx.txt"],
+            "--csv out.xlsx.txt: --csv writes CSV; give a file name ending in .csv.",
+        ),
+        (
+            ["-o", "out.xlsx", "--csv", "p.csv"],
+            "--csv p.csv: that is the input file; write to another file.",
+        ),
+        (
+            ["-o", "out.xlsx", "--journal", "gone/run.journal"],
+            "--journal gone/run.journal: the folder gone does not exist; create it first.",
+        ),
+        (
+            ["-o", "out.xlsx", "--journal", "out.xlsx"],
+            "--journal out.xlsx: -o names that file too; give each its own.",
+        ),
+    ],
+)
+def test_an_output_a_user_would_not_mean_is_refused_before_anything(
+    tmp_path, capsys, args, message
+):
+    write_csv(tmp_path / "p.csv", ["prompt"], [["hi"]])
+    assert main(["run", "p.csv", *args, "--model", "echo"]) == 2
+    assert capsys.readouterr().err == f"batchexec: {message}\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.csv"]  # nothing made
+
+
+def test_output_names_are_matched_in_any_case_and_said_in_help(tmp_path, capsys):
+    write_csv(tmp_path / "p.csv", ["prompt"], [["hi"]])
+    assert main(["run", "p.csv", "-o", "OUT.XLSX", "--csv", "Out.CSV", "--model", "echo"]) == 0
+    assert {"OUT.XLSX", "Out.CSV"} <= {path.name for path in tmp_path.iterdir()}
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a name ending in .xlsx, in a folder that exists" in text
+    assert "-o must end in .xlsx and --csv in .csv" in text
 
 
 def test_a_missing_input_file_is_exit_2(tmp_path, capsys):

@@ -52,6 +52,7 @@ def test_submit_wait_downloads_the_workbook_the_server_holds(tmp_path):
         # The last row, "then row 0" once filled in, is too long to send.
         "MAX_SENT_PROMPT_LENGTH": "8",
     }
+    (tmp_path / "out").mkdir()
     with cli_process("serve", "--port", str(port), cwd=tmp_path, env=env) as server:
         try:
             assert server.stderr is not None
@@ -201,6 +202,17 @@ async def test_a_model_the_server_cannot_call_is_exit_2_said_once(make_server, t
         "configured: set WATSONX_URL, WATSONX_APIKEY, WATSONX_PROJECT_ID.\n"
     )
     assert paths == [EXECUTE_BATCH]
+
+
+def test_submit_refuses_an_output_before_sending_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "p.csv", ["prompt"], [["a"]])
+    # Nothing listens at the URL: the refusal comes first.
+    args = ["submit", "p.csv", "--url", f"http://127.0.0.1:{free_port()}", "-o", "out.csv"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        "batchexec: -o out.csv: -o writes an XLSX workbook; give a file name ending in .xlsx.\n"
+    )
 
 
 async def test_a_wrong_key_is_exit_2_with_a_hint(make_server, tmp_path):

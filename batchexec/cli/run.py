@@ -14,7 +14,7 @@ from typing import TextIO
 
 from batchexec.catalog import Catalog
 from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from batchexec.cli.files import unwritable
+from batchexec.cli.files import Output, output_problem
 from batchexec.cli.inputfile import (
     INPUT_HELP,
     Source,
@@ -83,6 +83,11 @@ again); --fresh starts over instead. The journal is removed once the run ends.
 Ctrl-C once stops the batch and writes the outputs with the rows that
 finished (the others show as cancelled); Ctrl-C again quits at once.
 
+The outputs are checked before anything runs: -o must end in .xlsx and --csv
+in .csv (the formats written there), each in a folder that exists (none is
+made), none of them the input file or the same file as another; anything
+else stops the run with exit status 2.
+
 exit status: 0 every row succeeded, 1 some rows did not, 2 bad input or
 configuration (nothing was run), 130 interrupted.
 """
@@ -105,10 +110,13 @@ def register(commands: Commands) -> None:
         metavar="OUT.xlsx",
         type=Path,
         required=True,
-        help="where to write the results workbook",
+        help="where to write the results workbook: a name ending in .xlsx, in a folder that exists",
     )
     parser.add_argument(
-        "--csv", metavar="OUT.csv", type=Path, help="also write the results as CSV here"
+        "--csv",
+        metavar="OUT.csv",
+        type=Path,
+        help="also write the results as CSV here: a name ending in .csv, in a folder that exists",
     )
     add_catalog_options(parser)
     parser.add_argument(
@@ -127,7 +135,8 @@ def register(commands: Commands) -> None:
         "--journal",
         metavar="PATH",
         type=Path,
-        help="where the run is journaled, to be continued (default: OUT.xlsx.journal)",
+        help="where the run is journaled, to be continued, in a folder that exists "
+        "(default: OUT.xlsx.journal)",
     )
     parser.add_argument(
         "--fresh",
@@ -141,12 +150,17 @@ def register(commands: Commands) -> None:
 def command(args: argparse.Namespace) -> int:
     """Run ``run`` with parsed ``args``."""
     stream = sys.stderr
-    outputs = [path for path in (args.output, args.csv) if path is not None]
-    for path in outputs:
-        problem = unwritable(path)
-        if problem:
-            print(f"batchexec: {problem}", file=stream)
-            return EXIT_USAGE
+    outputs = [Output("-o", args.output, ".xlsx", "an XLSX workbook")]
+    if args.csv is not None:
+        outputs.append(Output("--csv", args.csv, ".csv", "CSV"))
+    problem = output_problem(outputs, args.input)
+    if problem is None:
+        # Once -o is known to be a file's name: the default journal is named after it.
+        journal = args.journal or journal_for(args.output)
+        problem = output_problem([*outputs, Output("--journal", journal)], args.input)
+    if problem:
+        print(f"batchexec: {problem}", file=stream)
+        return EXIT_USAGE
     try:
         settings, catalog = configuration(args)
     except ConfigError as exc:
@@ -165,7 +179,7 @@ def command(args: argparse.Namespace) -> int:
                 catalog,
                 output=args.output,
                 csv_output=args.csv,
-                journal=args.journal or journal_for(args.output),
+                journal=journal,
                 fresh=args.fresh,
                 stream=stream,
                 every_s=args.progress_every,

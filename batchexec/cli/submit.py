@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
 from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from batchexec.cli.files import unwritable
+from batchexec.cli.files import Output, output_problem
 from batchexec.cli.inputfile import INPUT_HELP, Source, label_of, print_problems, read_source
 from batchexec.cli.options import PROG, Commands, positive_float
 from batchexec.cli.progress import (
@@ -92,7 +92,8 @@ def register(commands: Commands) -> None:
         "--output",
         metavar="OUT.xlsx",
         type=Path,
-        help="download the results workbook here once the batch ends (implies --wait)",
+        help="download the results workbook here once the batch ends (implies --wait): "
+        "a name ending in .xlsx, in a folder that exists",
     )
     add_progress_option(parser)
     parser.add_argument(
@@ -117,7 +118,11 @@ def command(args: argparse.Namespace) -> int:
     if not (key.isascii() and key.isprintable()):
         print("batchexec: the API key must be printable ASCII", file=stream)
         return EXIT_USAGE
-    if args.output is not None and (problem := unwritable(args.output)):
+    if args.output is not None and (
+        problem := output_problem(
+            [Output("-o", args.output, ".xlsx", "an XLSX workbook")], args.input
+        )
+    ):
         print(f"batchexec: {problem}", file=stream)
         return EXIT_USAGE
     try:
