@@ -195,7 +195,10 @@ async def test_what_the_routes_answer_is_what_the_document_says(
     document = await document_of(client)
     calls = Caller(client, document)
     await calls.call("GET", api.HEALTH, 200, headers={})
+    await calls.call("GET", api.OPENAPI, 200, headers={})
+    await calls.call("GET", api.DOCS, 200, headers={})
     await calls.call("GET", api.MODELS, 200)
+    await calls.call("GET", api.METRICS, 200)
 
     invocation_id = await submit(
         client, [{"prompt": "a", "model": "echo"}, {"prompt": "${output.1}", "model": "echo"}]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from html import escape
 from typing import Any
@@ -44,6 +45,10 @@ CONTENT_SECURITY_POLICY = (
     "form-action 'none'; frame-ancestors 'none'"
 )
 _SCHEMA_REF = "#/components/schemas/"
+#: Schemas up to this long (and naming no component) are shown on one line.
+_INLINE_SCHEMA_CHARS = 60
+#: A code span of a description: text between runs of one or two backticks.
+_CODE_SPAN = re.compile(r"(``?)(.+?)\1")
 
 
 async def docs(request: web.Request) -> web.Response:
@@ -74,7 +79,7 @@ def render(document: Mapping[str, Any]) -> str:
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>{escape(info['title'])} API <small>{escape(info['version'])}</small></h1>",
         f"<p>{escape(info.get('summary', ''))}</p>",
-        f"<p>{escape(info.get('description', ''))}</p>",
+        f"<p>{_text(info.get('description', ''))}</p>",
         f"<p>Base URL: <code>{escape(server)}</code>. Key header: "
         f"<code>{escape(scheme['name'])}</code>. The machine-readable document: "
         '<a href="openapi.json"><code>openapi.json</code></a> (OpenAPI '
@@ -106,7 +111,7 @@ def _operation(path: str, method: str, operation: Mapping[str, Any]) -> str:
         f'<h3><span class="method {method}">{method.upper()}</span> '
         f"<code>{escape(path)}</code></h3>",
         f"<p><strong>{escape(operation['summary'])}</strong>. "
-        f"{escape(operation.get('description', ''))}</p>",
+        f"{_text(operation.get('description', ''))}</p>",
     ]
     security = operation.get("security")
     if security == []:
@@ -128,21 +133,34 @@ def _operation(path: str, method: str, operation: Mapping[str, Any]) -> str:
     if body is not None:
         parts.append("<h4>Body</h4>")
         for media_type, media in body["content"].items():
-            parts.append(f"<p><code>{escape(media_type)}</code></p>{_schema(media['schema'])}")
+            parts.append(_media(media_type, media["schema"]))
             if "example" in media:
                 parts.append(f"<p>For example:</p>{_json(media['example'])}")
     parts.append("<h4>Answers</h4><table>")
     for status, answer in operation["responses"].items():
         shapes = [
-            f"<code>{escape(media_type)}</code> {_schema(media['schema'])}"
+            _media(media_type, media["schema"])
             for media_type, media in answer.get("content", {}).items()
         ]
         parts.append(
             f"<tr><td><strong>{escape(status)}</strong></td>"
-            f"<td>{escape(answer['description'])}{''.join(shapes)}</td></tr>"
+            f"<td>{_text(answer['description'])}{''.join(shapes)}</td></tr>"
         )
     parts.append("</table></section>")
     return "\n".join(parts)
+
+
+def _text(description: str) -> str:
+    """A description as HTML: escaped, its ``code`` (CommonMark's code spans) as code."""
+    return _CODE_SPAN.sub(r"<code>\2</code>", escape(description))
+
+
+def _media(media_type: str, schema: Mapping[str, Any]) -> str:
+    """A media type and its schema: a link when the schema names a component, else its JSON."""
+    reference = schema.get("$ref")
+    if isinstance(reference, str) and len(schema) == 1:
+        return f"<p><code>{escape(media_type)}</code>: {_link(reference)}</p>"
+    return f"<p><code>{escape(media_type)}</code></p>{_json(schema)}"
 
 
 def _schema(schema: Mapping[str, Any]) -> str:
@@ -150,6 +168,9 @@ def _schema(schema: Mapping[str, Any]) -> str:
     reference = schema.get("$ref")
     if isinstance(reference, str) and len(schema) == 1:
         return _link(reference)
+    compact = json.dumps(schema, ensure_ascii=False)
+    if len(compact) <= _INLINE_SCHEMA_CHARS and "$ref" not in compact:
+        return f"<code>{escape(compact)}</code>"
     return _json(schema)
 
 
@@ -179,7 +200,7 @@ def _references(value: object) -> set[str]:
 
 def _link(reference: str) -> str:
     name = reference.removeprefix(_SCHEMA_REF)
-    return f'<p><a href="#{_anchor("schema-" + name)}">{escape(name)}</a></p>'
+    return f'<a href="#{_anchor("schema-" + name)}">{escape(name)}</a>'
 
 
 def _anchor(name: str) -> str:
