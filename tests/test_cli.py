@@ -6,7 +6,11 @@ import asyncio
 import io
 import json
 import signal
+import subprocess
+import sys
 import urllib.request
+from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +24,7 @@ from tests.helpers import (
     free_port,
     run_cli,
     workbook_statuses,
+    write_csv,
 )
 
 
@@ -318,3 +323,24 @@ def test_the_summary_names_counts_time_tokens_problems_and_outputs():
         "  workbook: out.xlsx\n"
         "  csv: out.csv"
     )
+
+
+def test_the_batchexec_script_is_installed_and_runs_the_command_line(tmp_path):
+    (script,) = entry_points(group="console_scripts", name="batchexec")
+    assert script.load() is main
+    # Beside the interpreter, as pip installs it: .venv/bin/batchexec.
+    path = Path(sys.executable).parent / "batchexec"
+    write_csv(tmp_path / "p.csv", ["prompt", "model"], [["hi", "echo"]])
+    result = subprocess.run(
+        [str(path), "run", "p.csv", "-o", "out.xlsx"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out.xlsx").is_file()
+    usage = subprocess.run(
+        [str(path), "--help"], capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S
+    )
+    assert usage.stdout.startswith("usage: batchexec ")

@@ -1,4 +1,4 @@
-"""``python -m batchexec``: the command line, one module a command."""
+"""``python -m batchexec``, or the ``batchexec`` script: the command line, one module a command."""
 
 from __future__ import annotations
 
@@ -41,9 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _prog() -> str:
+    """How the command line was started: the ``batchexec`` script, else ``python -m batchexec``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return "batchexec" if name == "batchexec" else PROG
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=_prog(),
         description="Run batches of LLM prompts; with no command, start the server.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
