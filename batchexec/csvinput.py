@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from batchexec.columns import KNOWN_COLUMNS, RESERVED_COLUMNS, Cell
 from batchexec.errors import FieldError, InputError
+from batchexec.wording import counted
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def parse_csv(text: str, *, max_field_chars: int, max_columns: int | None = None
                 continue
             if len(row) != len(header):
                 raise InputError(
-                    f"CSV line {line}: expected {len(header)} fields, found {len(row)}.",
+                    f"CSV line {line}: expected {counted(len(header), 'field')}, found {len(row)}.",
                     [_row_error(len(rows) + 1, line, len(header), len(row))],
                 )
             rows.append(
@@ -103,5 +104,7 @@ def header_columns(header: list[str], where: str, *, unnamed_ok: bool) -> list[s
 
 def _row_error(index: int, line: int, expected: int, found: int) -> FieldError:
     return FieldError(
-        index=index, field=None, message=f"line {line}: expected {expected} fields, found {found}"
+        index=index,
+        field=None,
+        message=f"line {line}: expected {counted(expected, 'field')}, found {found}",
     )

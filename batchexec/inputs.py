@@ -23,6 +23,7 @@ from batchexec.csvinput import Table, parse_csv
 from batchexec.errors import FieldError, InputError
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.schemas import ExecutionIn
+from batchexec.wording import counted
 from batchexec.xlsxinput import read_sheet
 
 
@@ -391,8 +392,7 @@ def _invalid(errors: list[FieldError], detail: str) -> InputError:
     errors.sort(key=lambda error: error.index or 0)
     if all(error.index is not None for error in errors):
         count = len({error.index for error in errors})
-        noun = "execution is" if count == 1 else "executions are"
-        detail = f"{count} {noun} invalid."
+        detail = f"{counted(count, 'execution')} {'is' if count == 1 else 'are'} invalid."
     return InputError(detail, errors)
 
 

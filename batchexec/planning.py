@@ -10,6 +10,7 @@ from batchexec.catalog import Catalog, Target, UnknownNameError
 from batchexec.columns import RESERVED_COLUMNS, Cell
 from batchexec.errors import FieldError, InputError
 from batchexec.templating import TemplateError, references
+from batchexec.wording import counted
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,10 @@ def plan_batch(
         else:
             planned.append(problems)
     if errors:
-        noun = "execution is" if len({e.index for e in errors}) == 1 else "executions are"
-        raise InputError(f"{len({e.index for e in errors})} {noun} invalid.", errors)
+        count = len({e.index for e in errors})
+        raise InputError(
+            f"{counted(count, 'execution')} {'is' if count == 1 else 'are'} invalid.", errors
+        )
     kept = tuple(name for name in columns if name not in RESERVED_COLUMNS)
     return BatchPlan(columns=kept, rows=tuple(planned))
 

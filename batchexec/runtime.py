@@ -23,6 +23,7 @@ from batchexec.planning import BatchPlan, Limits
 from batchexec.providers import BUILTIN_PROVIDERS, Provider, build_providers
 from batchexec.providers.openai import discover_models
 from batchexec.records import Batch
+from batchexec.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ async def _with_discovered_models(
         )
         return catalog
     if models:
-        log.info("OPENAI_BASE_URL lists %d models", len(models))
+        log.info("OPENAI_BASE_URL lists %s", counted(len(models), "model"))
     try:
         return catalog.with_models(models)
     except ConfigError as exc:

@@ -183,8 +183,10 @@ class RetryResponse(InvokeResponse):
 
     @classmethod
     def retrying(cls, batch_id: str, original: Batch, rerun: list[int]) -> RetryResponse:
+        total = len(original.executions)
+        which = f"{len(rerun)} of {total} executions" if total > 1 else "the one execution"
         message = (
-            f"Retrying {len(rerun)} of {len(original.executions)} executions of {original.id}. "
+            f"Retrying {which} of {original.id}. "
             f"Use invocation ID {batch_id} to check status and retrieve results."
         )
         return cls(

@@ -19,6 +19,7 @@ from typing import Any
 from batchexec.columns import KNOWN_COLUMNS, Cell
 from batchexec.csvinput import Table, header_columns
 from batchexec.errors import FieldError, InputError
+from batchexec.wording import counted
 from batchexec.xlsx import column_letter
 
 _RESULTS_SHEET = "results"
@@ -217,7 +218,7 @@ class _SheetLimits:
             elements += 1 + len(cells)
             if self.max_cells is not None and elements > self.max_cells:
                 raise InputError(
-                    f"The sheet {self.title!r} has more than {self.max_cells} cells, "
+                    f"The sheet {self.title!r} has more than {counted(self.max_cells, 'cell')}, "
                     f"counting rows and empty cells; the limit is {self.max_cells}."
                 )
             # openpyxl's own reader skipped a row that comes out of order; so do we.
@@ -233,7 +234,7 @@ class _SheetLimits:
                 elif _filled(value):
                     raise InputError(
                         f"Sheet {self.title!r} row {number}: column {column_letter(column - 1)} "
-                        f"has a value; the limit is {last_column} columns "
+                        f"has a value; the limit is {counted(last_column, 'column')} "
                         f"(up to {column_letter(last_column - 1)})."
                     )
             yield number, values
@@ -276,7 +277,10 @@ def _table(
                 )
                 raise InputError(message, [FieldError(len(rows) + 1, None, message)])
         if max_rows is not None and len(rows) == max_rows:
-            message = f"The sheet {title!r} has more than {max_rows} rows; the limit is {max_rows}."
+            message = (
+                f"The sheet {title!r} has more than {counted(max_rows, 'row')}; "
+                f"the limit is {max_rows}."
+            )
             raise InputError(message, [FieldError(None, "executions", message)])
         row = {
             name: _as_read(name, values.get(column, ""))

@@ -318,7 +318,7 @@ def test_the_summary_names_counts_time_tokens_problems_and_outputs():
         "batch completed in 1.50 s: Execution completed with 1 error.\n"
         "  rows: 3 (2 succeeded, 1 failed, 0 skipped, 0 cancelled)\n"
         "  tokens: 10 prompt + 20 completion\n"
-        "  first rows that did not succeed:\n"
+        "  the row that did not succeed:\n"
         "    line 3 (failed): refused\n"
         "  workbook: out.xlsx\n"
         "  csv: out.csv"

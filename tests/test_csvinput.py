@@ -91,6 +91,12 @@ def test_ragged_row_names_its_line() -> None:
     assert "line 3" in error.errors[0].message
 
 
+def test_a_one_column_header_expects_one_field() -> None:
+    error = input_error("prompt\nok\ntwo,fields\n")
+    assert error.detail == "CSV line 3: expected 1 field, found 2."
+    assert error.errors[0].message == "line 3: expected 1 field, found 2"
+
+
 def test_short_row_is_ragged_too() -> None:
     error = input_error("prompt,model,note\na,echo,n\nb,echo\n")
     assert "line 3" in error.detail

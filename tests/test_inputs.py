@@ -324,7 +324,7 @@ def test_blank_rows_do_not_count_against_max_rows():
     )
     assert parse_xlsx(data, max_rows=2).places == ("row 2", "row 90")
     error = input_error(parse_xlsx, data, max_rows=1)
-    assert error.detail == "The sheet 'S' has more than 1 rows; the limit is 1."
+    assert error.detail == "The sheet 'S' has more than 1 row; the limit is 1."
 
 
 def test_a_row_numbered_in_the_billions_costs_nothing():

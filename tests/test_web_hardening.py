@@ -196,6 +196,17 @@ async def test_a_workbook_that_cannot_be_written_is_a_clear_503(make_client, tmp
 # 7. template workbooks are bounded
 
 
+async def test_one_template_kept_is_said_in_the_singular(make_client):
+    client = await make_client(max_templates=1)
+    body = {"csv_content": "prompt\nhi\n"}
+    assert (await client.post(PROCESS_CSV, json=body, headers=AUTH)).status == 200
+    refused = await client.post(PROCESS_CSV, json=body, headers=AUTH)
+    detail = await error_of(refused, 429)
+    assert detail.startswith(
+        "This API key keeps 1 template workbook; the limit (MAX_TEMPLATES) is 1."
+    )
+
+
 async def test_template_workbooks_are_bounded_per_key(make_client):
     client = await make_client(max_templates=2, integrations_api_keys=f"{API_KEY},other")
     body = {"csv_content": "prompt\nhi\n"}

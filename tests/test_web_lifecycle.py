@@ -238,3 +238,26 @@ async def test_every_route_takes_the_id_as_invocationId_too(make_client):
             "message": "invocation_id and invocationId name different batches; send one",
         }
     ]
+
+
+async def test_a_bad_query_string_is_called_a_query_string(make_client):
+    client = await make_client()
+    response = await client.get(BATCHES + "?limit=0", headers=AUTH)
+    assert response.status == 422
+    body = await response.json()
+    assert body["detail"] == "The query string is invalid."
+    assert [error["field"] for error in body["errors"]] == ["limit"]
+
+
+async def test_the_retry_of_a_one_row_batch_says_so_in_the_singular(make_client):
+    client = await make_client()
+    gated(client).open()
+    original = await submit(client, [{"prompt": "fail: once", "model": "gated"}])
+    await finished(client, original)
+    response = await client.post(RETRY, json={"invocation_id": original}, headers=AUTH)
+    started = await response.json()
+    assert started["response"][0]["message"] == (
+        f"Retrying the one execution of {original}. Use invocation ID "
+        f"{started['invocationId']} to check status and retrieve results."
+    )
+    await finished(client, started["invocationId"])

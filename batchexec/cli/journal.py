@@ -23,6 +23,7 @@ from batchexec.runtime import plan_again
 from batchexec.store import BatchStore, StoreError
 from batchexec.store.memory import MemoryStore
 from batchexec.store.sqlite import SQLiteStore
+from batchexec.wording import counted
 
 #: Whose batch it is, for the registry; there is only ever one here.
 OWNER = "cli"
@@ -79,7 +80,7 @@ async def journaled_run(
         done = sum(1 for execution in earlier.executions if execution.status.finished)
         print(
             f"batchexec: continuing the run in {journal}: {done} of "
-            f"{len(earlier.executions)} rows had finished",
+            f"{counted(len(earlier.executions), 'row')} had finished",
             file=stream,
         )
         # Planned as it was, not with today's options: a continued run is the same

@@ -189,7 +189,8 @@ class Summary:
             f"  tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion",
         ]
         if self.problems:
-            lines.append("  first rows that did not succeed:")
+            several = len(self.problems) > 1
+            lines.append(f"  {'first rows' if several else 'the row'} that did not succeed:")
             lines += [f"    {problem}" for problem in self.problems]
         lines += [f"  {what}: {path}" for what, path in self.outputs]
         return "\n".join(lines)

@@ -40,6 +40,7 @@ from batchexec.web.keys import (
 from batchexec.web.middlewares import auth_middleware, error_middleware
 from batchexec.web.readers import WorkbookReader
 from batchexec.web.routes import setup_routes
+from batchexec.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ async def _sweep_forever(registry: Registry, settings: Settings) -> None:
             expired = await registry.expire(older_than=older_than)
             if expired:
                 await asyncio.to_thread(_delete, settings.results_dir, expired)
-                log.info("removed %d expired result files", len(expired))
+                log.info("removed %s", counted(len(expired), "expired result file"))
             if registry.shared:
                 # The store names an expired file to one replica only; a workbook made
                 # again on another replica's disk goes by its age.

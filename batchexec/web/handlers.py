@@ -106,7 +106,7 @@ async def retry(request: web.Request) -> web.Response:
 
 async def batches(request: web.Request) -> web.Response:
     """The caller's batches, newest first; ``limit`` and ``status`` filter them."""
-    query = validated(ListQuery, dict(request.query))
+    query = validated(ListQuery, dict(request.query), what="query string")
     found = await request.app[REGISTRY].owned_by(
         request[OWNER], status=query.status, limit=query.limit
     )

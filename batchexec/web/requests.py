@@ -59,15 +59,19 @@ async def parse_body(
     return parse()
 
 
-def validated(model: type[_Body], data: object) -> _Body:
-    """``data`` as ``model``; pydantic's errors become ``InputError``, listed by execution."""
+def validated(model: type[_Body], data: object, *, what: str = "request body") -> _Body:
+    """``data`` as ``model``; pydantic's errors become ``InputError``, listed by execution.
+
+    ``what`` is what ``data`` came from, as the answer names it: the request
+    body, or the query string.
+    """
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise InputError("The request body is invalid.", _field_errors(exc)) from None
+        raise InputError(f"The {what} is invalid.", _field_errors(exc)) from None
     except RecursionError:
         # JSON a thousand levels deep parses, then fails whatever walks it.
-        raise web.HTTPBadRequest(text="The request body is nested too deeply.") from None
+        raise web.HTTPBadRequest(text=f"The {what} is nested too deeply.") from None
 
 
 async def on_input_pool(request: web.Request, work: Callable[[], _T]) -> _T:

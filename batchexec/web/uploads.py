@@ -33,6 +33,7 @@ from batchexec.records import Batch
 from batchexec.schemas import Message, ProcessCsvRequest, ProcessCsvResponse
 from batchexec.web.keys import ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, WORKBOOKS
 from batchexec.web.requests import answer, on_input_pool, parse_body, plan_off_loop, xlsx_url
+from batchexec.wording import counted
 
 #: How a template's rows are run, by the route that wrote it.
 _RUN_AGAIN = {
@@ -97,7 +98,7 @@ async def _process_rows(
     batch_id = request.app[REGISTRY].new_id()
     file_name = Batch.file_name_for(batch_id)
     await _write_template(request, plan, file_name, batch_id, execute=execute)
-    count = f"{len(plan.rows)} row{'s' if len(plan.rows) != 1 else ''}"
+    count = counted(len(plan.rows), "row")
     if execute:
         await _start(request, plan, file_name, batch_id)
         message = (
@@ -160,7 +161,8 @@ async def _add_template(request: web.Request, file_name: str, batch_id: str) -> 
     if kept is not None:
         wait_s = kept[0] + settings.results_ttl_s - time.time() if kept else settings.results_ttl_s
         raise QueueFullError(
-            f"This API key keeps {len(kept)} template workbooks; the limit (MAX_TEMPLATES) "
+            f"This API key keeps {counted(len(kept), 'template workbook')}; "
+            "the limit (MAX_TEMPLATES) "
             f"is {settings.max_templates}. They expire after RESULTS_TTL_HOURS; "
             'send "execute": true to run the rows instead.',
             retry_after_s=max(wait_s, 1.0),
