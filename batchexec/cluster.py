@@ -39,6 +39,7 @@ from batchexec.planning import BatchPlan
 from batchexec.records import Batch
 from batchexec.registry import Registry
 from batchexec.store import Notice, SharedStore, StoreError
+from batchexec.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ class Replica:
                 await self._store.release(left)
             except StoreError as exc:
                 log.warning(
-                    "could not give up %d leases (they lapse by themselves): %s", len(left), exc
+                    "could not give up %s (they lapse by themselves): %s",
+                    counted(len(left), "lease"),
+                    exc,
                 )
 
     @staticmethod
@@ -216,7 +219,9 @@ class Replica:
                 async with asyncio.timeout(self._lease_s / 3):
                     renewal = await self._store.renew(held, self._lease_s)
             except (StoreError, TimeoutError) as exc:
-                log.warning("could not renew %d leases: %s", len(held), exc or "no answer")
+                log.warning(
+                    "could not renew %s: %s", counted(len(held), "lease"), exc or "no answer"
+                )
                 continue
             for batch_id in held:
                 if batch_id in renewal.held:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from batchexec.metrics import NO_METRICS, Metrics
 from batchexec.store import BatchStore, Change, StoreError
+from batchexec.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class GroupCommits:
                 self._metrics.store_write(time.perf_counter() - started_s, len(changes))
         except Exception as exc:
             error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
-            log.error("could not write %d changes: %s", len(changes), error)
+            log.error("could not write %s: %s", counted(len(changes), "change"), error)
             # Not shown: a client must never see what a restart would take back.
             # Each batch they touch fails.
             for batch_id in dict.fromkeys(change.batch_id for change in changes):

@@ -43,6 +43,7 @@ from batchexec.registry import Registry
 from batchexec.scheduling import ReadyRows
 from batchexec.store import SharedStore, StoreError
 from batchexec.templating import substitute
+from batchexec.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class Engine:
             )
             return
         left = _rows_left(batch)
-        log.info("resuming batch %s (%d rows left)", batch.id, left)
+        log.info("resuming batch %s (%s left)", batch.id, counted(left, "row"))
         self.resume(batch, plan)
 
     def resume(self, batch: Batch, plan: BatchPlan) -> None:
@@ -545,6 +546,8 @@ def _completed_message(batch: Batch) -> str:
     if errors == 0:
         return "Execution completed successfully."
     if succeeded == 0:
+        if total == 1:
+            return "Execution completed, but its one execution failed."
         return f"Execution completed, but all {total} executions failed."
     noun = "error" if errors == 1 else "errors"
     return f"Execution completed with {errors} {noun}."

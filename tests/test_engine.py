@@ -208,6 +208,18 @@ async def test_provider_bug_fails_its_row_only(make_harness, catalog, caplog):
     assert "unexpected error from gated" in caplog.text
 
 
+async def test_a_one_row_batch_that_failed_says_so_in_the_singular(make_harness, catalog):
+    harness = make_harness()
+
+    async def broken(model, request):
+        raise KeyError("oops")
+
+    harness.gated.complete = broken
+    batch = await harness.engine.submit("owner", plan(catalog, "a"))
+    await harness.engine.join(batch.id)
+    assert batch.message == "Execution completed, but its one execution failed."
+
+
 async def test_cancel_stops_pending_and_running_rows_and_writes_outputs(make_harness, catalog):
     harness = make_harness(max_threads=2)
     batch = await harness.engine.submit("owner", plan(catalog, "done", "running", "pending"))

@@ -35,10 +35,10 @@ from tests.fakes import GatedProvider
 from tests.helpers import AUTH, ClientFactory, SettingsFactory, finished, gated, submit
 
 #: Fuzzed requests per operation (coverage and examples phases come on top).
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 12
 #: Steps of one stateful scenario, and scenarios: each follows the document's links.
 STATEFUL_STEPS = 6
-STATEFUL_SCENARIOS = 15
+STATEFUL_SCENARIOS = 8
 SEED = 14
 
 
