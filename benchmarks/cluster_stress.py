@@ -457,6 +457,18 @@ async def wait_lease(database_url: str, invocation_id: str) -> Lease:
         await asyncio.sleep(POLL_S)
 
 
+async def submit_to_first(
+    group: Cluster, database_url: str, prompts: Sequence[str]
+) -> tuple[str, Lease, int]:
+    """Submit ``prompts`` to the first replica; the batch's id, its lease, and its holder."""
+    invocation_id = await group.apis[0].submit(prompts)
+    lease = await wait_lease(database_url, invocation_id)
+    holder = group.index_of(lease)
+    if holder is None:
+        raise RuntimeError(f"batch claimed by {lease.owner}, none of pids {group.pids()}")
+    return invocation_id, lease, holder
+
+
 async def submit_round_robin(cluster: Cluster, batches: Sequence[Sequence[str]]) -> list[str]:
     """Batch n to replica n mod replicas, all at once; their ids in order."""
     apis = cluster.apis
@@ -602,11 +614,7 @@ async def kill_replica(report: Report, workdir: Path, database_url: str) -> None
         latency_s=KILL_LATENCY_S,
         settings=settings,
     ) as group:
-        invocation_id = await group.apis[0].submit(prompts)
-        lease = await wait_lease(database_url, invocation_id)
-        holder = group.index_of(lease)
-        if holder is None:
-            raise RuntimeError(f"batch claimed by {lease.owner}, none of pids {group.pids()}")
+        invocation_id, lease, holder = await submit_to_first(group, database_url, prompts)
         mark = int(KILL_ROWS * KILL_AT_FRACTION)
         progress(scenario, f"{invocation_id} runs on replica {holder + 1}; waiting for {mark} rows")
         await wait_until(
@@ -915,11 +923,7 @@ async def postgres_restart(
         latency_s=RESTART_LATENCY_S,
         settings=settings,
     ) as group:
-        invocation_id = await group.apis[0].submit(prompts)
-        first = await wait_lease(database_url, invocation_id)
-        holder = group.index_of(first)
-        if holder is None:
-            raise RuntimeError(f"batch claimed by {first.owner}, none of pids {group.pids()}")
+        invocation_id, _, holder = await submit_to_first(group, database_url, prompts)
         mark = int(RESTART_ROWS * RESTART_AT_FRACTION)
         progress(scenario, f"{invocation_id} runs on replica {holder + 1}; waiting for {mark} rows")
         at_stop = await wait_until(
