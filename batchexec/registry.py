@@ -177,17 +177,6 @@ class Registry:
             loading.add_done_callback(lambda _: self._loaded(batch_id))
         return await asyncio.shield(loading)
 
-    async def reload(self, batch_id: str) -> Batch | None:
-        """The batch as it is now, for a caller that has checked its owner already.
-
-        From memory if this process runs it or it has finished, else read
-        again from the store (another replica runs it).
-        """
-        batch = self.cached(batch_id)
-        if batch is not None and (batch.status.finished or batch_id in self._active):
-            return batch
-        return await self._load(batch_id)
-
     def _loaded(self, batch_id: str) -> None:
         loading = self._loading.pop(batch_id)
         if not loading.cancelled() and loading.exception() is None:

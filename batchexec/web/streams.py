@@ -19,6 +19,7 @@ import json
 from aiohttp import web
 
 from batchexec.cluster import Replica
+from batchexec.errors import NotFoundError
 from batchexec.events import FINAL_EVENTS, Event, done_event, execution_event, progress_event
 from batchexec.records import Batch
 from batchexec.registry import Registry
@@ -71,8 +72,9 @@ async def _follow_stored(
                 async with asyncio.timeout(_STORED_POLL_S):
                     await changed.wait()
             changed.clear()
-            fresh = await registry.reload(batch.id)
-            if fresh is None:
+            try:
+                fresh = await registry.get(batch.id, batch.owner)
+            except NotFoundError:
                 return  # expired meanwhile
             ended, cursor = fresh.ended_since(cursor)
             news = [execution_event(execution) for execution in ended]
