@@ -9,11 +9,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batchexec.errors import ConfigError
 from batchexec.logs import LogFormat
+from batchexec.webhook_urls import AllowList
 
 DEV_API_KEY = "dev-only-token"
 RESULTS_SUBDIR = "batch_execution_results"
@@ -139,6 +147,27 @@ class Settings(BaseSettings):
     #: ``GET /metrics`` without a key, for requests from a loopback address only.
     metrics_open: Annotated[bool, _env("METRICS_OPEN", "metrics_open")] = False
 
+    #: The origins completion webhooks may go to (``webhook_urls.AllowList``); empty: off.
+    callback_allow: Annotated[str, _env("CALLBACK_ALLOW", "callback_allow")] = ""
+    #: The webhook of every batch that names none; empty: none.
+    callback_url: Annotated[str, _env("CALLBACK_URL", "callback_url")] = ""
+    #: The key webhooks are signed with (``webhooks.py``); required once they are on.
+    callback_secret: Annotated[SecretStr, _env("CALLBACK_SECRET", "callback_secret")] = SecretStr(
+        ""
+    )
+    #: Attempts at a webhook before it is given up, the first included.
+    callback_attempts: Annotated[
+        int, _env("CALLBACK_ATTEMPTS", "callback_attempts"), Field(ge=1, le=30)
+    ] = 8
+    #: Seconds before the first retry of a webhook; each next one waits twice as long.
+    callback_backoff_s: Annotated[
+        float, _env("CALLBACK_BACKOFF_S", "callback_backoff_s"), Field(gt=0, le=3600)
+    ] = 10.0
+    #: Seconds one webhook attempt may take, connection included.
+    callback_timeout_s: Annotated[
+        float, _env("CALLBACK_TIMEOUT_S", "callback_timeout_s"), Field(gt=0, le=300)
+    ] = 10.0
+
     openai_base_url: Annotated[str | None, _env("OPENAI_BASE_URL", "openai_base_url")] = None
     watsonx_url: Annotated[str | None, _env("WATSONX_URL", "watsonx_url")] = None
     watsonx_project_id: Annotated[str | None, _env("WATSONX_PROJECT_ID", "watsonx_project_id")] = (
@@ -175,12 +204,36 @@ class Settings(BaseSettings):
             raise ValueError("keys must be printable ASCII")
         return value
 
+    @field_validator("callback_allow")
+    @classmethod
+    def _check_callback_allow(cls, value: str) -> str:
+        AllowList.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_callbacks(self) -> Settings:
+        if self.callbacks and not self.callback_secret.get_secret_value():
+            raise ValueError(
+                "CALLBACK_SECRET must be set once CALLBACK_ALLOW turns completion webhooks on"
+            )
+        if self.callback_url:
+            try:
+                self.callbacks.check(self.callback_url)
+            except ValueError as exc:
+                raise ValueError(f"CALLBACK_URL {exc}") from None
+        return self
+
     @field_validator("default_model")
     @classmethod
     def _check_default_model(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a model")
         return value.strip()
+
+    @cached_property
+    def callbacks(self) -> AllowList:
+        """Where completion webhooks may go; false when they are off."""
+        return AllowList.parse(self.callback_allow)
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -244,15 +297,18 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(f".env: cannot read it: {exc.strerror or exc}") from exc
     except ValidationError as exc:
         error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else "settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:
+            # A check across settings (``_check_callbacks``) names its variables itself.
+            raise ConfigError(message) from exc
+        name = str(error["loc"][0])
         field = Settings.model_fields.get(name)
         if field is not None and isinstance(field.validation_alias, AliasChoices):
             name = str(field.validation_alias.choices[0])
         value = error.get("input")
         shown = (
             ""
-            if isinstance(value, dict) or name == "INTEGRATIONS_API_KEYS"
+            if isinstance(value, dict) or name in ("INTEGRATIONS_API_KEYS", "CALLBACK_SECRET")
             else f" (got {value!r})"
         )
-        message = str(error["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{name}: {message}{shown}") from exc

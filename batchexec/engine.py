@@ -113,11 +113,13 @@ class Engine:
         *,
         batch_id: str | None = None,
         retry_of: Batch | None = None,
+        callback_url: str | None = None,
     ) -> Batch:
         """Register ``plan`` as a batch of ``owner`` and start it in the background.
 
         The batch is in the store when this returns. With ``retry_of``, rows
-        that succeeded there keep their results and only the others run.
+        that succeeded there keep their results and only the others run. Its
+        end is POSTed to ``callback_url`` by ``webhooks.Webhooks``.
         Raises ``QueueFullError`` when every batch slot is busy and
         ``max_queued_batches`` batches already wait, and ``ShuttingDownError``
         once the engine is stopping.
@@ -126,9 +128,11 @@ class Engine:
         ``max_queued_batches`` then counts the batches no replica has claimed.
         """
         if self._registry.shared:
-            return await self._store_for_claim(owner, plan, batch_id, retry_of)
+            return await self._store_for_claim(owner, plan, batch_id, retry_of, callback_url)
         self._check_room()
-        batch = await self._registry.add(owner, plan, batch_id=batch_id, retry_of=retry_of)
+        batch = await self._registry.add(
+            owner, plan, batch_id=batch_id, retry_of=retry_of, callback_url=callback_url
+        )
         try:
             self._check_room()  # the store took its time: others may have come first
         except (QueueFullError, ShuttingDownError):
@@ -139,7 +143,12 @@ class Engine:
         return batch
 
     async def _store_for_claim(
-        self, owner: str, plan: BatchPlan, batch_id: str | None, retry_of: Batch | None
+        self,
+        owner: str,
+        plan: BatchPlan,
+        batch_id: str | None,
+        retry_of: Batch | None,
+        callback_url: str | None,
     ) -> Batch:
         if self._stopping:
             raise ShuttingDownError("The server is shutting down; try again later.")
@@ -150,7 +159,7 @@ class Engine:
         if self.free_slots() == 0 and await store.waiting() >= self._settings.max_queued_batches:
             raise QueueFullError("Too many batches are queued; try again later.")
         return await self._registry.add(
-            owner, plan, batch_id=batch_id, retry_of=retry_of, hold=False
+            owner, plan, batch_id=batch_id, retry_of=retry_of, callback_url=callback_url, hold=False
         )
 
     def free_slots(self) -> int:

@@ -2,7 +2,7 @@
 
 The registry, the executor and the group commits call a ``Metrics`` at the
 few places worth counting: a batch's end, a row's end, a provider call, a
-retry, a store write. This base class counts nothing, and is what they get
+retry, a store write, a webhook attempt. This base class counts nothing, and is what they get
 unless given another, so the command line and an engine embedded without
 metrics pay a method call and no metrics library.
 ``prometheus.PrometheusMetrics`` counts them for ``GET /metrics``; what is
@@ -13,8 +13,12 @@ time instead.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import Literal
 
 from batchexec.records import BatchStatus, ExecutionStatus
+
+#: How a webhook attempt ended: received, to be made again, or the last one failed.
+WebhookOutcome = Literal["delivered", "retried", "failed"]
 
 _NOTHING: AbstractContextManager[None] = nullcontext()
 
@@ -37,6 +41,9 @@ class Metrics:
 
     def store_write(self, seconds: float, changes: int) -> None:
         """The store wrote a group of ``changes`` in one transaction, taking ``seconds``."""
+
+    def webhook(self, outcome: WebhookOutcome) -> None:
+        """An attempt at a completion webhook ended as ``outcome``."""
 
 
 #: The default of every hook's caller.

@@ -13,13 +13,14 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from batchexec.errors import RetryableProviderError
-from batchexec.metrics import Metrics
+from batchexec.metrics import Metrics, WebhookOutcome
 from batchexec.records import BatchStatus, ExecutionStatus
 
 #: Model calls take from a fraction of a second to EXECUTION_TIMEOUT (300 s by default).
@@ -82,6 +83,14 @@ class PrometheusMetrics(Metrics):
             buckets=_GROUP_SIZES,
             registry=registry,
         )
+        self._webhooks = Counter(
+            "batchexec_webhook_attempts",
+            "Completion webhook attempts, by outcome (delivered, retried, failed: given up).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in get_args(WebhookOutcome):
+            self._webhooks.labels(outcome)
         self._live = _LiveBatches()
         registry.register(self._live)
         ProcessCollector(registry=registry)
@@ -132,6 +141,9 @@ class PrometheusMetrics(Metrics):
     def store_write(self, seconds: float, changes: int) -> None:
         self._store_seconds.observe(seconds)
         self._store_changes.observe(changes)
+
+    def webhook(self, outcome: WebhookOutcome) -> None:
+        self._webhooks.labels(outcome).inc()
 
 
 class _LiveBatches:

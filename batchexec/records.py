@@ -182,6 +182,8 @@ class Batch:
     xlsx_name: str | None = None
     #: The batch whose failed rows this one reruns.
     retry_of: str | None = None
+    #: Where its end is POSTed (``webhooks.py``); None for no completion webhook.
+    callback_url: str | None = None
     counts: Counter[ExecutionStatus] = field(default_factory=Counter)
     #: What a running batch follows: targets and dependencies. None for a batch
     #: read back from a store, until it is planned again to run.

@@ -90,6 +90,8 @@ class Registry:
         self.on_store_failure: StoreFailure | None = None
         #: Told when another replica has taken a batch over, so its work here stops.
         self.on_lease_lost: Callable[[str], None] | None = None
+        #: Told of each batch that ended here, once its end is in the store (webhooks).
+        self.on_batch_ended: Callable[[Batch], None] | None = None
         self._templates_lock = asyncio.Lock()
         #: Batches failed because the store refused their changes (rare, kept till exit).
         self._failed: dict[str, Batch] = {}
@@ -134,22 +136,26 @@ class Registry:
         *,
         batch_id: str | None = None,
         retry_of: Batch | None = None,
+        callback_url: str | None = None,
         hold: bool = True,
     ) -> Batch:
         """Register a new ``queued`` batch for ``plan``, under ``batch_id`` when given.
 
         It is in the store when this returns. With ``retry_of``, the rows that
         succeeded there are copied over as already ``succeeded``; only the
-        others are left to run. ``hold=False`` leaves it to whichever replica
+        others are left to run. Its end is POSTed to ``callback_url``
+        (``webhooks.py``). ``hold=False`` leaves it to whichever replica
         claims it (a shared store): this process keeps no record of it.
         """
         batch_id = batch_id or self.new_id()
         if len(plan.rows) > _BUILT_INLINE_ROWS:
             # Plain records, shared with nothing yet: made in a thread, so a
             # batch of 100,000 rows does not hold the event loop.
-            batch = await asyncio.to_thread(_new_batch, batch_id, owner, plan, retry_of)
+            batch = await asyncio.to_thread(
+                _new_batch, batch_id, owner, plan, retry_of, callback_url
+            )
         else:
-            batch = _new_batch(batch_id, owner, plan, retry_of)
+            batch = _new_batch(batch_id, owner, plan, retry_of, callback_url)
         await self.store.create(batch)
         if hold:
             self._active[batch.id] = batch
@@ -374,6 +380,8 @@ class Registry:
         self._finished.put(batch)
         self.metrics.batch_ended(status)
         self.events.publish(batch.id, done_event(batch))
+        if self.on_batch_ended is not None:
+            self.on_batch_ended(batch)
 
     def leave(self, batch: Batch) -> None:
         """Let go of an unfinished batch without ending it: a later process resumes it.
@@ -443,7 +451,9 @@ def _drop(plan: BatchPlan) -> None:
     del plan
 
 
-def _new_batch(batch_id: str, owner: str, plan: BatchPlan, retry_of: Batch | None) -> Batch:
+def _new_batch(
+    batch_id: str, owner: str, plan: BatchPlan, retry_of: Batch | None, callback_url: str | None
+) -> Batch:
     """A ``queued`` batch for ``plan``; a retry's rows that succeeded there come ended."""
     batch = Batch(
         id=batch_id,
@@ -452,6 +462,7 @@ def _new_batch(batch_id: str, owner: str, plan: BatchPlan, retry_of: Batch | Non
         executions=[Execution(row.index, row.target.model.name, row.cells) for row in plan.rows],
         created_at=time.time(),
         retry_of=retry_of.id if retry_of else None,
+        callback_url=callback_url,
         plan=plan,
     )
     for earlier in retry_of.executions if retry_of else ():

@@ -36,6 +36,7 @@ from batchexec.records import (
     Summary,
     progress_counts,
 )
+from batchexec.webhook_urls import MAX_URL_CHARS
 
 
 class ExecutionIn(BaseModel):
@@ -69,6 +70,17 @@ def _cell(value: Any) -> Cell:
     return json.dumps(value, ensure_ascii=False)
 
 
+#: Where a batch's end is POSTed (``webhooks.py``).
+CallbackUrl = Annotated[
+    StrictStr,
+    Field(
+        max_length=MAX_URL_CHARS,
+        description="Where the batch's end is POSTed, signed (see webhooks), if the server's "
+        'CALLBACK_ALLOW allows it; without it, the server\'s CALLBACK_URL; "" for none.',
+    ),
+]
+
+
 class ExecuteBatchRequest(BaseModel):
     """Body of ``POST /experience/batch_execution/execute_batch/invoke``.
 
@@ -77,10 +89,15 @@ class ExecuteBatchRequest(BaseModel):
     sends it, so a file's batch has the columns ``run`` gives it. Without it
     the columns are ``prompt``, ``model`` (and ``assistant``), then the other
     keys as they first appear.
+
+    ``callback_url`` (optional) is where the batch's end is POSTed, signed
+    (``webhooks.py``), if the server allows it; without it, the server's
+    ``CALLBACK_URL``; ``""`` for none.
     """
 
     executions: list[ExecutionIn]
     columns: list[StrictStr] | None = None
+    callback_url: CallbackUrl | None = None
 
     @field_validator("columns")
     @classmethod
@@ -95,10 +112,12 @@ class ExecuteBatchRequest(BaseModel):
 
 
 class ProcessCsvRequest(BaseModel):
-    """Body of ``POST /system/batch_execution/process_csv/invoke``."""
+    """Body of ``POST /system/batch_execution/process_csv/invoke``; ``callback_url`` as in
+    ``ExecuteBatchRequest``, with ``execute``."""
 
     csv_content: StrictStr
     execute: StrictBool = False
+    callback_url: CallbackUrl | None = None
 
 
 class ResultsRequest(BaseModel):
@@ -315,6 +334,24 @@ class BatchSummary(BaseModel):
             created_at=_utc(batch.created_at),
             finished_at=_utc(batch.finished_at) if batch.finished_at else None,
             retry_of=batch.retry_of,
+        )
+
+
+class BatchEndedWebhook(BaseModel):
+    """The body of a completion webhook (``webhooks.py``): POSTed once a batch has ended."""
+
+    type: Literal["batch.completed", "batch.failed", "batch.cancelled"]
+    #: When this attempt was made.
+    timestamp: datetime
+    #: The batch as the list route shows it.
+    data: BatchSummary
+
+    @classmethod
+    def of(cls, batch: Summary) -> BatchEndedWebhook:
+        return cls(
+            type=f"batch.{batch.status.value}",
+            timestamp=datetime.now(UTC),
+            data=BatchSummary.of(batch),
         )
 
 

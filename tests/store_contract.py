@@ -228,6 +228,7 @@ class StoreContract:
             ],
             created_at=1000.25,
             retry_of="b0",
+            callback_url="https://hooks.example.com/batches?token=t",
         )
         await created_and_held(store, submitted)
         assert await store.load("b1") == submitted
@@ -588,3 +589,95 @@ class StoreContract:
         ]
         assert await store.templates_of("owner-a") == [150.0]
         assert await store.expire(older_than=100.0) == []
+
+    # Completion webhooks
+
+    async def test_a_webhook_is_due_once_its_batch_ends_and_held_while_it_is_tried(self, kit):
+        store = await kit.open()
+        with_hook = a_batch("hooked", rows=[ExecutionStatus.PENDING] * 2)
+        with_hook.callback_url = "https://hooks.example.com/in"
+        await created_and_held(store, with_hook, a_batch("plain"))
+        assert await store.due_callbacks(10, 60.0) == []  # not ended yet
+        assert await store.next_callback_in() is None
+
+        await store.apply(
+            [
+                ended("hooked", 1, ExecutionStatus.SUCCEEDED, 1, result="r"),
+                ended("hooked", 2, ExecutionStatus.FAILED, 2, error="e"),
+                BatchEnded("hooked", BatchStatus.COMPLETED, "done", 50.0, None),
+                BatchEnded("plain", BatchStatus.COMPLETED, "done", 51.0, None),
+            ]
+        )
+        next_in_s = await store.next_callback_in()
+        assert next_in_s is not None and next_in_s <= 0
+        [due] = await store.due_callbacks(10, 60.0)
+        assert (due.batch.id, due.url, due.attempts) == ("hooked", with_hook.callback_url, 0)
+        assert (due.batch.status, due.batch.message, due.batch.finished_at) == (
+            BatchStatus.COMPLETED,
+            "done",
+            50.0,
+        )
+        assert due.batch.counts == {ExecutionStatus.SUCCEEDED: 1, ExecutionStatus.FAILED: 1}
+        # Held: nobody gets it again until the hold ends.
+        assert await store.due_callbacks(10, 60.0) == []
+        next_in_s = await store.next_callback_in()
+        assert next_in_s is not None and 50.0 < next_in_s <= 60.0
+
+        await store.callback_tried("hooked", 1, "pending", 0.0)
+        [again] = await store.due_callbacks(10, 60.0)
+        assert again.attempts == 1
+        await store.callback_tried("hooked", 2, "pending", 30.0)
+        assert await store.due_callbacks(10, 60.0) == []
+        next_in_s = await store.next_callback_in()
+        assert next_in_s is not None and 20.0 < next_in_s <= 30.0
+
+        await store.callback_tried("hooked", 3, "delivered")
+        assert await store.next_callback_in() is None
+        assert await store.due_callbacks(10, 0.0) == []
+
+    async def test_a_webhook_due_is_given_to_one_caller_and_a_lapsed_hold_makes_it_due_again(
+        self, kit
+    ):
+        store = await kit.open()
+        other = await kit.another_process(store)
+        batches = [a_batch(f"b{n}") for n in range(6)]
+        for batch in batches:
+            batch.callback_url = f"https://hooks.example.com/{batch.id}"
+        await created_and_held(store, *batches)
+        await store.apply(
+            [
+                BatchEnded(b.id, BatchStatus.CANCELLED, "stopped", 10.0 + n, None)
+                for n, b in enumerate(batches)
+            ]
+        )
+
+        first, second = await asyncio.gather(
+            store.due_callbacks(4, 60.0), other.due_callbacks(4, 60.0)
+        )
+        given = [due.batch.id for due in first + second]
+        assert sorted(given) == sorted(batch.id for batch in batches)  # each to one caller
+        assert len(given) == len(set(given))
+        assert [due.batch.finished_at for due in first] == sorted(
+            due.batch.finished_at or 0 for due in first
+        )
+
+        # A caller that died holding one: it is due again once the hold ends.
+        await store.callback_tried("b0", 1, "pending", -1.0)
+        await store.callback_tried("b1", 1, "failed")
+        [lapsed] = await other.due_callbacks(10, 60.0)
+        assert (lapsed.batch.id, lapsed.attempts) == ("b0", 1)
+        assert await store.due_callbacks(10, 60.0) == []
+
+    async def test_the_webhook_of_a_deleted_or_expired_batch_is_never_due(self, kit):
+        store = await kit.open()
+        batches = [a_batch("gone"), a_batch("old")]
+        for batch in batches:
+            batch.callback_url = "https://hooks.example.com/in"
+        await created_and_held(store, *batches)
+        await store.apply(
+            [BatchEnded(b.id, BatchStatus.FAILED, "failed", 10.0, None) for b in batches]
+        )
+        await store.delete("gone")
+        assert await store.expire(older_than=100.0) == []
+        assert await store.due_callbacks(10, 60.0) == []
+        assert await store.next_callback_in() is None

@@ -36,6 +36,8 @@ __all__ = [
     "BatchEnded",
     "BatchStarted",
     "BatchStore",
+    "CallbackDue",
+    "CallbackState",
     "Change",
     "ExecutionEnded",
     "ExecutionStarted",
@@ -106,6 +108,19 @@ class FileEntry:
     batch_id: str
     #: A workbook of rows not (yet) run, written by ``process_csv`` or ``upload``.
     template: bool
+
+
+#: Where a batch's completion webhook is: to be sent (again), sent, or given up.
+CallbackState = Literal["pending", "delivered", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackDue:
+    """A completion webhook due now: the ended batch, where to POST it, the attempts so far."""
+
+    batch: Summary
+    url: str
+    attempts: int
 
 
 class BatchStore(ABC):
@@ -195,6 +210,31 @@ class BatchStore(ABC):
 
         Returns the names of the workbooks whose files should now be deleted.
         """
+
+    # Completion webhooks: a batch created with a ``callback_url`` has one pending,
+    # due from its end; every attempt is recorded, so none is lost to a restart.
+
+    @abstractmethod
+    async def due_callbacks(self, limit: int, hold_s: float) -> list[CallbackDue]:
+        """Up to ``limit`` webhooks of ended batches due now, the earliest ended first.
+
+        Each is held for ``hold_s``: no caller, in this process or another,
+        gets it again before then, unless ``callback_tried`` says otherwise. A
+        caller that dies during its attempt leaves it due again once the hold
+        ends.
+        """
+
+    @abstractmethod
+    async def callback_tried(
+        self, batch_id: str, attempts: int, state: CallbackState, retry_in_s: float = 0.0
+    ) -> None:
+        """Record an attempt at ``batch_id``'s webhook: ``attempts`` made in all, and
+        ``state`` (``pending``: due again in ``retry_in_s``)."""
+
+    @abstractmethod
+    async def next_callback_in(self) -> float | None:
+        """Seconds until a pending webhook of an ended batch is due (0 or less: one is
+        due now); None when none is pending."""
 
 
 #: What a ``Notice`` says of its batch: its rows or state changed (``changed``), it

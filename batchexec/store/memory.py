@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections import Counter
 from collections.abc import Sequence
 
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
-from batchexec.store.base import BatchStore, Change, FileEntry
+from batchexec.store.base import BatchStore, CallbackDue, CallbackState, Change, FileEntry
 
 
 class MemoryStore(BatchStore):
@@ -23,6 +24,8 @@ class MemoryStore(BatchStore):
         super().__init__()
         self._batches: dict[str, Batch] = {}
         self._files: dict[str, FileEntry] = {}
+        #: Each pending webhook's attempts so far and when it is due next.
+        self._callbacks: dict[str, tuple[int, float]] = {}
 
     async def open(self) -> None:
         self._secret = secrets.token_bytes(32)
@@ -32,12 +35,15 @@ class MemoryStore(BatchStore):
 
     async def create(self, batch: Batch) -> None:
         self._batches[batch.id] = batch
+        if batch.callback_url:
+            self._callbacks[batch.id] = (0, 0.0)
 
     async def apply(self, changes: Sequence[Change]) -> frozenset[str]:
         return frozenset()
 
     async def delete(self, batch_id: str) -> None:
         self._batches.pop(batch_id, None)
+        self._callbacks.pop(batch_id, None)
 
     async def load(self, batch_id: str) -> Batch | None:
         return self._batches.get(batch_id)
@@ -48,17 +54,7 @@ class MemoryStore(BatchStore):
         found: list[Summary] = []
         for batch in reversed(self._batches.values()):
             if batch.owner == owner and (status is None or batch.status is status):
-                found.append(
-                    Summary(
-                        id=batch.id,
-                        status=batch.status,
-                        message=batch.message,
-                        created_at=batch.created_at,
-                        finished_at=batch.finished_at,
-                        retry_of=batch.retry_of,
-                        counts=batch.counts.copy(),
-                    )
-                )
+                found.append(_summary(batch))
                 if len(found) == limit:
                     break
         return found
@@ -90,6 +86,7 @@ class MemoryStore(BatchStore):
         for batch_id, batch in list(self._batches.items()):
             if batch.finished_at is not None and batch.finished_at < older_than:
                 del self._batches[batch_id]
+                self._callbacks.pop(batch_id, None)
         active = {batch.file_name for batch in self._batches.values()}
         expired = [
             name
@@ -99,3 +96,48 @@ class MemoryStore(BatchStore):
         for name in expired:
             del self._files[name]
         return expired
+
+    async def due_callbacks(self, limit: int, hold_s: float) -> list[CallbackDue]:
+        now = time.time()
+        due = sorted(
+            (
+                batch
+                for batch in self._ended_with_callbacks()
+                if self._callbacks[batch.id][1] <= now
+            ),
+            key=lambda batch: batch.finished_at or 0.0,
+        )[:limit]
+        for batch in due:
+            self._callbacks[batch.id] = (self._callbacks[batch.id][0], now + hold_s)
+        return [
+            CallbackDue(_summary(batch), batch.callback_url or "", self._callbacks[batch.id][0])
+            for batch in due
+        ]
+
+    async def callback_tried(
+        self, batch_id: str, attempts: int, state: CallbackState, retry_in_s: float = 0.0
+    ) -> None:
+        if state == "pending":
+            self._callbacks[batch_id] = (attempts, time.time() + retry_in_s)
+        else:
+            self._callbacks.pop(batch_id, None)
+
+    async def next_callback_in(self) -> float | None:
+        due = [self._callbacks[batch.id][1] for batch in self._ended_with_callbacks()]
+        return min(due) - time.time() if due else None
+
+    def _ended_with_callbacks(self) -> list[Batch]:
+        batches = (self._batches.get(batch_id) for batch_id in self._callbacks)
+        return [batch for batch in batches if batch is not None and batch.status.finished]
+
+
+def _summary(batch: Batch) -> Summary:
+    return Summary(
+        id=batch.id,
+        status=batch.status,
+        message=batch.message,
+        created_at=batch.created_at,
+        finished_at=batch.finished_at,
+        retry_of=batch.retry_of,
+        counts=batch.counts.copy(),
+    )

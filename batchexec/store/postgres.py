@@ -63,6 +63,8 @@ from batchexec.shared_limits import SharedModelLimits, slots_channel
 from batchexec.store.base import (
     BatchEnded,
     BatchStarted,
+    CallbackDue,
+    CallbackState,
     Change,
     FileEntry,
     Notice,
@@ -75,10 +77,12 @@ from batchexec.store.migrations import migrations
 from batchexec.store.postgres_rows import (
     ADD_FILE,
     CLAIM,
+    CLAIM_CALLBACKS,
     EXECUTION_COLUMNS,
     EXPIRE_BATCHES,
     EXPIRE_FILES,
     INSERT_BATCH,
+    NEXT_CALLBACK,
     NOTIFY,
     NOTIFY_CHANGED,
     RELEASE,
@@ -93,6 +97,7 @@ from batchexec.store.postgres_rows import (
     SELECT_UNFINISHED,
     UPDATE_BATCH_ENDED,
     UPDATE_BATCH_STARTED,
+    UPDATE_CALLBACK,
     UPDATE_ENDED,
     UPDATE_STARTED,
     WAITING,
@@ -486,6 +491,27 @@ class PostgresStore(SharedStore):
                 return [row[0] for row in await conn.fetch(EXPIRE_FILES, older_than)]
 
         return await self._run(write)
+
+    # Completion webhooks
+
+    async def due_callbacks(self, limit: int, hold_s: float) -> list[CallbackDue]:
+        rows = await self._run(lambda conn: conn.fetch(CLAIM_CALLBACKS, limit, hold_s))
+        due = [
+            CallbackDue(summary, row[7], row[8])
+            for summary, row in zip(summaries_of(rows, read_text), rows, strict=True)
+        ]
+        return sorted(due, key=lambda callback: callback.batch.finished_at or 0.0)
+
+    async def callback_tried(
+        self, batch_id: str, attempts: int, state: CallbackState, retry_in_s: float = 0.0
+    ) -> None:
+        await self._run(
+            lambda conn: conn.execute(UPDATE_CALLBACK, batch_id, attempts, state, retry_in_s)
+        )
+
+    async def next_callback_in(self) -> float | None:
+        value = await self._run(lambda conn: conn.fetchval(NEXT_CALLBACK))
+        return None if value is None else float(value)
 
     # Leases
 

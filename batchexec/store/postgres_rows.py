@@ -27,8 +27,8 @@ SCHEMA_MIGRATIONS = (
 
 INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, started_at, "
-    "finished_at, xlsx_name, retry_of, counts) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    "finished_at, xlsx_name, retry_of, counts, callback_url, callback_state, callback_next) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 )
 #: The columns of ``rows.execution_rows``, which ``create`` copies in (COPY: the fastest
 #: way in for a batch of many thousand rows).
@@ -49,16 +49,16 @@ EXECUTION_COLUMNS = [
 ]
 SELECT_BATCH = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of FROM batches WHERE id = $1"
+    "xlsx_name, retry_of, callback_url FROM batches WHERE id = $1"
 )
 SELECT_UNFINISHED = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of FROM batches WHERE status IN ('queued', 'processing') "
+    "xlsx_name, retry_of, callback_url FROM batches WHERE status IN ('queued', 'processing') "
     "ORDER BY created_at, created_order"
 )
 SELECT_BATCHES = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of FROM batches WHERE id = ANY($1::text[]) "
+    "xlsx_name, retry_of, callback_url FROM batches WHERE id = ANY($1::text[]) "
     "ORDER BY created_at, created_order"
 )
 SELECT_EXECUTIONS = (
@@ -150,6 +150,26 @@ RELEASE = (
 REQUEST_CANCEL = (
     "UPDATE batches SET cancel_reason = coalesce(cancel_reason, $2) "
     "WHERE id = $1 AND status IN ('queued', 'processing') RETURNING id"
+)
+#: The webhooks due now, held for ``$2`` seconds: one replica makes each attempt.
+CLAIM_CALLBACKS = (
+    "WITH now AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS t), "
+    "due AS (SELECT id FROM batches WHERE callback_state = 'pending' "
+    "AND callback_next <= (SELECT t FROM now) AND status IN ('completed', 'failed', 'cancelled') "
+    "ORDER BY callback_next LIMIT $1 FOR UPDATE SKIP LOCKED) "
+    "UPDATE batches SET callback_next = (SELECT t FROM now) + $2 "
+    "WHERE id IN (SELECT id FROM due) "
+    "RETURNING id, status, message, created_at, finished_at, retry_of, counts, "
+    "callback_url, callback_attempts"
+)
+UPDATE_CALLBACK = (
+    "UPDATE batches SET callback_attempts = $2, callback_state = $3, "
+    "callback_next = extract(epoch FROM clock_timestamp())::double precision + $4 WHERE id = $1"
+)
+NEXT_CALLBACK = (
+    "SELECT min(callback_next) - extract(epoch FROM clock_timestamp())::double precision "
+    "FROM batches WHERE callback_state = 'pending' "
+    "AND status IN ('completed', 'failed', 'cancelled')"
 )
 WAITING = (
     "SELECT count(*) FROM batches WHERE status IN ('queued', 'processing') "

@@ -39,6 +39,10 @@ def batch_row(batch: Batch, text: TextOf) -> tuple[Any, ...]:
         batch.xlsx_name,
         batch.retry_of,
         json.dumps(counts) if batch.status.finished else None,
+        batch.callback_url,
+        # Due as soon as the batch ends (see 0006_callbacks.sql).
+        "pending" if batch.callback_url else None,
+        0.0 if batch.callback_url else None,
     )
 
 
@@ -112,7 +116,7 @@ def batches_of(
     """Batches from their rows of ``batches`` (in the order given) and of ``executions``.
 
     A batch's row is ``(id, owner, columns, status, message, created_at,
-    started_at, finished_at, xlsx_name, retry_of)``; an execution's is
+    started_at, finished_at, xlsx_name, retry_of, callback_url)``; an execution's is
     ``(batch_id, idx, model, cells, status, prompt_sent, result, error,
     latency_ms, attempts, prompt_tokens, completion_tokens, ended_seq)``, each
     batch's in the order of their index.
@@ -164,6 +168,7 @@ def batches_of(
             finished_at=row[7],
             xlsx_name=row[8],
             retry_of=row[9],
+            callback_url=row[10],
         )
         for row in batch_rows
     ]

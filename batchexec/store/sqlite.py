@@ -24,6 +24,7 @@ import asyncio
 import fcntl
 import secrets
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,14 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
-from batchexec.store.base import BatchStore, Change, FileEntry, StoreError
+from batchexec.store.base import (
+    BatchStore,
+    CallbackDue,
+    CallbackState,
+    Change,
+    FileEntry,
+    StoreError,
+)
 from batchexec.store.migrations import latest, migrations
 from batchexec.store.rows import (
     batch_row,
@@ -42,12 +50,15 @@ from batchexec.store.rows import (
     summaries_of,
 )
 from batchexec.store.sqlite_rows import (
+    CLAIM_CALLBACKS,
     INSERT_BATCH,
     INSERT_EXECUTION,
+    NEXT_CALLBACK,
     SELECT_BATCH,
     SELECT_EXECUTIONS,
     SELECT_SUMMARIES,
     SELECT_UNFINISHED,
+    UPDATE_CALLBACK,
     UPDATE_ENDED,
     UPDATE_STARTED,
     apply_batch_change,
@@ -321,6 +332,37 @@ class SQLiteStore(BatchStore):
                 return names
 
         return await self._run(write)
+
+    # Completion webhooks
+
+    async def due_callbacks(self, limit: int, hold_s: float) -> list[CallbackDue]:
+        def write(db: sqlite3.Connection) -> list[CallbackDue]:
+            now = time.time()
+            with _transaction(db):
+                rows = db.execute(CLAIM_CALLBACKS, (now, hold_s, now, limit)).fetchall()
+            due = [
+                CallbackDue(summary, row[7], row[8])
+                for summary, row in zip(summaries_of(rows, read_text), rows, strict=True)
+            ]
+            return sorted(due, key=lambda callback: callback.batch.finished_at or 0.0)
+
+        return await self._run(write)
+
+    async def callback_tried(
+        self, batch_id: str, attempts: int, state: CallbackState, retry_in_s: float = 0.0
+    ) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(UPDATE_CALLBACK, (attempts, state, time.time() + retry_in_s, batch_id))
+
+        await self._run(write)
+
+    async def next_callback_in(self) -> float | None:
+        def read(db: sqlite3.Connection) -> float | None:
+            (next_at,) = db.execute(NEXT_CALLBACK).fetchone()
+            return None if next_at is None else float(next_at) - time.time()
+
+        return await self._read(read)
 
 
 class _transaction:

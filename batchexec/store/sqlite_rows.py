@@ -16,8 +16,8 @@ from batchexec.store.base import BatchEnded, BatchStarted, Change
 
 INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, "
-    "started_at, finished_at, xlsx_name, retry_of, counts) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "started_at, finished_at, xlsx_name, retry_of, counts, callback_url, callback_state, "
+    "callback_next) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_EXECUTION = (
     "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
@@ -26,11 +26,11 @@ INSERT_EXECUTION = (
 )
 SELECT_BATCH = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of FROM batches WHERE id = ?"
+    "xlsx_name, retry_of, callback_url FROM batches WHERE id = ?"
 )
 SELECT_UNFINISHED = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of FROM batches WHERE status IN ('queued', 'processing') "
+    "xlsx_name, retry_of, callback_url FROM batches WHERE status IN ('queued', 'processing') "
     "ORDER BY created_at, rowid"
 )
 SELECT_EXECUTIONS = (
@@ -108,3 +108,21 @@ def read_text(value: str | bytes | None) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogatepass")
     return value
+
+
+#: The webhooks due at ``?`` (now), held until now plus ``?`` seconds.
+CLAIM_CALLBACKS = (
+    "UPDATE batches SET callback_next = ? + ? WHERE id IN (SELECT id FROM batches "
+    "WHERE callback_state = 'pending' AND callback_next <= ? "
+    "AND status IN ('completed', 'failed', 'cancelled') "
+    "ORDER BY callback_next LIMIT ?) "
+    "RETURNING id, status, message, created_at, finished_at, retry_of, counts, "
+    "callback_url, callback_attempts"
+)
+UPDATE_CALLBACK = (
+    "UPDATE batches SET callback_attempts = ?, callback_state = ?, callback_next = ? WHERE id = ?"
+)
+NEXT_CALLBACK = (
+    "SELECT min(callback_next) FROM batches WHERE callback_state = 'pending' "
+    "AND status IN ('completed', 'failed', 'cancelled')"
+)

@@ -40,6 +40,7 @@ from batchexec.web.keys import (
 from batchexec.web.middlewares import auth_middleware, error_middleware
 from batchexec.web.readers import WorkbookReader
 from batchexec.web.routes import setup_routes
+from batchexec.webhooks import Webhooks
 from batchexec.wording import counted
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def create_app(
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(engine)
     app.cleanup_ctx.append(_sweeper)
+    app.cleanup_ctx.append(_webhooks)
     app.on_shutdown.append(drain)
     setup_routes(app)
     return app
@@ -179,6 +181,21 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _webhooks(app: web.Application) -> AsyncIterator[None]:
+    """Sends the completion webhooks of ended batches, when ``CALLBACK_ALLOW`` turns them on."""
+    settings = app[SETTINGS]
+    if not settings.callbacks:
+        yield
+        return
+    registry = app[REGISTRY]
+    webhooks = Webhooks(registry.store, app[CLIENT_SESSION], settings, metrics=app[METRICS])
+    registry.on_batch_ended = webhooks.batch_ended
+    await webhooks.start()
+    yield
+    registry.on_batch_ended = None
+    await webhooks.close()
 
 
 async def _sweep_forever(registry: Registry, settings: Settings) -> None:

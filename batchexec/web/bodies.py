@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from batchexec.errors import FieldError
 from batchexec.records import BatchStatus, ExecutionStatus
+from batchexec.webhook_urls import MAX_URL_CHARS
 
 
 class ErrorResponse(BaseModel):
@@ -72,6 +73,11 @@ class UploadForm(BaseModel):
     execute: bool = Field(
         default=False,
         description="true (or 1) starts the batch; false, 0 or empty writes only the template.",
+    )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=MAX_URL_CHARS,
+        description="With execute: where the batch's end is POSTed, as in execute_batch.",
     )
 
 

@@ -32,7 +32,14 @@ from batchexec.web import streams
 from batchexec.web.bodies import HealthResponse
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
 from batchexec.web.presenting import answer_results
-from batchexec.web.requests import answer, parse_body, plan_off_loop, validated, xlsx_url
+from batchexec.web.requests import (
+    answer,
+    callback_url,
+    parse_body,
+    plan_off_loop,
+    validated,
+    xlsx_url,
+)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -47,10 +54,11 @@ async def execute_batch(request: web.Request) -> web.Response:
     (422) before anything is stored: its rows would all fail.
     """
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
+    callback = callback_url(request, body.callback_url)
     plan = await plan_off_loop(request, lambda: from_executions(body.executions, body.columns))
     providers = request.app[PROVIDERS]
     require_ready(plan, providers)
-    batch = await request.app[ENGINE].submit(request[OWNER], plan)
+    batch = await request.app[ENGINE].submit(request[OWNER], plan, callback_url=callback)
     return answer(InvokeResponse.started(batch.id))
 
 
@@ -83,7 +91,8 @@ async def retry(request: web.Request) -> web.Response:
     """Start a new batch that reruns only the rows of a finished batch that did not succeed.
 
     Refused (422) when a row to rerun names a model that cannot be called as
-    configured; rows that keep their results are not checked.
+    configured; rows that keep their results are not checked. The new batch's
+    end goes to the first one's webhook, if it had one.
     """
     body = await parse_body(request, ResultsRequest)
     original = await _batch_of(request, body.invocation_id)
@@ -100,7 +109,9 @@ async def retry(request: web.Request) -> web.Response:
     plan = await plan_off_loop(request, rows)
     providers = request.app[PROVIDERS]
     require_ready(plan, providers, only=rerun)
-    batch = await request.app[ENGINE].submit(request[OWNER], plan, retry_of=original)
+    batch = await request.app[ENGINE].submit(
+        request[OWNER], plan, retry_of=original, callback_url=original.callback_url
+    )
     return answer(RetryResponse.retrying(batch.id, original, rerun))
 
 

@@ -22,6 +22,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from batchexec import __version__, api
 from batchexec.schemas import (
+    BatchEndedWebhook,
     BatchList,
     CatalogResponse,
     ExecuteBatchRequest,
@@ -398,6 +399,7 @@ def document() -> Mapping[str, Any]:
             modes.extend((model, "serialization") for model in operation.answer.events.values())
     for error in ERRORS.values():
         modes.extend((model, "serialization") for model in error.models)
+    modes.append((BatchEndedWebhook, "serialization"))
     refs, definitions = models_json_schema(list(dict.fromkeys(modes)), ref_template=_REF_TEMPLATE)
     schemas: dict[str, Any] = definitions.get("$defs", {})
     for model, mode in modes:
@@ -431,6 +433,7 @@ def document() -> Mapping[str, Any]:
             {"name": "service", "description": "The server itself; no key needed."},
         ],
         "paths": paths,
+        "webhooks": {"batchEnded": _webhook(ref(BatchEndedWebhook, "serialization"))},
         "components": {
             "schemas": schemas,
             "securitySchemes": {
@@ -505,6 +508,49 @@ def _operation(operation: Operation, ref: _Ref, schemas: Mapping[str, Any]) -> d
         responses[str(status)] = _error(ERRORS[status], ref)
     described["responses"] = responses
     return described
+
+
+def _webhook(body: dict[str, Any]) -> dict[str, Any]:
+    """The POST a batch's ``callback_url`` receives once the batch has ended."""
+    headers = {
+        "webhook-id": "The batch's id: the same on every attempt, so repeats can be dropped.",
+        "webhook-timestamp": "When the attempt was made, in Unix seconds.",
+        "webhook-signature": (
+            "v1, then the base64 of HMAC-SHA256 over '{webhook-id}.{webhook-timestamp}.{body}' "
+            "keyed with the server's CALLBACK_SECRET (Standard Webhooks)."
+        ),
+    }
+    return {
+        "post": {
+            "operationId": "batch_ended",
+            "summary": "A batch has ended (sent to its callback_url)",
+            "description": (
+                "Sent at least once, signed as Standard Webhooks specifies, when a batch that "
+                "named a callback_url (or ran under the server's CALLBACK_URL) has ended. "
+                "A 2xx answer delivers it; 410 stops it; any other answer, or none within "
+                "CALLBACK_TIMEOUT_S, is retried with a doubling backoff up to "
+                "CALLBACK_ATTEMPTS attempts. Redirects are not followed."
+            ),
+            "tags": ["batches"],
+            "security": [],
+            "parameters": [
+                {
+                    "name": name,
+                    "in": "header",
+                    "required": True,
+                    "description": text,
+                    "schema": {"type": "string"},
+                }
+                for name, text in headers.items()
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+            "responses": {
+                "2XX": {"description": "Received; not sent again."},
+                "410": {"description": "Gone: not sent again."},
+                "default": {"description": "Sent again later, up to CALLBACK_ATTEMPTS attempts."},
+            },
+        }
+    }
 
 
 def _success(answer: Answer, ref: _Ref) -> dict[str, Any]:

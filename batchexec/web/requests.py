@@ -100,6 +100,23 @@ def limits(request: web.Request) -> Limits:
     return limits_from(request.app[SETTINGS])
 
 
+def callback_url(request: web.Request, given: str | None) -> str | None:
+    """Where the batch's end is to be POSTed: ``given`` if the server allows it (422 if
+    not), else ``CALLBACK_URL``; ``""`` asks for no webhook, whatever the default."""
+    settings = request.app[SETTINGS]
+    if given is None:
+        return settings.callback_url or None
+    if not given:
+        return None
+    try:
+        return settings.callbacks.check(given)
+    except ValueError as exc:
+        raise InputError(
+            f"The callback_url cannot be used: it {exc}.",
+            [FieldError(None, "callback_url", f"it {exc}")],
+        ) from None
+
+
 def answer(body: BaseModel) -> web.Response:
     """``body`` as a JSON response."""
     return web.json_response(body.model_dump(mode="json"))

@@ -32,7 +32,14 @@ from batchexec.readiness import require_ready
 from batchexec.records import Batch
 from batchexec.schemas import Message, ProcessCsvRequest, ProcessCsvResponse
 from batchexec.web.keys import ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, WORKBOOKS
-from batchexec.web.requests import answer, on_input_pool, parse_body, plan_off_loop, xlsx_url
+from batchexec.web.requests import (
+    answer,
+    callback_url,
+    on_input_pool,
+    parse_body,
+    plan_off_loop,
+    xlsx_url,
+)
 from batchexec.wording import counted
 
 #: How a template's rows are run, by the route that wrote it.
@@ -40,6 +47,8 @@ _RUN_AGAIN = {
     "process_csv": 'send the CSV again with "execute": true',
     "upload": "upload the file again with execute=true",
 }
+#: The fields of an upload's form besides its ``file``.
+_FORM_FIELDS = ("execute", "callback_url")
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
 
@@ -47,22 +56,42 @@ _INLINE_CSV_CHARS = 64 * 1024
 async def process_csv(request: web.Request) -> web.Response:
     """Parse a CSV, write its XLSX template and, with ``execute``, start the batch."""
     body = await parse_body(request, ProcessCsvRequest)
+    callback = _callback(request, body.callback_url, execute=body.execute)
     rows = await _csv_rows(request, body.csv_content)
-    return await _process_rows(request, rows, execute=body.execute, kind="CSV", route="process_csv")
+    return await _process_rows(
+        request, rows, execute=body.execute, callback=callback, kind="CSV", route="process_csv"
+    )
 
 
 async def upload(request: web.Request) -> web.Response:
     """Like ``process_csv``, for a multipart upload of a CSV or XLSX ``file``."""
-    name, data, execute = await _read_upload(request)
+    name, data, fields = await _read_upload(request)
+    execute = _flag(fields.get("execute", ""))
+    callback = _callback(request, fields.get("callback_url"), execute=execute)
     # A workbook is a zip whatever its name says; otherwise the name decides, then the content.
     fmt = Format.XLSX if data.startswith(ZIP_MAGIC) else format_of(name or "") or sniff(data)
     if fmt is Format.XLSX:
         rows = await request.app[WORKBOOKS].read(data)
-        return await _process_rows(request, rows, execute=execute, kind="XLSX", route="upload")
+        return await _process_rows(
+            request, rows, execute=execute, callback=callback, kind="XLSX", route="upload"
+        )
     if fmt is not Format.CSV:
         raise InputError(f"Upload a CSV or XLSX file; this one looks like {fmt.value.upper()}.")
     rows = await _csv_rows(request, decode(data, Format.CSV))
-    return await _process_rows(request, rows, execute=execute, kind="CSV", route="upload")
+    return await _process_rows(
+        request, rows, execute=execute, callback=callback, kind="CSV", route="upload"
+    )
+
+
+def _callback(request: web.Request, given: str | None, *, execute: bool) -> str | None:
+    """The webhook of the batch ``execute`` starts; a template, which never ends, has none."""
+    if given and not execute:
+        raise InputError(
+            "A callback_url is for a batch that runs: send execute=true with it, "
+            "or leave it out to write the template only.",
+            [FieldError(None, "callback_url", "only with execute")],
+        )
+    return callback_url(request, given) if execute else None
 
 
 async def _csv_rows(request: web.Request, text: str) -> Rows:
@@ -80,7 +109,13 @@ async def _csv_rows(request: web.Request, text: str) -> Rows:
 
 
 async def _process_rows(
-    request: web.Request, rows: Rows, *, execute: bool, kind: str, route: str
+    request: web.Request,
+    rows: Rows,
+    *,
+    execute: bool,
+    callback: str | None,
+    kind: str,
+    route: str,
 ) -> web.Response:
     """Validate ``rows``, write their XLSX template and, with ``execute``, start the batch.
 
@@ -100,7 +135,7 @@ async def _process_rows(
     await _write_template(request, plan, file_name, batch_id, execute=execute)
     count = counted(len(plan.rows), "row")
     if execute:
-        await _start(request, plan, file_name, batch_id)
+        await _start(request, plan, file_name, batch_id, callback)
         message = (
             f"{kind} processed: {count}. Batch execution started. Use invocation ID "
             f"{batch_id} to check status and retrieve results."
@@ -142,10 +177,14 @@ async def _write_template(
         ) from exc
 
 
-async def _start(request: web.Request, plan: BatchPlan, file_name: str, batch_id: str) -> None:
+async def _start(
+    request: web.Request, plan: BatchPlan, file_name: str, batch_id: str, callback: str | None
+) -> None:
     """Submit the batch; if it is refused, leave nothing behind for it."""
     try:
-        await request.app[ENGINE].submit(request[OWNER], plan, batch_id=batch_id)
+        await request.app[ENGINE].submit(
+            request[OWNER], plan, batch_id=batch_id, callback_url=callback
+        )
     except (QueueFullError, ShuttingDownError):
         await request.app[REGISTRY].forget_file(file_name)
         (request.app[SETTINGS].results_dir / file_name).unlink(missing_ok=True)
@@ -169,8 +208,9 @@ async def _add_template(request: web.Request, file_name: str, batch_id: str) -> 
         )
 
 
-async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
-    """The ``file`` part's name and bytes, and ``execute``, of a multipart upload.
+async def _read_upload(request: web.Request) -> tuple[str | None, bytes, dict[str, str]]:
+    """The ``file`` part's name and bytes, and the form's other fields (``execute``,
+    ``callback_url``), of a multipart upload.
 
     Parts are read in chunks and counted, since a multipart body is not
     bounded by ``client_max_size`` the way ``read()`` is.
@@ -185,7 +225,7 @@ async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
         )
     name: str | None = None
     data: bytes | None = None
-    execute = False
+    fields: dict[str, str] = {}
     size = 0
     try:
         reader = await request.multipart()
@@ -200,8 +240,8 @@ async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
                 chunks.append(chunk)
             if part.name == "file":
                 name, data = part.filename, b"".join(chunks)
-            elif part.name == "execute":
-                execute = _flag(b"".join(chunks).decode("utf-8", errors="replace"))
+            elif part.name in _FORM_FIELDS:
+                fields[part.name] = b"".join(chunks).decode("utf-8", errors="replace")
     except ValueError as exc:
         # aiohttp's multipart reader says "boundary missed" and the like.
         raise InputError(f"The multipart body cannot be read: {exc}.") from exc
@@ -214,7 +254,7 @@ async def _read_upload(request: web.Request) -> tuple[str | None, bytes, bool]:
             "The upload has no 'file' field.",
             [FieldError(None, "file", "attach a CSV or XLSX file")],
         )
-    return name, data, execute
+    return name, data, fields
 
 
 def _flag(value: str) -> bool:
