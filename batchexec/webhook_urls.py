@@ -62,17 +62,18 @@ class AllowList:
 
     def check(self, text: str) -> str:
         """``text`` as the URL to POST to, if it is one the list allows; else ``ValueError``
-        saying why, in words a client can act on."""
+        saying why, in words a client can act on: what the URL is or must be (``"The
+        callback_url " + message`` reads as a sentence)."""
         if not self._origins:
             raise ValueError(
-                "completion webhooks are off on this server (the operator enables them "
-                "with CALLBACK_ALLOW)"
+                "cannot be used: completion webhooks are off on this server (the operator "
+                "turns them on with CALLBACK_ALLOW)"
             )
         url = parse_url(text)
         if not any(origin.allows(url) for origin in self._origins):
             raise ValueError(
-                f"{url.scheme}://{url.host}:{url.port} is not among the webhook targets "
-                "this server allows (CALLBACK_ALLOW)"
+                "is not among the webhook targets this server allows (CALLBACK_ALLOW): "
+                f"{url.scheme}://{url.host}:{url.port}"
             )
         return str(url)
 

@@ -353,6 +353,7 @@ async def test_a_callback_url_the_server_does_not_allow_is_refused_and_nothing_r
     )
     assert response.status == 422, await response.text()
     body = await response.json()
+    assert body["detail"].startswith("The callback_url ")
     assert says in body["detail"]
     assert body["errors"] == [
         {"index": None, "field": "callback_url", "message": body["errors"][0]["message"]}

@@ -112,8 +112,7 @@ def callback_url(request: web.Request, given: str | None) -> str | None:
         return settings.callbacks.check(given)
     except ValueError as exc:
         raise InputError(
-            f"The callback_url cannot be used: it {exc}.",
-            [FieldError(None, "callback_url", f"it {exc}")],
+            f"The callback_url {exc}.", [FieldError(None, "callback_url", str(exc))]
         ) from None
 
 
