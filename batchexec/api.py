@@ -29,6 +29,14 @@ DOWNLOAD = "/public/batch_execution_results/{file_name}"
 #: The app's Prometheus metrics.
 METRICS = "/metrics"
 
+#: The OpenAI Batch API (``web/v1``): OpenAI's paths, ``Authorization: Bearer`` keys.
+V1_FILES = "/v1/files"
+V1_FILE = "/v1/files/{file_id}"
+V1_FILE_CONTENT = "/v1/files/{file_id}/content"
+V1_BATCHES = "/v1/batches"
+V1_BATCH = "/v1/batches/{batch_id}"
+V1_BATCH_CANCEL = "/v1/batches/{batch_id}/cancel"
+
 
 def events_path(invocation_id: str) -> str:
     """The events route of one batch."""

@@ -147,6 +147,16 @@ class Settings(BaseSettings):
     #: ``GET /metrics`` without a key, for requests from a loopback address only.
     metrics_open: Annotated[bool, _env("METRICS_OPEN", "metrics_open")] = False
 
+    #: Bytes of one file uploaded to ``/v1/files`` (OpenAI's limit: 200 MB).
+    max_file_bytes: Annotated[int, _env("MAX_FILE_BYTES", "max_file_bytes"), Field(ge=1024)] = (
+        200 * 1024 * 1024
+    )
+    #: Request lines of one ``/v1/batches`` input file (OpenAI's limit: 50,000).
+    max_file_lines: Annotated[int, _env("MAX_FILE_LINES", "max_file_lines"), Field(ge=1)] = 50_000
+    #: Files one API key keeps in ``/v1/files`` (uploads, and its batches' outputs).
+    max_stored_files: Annotated[int, _env("MAX_STORED_FILES", "max_stored_files"), Field(ge=1)] = (
+        100
+    )
     #: The origins completion webhooks may go to (``webhook_urls.AllowList``); empty: off.
     callback_allow: Annotated[str, _env("CALLBACK_ALLOW", "callback_allow")] = ""
     #: The webhook of every batch that names none; empty: none.

@@ -48,6 +48,7 @@ __all__ = [
     "SharedLimits",
     "SharedStore",
     "StoreError",
+    "StoredFile",
 ]
 
 
@@ -108,6 +109,23 @@ class FileEntry:
     batch_id: str
     #: A workbook of rows not (yet) run, written by ``process_csv`` or ``upload``.
     template: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A file of the OpenAI Batch API: an uploaded batch input, or a batch's output or errors.
+
+    Its content is kept in the store in chunks (``write_chunk``, ``chunk``).
+    """
+
+    id: str
+    owner: str
+    #: ``batch`` for an upload; ``batch_output`` for a batch's output and error files.
+    purpose: str
+    filename: str
+    created_at: float
+    #: The content's size; 0 until the file is complete.
+    bytes: int = 0
 
 
 #: Where a batch's completion webhook is: to be sent (again), sent, or given up.
@@ -210,6 +228,45 @@ class BatchStore(ABC):
 
         Returns the names of the workbooks whose files should now be deleted.
         """
+
+    # Files of the OpenAI Batch API: written a chunk at a time, so neither an upload nor
+    # a download is ever held whole in memory; a file is seen once complete.
+
+    @abstractmethod
+    async def create_stored_file(self, file: StoredFile) -> None:
+        """Record ``file``, incomplete and empty: ``write_chunk`` fills it, ``complete_file``
+        shows it."""
+
+    @abstractmethod
+    async def write_chunk(self, file_id: str, seq: int, data: bytes) -> None:
+        """Write chunk ``seq`` (0, 1, ...) of incomplete file ``file_id``."""
+
+    @abstractmethod
+    async def complete_file(self, file_id: str, size: int) -> None:
+        """Show file ``file_id``, whose chunks hold ``size`` bytes in all."""
+
+    @abstractmethod
+    async def stored_file(self, file_id: str, owner: str) -> StoredFile | None:
+        """The complete file ``file_id`` if ``owner`` has it; None otherwise."""
+
+    @abstractmethod
+    async def stored_files(
+        self, owner: str, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> list[StoredFile]:
+        """Up to ``limit`` of ``owner``'s complete files (of ``purpose``, if given), by
+        creation time, from the one after file ``after`` in that order."""
+
+    @abstractmethod
+    async def chunk(self, file_id: str, seq: int) -> bytes | None:
+        """Chunk ``seq`` of file ``file_id``; None past the last one."""
+
+    @abstractmethod
+    async def delete_stored_file(self, file_id: str) -> None:
+        """Forget file ``file_id`` and its content, complete or not."""
+
+    @abstractmethod
+    async def count_stored_files(self, owner: str) -> int:
+        """How many files ``owner`` keeps, incomplete uploads included."""
 
     # Completion webhooks: a batch created with a ``callback_url`` has one pending,
     # due from its end; every attempt is recorded, so none is lost to a restart.

@@ -6,9 +6,17 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
-from batchexec.store.base import BatchStore, CallbackDue, CallbackState, Change, FileEntry
+from batchexec.store.base import (
+    BatchStore,
+    CallbackDue,
+    CallbackState,
+    Change,
+    FileEntry,
+    StoredFile,
+)
 
 
 class MemoryStore(BatchStore):
@@ -24,6 +32,9 @@ class MemoryStore(BatchStore):
         super().__init__()
         self._batches: dict[str, Batch] = {}
         self._files: dict[str, FileEntry] = {}
+        #: The OpenAI Batch API's files, whether each is complete, and their chunks.
+        self._stored: dict[str, tuple[StoredFile, bool]] = {}
+        self._chunks: dict[str, list[bytes]] = {}
         #: Each pending webhook's attempts so far and when it is due next.
         self._callbacks: dict[str, tuple[int, float]] = {}
 
@@ -95,7 +106,57 @@ class MemoryStore(BatchStore):
         ]
         for name in expired:
             del self._files[name]
+        for file_id, (file, _) in list(self._stored.items()):
+            if file.created_at < older_than:
+                await self.delete_stored_file(file_id)
         return expired
+
+    async def create_stored_file(self, file: StoredFile) -> None:
+        self._stored[file.id] = (file, False)
+        self._chunks[file.id] = []
+
+    async def write_chunk(self, file_id: str, seq: int, data: bytes) -> None:
+        chunks = self._chunks[file_id]
+        assert seq == len(chunks), "chunks are written in order"
+        chunks.append(data)
+
+    async def complete_file(self, file_id: str, size: int) -> None:
+        file, _ = self._stored[file_id]
+        self._stored[file_id] = (replace(file, bytes=size), True)
+
+    async def stored_file(self, file_id: str, owner: str) -> StoredFile | None:
+        file, complete = self._stored.get(file_id, (None, False))
+        return file if file is not None and complete and file.owner == owner else None
+
+    async def stored_files(
+        self, owner: str, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> list[StoredFile]:
+        files = sorted(
+            (
+                file
+                for file, complete in self._stored.values()
+                if complete and file.owner == owner and purpose in (None, file.purpose)
+            ),
+            key=lambda file: (file.created_at, file.id),
+            reverse=newest_first,
+        )
+        if after is not None:
+            ids = [file.id for file in files]
+            if after not in ids:
+                return []
+            files = files[ids.index(after) + 1 :]
+        return files[:limit]
+
+    async def chunk(self, file_id: str, seq: int) -> bytes | None:
+        chunks = self._chunks.get(file_id, [])
+        return chunks[seq] if seq < len(chunks) else None
+
+    async def delete_stored_file(self, file_id: str) -> None:
+        self._stored.pop(file_id, None)
+        self._chunks.pop(file_id, None)
+
+    async def count_stored_files(self, owner: str) -> int:
+        return sum(1 for file, _ in self._stored.values() if file.owner == owner)
 
     async def due_callbacks(self, limit: int, hold_s: float) -> list[CallbackDue]:
         now = time.time()

@@ -71,6 +71,7 @@ from batchexec.store.base import (
     NoticeKind,
     Renewal,
     SharedStore,
+    StoredFile,
     StoreError,
 )
 from batchexec.store.migrations import migrations
@@ -78,10 +79,13 @@ from batchexec.store.postgres_rows import (
     ADD_FILE,
     CLAIM,
     CLAIM_CALLBACKS,
+    COMPLETE_FILE,
     EXECUTION_COLUMNS,
     EXPIRE_BATCHES,
     EXPIRE_FILES,
     INSERT_BATCH,
+    INSERT_CHUNK,
+    INSERT_STORED_FILE,
     NEXT_CALLBACK,
     NOTIFY,
     NOTIFY_CHANGED,
@@ -91,8 +95,12 @@ from batchexec.store.postgres_rows import (
     SCHEMA_MIGRATIONS,
     SELECT_BATCH,
     SELECT_BATCHES,
+    SELECT_CHUNK,
     SELECT_EXECUTIONS,
     SELECT_HELD,
+    SELECT_STORED_FILE,
+    SELECT_STORED_FILES_ASC,
+    SELECT_STORED_FILES_DESC,
     SELECT_SUMMARIES,
     SELECT_UNFINISHED,
     UPDATE_BATCH_ENDED,
@@ -486,11 +494,50 @@ class PostgresStore(SharedStore):
         async def write(conn: Connection) -> list[str]:
             async with conn.transaction():
                 await conn.execute(EXPIRE_BATCHES, older_than)
+                await conn.execute("DELETE FROM openai_files WHERE created_at < $1", older_than)
                 # Each name once, even with every replica's sweeper at it: a row is
                 # deleted by one transaction only.
                 return [row[0] for row in await conn.fetch(EXPIRE_FILES, older_than)]
 
         return await self._run(write)
+
+    # Files of the OpenAI Batch API
+
+    async def create_stored_file(self, file: StoredFile) -> None:
+        args = (file.id, file.owner, file.purpose, file.filename, file.created_at)
+        await self._run(lambda conn: conn.execute(INSERT_STORED_FILE, *args))
+
+    async def write_chunk(self, file_id: str, seq: int, data: bytes) -> None:
+        await self._run(lambda conn: conn.execute(INSERT_CHUNK, file_id, seq, data))
+
+    async def complete_file(self, file_id: str, size: int) -> None:
+        await self._run(lambda conn: conn.execute(COMPLETE_FILE, file_id, size))
+
+    async def stored_file(self, file_id: str, owner: str) -> StoredFile | None:
+        row = await self._run(lambda conn: conn.fetchrow(SELECT_STORED_FILE, file_id, owner))
+        return None if row is None else StoredFile(*row)
+
+    async def stored_files(
+        self, owner: str, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> list[StoredFile]:
+        query = SELECT_STORED_FILES_DESC if newest_first else SELECT_STORED_FILES_ASC
+        rows = await self._run(lambda conn: conn.fetch(query, owner, purpose, after, limit))
+        return [StoredFile(*row) for row in rows]
+
+    async def chunk(self, file_id: str, seq: int) -> bytes | None:
+        data = await self._run(lambda conn: conn.fetchval(SELECT_CHUNK, file_id, seq))
+        return None if data is None else bytes(data)
+
+    async def delete_stored_file(self, file_id: str) -> None:
+        await self._run(
+            lambda conn: conn.execute("DELETE FROM openai_files WHERE id = $1", file_id)
+        )
+
+    async def count_stored_files(self, owner: str) -> int:
+        count = await self._run(
+            lambda conn: conn.fetchval("SELECT count(*) FROM openai_files WHERE owner = $1", owner)
+        )
+        return int(count)
 
     # Completion webhooks
 

@@ -236,3 +236,32 @@ def read_text(value: str | None) -> str | None:
     if value is None or not value.startswith(_ESCAPED):
         return value
     return _ESCAPE.sub(lambda match: chr(int(match[1], 16)), value[1:])
+
+
+INSERT_STORED_FILE = (
+    "INSERT INTO openai_files (id, owner, purpose, filename, created_at) "
+    "VALUES ($1, $2, $3, $4, $5)"
+)
+INSERT_CHUNK = "INSERT INTO openai_file_chunks (file_id, seq, data) VALUES ($1, $2, $3)"
+COMPLETE_FILE = "UPDATE openai_files SET bytes = $2, complete = true WHERE id = $1"
+SELECT_STORED_FILE = (
+    "SELECT id, owner, purpose, filename, created_at, bytes FROM openai_files "
+    "WHERE id = $1 AND owner = $2 AND complete"
+)
+#: ``$1`` the owner, ``$2`` the purpose (NULL for any), ``$3`` the id of the file the page
+#: starts after (NULL for the first page), ``$4`` the limit.
+SELECT_STORED_FILES_DESC = (
+    "SELECT id, owner, purpose, filename, created_at, bytes FROM openai_files "
+    "WHERE owner = $1 AND complete AND ($2::text IS NULL OR purpose = $2) "
+    "AND ($3::text IS NULL OR (created_at, id) < "
+    "(SELECT created_at, id FROM openai_files WHERE id = $3 AND owner = $1)) "
+    "ORDER BY created_at DESC, id DESC LIMIT $4"
+)
+SELECT_STORED_FILES_ASC = (
+    "SELECT id, owner, purpose, filename, created_at, bytes FROM openai_files "
+    "WHERE owner = $1 AND complete AND ($2::text IS NULL OR purpose = $2) "
+    "AND ($3::text IS NULL OR (created_at, id) > "
+    "(SELECT created_at, id FROM openai_files WHERE id = $3 AND owner = $1)) "
+    "ORDER BY created_at, id LIMIT $4"
+)
+SELECT_CHUNK = "SELECT data FROM openai_file_chunks WHERE file_id = $1 AND seq = $2"

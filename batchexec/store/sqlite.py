@@ -38,6 +38,7 @@ from batchexec.store.base import (
     CallbackState,
     Change,
     FileEntry,
+    StoredFile,
     StoreError,
 )
 from batchexec.store.migrations import latest, migrations
@@ -51,11 +52,19 @@ from batchexec.store.rows import (
 )
 from batchexec.store.sqlite_rows import (
     CLAIM_CALLBACKS,
+    COMPLETE_FILE,
     INSERT_BATCH,
+    INSERT_CHUNK,
     INSERT_EXECUTION,
+    INSERT_STORED_FILE,
     NEXT_CALLBACK,
     SELECT_BATCH,
+    SELECT_CHUNK,
     SELECT_EXECUTIONS,
+    SELECT_FILE_CURSOR,
+    SELECT_STORED_FILE,
+    SELECT_STORED_FILES_ASC,
+    SELECT_STORED_FILES_DESC,
     SELECT_SUMMARIES,
     SELECT_UNFINISHED,
     UPDATE_CALLBACK,
@@ -329,9 +338,69 @@ class SQLiteStore(BatchStore):
                     )
                 ]
                 db.executemany("DELETE FROM files WHERE name = ?", ((name,) for name in names))
+                db.execute("DELETE FROM openai_files WHERE created_at < ?", (older_than,))
                 return names
 
         return await self._run(write)
+
+    # Files of the OpenAI Batch API
+
+    async def create_stored_file(self, file: StoredFile) -> None:
+        row = (file.id, file.owner, file.purpose, file.filename, file.created_at)
+        await self._write_one(INSERT_STORED_FILE, row)
+
+    async def write_chunk(self, file_id: str, seq: int, data: bytes) -> None:
+        await self._write_one(INSERT_CHUNK, (file_id, seq, data))
+
+    async def complete_file(self, file_id: str, size: int) -> None:
+        await self._write_one(COMPLETE_FILE, (size, file_id))
+
+    async def stored_file(self, file_id: str, owner: str) -> StoredFile | None:
+        def read(db: sqlite3.Connection) -> StoredFile | None:
+            row = db.execute(SELECT_STORED_FILE, (file_id, owner)).fetchone()
+            return None if row is None else StoredFile(*row)
+
+        return await self._read(read)
+
+    async def stored_files(
+        self, owner: str, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> list[StoredFile]:
+        def read(db: sqlite3.Connection) -> list[StoredFile]:
+            cursor: tuple[float | None, str | None] = (None, None)
+            if after is not None:
+                found = db.execute(SELECT_FILE_CURSOR, (after, owner)).fetchone()
+                if found is None:
+                    return []
+                cursor = (found[0], found[1])
+            query = SELECT_STORED_FILES_DESC if newest_first else SELECT_STORED_FILES_ASC
+            args = (owner, purpose, purpose, cursor[0], cursor[0], cursor[1], limit)
+            return [StoredFile(*row) for row in db.execute(query, args)]
+
+        return await self._read(read)
+
+    async def chunk(self, file_id: str, seq: int) -> bytes | None:
+        def read(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute(SELECT_CHUNK, (file_id, seq)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._read(read)
+
+    async def delete_stored_file(self, file_id: str) -> None:
+        await self._write_one("DELETE FROM openai_files WHERE id = ?", (file_id,))
+
+    async def count_stored_files(self, owner: str) -> int:
+        def read(db: sqlite3.Connection) -> int:
+            query = "SELECT count(*) FROM openai_files WHERE owner = ?"
+            return int(db.execute(query, (owner,)).fetchone()[0])
+
+        return await self._read(read)
+
+    async def _write_one(self, sql: str, args: tuple[Any, ...]) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(sql, args)
+
+        await self._run(write)
 
     # Completion webhooks
 

@@ -126,3 +126,27 @@ NEXT_CALLBACK = (
     "SELECT min(callback_next) FROM batches WHERE callback_state = 'pending' "
     "AND status IN ('completed', 'failed', 'cancelled')"
 )
+
+INSERT_STORED_FILE = (
+    "INSERT INTO openai_files (id, owner, purpose, filename, created_at) VALUES (?, ?, ?, ?, ?)"
+)
+INSERT_CHUNK = "INSERT INTO openai_file_chunks (file_id, seq, data) VALUES (?, ?, ?)"
+COMPLETE_FILE = "UPDATE openai_files SET bytes = ?, complete = 1 WHERE id = ?"
+SELECT_STORED_FILE = (
+    "SELECT id, owner, purpose, filename, created_at, bytes FROM openai_files "
+    "WHERE id = ? AND owner = ? AND complete"
+)
+#: ``?`` after ``?``: the owner, the purpose twice (NULL for any), the cursor's created_at
+#: and id (NULL for the first page) and the limit; newest first, and oldest first below.
+SELECT_STORED_FILES_DESC = (
+    "SELECT id, owner, purpose, filename, created_at, bytes FROM openai_files "
+    "WHERE owner = ? AND complete AND (? IS NULL OR purpose = ?) "
+    "AND (? IS NULL OR (created_at, id) < (?, ?)) ORDER BY created_at DESC, id DESC LIMIT ?"
+)
+SELECT_STORED_FILES_ASC = (
+    "SELECT id, owner, purpose, filename, created_at, bytes FROM openai_files "
+    "WHERE owner = ? AND complete AND (? IS NULL OR purpose = ?) "
+    "AND (? IS NULL OR (created_at, id) > (?, ?)) ORDER BY created_at, id LIMIT ?"
+)
+SELECT_FILE_CURSOR = "SELECT created_at, id FROM openai_files WHERE id = ? AND owner = ?"
+SELECT_CHUNK = "SELECT data FROM openai_file_chunks WHERE file_id = ? AND seq = ?"

@@ -31,6 +31,7 @@ from batchexec.web.bodies import (
     TemplateNotRunResponse,
 )
 from batchexec.web.keys import OWNER, REGISTRY, SETTINGS
+from batchexec.web.v1.errors import INVALID, is_v1, openai_error
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,18 @@ def json_error(status: int, body: BaseModel) -> web.Response:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes JSON with ``detail``; no HTML pages, no tracebacks."""
+    v1 = is_v1(request)
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = json_error(exc.status, ErrorResponse(detail=_http_detail(exc)))
+        detail = _http_detail(exc)
+        response = (
+            openai_error(exc.status, detail)
+            if v1
+            else json_error(exc.status, ErrorResponse(detail=detail))
+        )
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
@@ -77,10 +84,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = _status_of(exc)
         if status is None:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return json_error(500, ErrorResponse(detail="Internal server error."))
+            message = "Internal server error."
+            return (
+                openai_error(500, message) if v1 else json_error(500, ErrorResponse(detail=message))
+            )
         if isinstance(exc, _LOGGED):
             log.warning("%s %s: %s", request.method, request.path, exc)
-        return _answer(exc, status)
+        return _openai_answer(exc, status) if v1 else _answer(exc, status)
 
 
 @web.middleware
@@ -88,7 +98,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Checks ``Integrations-API-Key`` in constant time and records the caller's identity."""
     if request.path in _OPEN_PATHS or _is_open(request) or _metrics_open(request):
         return await handler(request)
-    offered = request.headers.get(API_KEY_HEADER, "") or _scraper_key(request)
+    offered = request.headers.get(API_KEY_HEADER, "") or _bearer_key(request)
     try:
         offered_bytes = offered.encode("ascii")
     except UnicodeEncodeError:
@@ -99,6 +109,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if hmac.compare_digest(offered_bytes, key.encode("ascii")) and offered_bytes:
             matched = key
     if matched is None:
+        if is_v1(request):
+            raise web.HTTPUnauthorized(
+                text="Missing or invalid API key: send one of the server's keys as "
+                "Authorization: Bearer <key>.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         raise web.HTTPUnauthorized(
             text=f"Missing or invalid {API_KEY_HEADER} header.",
             headers={"WWW-Authenticate": API_KEY_HEADER},
@@ -121,9 +137,10 @@ def _metrics_open(request: web.Request) -> bool:
     )
 
 
-def _scraper_key(request: web.Request) -> str:
-    """On ``/metrics``, the key of ``Authorization: Bearer <key>``: what Prometheus sends."""
-    if _route_name(request) != "metrics":
+def _bearer_key(request: web.Request) -> str:
+    """The key of ``Authorization: Bearer <key>``, on the routes that take one: ``/metrics``
+    (what Prometheus sends) and ``/v1`` (what OpenAI's clients send)."""
+    if _route_name(request) != "metrics" and not is_v1(request):
         return ""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
@@ -160,6 +177,21 @@ def _status_of(exc: Exception) -> int | None:
         if cls in _STATUSES:
             return _STATUSES[cls]
     return None
+
+
+def _openai_answer(exc: Exception, status: int) -> web.Response:
+    """``_answer`` in OpenAI's envelope: an invalid request is a 400 naming its first field."""
+    if isinstance(exc, InputError):
+        first = exc.errors[0] if exc.errors else None
+        message = exc.detail
+        if first is not None and first.message not in message:
+            message = f"{message} {first.field or 'request'}: {first.message}."
+        return openai_error(INVALID, message, param=first.field if first else None)
+    response = openai_error(status, str(exc))
+    retry_after_s: float | None = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return response
 
 
 def _answer(exc: Exception, status: int) -> web.Response:

@@ -48,6 +48,14 @@ from batchexec.web.bodies import (
 from batchexec.web.downloads import XLSX_CONTENT_TYPE
 from batchexec.web.keys import SETTINGS
 from batchexec.web.middlewares import OPEN_ROUTES
+from batchexec.web.v1.schemas import (
+    ErrorEnvelope,
+    FileDeleted,
+    FileObject,
+    FilesQuery,
+    Page,
+    V1FileForm,
+)
 
 #: The names of the key schemes in ``components/securitySchemes``: the header every
 #: route takes, and the bearer token a metrics scraper may send instead.
@@ -82,7 +90,7 @@ class Operation:
 
     #: The route's name in the app's router, and the operation's ``operationId``.
     name: str
-    method: Literal["GET", "POST"]
+    method: Literal["GET", "POST", "DELETE"]
     path: str
     summary: str
     description: str
@@ -98,6 +106,8 @@ class Operation:
     starts_batch: bool = False
     #: Whether the key may come as ``Authorization: Bearer <key>`` instead.
     bearer: bool = False
+    #: A route of the OpenAI Batch API: OpenAI's error envelope (``V1_ERRORS``), Bearer keys.
+    openai: bool = False
     tags: tuple[str, ...] = field(default=("batches",))
 
     @property
@@ -148,6 +158,30 @@ ERRORS: Mapping[int, ErrorAnswer] = {
     503: ErrorAnswer(
         "The server is shutting down (with Retry-After), or cannot write a workbook or "
         "its store (a full or read-only disk, a lost database).",
+        retry_after=True,
+    ),
+}
+
+#: The error statuses of the OpenAI Batch API's routes, in OpenAI's envelope.
+V1_ERRORS: Mapping[int, ErrorAnswer] = {
+    400: ErrorAnswer(
+        "The request is invalid: error.message says how, error.param names the field.",
+        (ErrorEnvelope,),
+    ),
+    401: ErrorAnswer(
+        "The key is missing or not accepted (as Authorization: Bearer <key>).", (ErrorEnvelope,)
+    ),
+    404: ErrorAnswer("No such file or batch of the caller's.", (ErrorEnvelope,)),
+    409: ErrorAnswer("The batch is not in a state that allows this.", (ErrorEnvelope,)),
+    413: ErrorAnswer("The file is larger than MAX_FILE_BYTES.", (ErrorEnvelope,)),
+    429: ErrorAnswer(
+        "The key keeps MAX_STORED_FILES files, or MAX_QUEUED_BATCHES batches already wait.",
+        (ErrorEnvelope,),
+        retry_after=True,
+    ),
+    503: ErrorAnswer(
+        "The server is shutting down, or cannot write its store.",
+        (ErrorEnvelope,),
         retry_after=True,
     ),
 }
@@ -378,6 +412,70 @@ OPERATIONS: tuple[Operation, ...] = (
         tags=("service",),
         bearer=True,
     ),
+    Operation(
+        name="v1_files_create",
+        method="POST",
+        path=api.V1_FILES,
+        summary="Upload a batch input file (OpenAI's Files API)",
+        description=(
+            "A JSONL file of /v1/chat/completions requests, purpose=batch, at most "
+            "MAX_FILE_BYTES; streamed to the store, never held whole in memory."
+        ),
+        form=V1FileForm,
+        answer=FileObject,
+        errors=(400, 413, 429, 503),
+        openai=True,
+        tags=("openai",),
+    ),
+    Operation(
+        name="v1_files_list",
+        method="GET",
+        path=api.V1_FILES,
+        summary="The caller's files, newest first",
+        description="Paged with after (the last id of a page) and limit; purpose filters them.",
+        query=FilesQuery,
+        answer=Page[FileObject],
+        errors=(400, 503),
+        openai=True,
+        tags=("openai",),
+    ),
+    Operation(
+        name="v1_files_retrieve",
+        method="GET",
+        path=api.V1_FILE,
+        summary="One file",
+        description="An upload (purpose batch) or a batch's output or error file (batch_output).",
+        answer=FileObject,
+        errors=(404, 503),
+        openai=True,
+        tags=("openai",),
+    ),
+    Operation(
+        name="v1_files_delete",
+        method="DELETE",
+        path=api.V1_FILE,
+        summary="Delete a file",
+        description="Batches made from it keep their rows.",
+        answer=FileDeleted,
+        errors=(404, 503),
+        openai=True,
+        tags=("openai",),
+    ),
+    Operation(
+        name="v1_files_content",
+        method="GET",
+        path=api.V1_FILE_CONTENT,
+        summary="A file's content",
+        description="The bytes as uploaded, or the JSONL a batch wrote.",
+        answer=Content(
+            "application/octet-stream",
+            {"type": "string", "contentMediaType": "application/octet-stream"},
+            "The file's bytes.",
+        ),
+        errors=(404, 503),
+        openai=True,
+        tags=("openai",),
+    ),
 )
 
 
@@ -397,7 +495,7 @@ def document() -> Mapping[str, Any]:
             modes.append((operation.answer, "serialization"))
         else:
             modes.extend((model, "serialization") for model in operation.answer.events.values())
-    for error in ERRORS.values():
+    for error in (*ERRORS.values(), *V1_ERRORS.values()):
         modes.extend((model, "serialization") for model in error.models)
     modes.append((BatchEndedWebhook, "serialization"))
     refs, definitions = models_json_schema(list(dict.fromkeys(modes)), ref_template=_REF_TEMPLATE)
@@ -431,6 +529,10 @@ def document() -> Mapping[str, Any]:
             {"name": "files", "description": "The workbooks of batches and templates."},
             {"name": "catalog", "description": "The models and assistants a batch can name."},
             {"name": "service", "description": "The server itself; no key needed."},
+            {
+                "name": "openai",
+                "description": "The OpenAI Batch API: OpenAI's paths, objects and errors.",
+            },
         ],
         "paths": paths,
         "webhooks": {"batchEnded": _webhook(ref(BatchEndedWebhook, "serialization"))},
@@ -479,6 +581,8 @@ def _operation(operation: Operation, ref: _Ref, schemas: Mapping[str, Any]) -> d
     }
     if operation.open:
         described["security"] = []
+    elif operation.openai:
+        described["security"] = [{BEARER_SCHEME: []}, {SECURITY_SCHEME: []}]
     elif operation.bearer:
         described["security"] = [{SECURITY_SCHEME: []}, {BEARER_SCHEME: []}]
     parameters = [
@@ -505,7 +609,7 @@ def _operation(operation: Operation, ref: _Ref, schemas: Mapping[str, Any]) -> d
         responses["200"]["links"] = _BATCH_LINKS
     statuses = sorted({*operation.errors, *(() if operation.open else (401,))})
     for status in statuses:
-        responses[str(status)] = _error(ERRORS[status], ref)
+        responses[str(status)] = _error((V1_ERRORS if operation.openai else ERRORS)[status], ref)
     described["responses"] = responses
     return described
 

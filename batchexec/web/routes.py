@@ -10,6 +10,7 @@ from aiohttp import web
 
 from batchexec import api
 from batchexec.web import apidocs, downloads, handlers, metrics, openapi, uploads
+from batchexec.web.v1 import files as v1_files
 
 
 def setup_routes(app: web.Application) -> None:
@@ -30,3 +31,9 @@ def setup_routes(app: web.Application) -> None:
     router.add_post(api.RETRY, handlers.retry, name="retry")
     router.add_get(api.BATCHES, handlers.batches, name="batches")
     router.add_get(api.METRICS, metrics.metrics, name="metrics")
+    # The OpenAI Batch API: each name starts with v1_, which gives it OpenAI's errors.
+    router.add_post(api.V1_FILES, v1_files.create_file, name="v1_files_create")
+    router.add_get(api.V1_FILES, v1_files.list_files, name="v1_files_list")
+    router.add_get(api.V1_FILE, v1_files.retrieve_file, name="v1_files_retrieve")
+    router.add_delete(api.V1_FILE, v1_files.delete_file, name="v1_files_delete")
+    router.add_get(api.V1_FILE_CONTENT, v1_files.file_content, name="v1_files_content")
