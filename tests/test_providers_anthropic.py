@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from batchexec.catalog import ModelSpec
 from batchexec.config import Settings
 from batchexec.errors import FatalProviderError, ProviderNotConfiguredError, RetryableProviderError
 from batchexec.providers.anthropic import AnthropicProvider
-from batchexec.providers.base import ChatRequest, Completion
+from batchexec.providers.base import ChatOptions, ChatRequest, Completion, Turn
 
 pytest_plugins = ["tests.providerfakes"]
 
@@ -34,6 +36,23 @@ MESSAGE = {
         "cache_read_input_tokens": 0,
     },
 }
+
+
+HISTORY = (Turn("user", "Name a colour."), Turn("assistant", "Blue."))
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"type": "string"}},
+    "required": ["colour"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "colour", "schema": SCHEMA, "strict": True},
+}
+#: Every option the Messages API has: all but a seed.
+EVERY_OPTION = ChatOptions(
+    temperature=0.3, max_tokens=50, top_p=0.9, stop=("\n\n",), response_format=JSON_SCHEMA
+)
 
 
 def error(kind, message):
@@ -86,6 +105,96 @@ async def test_params_override_max_tokens(fake, provider, model):
     body = fake.seen(MESSAGES)[0].json()
     assert body["max_tokens"] == 64
     assert "system" not in body
+
+
+async def test_history_and_every_option_become_messages_api_fields(fake, provider, model):
+    fake.on(MESSAGES, fake.reply(MESSAGE))
+    request = ChatRequest(
+        "Another one?", system_prompt="Be brief.", history=HISTORY, options=EVERY_OPTION
+    )
+    await provider.complete(model, request)
+    assert fake.seen(MESSAGES)[0].json() == {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 50,
+        "system": "Be brief.",
+        "messages": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another one?"},
+        ],
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "stop_sequences": ["\n\n"],
+        "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}},
+    }
+
+
+async def test_set_options_win_over_the_catalogs_params(fake, provider, model):
+    fake.on(MESSAGES, fake.reply(MESSAGE))
+    params = {
+        "max_tokens": 4096,
+        "temperature": 1.0,
+        "stop_sequences": ["END"],
+        "top_k": 5,
+        "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": {}}},
+    }
+    options = ChatOptions(temperature=0.0, max_tokens=10, stop=(), response_format=JSON_SCHEMA)
+    await provider.complete(model, ChatRequest("hi", params=params, options=options))
+    assert fake.seen(MESSAGES)[0].json() == {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.0,
+        "stop_sequences": [],
+        "top_k": 5,
+        # The catalog's effort stays; only the format is the option's.
+        "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": SCHEMA}},
+    }
+
+
+async def test_text_response_format_drops_the_catalogs_format(fake, provider, model):
+    fake.on(MESSAGES, fake.reply(MESSAGE))
+    text = ChatOptions(response_format={"type": "text"})
+    catalog_format = {"format": {"type": "json_schema", "schema": SCHEMA}}
+    await provider.complete(
+        model, ChatRequest("hi", params={"output_config": catalog_format}, options=text)
+    )
+    await provider.complete(
+        model,
+        ChatRequest(
+            "hi", params={"output_config": {**catalog_format, "effort": "high"}}, options=text
+        ),
+    )
+    first, second = (seen.json() for seen in fake.seen(MESSAGES))
+    assert "output_config" not in first
+    assert second["output_config"] == {"effort": "high"}
+
+
+def test_unsupported_refuses_a_seed_and_json_without_a_schema(provider):
+    assert provider.unsupported(EVERY_OPTION) == []
+    assert provider.unsupported(replace(EVERY_OPTION, seed=7)) == [
+        "seed: Anthropic's Messages API has no seed"
+    ]
+    assert provider.unsupported(ChatOptions(seed=0, response_format={"type": "json_object"})) == [
+        "seed: Anthropic's Messages API has no seed",
+        "response_format: Anthropic's Messages API constrains output only to a JSON schema; "
+        "give json_schema rather than json_object",
+    ]
+    assert provider.unsupported(ChatOptions(response_format={"type": "xml"})) == [
+        'response_format: Anthropic\'s Messages API takes type text or json_schema, not "xml"'
+    ]
+    no_schema = {"type": "json_schema", "json_schema": {"name": "colour"}}
+    assert provider.unsupported(ChatOptions(response_format=no_schema)) == [
+        "response_format: Anthropic's Messages API needs json_schema.schema, a JSON Schema object"
+    ]
+
+
+async def test_a_refused_option_is_never_sent(fake, provider, model):
+    fake.on(MESSAGES, fake.reply(MESSAGE))
+    with pytest.raises(FatalProviderError) as caught:
+        await provider.complete(model, ChatRequest("hi", options=ChatOptions(seed=7)))
+    assert str(caught.value) == "Not sent: seed: Anthropic's Messages API has no seed."
+    assert fake.seen(MESSAGES) == []
 
 
 def test_missing_configuration(no_provider_env, http_session):

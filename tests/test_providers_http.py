@@ -9,11 +9,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from batchexec.errors import FatalProviderError, RetryableProviderError
-from batchexec.providers.base import ChatRequest
+from batchexec.providers.base import ChatRequest, Turn
 from batchexec.providers.http import (
     ErrorDetail,
     Wire,
     chat_messages,
+    conversation,
     dig,
     fetch_json,
     malformed,
@@ -94,6 +95,19 @@ def test_chat_messages():
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hi"},
     ]
+
+
+def test_chat_messages_put_the_history_between_the_system_prompt_and_the_prompt():
+    history = (Turn("user", "one"), Turn("assistant", "two"), Turn("assistant", "three"))
+    request = ChatRequest("four", system_prompt="be brief", history=history)
+    turns = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"role": "assistant", "content": "three"},
+        {"role": "user", "content": "four"},
+    ]
+    assert conversation(request) == turns
+    assert chat_messages(request) == [{"role": "system", "content": "be brief"}, *turns]
 
 
 async def test_returns_parsed_json_and_sends_the_payload(fake, http_session):

@@ -7,7 +7,7 @@ import pytest
 from batchexec.catalog import ModelSpec
 from batchexec.config import Settings
 from batchexec.errors import FatalProviderError, RetryableProviderError
-from batchexec.providers.base import ChatRequest, Completion
+from batchexec.providers.base import ChatOptions, ChatRequest, Completion, Turn
 from batchexec.providers.ollama import OllamaProvider, host_url
 
 pytest_plugins = ["tests.providerfakes"]
@@ -28,6 +28,22 @@ RESPONSE = {
     "eval_count": 298,
     "eval_duration": 4799921000,
 }
+
+
+HISTORY = (Turn("user", "Name a colour."), Turn("assistant", "Blue."))
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"type": "string"}},
+    "required": ["colour"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "colour", "schema": SCHEMA, "strict": True},
+}
+EVERY_OPTION = ChatOptions(
+    temperature=0.3, max_tokens=50, top_p=0.9, stop=("\n\n",), seed=7, response_format=JSON_SCHEMA
+)
 
 
 @pytest.fixture
@@ -62,6 +78,81 @@ async def test_success_sends_the_documented_request(fake, provider):
         "keep_alive": "5m",
         "format": "json",
     }
+
+
+async def test_history_and_every_option_become_ollama_settings(fake, provider):
+    fake.on(CHAT, fake.reply(RESPONSE))
+    request = ChatRequest(
+        "Another one?", system_prompt="Be brief.", history=HISTORY, options=EVERY_OPTION
+    )
+    await provider.complete(MODEL, request)
+    assert fake.seen(CHAT)[0].json() == {
+        "model": "llama3.2",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another one?"},
+        ],
+        "stream": False,
+        "options": {
+            "temperature": 0.3,
+            "num_predict": 50,
+            "top_p": 0.9,
+            "stop": ["\n\n"],
+            "seed": 7,
+        },
+        "format": SCHEMA,
+    }
+
+
+async def test_set_options_win_over_the_catalogs_params(fake, provider):
+    fake.on(CHAT, fake.reply(RESPONSE))
+    params = {
+        "temperature": 0.7,
+        "num_predict": 256,
+        "stop": ["END"],
+        "num_ctx": 4096,
+        "format": "json",
+        "keep_alive": "5m",
+    }
+    options = ChatOptions(temperature=0.0, max_tokens=10, response_format={"type": "text"})
+    await provider.complete(MODEL, ChatRequest("hi", params=params, options=options))
+    # Text is Ollama's default: the catalog's format goes, and none is sent.
+    assert fake.seen(CHAT)[0].json() == {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": False,
+        "options": {"temperature": 0.0, "num_predict": 10, "stop": ["END"], "num_ctx": 4096},
+        "keep_alive": "5m",
+    }
+
+
+async def test_json_object_is_ollamas_json_format(fake, provider):
+    fake.on(CHAT, fake.reply(RESPONSE))
+    options = ChatOptions(response_format={"type": "json_object"})
+    await provider.complete(MODEL, ChatRequest("hi", params={"format": SCHEMA}, options=options))
+    assert fake.seen(CHAT)[0].json()["format"] == "json"
+
+
+def test_unsupported_refuses_only_what_is_no_openai_response_format(provider):
+    assert provider.unsupported(EVERY_OPTION) == []
+    assert provider.unsupported(ChatOptions(response_format={"type": "regex"})) == [
+        "response_format: Ollama's /api/chat takes type text, json_object or json_schema, "
+        'not "regex"'
+    ]
+    no_schema = {"type": "json_schema", "json_schema": {"name": "colour", "schema": "{}"}}
+    assert provider.unsupported(ChatOptions(response_format=no_schema)) == [
+        "response_format: Ollama's /api/chat needs json_schema.schema, a JSON Schema object"
+    ]
+
+
+async def test_a_refused_option_is_never_sent(fake, provider):
+    fake.on(CHAT, fake.reply(RESPONSE))
+    bad = ChatOptions(response_format={"type": "regex"})
+    with pytest.raises(FatalProviderError, match=r"^Not sent: response_format: "):
+        await provider.complete(MODEL, ChatRequest("hi", options=bad))
+    assert fake.seen(CHAT) == []
 
 
 async def test_counts_may_be_absent(fake, provider):

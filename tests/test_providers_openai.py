@@ -7,7 +7,7 @@ import pytest
 from batchexec.catalog import ModelSpec
 from batchexec.config import Settings
 from batchexec.errors import FatalProviderError, RetryableProviderError
-from batchexec.providers.base import ChatRequest, Completion
+from batchexec.providers.base import ChatOptions, ChatRequest, Completion, Turn
 from batchexec.providers.openai import OpenAIProvider, discover_models
 
 pytest_plugins = ["tests.providerfakes"]
@@ -61,6 +61,22 @@ NO_QUOTA = {
 }
 
 
+HISTORY = (Turn("user", "Name a colour."), Turn("assistant", "Blue."))
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"type": "string"}},
+    "required": ["colour"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "colour", "schema": SCHEMA, "strict": True},
+}
+EVERY_OPTION = ChatOptions(
+    temperature=0.3, max_tokens=50, top_p=0.9, stop=("\n\n",), seed=7, response_format=JSON_SCHEMA
+)
+
+
 @pytest.fixture
 def settings(fake, no_provider_env):
     return Settings(openai_base_url=fake.url("/v1"))
@@ -93,6 +109,69 @@ async def test_success_sends_the_documented_request(fake, provider, with_key):
         ],
         "temperature": 0.2,
     }
+
+
+async def test_history_and_every_option_go_on_under_openais_names(fake, provider):
+    fake.on(CHAT, fake.reply(COMPLETION))
+    request = ChatRequest(
+        "Another one?", system_prompt="Be brief.", history=HISTORY, options=EVERY_OPTION
+    )
+    await provider.complete(MODEL, request)
+    assert fake.seen(CHAT)[0].json() == {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another one?"},
+        ],
+        "temperature": 0.3,
+        "max_tokens": 50,
+        "top_p": 0.9,
+        "stop": ["\n\n"],
+        "seed": 7,
+        "response_format": JSON_SCHEMA,
+    }
+
+
+async def test_set_options_win_over_the_catalogs_params(fake, provider):
+    fake.on(CHAT, fake.reply(COMPLETION))
+    params = {
+        "temperature": 1.0,
+        "max_tokens": 999,
+        "stop": ["END"],
+        "response_format": {"type": "json_object"},
+        "frequency_penalty": 0.5,
+    }
+    # Falsy values are set all the same: zero, an empty list, plain text.
+    options = ChatOptions(temperature=0.0, max_tokens=10, stop=(), response_format={"type": "text"})
+    await provider.complete(MODEL, ChatRequest("hi", params=params, options=options))
+    assert fake.seen(CHAT)[0].json() == {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.0,
+        "max_tokens": 10,
+        "stop": [],
+        "response_format": {"type": "text"},
+        "frequency_penalty": 0.5,
+    }
+
+
+async def test_max_tokens_takes_the_name_the_catalog_gives_it(fake, provider):
+    fake.on(CHAT, fake.reply(COMPLETION))
+    request = ChatRequest(
+        "hi", params={"max_completion_tokens": 999}, options=ChatOptions(max_tokens=10)
+    )
+    await provider.complete(MODEL, request)
+    body = fake.seen(CHAT)[0].json()
+    assert body["max_completion_tokens"] == 10
+    assert "max_tokens" not in body
+
+
+def test_unsupported_refuses_nothing(provider):
+    assert provider.unsupported(EVERY_OPTION) == []
+    # The server judges what it takes: vLLM, for one, has types of its own.
+    assert provider.unsupported(ChatOptions(response_format={"type": "structural_tag"})) == []
 
 
 async def test_no_key_sends_no_authorization_and_usage_may_be_missing(fake, provider):

@@ -11,7 +11,7 @@ import pytest
 from batchexec.catalog import ModelSpec
 from batchexec.config import Settings
 from batchexec.errors import FatalProviderError, ProviderNotConfiguredError, RetryableProviderError
-from batchexec.providers.base import ChatRequest, Completion
+from batchexec.providers.base import ChatOptions, ChatRequest, Completion, Turn
 from batchexec.providers.watsonx import API_VERSION, WatsonxProvider
 
 pytest_plugins = ["tests.providerfakes"]
@@ -45,6 +45,22 @@ IAM_BAD_KEY = {
     "errorMessage": "Provided API key could not be found.",
     "context": {"requestId": "583ab", "requestType": "incoming.Identity_Token"},
 }
+
+
+HISTORY = (Turn("user", "Name a colour."), Turn("assistant", "Blue."))
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"type": "string"}},
+    "required": ["colour"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "colour", "schema": SCHEMA, "strict": True},
+}
+EVERY_OPTION = ChatOptions(
+    temperature=0.3, max_tokens=50, top_p=0.9, stop=("\n\n",), seed=7, response_format=JSON_SCHEMA
+)
 
 
 def token(access_token="token-1", expires_in=3600):
@@ -132,6 +148,79 @@ async def test_success_exchanges_the_key_and_sends_the_documented_request(fake, 
         "max_tokens": 100,
         "temperature": 0,
     }
+
+
+async def test_history_and_every_option_go_on_under_the_chat_apis_names(fake, provider):
+    fake.on(IAM, fake.reply(token()))
+    fake.on(CHAT, fake.reply(CHAT_RESPONSE))
+    request = ChatRequest(
+        "Another one?", system_prompt="Be brief.", history=HISTORY, options=EVERY_OPTION
+    )
+    await provider.complete(MODEL, request)
+    assert fake.seen(CHAT)[0].json() == {
+        "model_id": "ibm/granite-3-8b-instruct",
+        "project_id": PROJECT,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another one?"},
+        ],
+        "temperature": 0.3,
+        "max_tokens": 50,
+        "top_p": 0.9,
+        "stop": ["\n\n"],
+        "seed": 7,
+        "response_format": JSON_SCHEMA,
+    }
+
+
+async def test_set_options_win_over_the_catalogs_params(fake, provider):
+    fake.on(IAM, fake.reply(token()))
+    fake.on(CHAT, fake.reply(CHAT_RESPONSE))
+    params = {
+        "temperature": 1.0,
+        "max_completion_tokens": 999,
+        "stop": ["END"],
+        "response_format": {"type": "json_object"},
+        "time_limit": 10000,
+    }
+    options = ChatOptions(
+        temperature=0.0, max_tokens=10, stop=(), seed=0, response_format={"type": "text"}
+    )
+    await provider.complete(MODEL, ChatRequest("hi", params=params, options=options))
+    # max_tokens keeps the catalog's name for it; text is sent as no format, the default.
+    assert fake.seen(CHAT)[0].json() == {
+        "model_id": "ibm/granite-3-8b-instruct",
+        "project_id": PROJECT,
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.0,
+        "max_completion_tokens": 10,
+        "stop": [],
+        "seed": 0,
+        "time_limit": 10000,
+    }
+
+
+def test_unsupported_refuses_only_what_is_no_openai_response_format(provider):
+    assert provider.unsupported(EVERY_OPTION) == []
+    assert provider.unsupported(ChatOptions(response_format={"type": "json_object"})) == []
+    assert provider.unsupported(ChatOptions(response_format={"type": "grammar"})) == [
+        "response_format: watsonx.ai's chat API takes type text, json_object or json_schema, "
+        'not "grammar"'
+    ]
+    assert provider.unsupported(ChatOptions(response_format={"type": "json_schema"})) == [
+        "response_format: watsonx.ai's chat API needs json_schema.schema, a JSON Schema object"
+    ]
+
+
+async def test_a_refused_option_is_never_sent(fake, provider):
+    fake.on(IAM, fake.reply(token()))
+    fake.on(CHAT, fake.reply(CHAT_RESPONSE))
+    bad = ChatOptions(response_format={"type": "grammar"})
+    with pytest.raises(FatalProviderError, match=r"^Not sent: response_format: "):
+        await provider.complete(MODEL, ChatRequest("hi", options=bad))
+    assert fake.requests == []
 
 
 async def test_concurrent_calls_share_one_token_exchange(fake, provider):

@@ -9,7 +9,14 @@ import aiohttp
 from batchexec.catalog import ModelSpec
 from batchexec.config import Settings
 from batchexec.providers.anthropic import AnthropicProvider
-from batchexec.providers.base import ChatRequest, Completion, Provider
+from batchexec.providers.base import (
+    NO_OPTIONS,
+    ChatOptions,
+    ChatRequest,
+    Completion,
+    Provider,
+    Turn,
+)
 from batchexec.providers.echo import EchoProvider
 from batchexec.providers.ollama import OllamaProvider
 from batchexec.providers.openai import OpenAIProvider
@@ -17,9 +24,12 @@ from batchexec.providers.watsonx import WatsonxProvider
 
 __all__ = [
     "BUILTIN_PROVIDERS",
+    "NO_OPTIONS",
+    "ChatOptions",
     "ChatRequest",
     "Completion",
     "Provider",
+    "Turn",
     "build_providers",
     "unconfigured",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from batchexec.errors import FatalProviderError, ProviderError, RetryableProviderError
-from batchexec.providers.base import ChatRequest
+from batchexec.providers.base import ChatOptions, ChatRequest
 
 #: Statuses below 500 that another try may fix: timeout, conflict, rate limit.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -24,6 +24,8 @@ MAX_MESSAGE_CHARS = 500
 MAX_ERROR_BODY_BYTES = 64 * 1024
 #: Bytes read from the socket at a time.
 _READ_CHUNK_BYTES = 64 * 1024
+#: The ``response_format`` types of OpenAI's chat completions.
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,44 @@ async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes |
 
 
 def chat_messages(request: ChatRequest) -> list[dict[str, str]]:
-    """The request as chat messages: the system prompt, if any, then the user's prompt."""
-    messages = [{"role": "user", "content": request.prompt}]
-    if request.system_prompt:
-        messages.insert(0, {"role": "system", "content": request.system_prompt})
-    return messages
+    """The request as chat messages: the system prompt, if any, then ``conversation``."""
+    system = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
+    return [*system, *conversation(request)]
+
+
+def conversation(request: ChatRequest) -> list[dict[str, str]]:
+    """The earlier turns in order, then the prompt as the final user message."""
+    turns = [{"role": turn.role, "content": turn.content} for turn in request.history]
+    return [*turns, {"role": "user", "content": request.prompt}]
+
+
+def response_format_problem(
+    options: ChatOptions, api: str, types: tuple[str, ...] = RESPONSE_FORMAT_TYPES
+) -> str | None:
+    """Why ``options.response_format`` cannot be mapped for ``api``; None when it can, or is unset.
+
+    For the providers that translate it rather than pass it on: they know
+    OpenAI's ``types`` alone, and need a json_schema's schema as an object.
+    """
+    response_format = options.response_format
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind not in types:
+        known = f"{', '.join(types[:-1])} or {types[-1]}" if len(types) > 1 else types[0]
+        return f"response_format: {api} takes type {known}, not {json.dumps(kind)}"
+    if kind == "json_schema" and response_schema(options) is None:
+        return f"response_format: {api} needs json_schema.schema, a JSON Schema object"
+    return None
+
+
+def response_schema(options: ChatOptions) -> dict[str, Any] | None:
+    """The JSON Schema of a json_schema ``response_format``; None for any other."""
+    response_format = options.response_format or {}
+    schema = dig(response_format.get("json_schema"), "schema")
+    if response_format.get("type") != "json_schema" or not isinstance(schema, dict):
+        return None
+    return schema
 
 
 def bearer(token: str | None) -> dict[str, str]:

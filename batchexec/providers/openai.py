@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 
 from batchexec.catalog import ModelSpec
 from batchexec.config import Settings
 from batchexec.errors import FatalProviderError
-from batchexec.providers.base import ChatRequest, Completion, Provider
+from batchexec.providers.base import ChatOptions, ChatRequest, Completion, Provider
 from batchexec.providers.http import (
     ErrorDetail,
     Wire,
@@ -42,7 +44,11 @@ WIRE = Wire("OpenAI-compatible server", _read_error)
 
 
 class OpenAIProvider(Provider):
-    """Any server that speaks OpenAI's ``/chat/completions``; keyless for local servers."""
+    """Any server that speaks OpenAI's ``/chat/completions``; keyless for local servers.
+
+    History and options need no mapping: the body is OpenAI's own, with the
+    earlier turns as ``messages`` and each set option under its name.
+    """
 
     name = "openai"
 
@@ -54,9 +60,19 @@ class OpenAIProvider(Provider):
             return f"Model {model.name!r} needs {key_env} to be set."
         return None
 
+    def unsupported(self, options: ChatOptions) -> list[str]:
+        """Nothing: every option goes on under its own name, for the server to judge."""
+        return []
+
     async def complete(self, model: ModelSpec, request: ChatRequest) -> Completion:
+        self.refuse_unsupported(request.options)
         key = self.settings.secret(model.api_key_env or KEY_ENV)
-        payload = {**request.params, "model": model.wire_id, "messages": chat_messages(request)}
+        payload = {
+            **request.params,
+            **_option_fields(request),
+            "model": model.wire_id,
+            "messages": chat_messages(request),
+        }
         body = await fetch_json(
             self.session,
             "POST",
@@ -112,6 +128,21 @@ async def discover_models(settings: Settings, session: aiohttp.ClientSession) ->
         for model_id in dict.fromkeys(ids)
         if isinstance(model_id, str) and model_id.strip()
     ]
+
+
+def _option_fields(request: ChatRequest) -> dict[str, Any]:
+    """The set options as body fields: OpenAI's own names, so passed on as they are.
+
+    ``max_tokens`` takes the name the catalog's params use for it:
+    ``max_completion_tokens`` where they give that, since OpenAI's reasoning
+    models refuse ``max_tokens``.
+    """
+    given = request.options.given()
+    if "stop" in given:
+        given["stop"] = list(given["stop"])
+    if "max_tokens" in given and "max_completion_tokens" in request.params:
+        given["max_completion_tokens"] = given.pop("max_tokens")
+    return given
 
 
 def _no_text(message: dict[str, object], finish_reason: object) -> FatalProviderError:

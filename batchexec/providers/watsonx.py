@@ -6,13 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
 from batchexec.catalog import ModelSpec
 from batchexec.config import Settings
 from batchexec.errors import ProviderError, ProviderNotConfiguredError
-from batchexec.providers.base import ChatRequest, Completion, Provider
+from batchexec.providers.base import ChatOptions, ChatRequest, Completion, Provider
 from batchexec.providers.http import (
     ErrorDetail,
     Wire,
@@ -21,6 +22,7 @@ from batchexec.providers.http import (
     dig,
     fetch_json,
     require_str,
+    response_format_problem,
     token_count,
 )
 
@@ -55,6 +57,8 @@ def _read_iam_error(body: object) -> ErrorDetail:
 
 WIRE = Wire("watsonx.ai", _read_error)
 IAM_WIRE = Wire("IBM Cloud IAM", _read_iam_error)
+#: The API as refusals name it.
+API = "watsonx.ai's chat API"
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,16 @@ class _Token:
 
 
 class WatsonxProvider(Provider):
-    """watsonx.ai's ``/ml/v1/text/chat``; one IAM token per API key, shared by all calls."""
+    """watsonx.ai's ``/ml/v1/text/chat``; one IAM token per API key, shared by all calls.
+
+    The chat endpoint, not ``/ml/v1/text/generation``: the earlier turns go as
+    ``messages`` with their roles, never rendered into one prompt string with
+    a template the model may not have been trained on. Its parameters share
+    OpenAI's names, so ``temperature``, ``max_tokens``, ``top_p``, ``stop``,
+    ``seed`` and ``response_format`` (json_object, json_schema) go on as they
+    are; a text ``response_format`` is sent as none, the default. Nothing is
+    refused but a ``response_format`` that is not one of OpenAI's.
+    """
 
     name = "watsonx"
 
@@ -88,6 +101,10 @@ class WatsonxProvider(Provider):
             return f"watsonx.ai is not configured: set {', '.join(unset)}."
         return None
 
+    def unsupported(self, options: ChatOptions) -> list[str]:
+        problem = response_format_problem(options, API)
+        return [problem] if problem else []
+
     async def complete(self, model: ModelSpec, request: ChatRequest) -> Completion:
         base_url = model.base_url or self.settings.watsonx_url
         key_env = model.api_key_env or KEY_ENV
@@ -95,9 +112,10 @@ class WatsonxProvider(Provider):
         project_id = self.settings.watsonx_project_id
         if not (base_url and apikey and project_id):
             raise ProviderNotConfiguredError(self.missing_configuration(model) or "watsonx.ai")
+        self.refuse_unsupported(request.options)
         token = await self._token(key_env, apikey)
         payload = {
-            **request.params,
+            **_params(request),
             "model_id": model.wire_id,
             "project_id": project_id,
             "messages": chat_messages(request),
@@ -158,6 +176,25 @@ class WatsonxProvider(Provider):
         token = self._tokens.get(key_env)
         if token is not None and token.value == value:
             del self._tokens[key_env]
+
+
+def _params(request: ChatRequest) -> dict[str, Any]:
+    """The catalog's params with each set option in its place; the chat API shares OpenAI's names.
+
+    ``max_tokens`` takes the name the catalog's params use for it, which may be
+    the newer ``max_completion_tokens``.
+    """
+    given = request.options.given()
+    params = dict(request.params)
+    if "stop" in given:
+        given["stop"] = list(given["stop"])
+    if "max_tokens" in given and "max_completion_tokens" in params:
+        given["max_completion_tokens"] = given.pop("max_tokens")
+    if (request.options.response_format or {}).get("type") == "text":
+        # Text is the default: sent as no format at all, whatever the catalog gave.
+        del given["response_format"]
+        params.pop("response_format", None)
+    return {**params, **given}
 
 
 def _lifetime_s(body: object) -> float:
