@@ -30,6 +30,7 @@ from batchexec.store import (
     ExecutionStarted,
     FileEntry,
     SharedStore,
+    StoredFile,
     StoreError,
 )
 from batchexec.store.memory import MemoryStore
@@ -681,3 +682,196 @@ class StoreContract:
         assert await store.expire(older_than=100.0) == []
         assert await store.due_callbacks(10, 60.0) == []
         assert await store.next_callback_in() is None
+
+    # Files of the OpenAI Batch API
+
+    async def test_an_incomplete_file_is_counted_but_neither_found_nor_listed(self, kit):
+        store = await kit.open()
+        await store.create_stored_file(a_stored_file("file-a"))
+        await store.write_chunk("file-a", 0, b"half of it")
+
+        assert await store.count_stored_files("owner-a") == 1
+        assert await store.stored_file("file-a", "owner-a") is None
+        assert await _listed(store, "owner-a") == []
+
+        await store.complete_file("file-a", 10)
+        assert await store.stored_file("file-a", "owner-a") == a_stored_file("file-a", size=10)
+        assert await _listed(store, "owner-a") == ["file-a"]
+        assert await store.count_stored_files("owner-a") == 1
+
+    async def test_a_files_chunks_read_back_in_order_as_written_and_complete_sets_its_size(
+        self, kit
+    ):
+        store = await kit.open()
+        chunks = [
+            b"\x00\xff\xfe\x80 not UTF-8 \xc3\x28\x00",
+            random.Random(20240601).randbytes(1024 * 1024),  # a whole chunk of a 1 MiB upload
+            "Grüße 😀\n".encode(),
+            b"\x00",
+        ]
+        await store.create_stored_file(a_stored_file("file-a"))
+        for seq, data in enumerate(chunks):
+            await store.write_chunk("file-a", seq, data)
+        await store.complete_file("file-a", sum(map(len, chunks)))
+
+        assert [await store.chunk("file-a", seq) for seq in range(len(chunks))] == chunks
+        assert await store.chunk("file-a", len(chunks)) is None
+        assert await store.chunk("file-missing", 0) is None
+        found = await store.stored_file("file-a", "owner-a")
+        assert found is not None
+        assert found.bytes == sum(map(len, chunks))
+        assert found == a_stored_file("file-a", size=found.bytes)
+
+        # An empty file has no chunks at all.
+        await store.create_stored_file(a_stored_file("file-empty"))
+        await store.complete_file("file-empty", 0)
+        assert await store.chunk("file-empty", 0) is None
+        assert await store.stored_file("file-empty", "owner-a") == a_stored_file("file-empty")
+
+    async def test_files_are_their_owners_alone(self, kit):
+        store = await kit.open()
+        for file in (a_stored_file("file-a"), a_stored_file("file-b", owner="owner-b")):
+            await store.create_stored_file(file)
+            await store.complete_file(file.id, 0)
+        await store.create_stored_file(a_stored_file("file-b2", owner="owner-b"))
+
+        assert await store.stored_file("file-a", "owner-b") is None
+        assert await store.stored_file("file-b", "owner-a") is None
+        assert await _listed(store, "owner-a") == ["file-a"]
+        assert await _listed(store, "owner-b") == ["file-b"]
+        assert await _listed(store, "owner-c") == []
+        assert await store.count_stored_files("owner-a") == 1
+        assert await store.count_stored_files("owner-b") == 2
+        assert await store.count_stored_files("owner-c") == 0
+        # Another owner's file is no place to start a page from.
+        assert await _listed(store, "owner-a", after="file-b") == []
+
+    async def test_files_are_paged_after_an_id_in_either_order_with_ties_broken_by_id(self, kit):
+        store = await kit.open()
+        # Created out of order, "file-c" and "file-b" in the same instant.
+        for file_id, created_at in (
+            ("file-c", 20.0),
+            ("file-e", 40.5),
+            ("file-a", 10.0),
+            ("file-b", 20.0),
+            ("file-d", 30.25),
+        ):
+            await store.create_stored_file(a_stored_file(file_id, created_at=created_at))
+            await store.complete_file(file_id, 0)
+        oldest_first = ["file-a", "file-b", "file-c", "file-d", "file-e"]
+        newest_first = oldest_first[::-1]
+
+        for order in (oldest_first, newest_first):
+            desc = order is newest_first
+            assert await _listed(store, "owner-a", newest_first=desc) == order
+            pages, after = [], None
+            while page := await _listed(store, "owner-a", after=after, limit=2, newest_first=desc):
+                pages.append(page)
+                after = page[-1]
+            assert pages == [order[0:2], order[2:4], order[4:]]
+            # From inside the tie, either way.
+            past_b = order[order.index("file-b") + 1 :]
+            assert await _listed(store, "owner-a", after="file-b", newest_first=desc) == past_b
+            assert await _listed(store, "owner-a", after=order[-1], newest_first=desc) == []
+            assert await _listed(store, "owner-a", after="file-x", newest_first=desc) == []
+        found = await store.stored_files(
+            "owner-a", purpose=None, after="file-a", limit=1, newest_first=False
+        )
+        assert found == [a_stored_file("file-b", created_at=20.0)]
+
+    async def test_files_are_listed_by_purpose_when_asked(self, kit):
+        store = await kit.open()
+        for n, purpose in enumerate(("batch", "batch_output", "batch", "batch_output")):
+            file = a_stored_file(f"file-{n}", purpose=purpose, created_at=float(n))
+            await store.create_stored_file(file)
+            await store.complete_file(file.id, 0)
+
+        assert await _listed(store, "owner-a", newest_first=False) == [
+            "file-0",
+            "file-1",
+            "file-2",
+            "file-3",
+        ]
+        assert await _listed(store, "owner-a", purpose="batch", newest_first=False) == [
+            "file-0",
+            "file-2",
+        ]
+        assert await _listed(store, "owner-a", purpose="batch_output") == ["file-3", "file-1"]
+        assert await _listed(store, "owner-a", purpose="batch_output", after="file-3") == ["file-1"]
+        assert await _listed(store, "owner-a", purpose="fine-tune") == []
+
+    async def test_deleting_a_file_removes_it_and_its_chunks(self, kit):
+        store = await kit.open()
+        for file_id in ("file-a", "file-kept", "file-incomplete"):
+            await store.create_stored_file(a_stored_file(file_id))
+            await store.write_chunk(file_id, 0, b"first")
+            await store.write_chunk(file_id, 1, b"second")
+            if file_id != "file-incomplete":
+                await store.complete_file(file_id, 11)
+
+        await store.delete_stored_file("file-a")
+        await store.delete_stored_file("file-incomplete")
+        await store.delete_stored_file("file-never-was")
+
+        assert await store.stored_file("file-a", "owner-a") is None
+        assert await store.chunk("file-a", 0) is None
+        assert await _listed(store, "owner-a") == ["file-kept"]
+        assert await store.count_stored_files("owner-a") == 1
+        assert await kit.query("SELECT file_id, seq FROM openai_file_chunks ORDER BY seq") == [
+            ("file-kept", 0),
+            ("file-kept", 1),
+        ]
+        assert await store.chunk("file-kept", 1) == b"second"
+
+    async def test_expire_removes_the_files_created_before_it_complete_or_not(self, kit):
+        store = await kit.open()
+        for file_id, created_at, complete in (
+            ("file-old", 50.0, True),
+            ("file-old-incomplete", 60.0, False),
+            ("file-recent", 100.0, True),
+            ("file-recent-incomplete", 150.0, False),
+        ):
+            await store.create_stored_file(a_stored_file(file_id, created_at=created_at))
+            await store.write_chunk(file_id, 0, b"data")
+            if complete:
+                await store.complete_file(file_id, 4)
+
+        assert await store.expire(older_than=100.0) == []
+
+        assert await store.stored_file("file-old", "owner-a") is None
+        assert await store.chunk("file-old", 0) is None
+        assert await store.stored_file("file-recent", "owner-a") is not None
+        assert await _listed(store, "owner-a") == ["file-recent"]
+        assert await store.count_stored_files("owner-a") == 2
+        assert await kit.query("SELECT file_id FROM openai_file_chunks ORDER BY file_id") == [
+            ("file-recent",),
+            ("file-recent-incomplete",),
+        ]
+
+
+def a_stored_file(
+    file_id: str,
+    *,
+    owner: str = "owner-a",
+    purpose: str = "batch",
+    created_at: float = 1.0,
+    size: int = 0,
+) -> StoredFile:
+    """A file of the OpenAI Batch API, named ``<id>.jsonl``; ``size`` is for a complete one."""
+    return StoredFile(file_id, owner, purpose, f"{file_id}.jsonl", created_at, size)
+
+
+async def _listed(
+    store: BatchStore,
+    owner: str,
+    *,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = 100,
+    newest_first: bool = True,
+) -> list[str]:
+    """The ids of ``owner``'s files ``stored_files`` lists."""
+    files = await store.stored_files(
+        owner, purpose=purpose, after=after, limit=limit, newest_first=newest_first
+    )
+    return [file.id for file in files]
