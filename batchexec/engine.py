@@ -114,12 +114,14 @@ class Engine:
         batch_id: str | None = None,
         retry_of: Batch | None = None,
         callback_url: str | None = None,
+        api: str | None = None,
     ) -> Batch:
         """Register ``plan`` as a batch of ``owner`` and start it in the background.
 
         The batch is in the store when this returns. With ``retry_of``, rows
         that succeeded there keep their results and only the others run. Its
-        end is POSTed to ``callback_url`` by ``webhooks.Webhooks``.
+        end is POSTed to ``callback_url`` by ``webhooks.Webhooks``. ``api`` names the
+        API whose batch it is (``openai``), for ``runtime.plan_again``.
         Raises ``QueueFullError`` when every batch slot is busy and
         ``max_queued_batches`` batches already wait, and ``ShuttingDownError``
         once the engine is stopping.
@@ -128,10 +130,10 @@ class Engine:
         ``max_queued_batches`` then counts the batches no replica has claimed.
         """
         if self._registry.shared:
-            return await self._store_for_claim(owner, plan, batch_id, retry_of, callback_url)
+            return await self._store_for_claim(owner, plan, batch_id, retry_of, callback_url, api)
         self._check_room()
         batch = await self._registry.add(
-            owner, plan, batch_id=batch_id, retry_of=retry_of, callback_url=callback_url
+            owner, plan, batch_id=batch_id, retry_of=retry_of, callback_url=callback_url, api=api
         )
         try:
             self._check_room()  # the store took its time: others may have come first
@@ -149,6 +151,7 @@ class Engine:
         batch_id: str | None,
         retry_of: Batch | None,
         callback_url: str | None,
+        api: str | None,
     ) -> Batch:
         if self._stopping:
             raise ShuttingDownError("The server is shutting down; try again later.")
@@ -159,7 +162,13 @@ class Engine:
         if self.free_slots() == 0 and await store.waiting() >= self._settings.max_queued_batches:
             raise QueueFullError("Too many batches are queued; try again later.")
         return await self._registry.add(
-            owner, plan, batch_id=batch_id, retry_of=retry_of, callback_url=callback_url, hold=False
+            owner,
+            plan,
+            batch_id=batch_id,
+            retry_of=retry_of,
+            callback_url=callback_url,
+            api=api,
+            hold=False,
         )
 
     def free_slots(self) -> int:
@@ -489,7 +498,7 @@ class Engine:
             attempts = batch.executions[row.index - 1].attempts
             self._finish_row(batch, row.index, replace(unsent, attempts=attempts), None)
             return
-        prompt = substitute(row.prompt, outputs)
+        prompt = row.prompt if row.chat is not None else substitute(row.prompt, outputs)
         # Calls made in earlier lives of the row (it was running when a process died).
         earlier = batch.executions[row.index - 1].attempts
         self._registry.start_execution(batch, row.index, prompt, earlier + 1)

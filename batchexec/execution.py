@@ -57,7 +57,7 @@ class Executor:
             names = ", ".join(f"${{output.{index}}}" for index in missing)
             return Outcome(ExecutionStatus.SKIPPED, error=f"Skipped: {names} did not succeed.")
         limit = self._settings.max_sent_prompt_length
-        length = substituted_length(row.prompt, outputs)
+        length = substituted_length(row.prompt, outputs) if row.chat is None else len(row.prompt)
         if length > limit:
             return Outcome(
                 ExecutionStatus.FAILED,
@@ -74,9 +74,20 @@ class Executor:
         timed-out outcome, never as an exception (``CancelledError`` aside).
         """
         target = row.target
-        request = ChatRequest(
-            prompt=prompt, system_prompt=target.system_prompt, params=target.params
-        )
+        chat = row.chat
+        if chat is None:
+            request = ChatRequest(
+                prompt=prompt, system_prompt=target.system_prompt, params=target.params
+            )
+        else:
+            # A request's own system prompt wins over an assistant's.
+            request = ChatRequest(
+                prompt=prompt,
+                system_prompt=chat.system or target.system_prompt,
+                params=target.params,
+                history=chat.history,
+                options=chat.options,
+            )
         loop = asyncio.get_running_loop()
         timeout_s = self._settings.execution_timeout_s
         started = loop.time()

@@ -9,8 +9,22 @@ from dataclasses import dataclass
 from batchexec.catalog import Catalog, Target, UnknownNameError
 from batchexec.columns import RESERVED_COLUMNS, Cell
 from batchexec.errors import FieldError, InputError
+from batchexec.providers.base import NO_OPTIONS, ChatOptions, Turn
 from batchexec.templating import TemplateError, references
 from batchexec.wording import counted
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """What a row that is a chat request (one of the OpenAI Batch API's) sends besides its
+    prompt, the last user turn: a system prompt, the turns before, and options.
+
+    Such a row is sent as written: ``${output.n}`` in it is text, not a reference.
+    """
+
+    system: str | None = None
+    history: tuple[Turn, ...] = ()
+    options: ChatOptions = NO_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -21,6 +35,8 @@ class RowInput:
     model: str | None = None
     assistant: str | None = None
     cells: Mapping[str, Cell] | None = None
+    #: A chat request's other parts; None for a prompt, which may use ``${output.n}``.
+    chat: ChatInput | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,7 @@ class PlannedRow:
     target: Target
     depends_on: frozenset[int]
     cells: Mapping[str, Cell]
+    chat: ChatInput | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,7 @@ def _check_row(
         )
     depends_on: frozenset[int] = frozenset()
     try:
-        depends_on = references(prompt)
+        depends_on = references(prompt) if row.chat is None else frozenset()
     except TemplateError as exc:
         errors.append(FieldError(index, "prompt", str(exc)))
     for ref in sorted(depends_on):
@@ -159,4 +176,11 @@ def _check_row(
     if errors or target is None:
         return errors
     cells = dict(row.cells) if row.cells is not None else {}
-    return PlannedRow(index=index, prompt=prompt, target=target, depends_on=depends_on, cells=cells)
+    return PlannedRow(
+        index=index,
+        prompt=prompt,
+        target=target,
+        depends_on=depends_on,
+        cells=cells,
+        chat=row.chat,
+    )

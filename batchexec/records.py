@@ -184,6 +184,8 @@ class Batch:
     retry_of: str | None = None
     #: Where its end is POSTed (``webhooks.py``); None for no completion webhook.
     callback_url: str | None = None
+    #: ``openai`` for a batch of the OpenAI Batch API (``web/v1``), whose rows are requests.
+    api: str | None = None
     counts: Counter[ExecutionStatus] = field(default_factory=Counter)
     #: What a running batch follows: targets and dependencies. None for a batch
     #: read back from a store, until it is planned again to run.

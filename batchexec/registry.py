@@ -90,8 +90,9 @@ class Registry:
         self.on_store_failure: StoreFailure | None = None
         #: Told when another replica has taken a batch over, so its work here stops.
         self.on_lease_lost: Callable[[str], None] | None = None
-        #: Told of each batch that ended here, once its end is in the store (webhooks).
-        self.on_batch_ended: Callable[[Batch], None] | None = None
+        #: Told of each batch that ended here, once its end is in the store (the webhooks,
+        #: the OpenAI Batch API's output files).
+        self.batch_ended_listeners: list[Callable[[Batch], None]] = []
         self._templates_lock = asyncio.Lock()
         #: Batches failed because the store refused their changes (rare, kept till exit).
         self._failed: dict[str, Batch] = {}
@@ -137,6 +138,7 @@ class Registry:
         batch_id: str | None = None,
         retry_of: Batch | None = None,
         callback_url: str | None = None,
+        api: str | None = None,
         hold: bool = True,
     ) -> Batch:
         """Register a new ``queued`` batch for ``plan``, under ``batch_id`` when given.
@@ -156,6 +158,7 @@ class Registry:
             )
         else:
             batch = _new_batch(batch_id, owner, plan, retry_of, callback_url)
+        batch.api = api
         await self.store.create(batch)
         if hold:
             self._active[batch.id] = batch
@@ -380,8 +383,8 @@ class Registry:
         self._finished.put(batch)
         self.metrics.batch_ended(status)
         self.events.publish(batch.id, done_event(batch))
-        if self.on_batch_ended is not None:
-            self.on_batch_ended(batch)
+        for listener in self.batch_ended_listeners:
+            listener(batch)
 
     def leave(self, batch: Batch) -> None:
         """Let go of an unfinished batch without ending it: a later process resumes it.

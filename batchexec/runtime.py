@@ -19,6 +19,7 @@ from batchexec.catalog import Catalog, UnknownNameError
 from batchexec.config import Settings
 from batchexec.errors import ConfigError, ProviderError
 from batchexec.inputs import Rows, plan_rows
+from batchexec.openai_requests import OPENAI, row_of_cells
 from batchexec.planning import BatchPlan, Limits
 from batchexec.providers import BUILTIN_PROVIDERS, Provider, build_providers
 from batchexec.providers.openai import discover_models
@@ -113,12 +114,19 @@ def plan_again(batch: Batch, catalog: Catalog, settings: Settings) -> BatchPlan:
     the limits it passed then are not applied again. ``InputError`` when the
     catalog no longer has a model or assistant it names.
     """
-    rows = [
-        replace(execution.row_input, model=execution.model)
-        if not execution.by_assistant
-        else execution.row_input
-        for execution in batch.executions
-    ]
+    if batch.api == OPENAI:
+        # Requests of the OpenAI Batch API: their cells hold the request as sent.
+        rows = [
+            replace(row_of_cells(execution.cells), model=execution.model)
+            for execution in batch.executions
+        ]
+    else:
+        rows = [
+            replace(execution.row_input, model=execution.model)
+            if not execution.by_assistant
+            else execution.row_input
+            for execution in batch.executions
+        ]
     limits = Limits(
         max_executions=max(len(rows), 1),
         max_prompt_length=max((len(row.prompt) for row in rows), default=1) or 1,

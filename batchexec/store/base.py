@@ -44,6 +44,7 @@ __all__ = [
     "FileEntry",
     "Notice",
     "NoticeKind",
+    "OpenAIBatch",
     "Renewal",
     "SharedLimits",
     "SharedStore",
@@ -126,6 +127,37 @@ class StoredFile:
     created_at: float
     #: The content's size; 0 until the file is complete.
     bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIBatch:
+    """A batch of the OpenAI Batch API, and how its batchexec batch of the same id stands.
+
+    The last four fields are read from that batch (None where there is none:
+    its input was invalid, and it failed at once with ``errors``).
+    """
+
+    id: str
+    owner: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    #: The client's ``metadata``, as JSON text; None for none.
+    metadata: str | None
+    created_at: float
+    expires_at: float
+    request_total: int = 0
+    #: The input's problems, as JSON text of OpenAI's ``errors.data``.
+    errors: str | None = None
+    failed_at: float | None = None
+    cancelling_at: float | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    finalized_at: float | None = None
+    status: BatchStatus | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    counts: Counter[ExecutionStatus] | None = None
 
 
 #: Where a batch's completion webhook is: to be sent (again), sent, or given up.
@@ -267,6 +299,38 @@ class BatchStore(ABC):
     @abstractmethod
     async def count_stored_files(self, owner: str) -> int:
         """How many files ``owner`` keeps, incomplete uploads included."""
+
+    # Batches of the OpenAI Batch API: their own record beside the batch they run as.
+
+    @abstractmethod
+    async def create_openai_batch(self, batch: OpenAIBatch) -> None:
+        """Record ``batch`` (its own fields; the batch it runs as is created apart)."""
+
+    @abstractmethod
+    async def openai_batch(self, batch_id: str, owner: str) -> OpenAIBatch | None:
+        """The OpenAI batch ``batch_id`` if ``owner`` created it."""
+
+    @abstractmethod
+    async def openai_batches(
+        self, owner: str, *, after: str | None, limit: int
+    ) -> list[OpenAIBatch]:
+        """Up to ``limit`` of ``owner``'s OpenAI batches, newest first, from the one after
+        ``after``."""
+
+    @abstractmethod
+    async def openai_cancelling(self, batch_id: str, at: float) -> None:
+        """Record that a cancel of ``batch_id`` was asked at ``at`` (the first time only)."""
+
+    @abstractmethod
+    async def due_finalizations(self, limit: int, hold_s: float) -> list[OpenAIBatch]:
+        """Up to ``limit`` OpenAI batches whose batch has ended and whose output files are
+        not written, each held for ``hold_s`` from other callers."""
+
+    @abstractmethod
+    async def openai_finalized(
+        self, batch_id: str, output_file_id: str | None, error_file_id: str | None, at: float
+    ) -> None:
+        """Record the output and error files written for ``batch_id``."""
 
     # Completion webhooks: a batch created with a ``callback_url`` has one pending,
     # due from its end; every attempt is recorded, so none is lost to a restart.

@@ -15,6 +15,7 @@ from batchexec.store.base import (
     CallbackState,
     Change,
     FileEntry,
+    OpenAIBatch,
     StoredFile,
 )
 
@@ -35,6 +36,9 @@ class MemoryStore(BatchStore):
         #: The OpenAI Batch API's files, whether each is complete, and their chunks.
         self._stored: dict[str, tuple[StoredFile, bool]] = {}
         self._chunks: dict[str, list[bytes]] = {}
+        #: The OpenAI Batch API's batches, and until when each one's finalizing is held.
+        self._openai: dict[str, OpenAIBatch] = {}
+        self._finalizing: dict[str, float] = {}
         #: Each pending webhook's attempts so far and when it is due next.
         self._callbacks: dict[str, tuple[int, float]] = {}
 
@@ -98,6 +102,9 @@ class MemoryStore(BatchStore):
             if batch.finished_at is not None and batch.finished_at < older_than:
                 del self._batches[batch_id]
                 self._callbacks.pop(batch_id, None)
+        for batch_id, openai in list(self._openai.items()):
+            if openai.created_at < older_than and batch_id not in self._batches:
+                del self._openai[batch_id]
         active = {batch.file_name for batch in self._batches.values()}
         expired = [
             name
@@ -157,6 +164,72 @@ class MemoryStore(BatchStore):
 
     async def count_stored_files(self, owner: str) -> int:
         return sum(1 for file, _ in self._stored.values() if file.owner == owner)
+
+    async def create_openai_batch(self, batch: OpenAIBatch) -> None:
+        self._openai[batch.id] = batch
+
+    async def openai_batch(self, batch_id: str, owner: str) -> OpenAIBatch | None:
+        batch = self._openai.get(batch_id)
+        return self._joined(batch) if batch is not None and batch.owner == owner else None
+
+    async def openai_batches(
+        self, owner: str, *, after: str | None, limit: int
+    ) -> list[OpenAIBatch]:
+        mine = sorted(
+            (batch for batch in self._openai.values() if batch.owner == owner),
+            key=lambda batch: (batch.created_at, batch.id),
+            reverse=True,
+        )
+        if after is not None:
+            ids = [batch.id for batch in mine]
+            if after not in ids:
+                return []
+            mine = mine[ids.index(after) + 1 :]
+        return [self._joined(batch) for batch in mine[:limit]]
+
+    async def openai_cancelling(self, batch_id: str, at: float) -> None:
+        batch = self._openai.get(batch_id)
+        if batch is not None and batch.cancelling_at is None:
+            self._openai[batch_id] = replace(batch, cancelling_at=at)
+
+    async def due_finalizations(self, limit: int, hold_s: float) -> list[OpenAIBatch]:
+        now = time.time()
+        due = []
+        for batch in self._openai.values():
+            ran = self._batches.get(batch.id)
+            if (
+                batch.finalized_at is None
+                and batch.failed_at is None
+                and ran is not None
+                and ran.status.finished
+                and self._finalizing.get(batch.id, 0.0) < now
+            ):
+                self._finalizing[batch.id] = now + hold_s
+                due.append(self._joined(batch))
+                if len(due) == limit:
+                    break
+        return due
+
+    async def openai_finalized(
+        self, batch_id: str, output_file_id: str | None, error_file_id: str | None, at: float
+    ) -> None:
+        batch = self._openai[batch_id]
+        self._openai[batch_id] = replace(
+            batch, output_file_id=output_file_id, error_file_id=error_file_id, finalized_at=at
+        )
+
+    def _joined(self, batch: OpenAIBatch) -> OpenAIBatch:
+        """``batch`` with how the batch it runs as stands."""
+        ran = self._batches.get(batch.id)
+        if ran is None:
+            return batch
+        return replace(
+            batch,
+            status=ran.status,
+            started_at=ran.started_at,
+            finished_at=ran.finished_at,
+            counts=ran.counts.copy(),
+        )
 
     async def due_callbacks(self, limit: int, hold_s: float) -> list[CallbackDue]:
         now = time.time()

@@ -69,6 +69,7 @@ from batchexec.store.base import (
     FileEntry,
     Notice,
     NoticeKind,
+    OpenAIBatch,
     Renewal,
     SharedStore,
     StoredFile,
@@ -79,16 +80,20 @@ from batchexec.store.postgres_rows import (
     ADD_FILE,
     CLAIM,
     CLAIM_CALLBACKS,
+    CLAIM_FINALIZATIONS,
     COMPLETE_FILE,
     EXECUTION_COLUMNS,
     EXPIRE_BATCHES,
     EXPIRE_FILES,
     INSERT_BATCH,
     INSERT_CHUNK,
+    INSERT_OPENAI_BATCH,
     INSERT_STORED_FILE,
     NEXT_CALLBACK,
     NOTIFY,
     NOTIFY_CHANGED,
+    OPENAI_CANCELLING,
+    OPENAI_FINALIZED,
     RELEASE,
     RENEW,
     REQUEST_CANCEL,
@@ -98,6 +103,9 @@ from batchexec.store.postgres_rows import (
     SELECT_CHUNK,
     SELECT_EXECUTIONS,
     SELECT_HELD,
+    SELECT_OPENAI_BATCH,
+    SELECT_OPENAI_BATCHES,
+    SELECT_OPENAI_BATCHES_BY_ID,
     SELECT_STORED_FILE,
     SELECT_STORED_FILES_ASC,
     SELECT_STORED_FILES_DESC,
@@ -120,6 +128,8 @@ from batchexec.store.rows import (
     coalesced,
     counted,
     execution_rows,
+    openai_batch_row,
+    openai_batches_of,
     summaries_of,
 )
 
@@ -495,6 +505,11 @@ class PostgresStore(SharedStore):
             async with conn.transaction():
                 await conn.execute(EXPIRE_BATCHES, older_than)
                 await conn.execute("DELETE FROM openai_files WHERE created_at < $1", older_than)
+                await conn.execute(
+                    "DELETE FROM openai_batches WHERE created_at < $1 AND NOT EXISTS "
+                    "(SELECT 1 FROM batches WHERE batches.id = openai_batches.id)",
+                    older_than,
+                )
                 # Each name once, even with every replica's sweeper at it: a row is
                 # deleted by one transaction only.
                 return [row[0] for row in await conn.fetch(EXPIRE_FILES, older_than)]
@@ -538,6 +553,43 @@ class PostgresStore(SharedStore):
             lambda conn: conn.fetchval("SELECT count(*) FROM openai_files WHERE owner = $1", owner)
         )
         return int(count)
+
+    # Batches of the OpenAI Batch API
+
+    async def create_openai_batch(self, batch: OpenAIBatch) -> None:
+        row = openai_batch_row(batch)
+        await self._run(lambda conn: conn.execute(INSERT_OPENAI_BATCH, *row))
+
+    async def openai_batch(self, batch_id: str, owner: str) -> OpenAIBatch | None:
+        rows = await self._run(lambda conn: conn.fetch(SELECT_OPENAI_BATCH, batch_id, owner))
+        found = openai_batches_of(rows)
+        return found[0] if found else None
+
+    async def openai_batches(
+        self, owner: str, *, after: str | None, limit: int
+    ) -> list[OpenAIBatch]:
+        rows = await self._run(lambda conn: conn.fetch(SELECT_OPENAI_BATCHES, owner, after, limit))
+        return openai_batches_of(rows)
+
+    async def openai_cancelling(self, batch_id: str, at: float) -> None:
+        await self._run(lambda conn: conn.execute(OPENAI_CANCELLING, batch_id, at))
+
+    async def due_finalizations(self, limit: int, hold_s: float) -> list[OpenAIBatch]:
+        async def write(conn: Connection) -> list[asyncpg.Record]:
+            async with conn.transaction():
+                ids = [row[0] for row in await conn.fetch(CLAIM_FINALIZATIONS, limit, hold_s)]
+            if not ids:
+                return []
+            return await conn.fetch(SELECT_OPENAI_BATCHES_BY_ID, ids)
+
+        return openai_batches_of(await self._run(write))
+
+    async def openai_finalized(
+        self, batch_id: str, output_file_id: str | None, error_file_id: str | None, at: float
+    ) -> None:
+        await self._run(
+            lambda conn: conn.execute(OPENAI_FINALIZED, batch_id, output_file_id, error_file_id, at)
+        )
 
     # Completion webhooks
 

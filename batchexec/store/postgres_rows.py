@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from batchexec.store.rows import OPENAI_BATCH_COLUMNS
+
 #: The longest channel name NOTIFY takes (an identifier: 63 bytes).
 _CHANNEL_BYTES = 63
 
@@ -27,8 +29,8 @@ SCHEMA_MIGRATIONS = (
 
 INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, started_at, "
-    "finished_at, xlsx_name, retry_of, counts, callback_url, callback_state, callback_next) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    "finished_at, xlsx_name, retry_of, counts, callback_url, callback_state, callback_next, "
+    "api) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
 )
 #: The columns of ``rows.execution_rows``, which ``create`` copies in (COPY: the fastest
 #: way in for a batch of many thousand rows).
@@ -49,16 +51,16 @@ EXECUTION_COLUMNS = [
 ]
 SELECT_BATCH = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url FROM batches WHERE id = $1"
+    "xlsx_name, retry_of, callback_url, api FROM batches WHERE id = $1"
 )
 SELECT_UNFINISHED = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url FROM batches WHERE status IN ('queued', 'processing') "
+    "xlsx_name, retry_of, callback_url, api FROM batches WHERE status IN ('queued', 'processing') "
     "ORDER BY created_at, created_order"
 )
 SELECT_BATCHES = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url FROM batches WHERE id = ANY($1::text[]) "
+    "xlsx_name, retry_of, callback_url, api FROM batches WHERE id = ANY($1::text[]) "
     "ORDER BY created_at, created_order"
 )
 SELECT_EXECUTIONS = (
@@ -265,3 +267,35 @@ SELECT_STORED_FILES_ASC = (
     "ORDER BY created_at, id LIMIT $4"
 )
 SELECT_CHUNK = "SELECT data FROM openai_file_chunks WHERE file_id = $1 AND seq = $2"
+
+INSERT_OPENAI_BATCH = (
+    "INSERT INTO openai_batches (id, owner, input_file_id, endpoint, completion_window, "
+    "metadata, created_at, expires_at, request_total, errors, failed_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
+# The f-strings below join constants only (noqa S608: no value is interpolated).
+SELECT_OPENAI_BATCH = f"SELECT {OPENAI_BATCH_COLUMNS} WHERE o.id = $1 AND o.owner = $2"
+SELECT_OPENAI_BATCHES_BY_ID = f"SELECT {OPENAI_BATCH_COLUMNS} WHERE o.id = ANY($1::text[])"
+#: ``$1`` the owner, ``$2`` the id the page starts after (NULL for the first), ``$3`` the limit.
+SELECT_OPENAI_BATCHES = (
+    f"SELECT {OPENAI_BATCH_COLUMNS} WHERE o.owner = $1 AND ($2::text IS NULL OR "  # noqa: S608
+    "(o.created_at, o.id) < (SELECT created_at, id FROM openai_batches "
+    "WHERE id = $2 AND owner = $1)) ORDER BY o.created_at DESC, o.id DESC LIMIT $3"
+)
+OPENAI_CANCELLING = (
+    "UPDATE openai_batches SET cancelling_at = coalesce(cancelling_at, $2) WHERE id = $1"
+)
+CLAIM_FINALIZATIONS = (
+    "WITH now AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS t), "
+    "due AS (SELECT o.id FROM openai_batches o JOIN batches b ON b.id = o.id "
+    "WHERE o.finalized_at IS NULL AND o.failed_at IS NULL "
+    "AND b.status IN ('completed', 'failed', 'cancelled') "
+    "AND (o.finalize_until IS NULL OR o.finalize_until < (SELECT t FROM now)) "
+    "LIMIT $1 FOR UPDATE OF o SKIP LOCKED) "
+    "UPDATE openai_batches SET finalize_until = (SELECT t FROM now) + $2 "
+    "WHERE id IN (SELECT id FROM due) RETURNING id"
+)
+OPENAI_FINALIZED = (
+    "UPDATE openai_batches SET output_file_id = $2, error_file_id = $3, finalized_at = $4 "
+    "WHERE id = $1"
+)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome, Summary
-from batchexec.store.base import Change, ExecutionEnded, ExecutionStarted
+from batchexec.store.base import Change, ExecutionEnded, ExecutionStarted, OpenAIBatch
 
 #: How a dialect stores a text value (None stays None).
 TextOf = Callable[[str | None], Any]
@@ -43,6 +43,7 @@ def batch_row(batch: Batch, text: TextOf) -> tuple[Any, ...]:
         # Due as soon as the batch ends (see 0006_callbacks.sql).
         "pending" if batch.callback_url else None,
         0.0 if batch.callback_url else None,
+        batch.api,
     )
 
 
@@ -116,7 +117,7 @@ def batches_of(
     """Batches from their rows of ``batches`` (in the order given) and of ``executions``.
 
     A batch's row is ``(id, owner, columns, status, message, created_at,
-    started_at, finished_at, xlsx_name, retry_of, callback_url)``; an execution's is
+    started_at, finished_at, xlsx_name, retry_of, callback_url, api)``; an execution's is
     ``(batch_id, idx, model, cells, status, prompt_sent, result, error,
     latency_ms, attempts, prompt_tokens, completion_tokens, ended_seq)``, each
     batch's in the order of their index.
@@ -169,6 +170,7 @@ def batches_of(
             xlsx_name=row[8],
             retry_of=row[9],
             callback_url=row[10],
+            api=row[11],
         )
         for row in batch_rows
     ]
@@ -201,3 +203,59 @@ def counts_of(stored: str | None) -> Counter[ExecutionStatus] | None:
     if stored is None:
         return None
     return counted(json.loads(stored).items())
+
+
+def openai_batch_row(batch: OpenAIBatch) -> tuple[Any, ...]:
+    """``batch``'s row of ``openai_batches``, for the dialect's ``INSERT_OPENAI_BATCH``."""
+    return (
+        batch.id,
+        batch.owner,
+        batch.input_file_id,
+        batch.endpoint,
+        batch.completion_window,
+        batch.metadata,
+        batch.created_at,
+        batch.expires_at,
+        batch.request_total,
+        batch.errors,
+        batch.failed_at,
+    )
+
+
+def openai_batches_of(rows: Iterable[Any]) -> list[OpenAIBatch]:
+    """OpenAI batches from rows of ``OPENAI_BATCH_COLUMNS`` (JSON text is ASCII: no dialect's
+    text needs converting)."""
+    return [
+        OpenAIBatch(
+            id=row[0],
+            owner=row[1],
+            input_file_id=row[2],
+            endpoint=row[3],
+            completion_window=row[4],
+            metadata=row[5],
+            created_at=row[6],
+            expires_at=row[7],
+            request_total=row[8],
+            errors=row[9],
+            failed_at=row[10],
+            cancelling_at=row[11],
+            output_file_id=row[12],
+            error_file_id=row[13],
+            finalized_at=row[14],
+            status=None if row[15] is None else BatchStatus(row[15]),
+            started_at=row[16],
+            finished_at=row[17],
+            counts=counts_of(row[18]),
+        )
+        for row in rows
+    ]
+
+
+#: What every dialect selects of an OpenAI batch, ``o``, and of the batch it runs as, ``b``.
+OPENAI_BATCH_COLUMNS = (
+    "o.id, o.owner, o.input_file_id, o.endpoint, o.completion_window, o.metadata, "
+    "o.created_at, o.expires_at, o.request_total, o.errors, o.failed_at, o.cancelling_at, "
+    "o.output_file_id, o.error_file_id, o.finalized_at, "
+    "b.status, b.started_at, b.finished_at, b.counts "
+    "FROM openai_batches o LEFT JOIN batches b ON b.id = o.id"
+)

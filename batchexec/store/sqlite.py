@@ -38,6 +38,7 @@ from batchexec.store.base import (
     CallbackState,
     Change,
     FileEntry,
+    OpenAIBatch,
     StoredFile,
     StoreError,
 )
@@ -48,20 +49,29 @@ from batchexec.store.rows import (
     coalesced,
     counted,
     execution_rows,
+    openai_batch_row,
+    openai_batches_of,
     summaries_of,
 )
 from batchexec.store.sqlite_rows import (
     CLAIM_CALLBACKS,
+    CLAIM_FINALIZATIONS,
     COMPLETE_FILE,
     INSERT_BATCH,
     INSERT_CHUNK,
     INSERT_EXECUTION,
+    INSERT_OPENAI_BATCH,
     INSERT_STORED_FILE,
     NEXT_CALLBACK,
+    OPENAI_CANCELLING,
+    OPENAI_FINALIZED,
     SELECT_BATCH,
     SELECT_CHUNK,
     SELECT_EXECUTIONS,
     SELECT_FILE_CURSOR,
+    SELECT_OPENAI_BATCH,
+    SELECT_OPENAI_BATCHES,
+    SELECT_OPENAI_BATCHES_BY_ID,
     SELECT_STORED_FILE,
     SELECT_STORED_FILES_ASC,
     SELECT_STORED_FILES_DESC,
@@ -339,6 +349,11 @@ class SQLiteStore(BatchStore):
                 ]
                 db.executemany("DELETE FROM files WHERE name = ?", ((name,) for name in names))
                 db.execute("DELETE FROM openai_files WHERE created_at < ?", (older_than,))
+                db.execute(
+                    "DELETE FROM openai_batches WHERE created_at < ? AND id NOT IN "
+                    "(SELECT id FROM batches)",
+                    (older_than,),
+                )
                 return names
 
         return await self._run(write)
@@ -394,6 +409,47 @@ class SQLiteStore(BatchStore):
             return int(db.execute(query, (owner,)).fetchone()[0])
 
         return await self._read(read)
+
+    # Batches of the OpenAI Batch API
+
+    async def create_openai_batch(self, batch: OpenAIBatch) -> None:
+        await self._write_one(INSERT_OPENAI_BATCH, openai_batch_row(batch))
+
+    async def openai_batch(self, batch_id: str, owner: str) -> OpenAIBatch | None:
+        def read(db: sqlite3.Connection) -> OpenAIBatch | None:
+            found = openai_batches_of(db.execute(SELECT_OPENAI_BATCH, (batch_id, owner)))
+            return found[0] if found else None
+
+        return await self._read(read)
+
+    async def openai_batches(
+        self, owner: str, *, after: str | None, limit: int
+    ) -> list[OpenAIBatch]:
+        def read(db: sqlite3.Connection) -> list[OpenAIBatch]:
+            rows = db.execute(SELECT_OPENAI_BATCHES, (owner, after, after, owner, limit))
+            return openai_batches_of(rows)
+
+        return await self._read(read)
+
+    async def openai_cancelling(self, batch_id: str, at: float) -> None:
+        await self._write_one(OPENAI_CANCELLING, (at, batch_id))
+
+    async def due_finalizations(self, limit: int, hold_s: float) -> list[OpenAIBatch]:
+        def write(db: sqlite3.Connection) -> list[OpenAIBatch]:
+            now = time.time()
+            with _transaction(db):
+                ids = [row[0] for row in db.execute(CLAIM_FINALIZATIONS, (now, hold_s, now, limit))]
+            if not ids:
+                return []
+            marks = ", ".join("?" * len(ids))
+            return openai_batches_of(db.execute(f"{SELECT_OPENAI_BATCHES_BY_ID}({marks})", ids))
+
+        return await self._run(write)
+
+    async def openai_finalized(
+        self, batch_id: str, output_file_id: str | None, error_file_id: str | None, at: float
+    ) -> None:
+        await self._write_one(OPENAI_FINALIZED, (output_file_id, error_file_id, at, batch_id))
 
     async def _write_one(self, sql: str, args: tuple[Any, ...]) -> None:
         def write(db: sqlite3.Connection) -> None:

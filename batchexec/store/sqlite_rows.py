@@ -13,11 +13,12 @@ import json
 import sqlite3
 
 from batchexec.store.base import BatchEnded, BatchStarted, Change
+from batchexec.store.rows import OPENAI_BATCH_COLUMNS
 
 INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, "
     "started_at, finished_at, xlsx_name, retry_of, counts, callback_url, callback_state, "
-    "callback_next) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "callback_next, api) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_EXECUTION = (
     "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
@@ -26,11 +27,11 @@ INSERT_EXECUTION = (
 )
 SELECT_BATCH = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url FROM batches WHERE id = ?"
+    "xlsx_name, retry_of, callback_url, api FROM batches WHERE id = ?"
 )
 SELECT_UNFINISHED = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url FROM batches WHERE status IN ('queued', 'processing') "
+    "xlsx_name, retry_of, callback_url, api FROM batches WHERE status IN ('queued', 'processing') "
     "ORDER BY created_at, rowid"
 )
 SELECT_EXECUTIONS = (
@@ -150,3 +151,32 @@ SELECT_STORED_FILES_ASC = (
 )
 SELECT_FILE_CURSOR = "SELECT created_at, id FROM openai_files WHERE id = ? AND owner = ?"
 SELECT_CHUNK = "SELECT data FROM openai_file_chunks WHERE file_id = ? AND seq = ?"
+
+INSERT_OPENAI_BATCH = (
+    "INSERT INTO openai_batches (id, owner, input_file_id, endpoint, completion_window, "
+    "metadata, created_at, expires_at, request_total, errors, failed_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The f-strings below join constants only (noqa S608: no value is interpolated).
+SELECT_OPENAI_BATCH = f"SELECT {OPENAI_BATCH_COLUMNS} WHERE o.id = ? AND o.owner = ?"
+SELECT_OPENAI_BATCHES_BY_ID = f"SELECT {OPENAI_BATCH_COLUMNS} WHERE o.id IN "
+#: The owner, the id the page starts after twice (NULL for the first page), the owner, the limit.
+SELECT_OPENAI_BATCHES = (
+    f"SELECT {OPENAI_BATCH_COLUMNS} WHERE o.owner = ? AND (? IS NULL OR (o.created_at, o.id) < "  # noqa: S608
+    "(SELECT created_at, id FROM openai_batches WHERE id = ? AND owner = ?)) "
+    "ORDER BY o.created_at DESC, o.id DESC LIMIT ?"
+)
+OPENAI_CANCELLING = (
+    "UPDATE openai_batches SET cancelling_at = coalesce(cancelling_at, ?) WHERE id = ?"
+)
+#: Now, the hold, now, the limit.
+CLAIM_FINALIZATIONS = (
+    "UPDATE openai_batches SET finalize_until = ? + ? WHERE id IN (SELECT o.id "
+    "FROM openai_batches o JOIN batches b ON b.id = o.id "
+    "WHERE o.finalized_at IS NULL AND o.failed_at IS NULL "
+    "AND b.status IN ('completed', 'failed', 'cancelled') "
+    "AND (o.finalize_until IS NULL OR o.finalize_until < ?) LIMIT ?) RETURNING id"
+)
+OPENAI_FINALIZED = (
+    "UPDATE openai_batches SET output_file_id = ?, error_file_id = ?, finalized_at = ? WHERE id = ?"
+)

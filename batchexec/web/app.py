@@ -17,6 +17,7 @@ from batchexec.cluster import Replica, replica_name
 from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.exports import ResultWorkbooks
+from batchexec.openai_batches import Finalizer
 from batchexec.prometheus import PrometheusMetrics
 from batchexec.providers import Provider
 from batchexec.registry import Registry
@@ -148,6 +149,7 @@ def create_app(
     app.cleanup_ctx.append(engine)
     app.cleanup_ctx.append(_sweeper)
     app.cleanup_ctx.append(_webhooks)
+    app.cleanup_ctx.append(_openai_files)
     app.on_shutdown.append(drain)
     setup_routes(app)
     return app
@@ -191,11 +193,22 @@ async def _webhooks(app: web.Application) -> AsyncIterator[None]:
         return
     registry = app[REGISTRY]
     webhooks = Webhooks(registry.store, app[CLIENT_SESSION], settings, metrics=app[METRICS])
-    registry.on_batch_ended = webhooks.batch_ended
+    registry.batch_ended_listeners.append(webhooks.batch_ended)
     await webhooks.start()
     yield
-    registry.on_batch_ended = None
+    registry.batch_ended_listeners.remove(webhooks.batch_ended)
     await webhooks.close()
+
+
+async def _openai_files(app: web.Application) -> AsyncIterator[None]:
+    """Writes the output and error files of the OpenAI Batch API's ended batches."""
+    registry = app[REGISTRY]
+    finalizer = Finalizer(registry)
+    registry.batch_ended_listeners.append(finalizer.batch_ended)
+    await finalizer.start()
+    yield
+    registry.batch_ended_listeners.remove(finalizer.batch_ended)
+    await finalizer.close()
 
 
 async def _sweep_forever(registry: Registry, settings: Settings) -> None:

@@ -49,6 +49,9 @@ from batchexec.web.downloads import XLSX_CONTENT_TYPE
 from batchexec.web.keys import SETTINGS
 from batchexec.web.middlewares import OPEN_ROUTES
 from batchexec.web.v1.schemas import (
+    BatchCreate,
+    BatchesQuery,
+    BatchObject,
     ErrorEnvelope,
     FileDeleted,
     FileObject,
@@ -473,6 +476,56 @@ OPERATIONS: tuple[Operation, ...] = (
             "The file's bytes.",
         ),
         errors=(404, 503),
+        openai=True,
+        tags=("openai",),
+    ),
+    Operation(
+        name="v1_batches_create",
+        method="POST",
+        path=api.V1_BATCHES,
+        summary="Run the requests of an input file (OpenAI's Batch API)",
+        description=(
+            "Every line is checked first: a batch with any problem is failed at once, each in "
+            "errors with its line, and runs nothing. Otherwise it runs as the batchexec batch "
+            "of the same id."
+        ),
+        body=BatchCreate,
+        answer=BatchObject,
+        errors=(400, 404, 413, 429, 503),
+        openai=True,
+        tags=("openai",),
+    ),
+    Operation(
+        name="v1_batches_list",
+        method="GET",
+        path=api.V1_BATCHES,
+        summary="The caller's batches, newest first",
+        description="Paged with after (the last id of a page) and limit (1 to 100).",
+        query=BatchesQuery,
+        answer=Page[BatchObject],
+        errors=(400, 503),
+        openai=True,
+        tags=("openai",),
+    ),
+    Operation(
+        name="v1_batches_retrieve",
+        method="GET",
+        path=api.V1_BATCH,
+        summary="One batch",
+        description="Its status, request counts and, once written, its output and error files.",
+        answer=BatchObject,
+        errors=(404, 503),
+        openai=True,
+        tags=("openai",),
+    ),
+    Operation(
+        name="v1_batches_cancel",
+        method="POST",
+        path=api.V1_BATCH_CANCEL,
+        summary="Stop a batch, keeping what finished",
+        description="Answers cancelling; cancelled once its files are written.",
+        answer=BatchObject,
+        errors=(404, 409, 503),
         openai=True,
         tags=("openai",),
     ),

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from batchexec import api
 from batchexec.web import apidocs, downloads, handlers, metrics, openapi, uploads
+from batchexec.web.v1 import batches as v1_batches
 from batchexec.web.v1 import files as v1_files
 
 
@@ -37,3 +38,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_get(api.V1_FILE, v1_files.retrieve_file, name="v1_files_retrieve")
     router.add_delete(api.V1_FILE, v1_files.delete_file, name="v1_files_delete")
     router.add_get(api.V1_FILE_CONTENT, v1_files.file_content, name="v1_files_content")
+    router.add_post(api.V1_BATCHES, v1_batches.create_batch, name="v1_batches_create")
+    router.add_get(api.V1_BATCHES, v1_batches.list_batches, name="v1_batches_list")
+    router.add_get(api.V1_BATCH, v1_batches.retrieve_batch, name="v1_batches_retrieve")
+    router.add_post(api.V1_BATCH_CANCEL, v1_batches.cancel_batch, name="v1_batches_cancel")

@@ -100,3 +100,80 @@ class FilesQuery(BaseModel):
     limit: Annotated[int, Field(ge=1, le=10_000)] = 10_000
     order: Literal["asc", "desc"] = "desc"
     after: Annotated[str, Field(max_length=100)] | None = None
+
+
+class BatchCreate(BaseModel):
+    """The body of ``POST /v1/batches``."""
+
+    input_file_id: Annotated[str, Field(max_length=100)]
+    endpoint: Literal["/v1/chat/completions"]
+    completion_window: Literal["24h"]
+    metadata: (
+        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
+    ) = None
+    #: OpenAI's option for when output files expire; batchexec keeps them RESULTS_TTL_HOURS.
+    output_expires_after: dict[str, object] | None = None
+
+
+class BatchError(BaseModel):
+    """One problem of a batch's input file."""
+
+    code: str | None
+    line: int | None
+    message: str | None
+    param: str | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError]
+
+
+class RequestCounts(BaseModel):
+    completed: int
+    failed: int
+    total: int
+
+
+BatchState = Literal[
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+]
+
+
+class BatchObject(BaseModel):
+    """A batch of ``/v1/batches``, as OpenAI's ``Batch``."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: BatchState
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchesQuery(BaseModel):
+    """The query string of ``GET /v1/batches``."""
+
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    after: Annotated[str, Field(max_length=100)] | None = None
