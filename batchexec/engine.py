@@ -245,20 +245,22 @@ class Engine:
             await asyncio.shield(asyncio.wait([task]))
         await self._registry.flush()
 
-    async def cancel(self, batch_id: str) -> None:
-        """Cancel a queued or running batch and wait until its outputs are written.
+    async def cancel(self, batch_id: str, reason: str | None = None) -> None:
+        """Cancel a queued or running batch and wait until its outputs are written;
+        ``reason`` is the error of the rows it stops (by default, cancelled by request).
 
         Raises ``ConflictError`` when the batch has ended, or when every row has
         and only its outputs are still being written.
         """
+        reason = reason or _BY_REQUEST
         task = self._tasks.get(batch_id)
         batch = self._batches.get(batch_id)
         if task is None and self.remote is not None:
-            await self.remote.cancel(batch_id, _BY_REQUEST)
+            await self.remote.cancel(batch_id, reason)
             return
         if task is None or batch is None or _all_rows_ended(batch):
             raise ConflictError("The batch has already ended; there is nothing to cancel.")
-        self.cancel_soon(batch_id, _BY_REQUEST)
+        self.cancel_soon(batch_id, reason)
         await self.join(batch_id)
 
     def cancel_soon(self, batch_id: str, reason: str) -> None:

@@ -9,9 +9,11 @@ usage>}, "error": null}``), any other in the error file (``"response": null,
 written (its id stays null), as at OpenAI.
 
 ``Finalizer`` writes them for every batch of the API that has ended, woken when
-one ends here and every ``POLL_S`` besides: a batch that ended in a process
-that died before its files were written (the batch shows ``finalizing``
-meanwhile) is finished by the next process, or by another replica. A claim
+one ends here and every ``POLL_S`` besides. Each round it also cancels the
+batches still running past their completion window (``expires_at``): they end
+``expired``, their unfinished requests in the error file as ``batch_expired``.
+A batch that ended in a process that died before its files were written (it
+shows ``finalizing`` meanwhile) is finished by the next process, or by another replica. A claim
 in the store gives each batch to one process at a time.
 """
 
@@ -24,8 +26,9 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
+from batchexec.errors import ConflictError
 from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.registry import Registry
 from batchexec.store import OpenAIBatch, StoredFile
@@ -46,11 +49,19 @@ _ERROR_CODES = {
 }
 
 
-class Finalizer:
-    """Writes the output and error files of the OpenAI Batch API's ended batches."""
+#: The error of a request not run before its batch's completion window passed.
+EXPIRED = "The batch's completion window passed before this request ran."
 
-    def __init__(self, registry: Registry) -> None:
+
+class Finalizer:
+    """Writes the output and error files of the OpenAI Batch API's ended batches, and
+    cancels those that run past their completion window."""
+
+    def __init__(self, registry: Registry, cancel: Callable[[str, str], Awaitable[None]]) -> None:
+        """``cancel(batch_id, reason)`` cancels a batch wherever it runs (``Engine.cancel``)."""
         self._registry = registry
+        self._cancel = cancel
+        self._cancelling: set[asyncio.Task[None]] = set()
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -63,16 +74,19 @@ class Finalizer:
             self._woken.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, *self._cancelling):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _run(self) -> None:
         store = self._registry.store
         while True:
             self._woken.clear()
             try:
+                for batch_id in await store.overdue_openai_batches():
+                    self._expire(batch_id)
                 for record in await store.due_finalizations(8, HOLD_S):
                     await self._finalize(record)
             except Exception:
@@ -80,9 +94,27 @@ class Finalizer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), POLL_S)
 
+    def _expire(self, batch_id: str) -> None:
+        """Cancel ``batch_id``, past its completion window, in the background."""
+
+        async def cancel() -> None:
+            with contextlib.suppress(ConflictError):  # it ended meanwhile
+                await self._cancel(batch_id, EXPIRED)
+            log.info("batch %s: cancelled, its completion window passed", batch_id)
+
+        task = asyncio.create_task(cancel(), name=f"expire-{batch_id}")
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelled)
+
+    def _cancelled(self, task: asyncio.Task[None]) -> None:
+        self._cancelling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("could not cancel an expired batch", exc_info=task.exception())
+
     async def _finalize(self, record: OpenAIBatch) -> None:
         batch = await self._registry.get(record.id, record.owner)
-        output, errors = await asyncio.to_thread(_render, batch)
+        expired = record.expired_at is not None
+        output, errors = await asyncio.to_thread(_render, batch, expired)
         output_id = await self._write(record, "output", output)
         error_id = await self._write(record, "error", errors)
         await self._registry.store.openai_finalized(record.id, output_id, error_id, time.time())
@@ -106,21 +138,23 @@ class Finalizer:
         return file.id
 
 
-def _render(batch: Batch) -> tuple[list[bytes], list[bytes]]:
-    """The output file's and the error file's chunks."""
+def _render(batch: Batch, expired: bool) -> tuple[list[bytes], list[bytes]]:
+    """The output file's and the error file's chunks; ``expired``: cancelled rows expired."""
     finished = int(batch.finished_at or time.time())
     output = _chunks(
-        _line(batch, e, finished) for e in batch.executions if e.status is ExecutionStatus.SUCCEEDED
+        _line(batch, e, finished, expired)
+        for e in batch.executions
+        if e.status is ExecutionStatus.SUCCEEDED
     )
     errors = _chunks(
-        _line(batch, e, finished)
+        _line(batch, e, finished, expired)
         for e in batch.executions
         if e.status is not ExecutionStatus.SUCCEEDED
     )
     return output, errors
 
 
-def _line(batch: Batch, execution: Execution, finished: int) -> bytes:
+def _line(batch: Batch, execution: Execution, finished: int, expired: bool) -> bytes:
     custom_id = execution.cells.get("custom_id", "")
     request_id = f"{batch.id}-{execution.index}"
     line: dict[str, object] = {
@@ -157,9 +191,12 @@ def _line(batch: Batch, execution: Execution, finished: int) -> bytes:
         }
         line["error"] = None
     else:
+        code = _ERROR_CODES.get(execution.status, "request_failed")
+        if expired and execution.status is ExecutionStatus.CANCELLED:
+            code = "batch_expired"
         line["response"] = None
         line["error"] = {
-            "code": _ERROR_CODES.get(execution.status, "request_failed"),
+            "code": code,
             "message": execution.error or f"The request ended {execution.status.value}.",
         }
     return json.dumps(line, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n"

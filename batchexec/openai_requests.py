@@ -84,7 +84,9 @@ def parse_lines(data: bytes, *, max_lines: int, max_chars: int) -> ParsedLines:
         return ParsedLines(
             [], [], [LineError("invalid_file", None, f"The file is not UTF-8: {exc}.")]
         )
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" alone (a "\r" before it is JSON whitespace): ``splitlines`` would
+    # also break at U+2028, U+0085 and others, which JSON text may hold unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         if len(lines) >= max_lines:

@@ -154,6 +154,8 @@ class OpenAIBatch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     finalized_at: float | None = None
+    #: When it was found still running past ``expires_at``, and cancelled.
+    expired_at: float | None = None
     status: BatchStatus | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -320,6 +322,11 @@ class BatchStore(ABC):
     @abstractmethod
     async def openai_cancelling(self, batch_id: str, at: float) -> None:
         """Record that a cancel of ``batch_id`` was asked at ``at`` (the first time only)."""
+
+    @abstractmethod
+    async def overdue_openai_batches(self) -> list[str]:
+        """The OpenAI batches still running past their ``expires_at``, each marked
+        ``expired_at`` (the first time it is found): they are to be cancelled."""
 
     @abstractmethod
     async def due_finalizations(self, limit: int, hold_s: float) -> list[OpenAIBatch]:

@@ -192,6 +192,18 @@ class MemoryStore(BatchStore):
         if batch is not None and batch.cancelling_at is None:
             self._openai[batch_id] = replace(batch, cancelling_at=at)
 
+    async def overdue_openai_batches(self) -> list[str]:
+        now = time.time()
+        overdue = []
+        for batch in list(self._openai.values()):
+            ran = self._batches.get(batch.id)
+            running = ran is not None and not ran.status.finished
+            if batch.expires_at < now and batch.failed_at is None and running:
+                if batch.expired_at is None:
+                    self._openai[batch.id] = replace(batch, expired_at=now)
+                overdue.append(batch.id)
+        return overdue
+
     async def due_finalizations(self, limit: int, hold_s: float) -> list[OpenAIBatch]:
         now = time.time()
         due = []

@@ -89,6 +89,7 @@ from batchexec.store.postgres_rows import (
     INSERT_CHUNK,
     INSERT_OPENAI_BATCH,
     INSERT_STORED_FILE,
+    MARK_OVERDUE,
     NEXT_CALLBACK,
     NOTIFY,
     NOTIFY_CHANGED,
@@ -573,6 +574,10 @@ class PostgresStore(SharedStore):
 
     async def openai_cancelling(self, batch_id: str, at: float) -> None:
         await self._run(lambda conn: conn.execute(OPENAI_CANCELLING, batch_id, at))
+
+    async def overdue_openai_batches(self) -> list[str]:
+        rows = await self._run(lambda conn: conn.fetch(MARK_OVERDUE))
+        return [row[0] for row in rows]
 
     async def due_finalizations(self, limit: int, hold_s: float) -> list[OpenAIBatch]:
         async def write(conn: Connection) -> list[asyncpg.Record]:

@@ -285,6 +285,12 @@ SELECT_OPENAI_BATCHES = (
 OPENAI_CANCELLING = (
     "UPDATE openai_batches SET cancelling_at = coalesce(cancelling_at, $2) WHERE id = $1"
 )
+MARK_OVERDUE = (
+    "WITH now AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS t) "
+    "UPDATE openai_batches SET expired_at = coalesce(expired_at, (SELECT t FROM now)) "
+    "WHERE expires_at < (SELECT t FROM now) AND failed_at IS NULL AND id IN "
+    "(SELECT id FROM batches WHERE status IN ('queued', 'processing')) RETURNING id"
+)
 CLAIM_FINALIZATIONS = (
     "WITH now AS (SELECT extract(epoch FROM clock_timestamp())::double precision AS t), "
     "due AS (SELECT o.id FROM openai_batches o JOIN batches b ON b.id = o.id "

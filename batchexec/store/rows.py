@@ -242,10 +242,11 @@ def openai_batches_of(rows: Iterable[Any]) -> list[OpenAIBatch]:
             output_file_id=row[12],
             error_file_id=row[13],
             finalized_at=row[14],
-            status=None if row[15] is None else BatchStatus(row[15]),
-            started_at=row[16],
-            finished_at=row[17],
-            counts=counts_of(row[18]),
+            expired_at=row[15],
+            status=None if row[16] is None else BatchStatus(row[16]),
+            started_at=row[17],
+            finished_at=row[18],
+            counts=counts_of(row[19]),
         )
         for row in rows
     ]
@@ -255,7 +256,7 @@ def openai_batches_of(rows: Iterable[Any]) -> list[OpenAIBatch]:
 OPENAI_BATCH_COLUMNS = (
     "o.id, o.owner, o.input_file_id, o.endpoint, o.completion_window, o.metadata, "
     "o.created_at, o.expires_at, o.request_total, o.errors, o.failed_at, o.cancelling_at, "
-    "o.output_file_id, o.error_file_id, o.finalized_at, "
+    "o.output_file_id, o.error_file_id, o.finalized_at, o.expired_at, "
     "b.status, b.started_at, b.finished_at, b.counts "
     "FROM openai_batches o LEFT JOIN batches b ON b.id = o.id"
 )

@@ -62,6 +62,7 @@ from batchexec.store.sqlite_rows import (
     INSERT_EXECUTION,
     INSERT_OPENAI_BATCH,
     INSERT_STORED_FILE,
+    MARK_OVERDUE,
     NEXT_CALLBACK,
     OPENAI_CANCELLING,
     OPENAI_FINALIZED,
@@ -433,6 +434,14 @@ class SQLiteStore(BatchStore):
 
     async def openai_cancelling(self, batch_id: str, at: float) -> None:
         await self._write_one(OPENAI_CANCELLING, (at, batch_id))
+
+    async def overdue_openai_batches(self) -> list[str]:
+        def write(db: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            with _transaction(db):
+                return [row[0] for row in db.execute(MARK_OVERDUE, (now, now))]
+
+        return await self._run(write)
 
     async def due_finalizations(self, limit: int, hold_s: float) -> list[OpenAIBatch]:
         def write(db: sqlite3.Connection) -> list[OpenAIBatch]:

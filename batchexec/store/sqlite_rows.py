@@ -169,6 +169,12 @@ SELECT_OPENAI_BATCHES = (
 OPENAI_CANCELLING = (
     "UPDATE openai_batches SET cancelling_at = coalesce(cancelling_at, ?) WHERE id = ?"
 )
+#: Now, now.
+MARK_OVERDUE = (
+    "UPDATE openai_batches SET expired_at = coalesce(expired_at, ?) WHERE expires_at < ? "
+    "AND failed_at IS NULL AND id IN (SELECT id FROM batches "
+    "WHERE status IN ('queued', 'processing')) RETURNING id"
+)
 #: Now, the hold, now, the limit.
 CLAIM_FINALIZATIONS = (
     "UPDATE openai_batches SET finalize_until = ? + ? WHERE id IN (SELECT o.id "

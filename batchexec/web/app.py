@@ -203,7 +203,7 @@ async def _webhooks(app: web.Application) -> AsyncIterator[None]:
 async def _openai_files(app: web.Application) -> AsyncIterator[None]:
     """Writes the output and error files of the OpenAI Batch API's ended batches."""
     registry = app[REGISTRY]
-    finalizer = Finalizer(registry)
+    finalizer = Finalizer(registry, app[ENGINE].cancel)
     registry.batch_ended_listeners.append(finalizer.batch_ended)
     await finalizer.start()
     yield

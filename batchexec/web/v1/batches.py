@@ -14,9 +14,9 @@ on the same engine, limits, retries and store as every other batch.
 Statuses: ``validating`` while it waits for a batch slot, ``in_progress``
 while it runs, ``cancelling`` once asked to stop, ``finalizing`` while its
 output and error files are written (``openai_batches.Finalizer``), then
-``completed``, ``cancelled`` (with what finished) or ``failed``.
-``completion_window`` is ``24h``, as at OpenAI; a batch still running when it
-passes is not yet expired (``expires_at`` is shown).
+``completed``, ``cancelled`` (with what finished), ``expired`` (still running
+when its ``24h`` completion window passed: cancelled, with what finished) or
+``failed``.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def present(record: OpenAIBatch, counts: Counter[ExecutionStatus]) -> BatchObjec
         else None,
         completed_at=ended if status == "completed" else None,
         failed_at=_seconds(record.failed_at) or (ended if status == "failed" else None),
-        expired_at=None,
+        expired_at=ended if status == "expired" else None,
         cancelling_at=_seconds(record.cancelling_at),
         cancelled_at=ended if status == "cancelled" else None,
         request_counts=RequestCounts(
@@ -258,7 +258,7 @@ def _status(record: OpenAIBatch) -> BatchState:
             return "cancelling"
         return "in_progress" if not record.status.finished else "finalizing"
     if record.status is BatchStatus.CANCELLED:
-        return "cancelled"
+        return "expired" if record.expired_at is not None else "cancelled"
     if record.status is BatchStatus.FAILED:
         return "failed"
     return "completed"

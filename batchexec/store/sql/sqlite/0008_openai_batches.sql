@@ -3,7 +3,8 @@
 -- plans its rows again as requests rather than as prompts); one whose lines were not is
 -- only recorded here, failed, with its errors. Once its batchexec batch has ended, one
 -- process writes its output and error files (a claim until finalize_until) and records
--- them: until then the batch is 'finalizing'.
+-- them: until then the batch is 'finalizing'. One still running when expires_at passes is
+-- marked expired_at and cancelled.
 
 ALTER TABLE batches ADD COLUMN api TEXT;
 
@@ -23,6 +24,8 @@ CREATE TABLE openai_batches (
     output_file_id TEXT,
     error_file_id TEXT,
     finalized_at REAL,
+    -- When its completion window was found passed while it ran: it is then cancelled.
+    expired_at REAL,
     finalize_until REAL
 );
 CREATE INDEX openai_batches_by_owner ON openai_batches (owner, created_at, id);
