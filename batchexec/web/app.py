@@ -36,6 +36,7 @@ from batchexec.web.keys import (
     RESULT_WORKBOOKS,
     RESULTS_CACHE,
     SETTINGS,
+    V1_INTAKE,
     WORKBOOKS,
 )
 from batchexec.web.middlewares import auth_middleware, error_middleware
@@ -169,6 +170,7 @@ async def _input_pool(app: web.Application) -> AsyncIterator[None]:
     bounded by ``PARSE_TIMEOUT_S``, so a queue here drains.
     """
     pool = app[INPUT_POOL] = ThreadPoolExecutor(_INPUT_THREADS, thread_name_prefix="input")
+    app[V1_INTAKE] = asyncio.Semaphore(_INPUT_THREADS)
     workbooks = app[WORKBOOKS] = WorkbookReader(app[SETTINGS])
     yield
     pool.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -29,6 +30,9 @@ REPLICA = web.AppKey("replica", Replica)
 RESULTS_CACHE = web.AppKey("results_cache", RenderedResults)
 #: Threads that read uploaded files, apart from those that write outputs.
 INPUT_POOL = web.AppKey("input_pool", ThreadPoolExecutor)
+#: Held while a ``/v1/batches`` input file is read and checked: a file can be
+#: ``MAX_FILE_BYTES``, so only so many are in memory at once.
+V1_INTAKE = web.AppKey("v1_intake", asyncio.Semaphore)
 #: The worker processes that read uploaded workbooks.
 WORKBOOKS = web.AppKey("workbooks", WorkbookReader)
 

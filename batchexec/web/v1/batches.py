@@ -4,12 +4,13 @@ A batch's input file is read and every line checked before anything runs
 (``openai_requests``): the JSON, ``custom_id`` (present, unique), ``method``
 and ``url``, the model (through the catalog, and whether it can be called as
 configured), the options each model's provider can honour, and the limits
-(``MAX_FILE_LINES`` requests; ``MAX_SENT_PROMPT_LENGTH`` characters of
-messages a request). A batch with any problem ends ``failed`` at once with
-each in ``errors``, its line numbered, and runs nothing, as at OpenAI.
-Otherwise it runs as a batchexec batch of the same id (it shows in the list
-and events routes, and its workbook downloads), its requests independent rows
-on the same engine, limits, retries and store as every other batch.
+(``MAX_FILE_LINES`` requests; ``MAX_BODY_BYTES`` a line;
+``MAX_SENT_PROMPT_LENGTH`` characters of messages a request). A batch with any
+problem ends ``failed`` at once with each in ``errors``, its line numbered,
+and runs nothing, as at OpenAI. Otherwise it runs as a batchexec batch of the
+same id (it shows in the list and events routes, and its workbook downloads),
+its requests independent rows on the same engine, limits, retries and store
+as every other batch.
 
 Statuses: ``validating`` while it waits for a batch slot, ``in_progress``
 while it runs, ``cancelling`` once asked to stop, ``finalizing`` while its
@@ -35,7 +36,7 @@ from batchexec.planning import BatchPlan, Limits
 from batchexec.readiness import unready
 from batchexec.records import BatchStatus, ExecutionStatus
 from batchexec.store import BatchStore, OpenAIBatch
-from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
+from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, V1_INTAKE
 from batchexec.web.requests import answer, on_input_pool, parse_body, validated
 from batchexec.web.v1.schemas import (
     BatchCreate,
@@ -66,21 +67,26 @@ async def create_batch(request: web.Request) -> web.Response:
     file = await store.stored_file(body.input_file_id, owner)
     if file is None or file.purpose != "batch":
         raise NotFoundError(f"No such File object: {body.input_file_id}")
-    data = await _content(store, file.id)
-    parsed = await on_input_pool(
-        request,
-        lambda: parse_lines(
-            data, max_lines=settings.max_file_lines, max_chars=settings.max_sent_prompt_length
-        ),
-    )
-    plan, errors = None, list(parsed.errors)
-    if parsed.rows:
-        # The lines that were read are checked further even when others were not: every
-        # problem of the file is reported at once.
-        plan, found = await on_input_pool(request, lambda: _plan(request, parsed))
-        errors = sorted([*errors, *found], key=lambda error: error.line or 0)
-        if errors:
-            plan = None
+    async with request.app[V1_INTAKE]:  # a file may be MAX_FILE_BYTES: few at once
+        data = await _content(store, file.id)
+        parsed = await on_input_pool(
+            request,
+            lambda: parse_lines(
+                data,
+                max_lines=settings.max_file_lines,
+                max_chars=settings.max_sent_prompt_length,
+                max_line_bytes=settings.max_body_bytes,
+            ),
+        )
+        data = b""  # the rows hold what is needed now
+        plan, errors = None, list(parsed.errors)
+        if parsed.rows:
+            # The lines that were read are checked further even when others were not:
+            # every problem of the file is reported at once.
+            plan, found = await on_input_pool(request, lambda: _plan(request, parsed))
+            errors = sorted([*errors, *found], key=lambda error: error.line or 0)
+            if errors:
+                plan = None
     now = time.time()
     record = OpenAIBatch(
         id=new_batch_id(),
