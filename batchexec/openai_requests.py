@@ -69,10 +69,13 @@ class ParsedLines:
     errors: list[LineError]
 
 
-def parse_lines(data: bytes, *, max_lines: int, max_chars: int) -> ParsedLines:
+def parse_lines(
+    data: bytes, *, max_lines: int, max_chars: int, max_line_bytes: int | None = None
+) -> ParsedLines:
     """Every line of ``data`` (a JSONL file) as a row, or its problems; blank lines skipped.
 
-    ``max_chars`` bounds the characters of all of a request's messages.
+    ``max_chars`` bounds the characters of all of a request's messages,
+    ``max_line_bytes`` a line's UTF-8 bytes (it is not parsed when longer).
     """
     rows: list[RowInput] = []
     lines: list[int] = []
@@ -98,6 +101,19 @@ def parse_lines(data: bytes, *, max_lines: int, max_chars: int) -> ParsedLines:
                 )
             )
             break
+        if (
+            max_line_bytes is not None
+            and len(line) > max_line_bytes // 4
+            and (size := len(line.encode("utf-8", "surrogatepass"))) > max_line_bytes
+        ):
+            errors.append(
+                LineError(
+                    "invalid_request",
+                    number,
+                    f"The line is {size} bytes; the limit (MAX_BODY_BYTES) is {max_line_bytes}.",
+                )
+            )
+            continue
         try:
             row = _row(line, max_chars)
         except _Refused as exc:
