@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import client as http
-from benchmarks import cluster_bench, makespan, overhead, polling, report, responsive, store
+from benchmarks import (
+    cluster_bench,
+    makespan,
+    openai_batch,
+    overhead,
+    polling,
+    report,
+    responsive,
+    store,
+)
 from benchmarks.common import RESULTS_DIR, RUNS, Figure, Target, progress
 from benchmarks.memory import memory
 from benchmarks.profiling import profile_overhead
@@ -37,6 +46,7 @@ HTTP_SCENARIOS: dict[str, Callable[[http.BatchClient], Awaitable[Figure]]] = {
     "chains": makespan.chains,
     "overhead": overhead.overhead,
     "polling": polling.polling,
+    "openai": openai_batch.openai_batch,
 }
 #: Scenarios that run against a SQLite, a memory:// and a PostgreSQL server of their own,
 #: side by side.
@@ -76,6 +86,7 @@ FIGURES = {
     "providers": ("provider_client", "provider client vs the official SDK"),
     "xlsx": ("xlsx", "XLSX writing"),
     "polling": ("polling", "results polling"),
+    "openai": ("openai_batch", "OpenAI Batch API vs the batchexec route"),
     "memory": ("memory", "memory"),
     "store-rows": ("store_rows", "instant rows/s, SQLite vs memory://"),
     "store-rows-postgres": store.ROWS_POSTGRES,
