@@ -16,6 +16,8 @@ import json
 import random
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import replace
 from typing import Any, ClassVar, Generic, TypeVar
 
 import pytest
@@ -29,6 +31,7 @@ from batchexec.store import (
     ExecutionEnded,
     ExecutionStarted,
     FileEntry,
+    OpenAIBatch,
     SharedStore,
     StoredFile,
     StoreError,
@@ -848,6 +851,211 @@ class StoreContract:
             ("file-recent-incomplete",),
         ]
 
+    # Batches of the OpenAI Batch API
+
+    async def test_an_openai_batch_is_its_owners_and_reads_how_its_batch_stands(self, kit):
+        store = await kit.open()
+        record = an_openai_batch("ob1", metadata='{"project": "a"}', request_total=2)
+        await store.create_openai_batch(record)
+        # Recorded before the batch it runs as: nothing of that batch to read yet.
+        assert await store.openai_batch("ob1", "owner-a") == record
+        assert await store.openai_batch("ob1", "owner-b") is None
+        assert await store.openai_batch("ob-missing", "owner-a") is None
+
+        await created_and_held(store, a_batch("ob1", rows=[ExecutionStatus.PENDING] * 2))
+        queued = await store.openai_batch("ob1", "owner-a")
+        assert queued == replace(record, status=BatchStatus.QUEUED)
+        await store.apply([BatchStarted("ob1", 2.0)])
+        started = await store.openai_batch("ob1", "owner-a")
+        assert started == replace(record, status=BatchStatus.PROCESSING, started_at=2.0)
+        await store.apply(
+            [
+                ended("ob1", 1, ExecutionStatus.SUCCEEDED, 1, result="r"),
+                ended("ob1", 2, ExecutionStatus.FAILED, 2, error="e"),
+                BatchEnded("ob1", BatchStatus.COMPLETED, "Done.", 5.0, None),
+            ]
+        )
+        assert await store.openai_batch("ob1", "owner-a") == replace(
+            record,
+            status=BatchStatus.COMPLETED,
+            started_at=2.0,
+            finished_at=5.0,
+            counts=Counter({ExecutionStatus.SUCCEEDED: 1, ExecutionStatus.FAILED: 1}),
+        )
+
+        # One whose input was invalid has no batch: only its errors.
+        errors = json.dumps([{"code": "invalid_json_line", "line": 3, "message": "Not JSON."}])
+        invalid = an_openai_batch("ob2", owner="owner-b", errors=errors, failed_at=1.5)
+        await store.create_openai_batch(invalid)
+        assert await store.openai_batch("ob2", "owner-b") == invalid
+        assert await store.openai_batch("ob2", "owner-a") is None
+
+    async def test_openai_batches_are_listed_newest_first_and_paged_after_an_id(self, kit):
+        store = await kit.open()
+        # Created out of order, "ob-b" and "ob-c" in the same instant.
+        for batch_id, owner, created_at in (
+            ("ob-c", "owner-a", 20.0),
+            ("ob-a", "owner-a", 10.0),
+            ("ob-x", "owner-b", 25.0),
+            ("ob-d", "owner-a", 30.5),
+            ("ob-b", "owner-a", 20.0),
+        ):
+            await store.create_openai_batch(
+                an_openai_batch(batch_id, owner=owner, created_at=created_at)
+            )
+        await store.create(a_batch("ob-d", status=BatchStatus.PROCESSING))
+        newest_first = ["ob-d", "ob-c", "ob-b", "ob-a"]
+
+        found = await store.openai_batches("owner-a", after=None, limit=10)
+        assert [record.id for record in found] == newest_first
+        assert found[0] == an_openai_batch("ob-d", created_at=30.5, status=BatchStatus.PROCESSING)
+        pages, after = [], None
+        while page := await _openai_listed(store, "owner-a", after=after, limit=2):
+            pages.append(page)
+            after = page[-1]
+        assert pages == [newest_first[0:2], newest_first[2:4]]
+        # From inside the tie.
+        assert await _openai_listed(store, "owner-a", after="ob-c") == ["ob-b", "ob-a"]
+        assert await _openai_listed(store, "owner-a", after="ob-b") == ["ob-a"]
+        assert await _openai_listed(store, "owner-a", after="ob-a") == []
+        # Another owner's batch, or none, is no place to start a page from.
+        assert await _openai_listed(store, "owner-a", after="ob-x") == []
+        assert await _openai_listed(store, "owner-a", after="ob-missing") == []
+        assert await _openai_listed(store, "owner-b") == ["ob-x"]
+        assert await _openai_listed(store, "owner-c") == []
+
+    async def test_openai_cancelling_keeps_the_first_time_it_was_asked(self, kit):
+        store = await kit.open()
+        await store.create_openai_batch(an_openai_batch("ob1"))
+        await store.create_openai_batch(an_openai_batch("ob2"))
+
+        await store.openai_cancelling("ob1", 5.0)
+        await store.openai_cancelling("ob1", 9.0)
+        await store.openai_cancelling("ob-missing", 9.0)
+
+        assert await store.openai_batch("ob1", "owner-a") == an_openai_batch(
+            "ob1", cancelling_at=5.0
+        )
+        assert await store.openai_batch("ob2", "owner-a") == an_openai_batch("ob2")
+
+    async def test_due_finalizations_gives_only_ended_unfinalized_batches_and_holds_them(self, kit):
+        store = await kit.open()
+        ended_as = {
+            "completed": BatchStatus.COMPLETED,
+            "cancelled": BatchStatus.CANCELLED,
+            "failed": BatchStatus.FAILED,
+        }
+        for batch_id, status in ended_as.items():
+            await store.create_openai_batch(an_openai_batch(batch_id))
+            await store.create(a_batch(batch_id, status=status, finished_at=5.0))
+        for batch_id, status in (
+            ("queued", BatchStatus.QUEUED),
+            ("running", BatchStatus.PROCESSING),
+        ):
+            await store.create_openai_batch(an_openai_batch(batch_id))
+            await store.create(a_batch(batch_id, status=status))
+        # Its input was invalid: it never ran, and has no files to write.
+        await store.create_openai_batch(an_openai_batch("invalid", errors="[]", failed_at=1.0))
+        # Recorded, its batch not (yet) stored.
+        await store.create_openai_batch(an_openai_batch("alone"))
+
+        due = await store.due_finalizations(10, 60.0)
+
+        assert sorted(record.id for record in due) == sorted(ended_as)
+        for record in due:
+            assert record == an_openai_batch(
+                record.id,
+                status=ended_as[record.id],
+                finished_at=5.0,
+                counts=Counter({ExecutionStatus.PENDING: 1}),
+            )
+        # Held: nobody gets them again until the hold ends.
+        assert await store.due_finalizations(10, 60.0) == []
+
+    async def test_a_due_finalization_is_given_to_one_caller_until_its_hold_lapses(self, kit):
+        store = await kit.open()
+        other = await kit.another_process(store)
+        ids = [f"ob{n}" for n in range(6)]
+        for batch_id in ids:
+            await store.create_openai_batch(an_openai_batch(batch_id))
+            await store.create(a_batch(batch_id, status=BatchStatus.COMPLETED, finished_at=5.0))
+
+        first, second = await asyncio.gather(
+            store.due_finalizations(4, 60.0), other.due_finalizations(4, 60.0)
+        )
+        given = [record.id for record in first + second]
+        assert sorted(given) == ids  # each to one caller
+        assert len(first) <= 4 and len(second) <= 4
+        assert await store.due_finalizations(10, 60.0) == []
+
+        # A caller that died holding them: they are due again once the hold ends.
+        await store.create_openai_batch(an_openai_batch("lapsing"))
+        await store.create(a_batch("lapsing", status=BatchStatus.CANCELLED, finished_at=6.0))
+        assert [record.id for record in await store.due_finalizations(10, -1.0)] == ["lapsing"]
+        assert [record.id for record in await other.due_finalizations(10, 60.0)] == ["lapsing"]
+        assert await store.due_finalizations(10, -1.0) == []
+
+    async def test_a_finalized_batch_has_its_files_and_is_never_due_again(self, kit):
+        store = await kit.open()
+        for batch_id in ("ob1", "ob2"):
+            await store.create_openai_batch(an_openai_batch(batch_id))
+            await store.create(a_batch(batch_id, status=BatchStatus.COMPLETED, finished_at=5.0))
+        assert len(await store.due_finalizations(10, -1.0)) == 2  # claimed, the hold lapsed
+
+        await store.openai_finalized("ob1", "file-out", None, 7.0)
+        await store.openai_finalized("ob2", None, "file-err", 8.0)
+
+        assert await store.due_finalizations(10, 60.0) == []
+        finalized = await store.openai_batch("ob1", "owner-a")
+        assert finalized is not None
+        assert (finalized.output_file_id, finalized.error_file_id, finalized.finalized_at) == (
+            "file-out",
+            None,
+            7.0,
+        )
+        assert finalized.status is BatchStatus.COMPLETED
+        other = await store.openai_batch("ob2", "owner-a")
+        assert other is not None
+        assert (other.output_file_id, other.error_file_id, other.finalized_at) == (
+            None,
+            "file-err",
+            8.0,
+        )
+
+    async def test_expire_drops_the_old_openai_batches_whose_batch_is_gone(self, kit):
+        store = await kit.open()
+        done = BatchStatus.COMPLETED
+        for batch_id, created_at, batch in (
+            # Its input was invalid: it never had a batch.
+            ("old invalid", 10.0, None),
+            ("recent invalid", 150.0, None),
+            ("old expired", 10.0, a_batch("old expired", status=done, finished_at=50.0)),
+            ("old ended late", 10.0, a_batch("old ended late", status=done, finished_at=150.0)),
+            ("old running", 10.0, a_batch("old running", status=BatchStatus.PROCESSING)),
+        ):
+            await store.create_openai_batch(
+                an_openai_batch(
+                    batch_id,
+                    created_at=created_at,
+                    errors=None if batch else "[]",
+                    failed_at=None if batch else created_at,
+                )
+            )
+            if batch is not None:
+                await store.create(batch)
+
+        assert await store.expire(older_than=100.0) == []
+
+        for gone in ("old invalid", "old expired"):
+            assert await store.openai_batch(gone, "owner-a") is None
+        for kept in ("recent invalid", "old ended late", "old running"):
+            assert await store.openai_batch(kept, "owner-a") is not None
+        assert await _openai_listed(store, "owner-a") == [
+            "recent invalid",
+            "old running",
+            "old ended late",
+        ]
+
 
 def a_stored_file(
     file_id: str,
@@ -875,3 +1083,26 @@ async def _listed(
         owner, purpose=purpose, after=after, limit=limit, newest_first=newest_first
     )
     return [file.id for file in files]
+
+
+def an_openai_batch(batch_id: str, *, owner: str = "owner-a", **fields: Any) -> OpenAIBatch:
+    """A batch of the OpenAI Batch API created at 1.0 (unless told), its window 24 hours."""
+    created_at = fields.pop("created_at", 1.0)
+    return OpenAIBatch(
+        id=batch_id,
+        owner=owner,
+        input_file_id=f"file-{batch_id}",
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata=fields.pop("metadata", None),
+        created_at=created_at,
+        expires_at=created_at + 24 * 3600,
+        **fields,
+    )
+
+
+async def _openai_listed(
+    store: BatchStore, owner: str, *, after: str | None = None, limit: int = 100
+) -> list[str]:
+    """The ids of ``owner``'s OpenAI batches ``openai_batches`` lists."""
+    return [record.id for record in await store.openai_batches(owner, after=after, limit=limit)]

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from batchexec.errors import ConflictError, NotFoundError, TemplateNotRunError
 from batchexec.inputs import Rows, from_executions
+from batchexec.openai_requests import OPENAI, row_of_cells
 from batchexec.providers import unconfigured
 from batchexec.readiness import require_ready
 from batchexec.records import Batch, ExecutionStatus
@@ -102,15 +103,25 @@ async def retry(request: web.Request) -> web.Response:
     if not rerun:
         raise ConflictError("Every execution of the batch succeeded; there is nothing to retry.")
 
-    # Planned again, against today's catalog: the rows run now, not when first sent.
+    # Planned again, against today's catalog: the rows run now, not when first sent. A
+    # request of the OpenAI Batch API is planned from the request kept in its cells, with
+    # its messages and options, as on a restart.
     def rows() -> Rows:
-        return Rows.of(original.columns, [execution.row_input for execution in original.executions])
+        inputs = [
+            row_of_cells(execution.cells) if original.api == OPENAI else execution.row_input
+            for execution in original.executions
+        ]
+        return Rows.of(original.columns, inputs)
 
     plan = await plan_off_loop(request, rows)
     providers = request.app[PROVIDERS]
     require_ready(plan, providers, only=rerun)
     batch = await request.app[ENGINE].submit(
-        request[OWNER], plan, retry_of=original, callback_url=original.callback_url
+        request[OWNER],
+        plan,
+        retry_of=original,
+        callback_url=original.callback_url,
+        api=original.api,
     )
     return answer(RetryResponse.retrying(batch.id, original, rerun))
 
