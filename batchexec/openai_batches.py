@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from batchexec.errors import ConflictError
 from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.registry import Registry
-from batchexec.store import OpenAIBatch, StoredFile
+from batchexec.store import BatchStore, OpenAIBatch, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,26 @@ class Finalizer:
         batch = await self._registry.get(record.id, record.owner)
         expired = record.expired_at is not None
         output, errors = await asyncio.to_thread(_render, batch, expired)
-        output_id = await self._write(record, "output", output)
-        error_id = await self._write(record, "error", errors)
-        await self._registry.store.openai_finalized(record.id, output_id, error_id, time.time())
+        store = self._registry.store
+        written: list[str] = []
+        try:
+            output_id = await self._write(record, "output", output, written)
+            error_id = await self._write(record, "error", errors, written)
+            recorded = await store.openai_finalized(record.id, output_id, error_id, time.time())
+        except BaseException:
+            # Cut off (a store error, a shutdown): none of it stays to count against the key.
+            await asyncio.shield(_delete(store, written))
+            raise
+        if not recorded:
+            # Another process wrote and recorded the batch's files first (its claim had lapsed).
+            await _delete(store, written)
+            return
         log.info("batch %s: output and error files written", record.id)
 
-    async def _write(self, record: OpenAIBatch, kind: str, chunks: list[bytes]) -> str | None:
+    async def _write(
+        self, record: OpenAIBatch, kind: str, chunks: list[bytes], written: list[str]
+    ) -> str | None:
+        """Write ``chunks`` as the batch's ``kind`` file, its id added to ``written`` first."""
         if not chunks:
             return None
         store = self._registry.store
@@ -131,11 +145,17 @@ class Finalizer:
             filename=f"{record.id}_{kind}.jsonl",
             created_at=time.time(),
         )
+        written.append(file.id)
         await store.create_stored_file(file)
         for seq, chunk in enumerate(chunks):
             await store.write_chunk(file.id, seq, chunk)
         await store.complete_file(file.id, sum(len(chunk) for chunk in chunks))
         return file.id
+
+
+async def _delete(store: BatchStore, file_ids: list[str]) -> None:
+    for file_id in file_ids:
+        await store.delete_stored_file(file_id)
 
 
 def _render(batch: Batch, expired: bool) -> tuple[list[bytes], list[bytes]]:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchexec.columns import Cell
-from batchexec.planning import ChatInput, RowInput
+from batchexec.config import Settings
+from batchexec.planning import ChatInput, Limits, RowInput
 from batchexec.providers.base import ChatOptions, Turn
 
 #: The batch's ``api`` (``records.Batch.api``) and the endpoint every line calls.
@@ -38,6 +39,19 @@ _OPTIONS = frozenset(
 )
 _BODY_FIELDS = frozenset({"model", "messages", "n", "stream", "response_format"})
 _MAX_CUSTOM_ID_CHARS = 512
+#: The problems of one file listed at most; reading stops after them.
+MAX_ERRORS = 1000
+
+
+def limits_of(settings: Settings) -> Limits:
+    """What a batch of requests may hold: ``MAX_FILE_LINES`` of them (in place of
+    ``MAX_EXECUTIONS_PER_BATCH``), each of ``MAX_SENT_PROMPT_LENGTH`` characters."""
+    return Limits(
+        max_executions=settings.max_file_lines,
+        max_prompt_length=settings.max_sent_prompt_length,
+        default_model=settings.default_model,
+        max_columns=len(COLUMNS),
+    )
 
 
 @dataclass(frozen=True)
@@ -87,12 +101,25 @@ def parse_lines(
         return ParsedLines(
             [], [], [LineError("invalid_file", None, f"The file is not UTF-8: {exc}.")]
         )
+    requests = 0
     # Lines end at "\n" alone (a "\r" before it is JSON whitespace): ``splitlines`` would
     # also break at U+2028, U+0085 and others, which JSON text may hold unescaped.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        if len(lines) >= max_lines:
+        requests += 1
+        if len(errors) >= MAX_ERRORS:
+            # What a bad file costs stays bounded, however many of its lines are bad.
+            errors.append(
+                LineError(
+                    "too_many_errors",
+                    number,
+                    f"The first {MAX_ERRORS} problems are listed; the lines from here on "
+                    "were not read.",
+                )
+            )
+            break
+        if requests > max_lines:
             errors.append(
                 LineError(
                     "too_many_requests",
@@ -269,7 +296,14 @@ def _text(content: object, param: str) -> str:
 
 
 def _options(body: Mapping[str, Any]) -> ChatOptions:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise _Refused(
+            "invalid_request",
+            "Send body.max_tokens or body.max_completion_tokens, not both.",
+            "body.max_tokens",
+        )
+    named = body.get("max_completion_tokens") is not None
+    max_tokens = body.get("max_completion_tokens") if named else body.get("max_tokens")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -298,4 +332,5 @@ def _options(body: Mapping[str, Any]) -> ChatOptions:
         stop=tuple(stop) if stop is not None else None,
         seed=body.get("seed"),
         response_format=body.get("response_format"),
+        max_tokens_as="max_completion_tokens" if named else "max_tokens",
     )

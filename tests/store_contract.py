@@ -1002,8 +1002,10 @@ class StoreContract:
             await store.create(a_batch(batch_id, status=BatchStatus.COMPLETED, finished_at=5.0))
         assert len(await store.due_finalizations(10, -1.0)) == 2  # claimed, the hold lapsed
 
-        await store.openai_finalized("ob1", "file-out", None, 7.0)
-        await store.openai_finalized("ob2", None, "file-err", 8.0)
+        assert await store.openai_finalized("ob1", "file-out", None, 7.0)
+        assert await store.openai_finalized("ob2", None, "file-err", 8.0)
+        # A process whose claim lapsed wrote its own files: the first record stays.
+        assert not await store.openai_finalized("ob1", "file-late", "file-late-err", 9.0)
 
         assert await store.due_finalizations(10, 60.0) == []
         finalized = await store.openai_batch("ob1", "owner-a")
@@ -1021,6 +1023,13 @@ class StoreContract:
             "file-err",
             8.0,
         )
+
+    async def test_a_refused_openai_batch_is_deleted(self, kit):
+        store = await kit.open()
+        await store.create_openai_batch(an_openai_batch("refused"))
+        await store.delete_openai_batch("refused")
+        assert await store.openai_batch("refused", "owner-a") is None
+        await store.delete_openai_batch("refused")  # twice is harmless
 
     async def test_expire_drops_the_old_openai_batches_whose_batch_is_gone(self, kit):
         store = await kit.open()

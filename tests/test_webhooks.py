@@ -400,11 +400,12 @@ async def test_a_webhook_cut_off_by_a_restart_is_sent_by_the_next_process(
         return web.Response()
 
     receiver.answers = [hang]
+    # An attempt that cannot time out before the first process is stopped.
     settings = make_settings(
         callback_allow=receiver.origin,
         callback_secret=SECRET,
         callback_backoff_s=0.01,
-        callback_timeout_s=0.5,
+        callback_timeout_s=60.0,
     )
     first = await aiohttp_client(create_app(settings, extra_providers=(GatedProvider,)))
     gated(first).open()
@@ -413,19 +414,31 @@ async def test_a_webhook_cut_off_by_a_restart_is_sent_by_the_next_process(
     await asyncio.wait_for(held.wait(), WAIT_S)
     await first.close()  # the attempt in flight is cut off
     gone.set()
+    path = settings.database_url.removeprefix("sqlite:///")
+
+    def query(sql: str) -> list[Any]:
+        db = sqlite3.connect(path)
+        try:
+            with db:
+                return db.execute(sql, (invocation_id,)).fetchall()
+        finally:
+            db.close()
+
+    # Still pending, no attempt recorded; held by the first process's claim, which lapses
+    # in two timeouts (the store's tests check that): here it has lapsed.
+    assert query("SELECT callback_state, callback_attempts FROM batches WHERE id = ?") == [
+        ("pending", 0)
+    ]
+    query("UPDATE batches SET callback_next = 0 WHERE id = ?")
 
     second = await aiohttp_client(create_app(settings, extra_providers=(GatedProvider,)))
     posts = await receiver.wait_for(2)
     await settled(second)
     assert [post.headers["webhook-id"] for post in posts] == [invocation_id, invocation_id]
     assert posts[1].verified()["data"]["status"] == "completed"
-    db = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"))
-    try:
-        assert db.execute(
-            "SELECT callback_state, callback_attempts FROM batches WHERE id = ?", (invocation_id,)
-        ).fetchall() == [("delivered", 1)]
-    finally:
-        db.close()
+    assert query("SELECT callback_state, callback_attempts FROM batches WHERE id = ?") == [
+        ("delivered", 1)
+    ]
 
 
 async def delivered_once(hooked: Any, receiver: Receiver, database_url: str) -> None:

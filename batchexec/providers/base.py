@@ -40,10 +40,19 @@ class ChatOptions:
     #: ``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema",
     #: "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``, as OpenAI takes it.
     response_format: Mapping[str, Any] | None = None
+    #: The name the request gave ``max_tokens`` (OpenAI's reasoning models take only
+    #: ``max_completion_tokens``): where a provider has both, it sends this one. No option.
+    max_tokens_as: Literal["max_tokens", "max_completion_tokens"] = field(
+        default="max_tokens", metadata={"option": False}
+    )
 
     def given(self) -> dict[str, Any]:
         """The options that are set, by name, in the order the class declares them."""
-        values = {option.name: getattr(self, option.name) for option in fields(self)}
+        values = {
+            option.name: getattr(self, option.name)
+            for option in fields(self)
+            if option.metadata.get("option", True)
+        }
         return {name: value for name, value in values.items() if value is not None}
 
 

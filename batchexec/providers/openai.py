@@ -140,7 +140,8 @@ def _option_fields(request: ChatRequest) -> dict[str, Any]:
     given = request.options.given()
     if "stop" in given:
         given["stop"] = list(given["stop"])
-    if "max_tokens" in given and "max_completion_tokens" in request.params:
+    named = request.options.max_tokens_as == "max_completion_tokens"
+    if "max_tokens" in given and (named or "max_completion_tokens" in request.params):
         given["max_completion_tokens"] = given.pop("max_tokens")
     return given
 

@@ -188,7 +188,8 @@ def _params(request: ChatRequest) -> dict[str, Any]:
     params = dict(request.params)
     if "stop" in given:
         given["stop"] = list(given["stop"])
-    if "max_tokens" in given and "max_completion_tokens" in params:
+    named = request.options.max_tokens_as == "max_completion_tokens"
+    if "max_tokens" in given and (named or "max_completion_tokens" in params):
         given["max_completion_tokens"] = given.pop("max_tokens")
     if (request.options.response_format or {}).get("type") == "text":
         # Text is the default: sent as no format at all, whatever the catalog gave.

@@ -309,6 +309,10 @@ class BatchStore(ABC):
         """Record ``batch`` (its own fields; the batch it runs as is created apart)."""
 
     @abstractmethod
+    async def delete_openai_batch(self, batch_id: str) -> None:
+        """Forget the record of ``batch_id`` (its batch was refused: it never ran)."""
+
+    @abstractmethod
     async def openai_batch(self, batch_id: str, owner: str) -> OpenAIBatch | None:
         """The OpenAI batch ``batch_id`` if ``owner`` created it."""
 
@@ -336,8 +340,9 @@ class BatchStore(ABC):
     @abstractmethod
     async def openai_finalized(
         self, batch_id: str, output_file_id: str | None, error_file_id: str | None, at: float
-    ) -> None:
-        """Record the output and error files written for ``batch_id``."""
+    ) -> bool:
+        """Record the output and error files written for ``batch_id``, unless another
+        process recorded its own first (then False: these are for the caller to delete)."""
 
     # Completion webhooks: a batch created with a ``callback_url`` has one pending,
     # due from its end; every attempt is recorded, so none is lost to a restart.

@@ -224,11 +224,17 @@ class MemoryStore(BatchStore):
 
     async def openai_finalized(
         self, batch_id: str, output_file_id: str | None, error_file_id: str | None, at: float
-    ) -> None:
-        batch = self._openai[batch_id]
+    ) -> bool:
+        batch = self._openai.get(batch_id)
+        if batch is None or batch.finalized_at is not None:
+            return False
         self._openai[batch_id] = replace(
             batch, output_file_id=output_file_id, error_file_id=error_file_id, finalized_at=at
         )
+        return True
+
+    async def delete_openai_batch(self, batch_id: str) -> None:
+        self._openai.pop(batch_id, None)
 
     def _joined(self, batch: OpenAIBatch) -> OpenAIBatch:
         """``batch`` with how the batch it runs as stands."""

@@ -591,9 +591,17 @@ class PostgresStore(SharedStore):
 
     async def openai_finalized(
         self, batch_id: str, output_file_id: str | None, error_file_id: str | None, at: float
-    ) -> None:
+    ) -> bool:
+        found = await self._run(
+            lambda conn: conn.fetchval(
+                OPENAI_FINALIZED, batch_id, output_file_id, error_file_id, at
+            )
+        )
+        return found is not None
+
+    async def delete_openai_batch(self, batch_id: str) -> None:
         await self._run(
-            lambda conn: conn.execute(OPENAI_FINALIZED, batch_id, output_file_id, error_file_id, at)
+            lambda conn: conn.execute("DELETE FROM openai_batches WHERE id = $1", batch_id)
         )
 
     # Completion webhooks

@@ -303,5 +303,5 @@ CLAIM_FINALIZATIONS = (
 )
 OPENAI_FINALIZED = (
     "UPDATE openai_batches SET output_file_id = $2, error_file_id = $3, finalized_at = $4 "
-    "WHERE id = $1"
+    "WHERE id = $1 AND finalized_at IS NULL RETURNING id"
 )

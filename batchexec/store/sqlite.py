@@ -457,8 +457,16 @@ class SQLiteStore(BatchStore):
 
     async def openai_finalized(
         self, batch_id: str, output_file_id: str | None, error_file_id: str | None, at: float
-    ) -> None:
-        await self._write_one(OPENAI_FINALIZED, (output_file_id, error_file_id, at, batch_id))
+    ) -> bool:
+        def write(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                args = (output_file_id, error_file_id, at, batch_id)
+                return db.execute(OPENAI_FINALIZED, args).rowcount == 1
+
+        return await self._run(write)
+
+    async def delete_openai_batch(self, batch_id: str) -> None:
+        await self._write_one("DELETE FROM openai_batches WHERE id = ?", (batch_id,))
 
     async def _write_one(self, sql: str, args: tuple[Any, ...]) -> None:
         def write(db: sqlite3.Connection) -> None:

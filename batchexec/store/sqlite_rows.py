@@ -184,5 +184,6 @@ CLAIM_FINALIZATIONS = (
     "AND (o.finalize_until IS NULL OR o.finalize_until < ?) LIMIT ?) RETURNING id"
 )
 OPENAI_FINALIZED = (
-    "UPDATE openai_batches SET output_file_id = ?, error_file_id = ?, finalized_at = ? WHERE id = ?"
+    "UPDATE openai_batches SET output_file_id = ?, error_file_id = ?, finalized_at = ? "
+    "WHERE id = ? AND finalized_at IS NULL"
 )

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from batchexec.errors import ConflictError, NotFoundError, TemplateNotRunError
 from batchexec.inputs import Rows, from_executions
-from batchexec.openai_requests import OPENAI, row_of_cells
+from batchexec.openai_requests import OPENAI, limits_of, row_of_cells
 from batchexec.providers import unconfigured
 from batchexec.readiness import require_ready
 from batchexec.records import Batch, ExecutionStatus
@@ -113,7 +113,8 @@ async def retry(request: web.Request) -> web.Response:
         ]
         return Rows.of(original.columns, inputs)
 
-    plan = await plan_off_loop(request, rows)
+    bounds = limits_of(request.app[SETTINGS]) if original.api == OPENAI else None
+    plan = await plan_off_loop(request, rows, bounds)
     providers = request.app[PROVIDERS]
     require_ready(plan, providers, only=rerun)
     batch = await request.app[ENGINE].submit(

@@ -80,13 +80,16 @@ async def on_input_pool(request: web.Request, work: Callable[[], _T]) -> _T:
     return await asyncio.get_running_loop().run_in_executor(request.app[INPUT_POOL], work)
 
 
-async def plan_off_loop(request: web.Request, rows: Rows | Callable[[], Rows]) -> BatchPlan:
+async def plan_off_loop(
+    request: web.Request, rows: Rows | Callable[[], Rows], bounds: Limits | None = None
+) -> BatchPlan:
     """``inputs.plan_rows`` for the app: a large batch is planned on the input pool.
 
     ``rows`` may be a function making them, run on the pool too: turning a
-    body or a stored batch into rows costs what the rows do.
+    body or a stored batch into rows costs what the rows do. ``bounds`` are
+    the settings' submission limits unless given.
     """
-    catalog, bounds = request.app[CATALOG], limits(request)
+    catalog, bounds = request.app[CATALOG], bounds or limits(request)
     if callable(rows):
         make = rows
         return await on_input_pool(request, lambda: plan_rows(make(), catalog, bounds))

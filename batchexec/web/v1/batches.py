@@ -22,6 +22,7 @@ when its ``24h`` completion window passed: cancelled, with what finished) or
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -31,8 +32,15 @@ from aiohttp import web
 
 from batchexec.errors import ConflictError, InputError, NotFoundError
 from batchexec.inputs import Rows, plan_rows
-from batchexec.openai_requests import COLUMNS, OPENAI, LineError, ParsedLines, parse_lines
-from batchexec.planning import BatchPlan, Limits
+from batchexec.openai_requests import (
+    COLUMNS,
+    OPENAI,
+    LineError,
+    ParsedLines,
+    limits_of,
+    parse_lines,
+)
+from batchexec.planning import BatchPlan
 from batchexec.readiness import unready
 from batchexec.records import BatchStatus, ExecutionStatus
 from batchexec.store import BatchStore, OpenAIBatch
@@ -101,9 +109,16 @@ async def create_batch(request: web.Request) -> web.Response:
         errors=json.dumps([error.as_json() for error in errors]) if errors else None,
         failed_at=now if errors else None,
     )
-    if plan is not None:
-        await request.app[ENGINE].submit(owner, plan, batch_id=record.id, api=OPENAI)
+    # Recorded first (it reads validating until its batch is stored), so that no batch
+    # ever runs without one, whatever happens between the two.
     await store.create_openai_batch(record)
+    if plan is not None:
+        try:
+            await request.app[ENGINE].submit(owner, plan, batch_id=record.id, api=OPENAI)
+        except BaseException:
+            # Refused (no room, shutting down) or cut off: it never runs.
+            await asyncio.shield(store.delete_openai_batch(record.id))
+            raise
     return answer(await _object(request, record.id))
 
 
@@ -119,10 +134,10 @@ async def cancel_batch(request: web.Request) -> web.Response:
     if record.status is None or record.status.finished or record.failed_at is not None:
         status = _status(record)
         raise ConflictError(f"Cannot cancel a batch with status {status}.")
-    store = request.app[REGISTRY].store
-    await store.openai_cancelling(batch_id, time.time())
-    # Answered as cancelling: the rows in flight stop, then the files are written.
+    asked_at = time.time()
+    # The engine may refuse (every row has ended): only a cancel it took is recorded.
     await request.app[ENGINE].cancel(batch_id)
+    await request.app[REGISTRY].store.openai_cancelling(batch_id, asked_at)
     return answer(await _object(request, batch_id))
 
 
@@ -143,16 +158,13 @@ def _plan(request: web.Request, parsed: ParsedLines) -> tuple[BatchPlan | None, 
     settings = request.app[SETTINGS]
     providers = request.app[PROVIDERS]
     rows = Rows(COLUMNS, tuple(parsed.rows), tuple(f"line {line}" for line in parsed.lines))
-    limits = Limits(
-        max_executions=settings.max_file_lines,
-        max_prompt_length=settings.max_sent_prompt_length,
-        default_model=settings.default_model,
-        max_columns=len(COLUMNS),
-    )
+    limits = limits_of(settings)
+    errors: list[LineError] = []
+    lines = list(parsed.lines)
     try:
         plan = plan_rows(rows, request.app[CATALOG], limits)
     except InputError as exc:
-        return None, [
+        errors = [
             LineError(
                 "model_not_found" if error.field == "model" else "invalid_request",
                 parsed.lines[error.index - 1] if error.index else None,
@@ -161,10 +173,21 @@ def _plan(request: web.Request, parsed: ParsedLines) -> tuple[BatchPlan | None, 
             )
             for error in exc.errors
         ]
-    errors = [
+        # The rows that did plan are checked further: every problem is reported at once.
+        bad = {error.index for error in exc.errors}
+        if None in bad:
+            return None, errors
+        pairs = enumerate(zip(parsed.rows, lines, strict=True), start=1)
+        kept = [(row, line) for n, (row, line) in pairs if n not in bad]
+        if not kept:
+            return None, errors
+        lines = [line for _, line in kept]
+        subset = Rows(COLUMNS, tuple(row for row, _ in kept), tuple(f"line {n}" for n in lines))
+        plan = plan_rows(subset, request.app[CATALOG], limits)
+    errors += [
         LineError(
             "model_not_available",
-            parsed.lines[group.indexes[0] - 1],
+            lines[group.indexes[0] - 1],
             f"{group.name!r} cannot be called on this server: {group.reason}",
             "body.model",
         )
@@ -178,7 +201,7 @@ def _plan(request: web.Request, parsed: ParsedLines) -> tuple[BatchPlan | None, 
             errors.append(
                 LineError(
                     "unsupported_parameter",
-                    parsed.lines[row.index - 1],
+                    lines[row.index - 1],
                     f"{message} (model {row.target.model.name!r})",
                     "body",
                 )
@@ -196,7 +219,11 @@ async def _content(store: BatchStore, file_id: str) -> bytes:
 
 
 async def _record(request: web.Request, batch_id: str) -> OpenAIBatch:
-    record = await request.app[REGISTRY].store.openai_batch(batch_id, request[OWNER])
+    record = (
+        await request.app[REGISTRY].store.openai_batch(batch_id, request[OWNER])
+        if batch_id.isprintable()
+        else None
+    )
     if record is None:
         raise NotFoundError(f"No such Batch object: {batch_id}")
     return record

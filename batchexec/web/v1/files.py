@@ -91,6 +91,14 @@ async def create_file(request: web.Request) -> web.Response:
     except InputError:
         await _forget(store, stored)
         raise
+    if await store.count_stored_files(owner) > settings.max_stored_files:
+        # Uploads of the key that ran at once each passed the first count.
+        await _forget(store, stored)
+        raise QueueFullError(
+            f"This API key keeps {settings.max_stored_files} files, the limit "
+            "(MAX_STORED_FILES). Delete some, or wait for them to expire.",
+            retry_after_s=60.0,
+        )
     return answer(FileObject.of(stored, settings.results_ttl_s))
 
 
@@ -144,7 +152,12 @@ async def delete_file(request: web.Request) -> web.Response:
 
 async def _file_of(request: web.Request) -> StoredFile:
     file_id = request.match_info["file_id"]
-    file = await request.app[REGISTRY].store.stored_file(file_id, request[OWNER])
+    # No id batchexec makes holds a control character (and PostgreSQL's text holds no NUL).
+    file = (
+        await request.app[REGISTRY].store.stored_file(file_id, request[OWNER])
+        if file_id.isprintable()
+        else None
+    )
     if file is None:
         raise NotFoundError(f"No such File object: {file_id}")
     return file

@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field
 from batchexec.store import StoredFile
 
 _Item = TypeVar("_Item", bound=BaseModel)
+#: What an id sent by a client may hold: every id batchexec makes is printable ASCII.
+Id = Annotated[str, Field(max_length=100, pattern=r"^[\x21-\x7e]+$")]
 
 
 class ErrorBody(BaseModel):
@@ -99,17 +101,21 @@ class FilesQuery(BaseModel):
     purpose: Literal["batch", "batch_output"] | None = None
     limit: Annotated[int, Field(ge=1, le=10_000)] = 10_000
     order: Literal["asc", "desc"] = "desc"
-    after: Annotated[str, Field(max_length=100)] | None = None
+    after: Id | None = None
 
 
 class BatchCreate(BaseModel):
     """The body of ``POST /v1/batches``."""
 
-    input_file_id: Annotated[str, Field(max_length=100)]
+    input_file_id: Id
     endpoint: Literal["/v1/chat/completions"]
     completion_window: Literal["24h"]
     metadata: (
-        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
+        Annotated[
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            Field(max_length=16),
+        ]
+        | None
     ) = None
     #: OpenAI's option for when output files expire; batchexec keeps them RESULTS_TTL_HOURS.
     output_expires_after: dict[str, object] | None = None
@@ -176,4 +182,4 @@ class BatchesQuery(BaseModel):
     """The query string of ``GET /v1/batches``."""
 
     limit: Annotated[int, Field(ge=1, le=100)] = 20
-    after: Annotated[str, Field(max_length=100)] | None = None
+    after: Id | None = None
