@@ -52,10 +52,10 @@ PARSE_TIMEOUT_S = 5.0
 MAX_BODY_BYTES = 256 * 1024
 
 #: The parsers cost microseconds an input: many examples.
-PARSER = settings(max_examples=500, deadline=None, derandomize=True, database=None)
+PARSER = settings(max_examples=250, deadline=None, derandomize=True, database=None)
 #: openpyxl costs milliseconds a workbook.
 WORKBOOK = settings(
-    max_examples=400,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     database=None,
@@ -63,7 +63,7 @@ WORKBOOK = settings(
 )
 #: A fresh app per example, whose results folder is the test's ``tmp_path``.
 ROUTE = settings(
-    max_examples=60,
+    max_examples=30,
     deadline=None,
     derandomize=True,
     database=None,
