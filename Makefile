@@ -19,9 +19,30 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+# The web page's linters (package.json) need npm; CI has it, and a machine without it
+# says so and lints the Python alone.
+NODE_STAMP := node_modules/.installed
+ifneq ($(shell command -v npm 2>/dev/null),)
+PAGE_LINT := lint-page
+else
+PAGE_LINT := lint-page-skipped
+endif
+
+lint: $(STAMP) $(PAGE_LINT)
 	$(BIN)/ruff check batchexec tests
 	$(BIN)/ruff format --check batchexec tests
+
+$(NODE_STAMP): package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+.PHONY: lint-page lint-page-skipped
+lint-page: $(NODE_STAMP)
+	npx eslint batchexec/web/page
+	npx stylelint "batchexec/web/page/*.css"
+
+lint-page-skipped:
+	@echo "Front-end lint skipped: npm is not on this machine (it lints batchexec/web/page)."
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
