@@ -11,12 +11,17 @@ from __future__ import annotations
 API_KEY_HEADER = "Integrations-API-Key"
 
 HEALTH = "/health"
+#: The web page, and the files it loads by name (``web/page/``); no key needed.
+PAGE = "/"
+PAGE_FILE = "/page/{name}"
 #: The OpenAPI document of this API, and the page that shows it.
 OPENAPI = "/openapi.json"
 DOCS = "/docs"
 EXECUTE_BATCH = "/experience/batch_execution/execute_batch/invoke"
 PROCESS_CSV = "/system/batch_execution/process_csv/invoke"
 UPLOAD = "/system/batch_execution/upload/invoke"
+#: Checks a spreadsheet as ``UPLOAD`` would, running and storing nothing.
+VALIDATE = "/system/batch_execution/validate"
 RESULTS = "/system/batch_execution/results"
 CANCEL = "/system/batch_execution/cancel"
 RETRY = "/system/batch_execution/retry"
@@ -41,6 +46,11 @@ V1_BATCH_CANCEL = "/v1/batches/{batch_id}/cancel"
 def events_path(invocation_id: str) -> str:
     """The events route of one batch."""
     return EVENTS.format(invocation_id=invocation_id)
+
+
+def page_path(name: str) -> str:
+    """The route of one file of the web page."""
+    return PAGE_FILE.format(name=name)
 
 
 def download_path(file_name: str) -> str:

@@ -120,6 +120,36 @@ class ProcessCsvRequest(BaseModel):
     callback_url: CallbackUrl | None = None
 
 
+#: The description of the ``model`` field of the spreadsheet routes (here and in ``web.bodies``).
+DEFAULT_MODEL_FIELD = (
+    "The model (a name or alias of the catalog) the rows that name neither a model nor an "
+    "assistant run on, instead of the server's ASSISTANTS_DEFAULT_MODEL_ID_OR_NAME; empty "
+    "or left out for the server's. An unknown name is a 422 naming the field model."
+)
+
+
+class ValidateRequest(BaseModel):
+    """JSON body of ``POST /system/batch_execution/validate``: a CSV to check, as
+    ``process_csv`` reads it."""
+
+    csv_content: StrictStr
+    model: StrictStr | None = Field(default=None, description=DEFAULT_MODEL_FIELD)
+
+
+class ValidateResponse(BaseModel):
+    """Answer to ``validate``: the rows are ready to run (nothing was run or stored)."""
+
+    rows: int = Field(description="How many rows would run.")
+    columns: list[str] = Field(
+        description="The input's columns the outputs keep, in the file's order."
+    )
+    models: list[str] = Field(
+        description="The models the rows would run on (an assistant's model for its rows), "
+        "each once, in the order the rows first name them."
+    )
+    message: str
+
+
 class ResultsRequest(BaseModel):
     """Body of the results, cancel and retry routes: which batch.
 

@@ -88,6 +88,7 @@ async def test_open_routes_answer_without_a_key_and_the_others_do_not(
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             url = path.replace("{invocation_id}", "x").replace("{file_name}", "x")
+            url = url.replace("{name}", "app.js")
             response = await client.request(method, url)
             if operation.get("security") == []:
                 assert response.status == 200, (method, path)
@@ -199,6 +200,10 @@ async def test_what_the_routes_answer_is_what_the_document_says(
     await calls.call("GET", api.DOCS, 200, headers={})
     await calls.call("GET", api.MODELS, 200)
     await calls.call("GET", api.METRICS, 200)
+    await calls.call("GET", api.PAGE, 200, headers={})
+    for name in ("app.js", "style.css"):
+        await calls.call("GET", api.PAGE_FILE, 200, url=api.page_path(name), headers={})
+    await calls.call("GET", api.PAGE_FILE, 404, url=api.page_path("missing.js"), headers={})
 
     invocation_id = await submit(
         client, [{"prompt": "a", "model": "echo"}, {"prompt": "${output.1}", "model": "echo"}]
@@ -257,6 +262,12 @@ async def test_what_the_routes_answer_is_what_the_document_says(
     form.add_field("execute", "true")
     uploaded = await calls.call("POST", api.UPLOAD, 200, data=form)
     await finished(client, uploaded["invocationId"])
+    checked = aiohttp.FormData()
+    checked.add_field("file", b"prompt\nhi\n", filename="prompts.csv")
+    checked.add_field("model", "echo")
+    await calls.call("POST", api.VALIDATE, 200, data=checked)
+    await calls.call("POST", api.VALIDATE, 200, json={"csv_content": "prompt,model\nhi,echo\n"})
+    await calls.call("POST", api.VALIDATE, 422, json={"csv_content": "prompt,model\n,echo\n"})
 
     # The error envelope.
     await calls.call("POST", api.RESULTS, 401, json=by_id, headers={})

@@ -23,6 +23,7 @@ from batchexec.providers import Provider
 from batchexec.registry import Registry
 from batchexec.runtime import load_catalog, open_runtime, plan_again, provider_classes
 from batchexec.store import SharedStore, store_for
+from batchexec.web import page
 from batchexec.web.cache import RenderedResults
 from batchexec.web.keys import (
     CATALOG,
@@ -153,6 +154,7 @@ def create_app(
     app.cleanup_ctx.append(_openai_files)
     app.on_shutdown.append(drain)
     setup_routes(app)
+    page.setup(app)
     return app
 
 

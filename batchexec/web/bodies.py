@@ -1,4 +1,4 @@
-"""Bodies of the HTTP layer's own: the error envelope, health, the upload form, events.
+"""Bodies of the HTTP layer's own: the error envelope, health, the upload forms, events.
 
 Every refusal is one of the envelope's models, made by
 ``middlewares.error_middleware``; the OpenAPI document describes them from
@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from batchexec.errors import FieldError
 from batchexec.records import BatchStatus, ExecutionStatus
+from batchexec.schemas import DEFAULT_MODEL_FIELD
 from batchexec.webhook_urls import MAX_URL_CHARS
 
 
@@ -59,8 +60,8 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
-class UploadForm(BaseModel):
-    """The multipart/form-data body of the upload route.
+class ValidateForm(BaseModel):
+    """The multipart/form-data body of the validate route: a spreadsheet to check.
 
     ``uploads`` reads the parts itself, a chunk at a time, with the same names
     and meanings.
@@ -70,6 +71,13 @@ class UploadForm(BaseModel):
         description="The spreadsheet: CSV (UTF-8, a BOM is fine) or XLSX, told by its "
         "content and its file name."
     )
+    model: str | None = Field(default=None, description=DEFAULT_MODEL_FIELD)
+
+
+class UploadForm(ValidateForm):
+    """The multipart/form-data body of the upload route: ``ValidateForm``'s fields, and
+    whether to run the rows."""
+
     execute: bool = Field(
         default=False,
         description="true (or 1) starts the batch; false, 0 or empty writes only the template.",

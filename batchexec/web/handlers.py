@@ -8,14 +8,17 @@ results body in ``presenting`` and workbooks in ``downloads``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from aiohttp import web
 
 from batchexec.errors import ConflictError, NotFoundError, TemplateNotRunError
 from batchexec.inputs import Rows, from_executions
 from batchexec.openai_requests import OPENAI, limits_of, row_of_cells
+from batchexec.planning import RowInput
 from batchexec.providers import unconfigured
 from batchexec.readiness import require_ready
-from batchexec.records import Batch, ExecutionStatus
+from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.schemas import (
     AssistantOut,
     BatchList,
@@ -108,7 +111,7 @@ async def retry(request: web.Request) -> web.Response:
     # its messages and options, as on a restart.
     def rows() -> Rows:
         inputs = [
-            row_of_cells(execution.cells) if original.api == OPENAI else execution.row_input
+            row_of_cells(execution.cells) if original.api == OPENAI else _again(execution)
             for execution in original.executions
         ]
         return Rows.of(original.columns, inputs)
@@ -125,6 +128,16 @@ async def retry(request: web.Request) -> web.Response:
         api=original.api,
     )
     return answer(RetryResponse.retrying(batch.id, original, rerun))
+
+
+def _again(execution: Execution) -> RowInput:
+    """An execution's row as submitted, to plan it again; one that named neither a model
+    nor an assistant keeps the model it ran on (an upload's ``model`` field, say), as on
+    a restart."""
+    row = execution.row_input
+    if execution.by_assistant or (row.model or "").strip():
+        return row
+    return replace(row, model=execution.model)
 
 
 async def batches(request: web.Request) -> web.Response:

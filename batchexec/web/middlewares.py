@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Routes anyone may call: by path, and by route name under whatever prefix the
 #: app is mounted at.
-_OPEN_PATHS = frozenset({api.HEALTH, api.OPENAPI, api.DOCS})
-OPEN_ROUTES = frozenset({"health", "openapi", "docs"})
+_OPEN_PATHS = frozenset({api.HEALTH, api.OPENAPI, api.DOCS, api.PAGE})
+OPEN_ROUTES = frozenset({"health", "openapi", "docs", "page", "page_file"})
 #: The status each of the project's errors answers with; a subclass answers as its
 #: nearest listed base. Foreign errors are mapped to these where they enter
 #: (``requests.parse_body`` for pydantic's), so none is listed here.

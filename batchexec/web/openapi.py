@@ -35,6 +35,8 @@ from batchexec.schemas import (
     ResultsRequest,
     ResultsResponse,
     RetryResponse,
+    ValidateRequest,
+    ValidateResponse,
 )
 from batchexec.web.bodies import (
     ErrorResponse,
@@ -44,10 +46,12 @@ from batchexec.web.bodies import (
     InvalidResponse,
     TemplateNotRunResponse,
     UploadForm,
+    ValidateForm,
 )
 from batchexec.web.downloads import XLSX_CONTENT_TYPE
 from batchexec.web.keys import SETTINGS
 from batchexec.web.middlewares import OPEN_ROUTES
+from batchexec.web.page import FILE_NAME_PATTERN
 from batchexec.web.v1.schemas import (
     BatchCreate,
     BatchesQuery,
@@ -75,12 +79,15 @@ class Content:
 
     For ``text/event-stream``, ``events`` names each event and the model of its
     JSON data; the schema is then of one event, as OpenAPI 3.1 has it.
+    ``other_media_types`` are types the same answer may have instead (a file
+    of one of several kinds), with the same schema.
     """
 
     media_type: str
     schema: Mapping[str, Any]
     description: str
     events: Mapping[str, type[BaseModel]] = field(default_factory=dict)
+    other_media_types: tuple[str, ...] = ()
 
 
 #: What an operation answers with when it succeeds: a model (as JSON), or other content.
@@ -100,9 +107,13 @@ class Operation:
     answer: Answer
     #: Statuses of ``ERRORS`` the route can answer with (401 is added unless it is open).
     errors: tuple[int, ...] = ()
+    #: The JSON body, the query, the multipart form: a route taking both a body and a form
+    #: reads the one its Content-Type names.
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     form: type[BaseModel] | None = None
+    #: Schemas of path parameters narrower than any string, by name.
+    path_schemas: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: A request body worth sending, shown in the document (and sent by fuzzers first).
     example: Mapping[str, Any] | None = None
     #: Whether the answer's ``invocationId`` names a batch the batch routes take.
@@ -136,7 +147,8 @@ ERRORS: Mapping[int, ErrorAnswer] = {
     ),
     401: ErrorAnswer(f"The {api.API_KEY_HEADER} header is missing or not accepted."),
     404: ErrorAnswer(
-        "No such batch or file of the caller's (another key's is not found either). For "
+        "No such batch or file of the caller's (another key's is not found either), or no "
+        "such file of the web page. For "
         "the id of a template workbook the answer says what the id is and carries the "
         "workbook's xlsx_url.",
         (TemplateNotRunResponse, ErrorResponse),
@@ -239,11 +251,33 @@ OPERATIONS: tuple[Operation, ...] = (
         method="POST",
         path=api.UPLOAD,
         summary="Like process_csv, for an uploaded CSV or XLSX file",
-        description="A multipart/form-data body with a file part and an optional execute.",
+        description=(
+            "A multipart/form-data body with a file part, an optional execute, callback_url "
+            "and model (the model of the rows that name neither a model nor an assistant)."
+        ),
         form=UploadForm,
         answer=ProcessCsvResponse,
         errors=(413, 422, 429, 503),
         starts_batch=True,
+    ),
+    Operation(
+        name="validate",
+        method="POST",
+        path=api.VALIDATE,
+        summary="Check a CSV or XLSX file without running or storing anything",
+        description=(
+            "The rows are read and checked as upload (a multipart/form-data body) or "
+            "process_csv (a JSON body with csv_content) would, and so are their models: one "
+            "that cannot be called as configured is a 422 too. A 200 says how many rows would "
+            "run, their columns and models; a 422 lists every problem by its CSV line or "
+            "sheet row. No workbook is written, nothing stored or run. model is the model of "
+            "the rows that name neither a model nor an assistant."
+        ),
+        body=ValidateRequest,
+        form=ValidateForm,
+        answer=ValidateResponse,
+        errors=(400, 413, 422),
+        example={"csv_content": "prompt\nTranslate hello to French\n", "model": "echo"},
     ),
     Operation(
         name="execute_batch",
@@ -395,6 +429,42 @@ OPERATIONS: tuple[Operation, ...] = (
         description="The routes, their parameters and schemas, for people; no key needed.",
         answer=Content("text/html", {"type": "string"}, "An HTML page."),
         tags=("service",),
+    ),
+    Operation(
+        name="page",
+        method="GET",
+        path=api.PAGE,
+        summary="The web page",
+        description=(
+            "A page to check a spreadsheet, run it, follow it and download its results; no "
+            "key needed to load it (every call it makes sends the key the user gives). Its "
+            "script and stylesheet are named relatively (page/app.js), so under a mount prefix "
+            "open it with the trailing slash (/batch/)."
+        ),
+        answer=Content("text/html", {"type": "string"}, "The page's HTML."),
+        tags=("page",),
+    ),
+    Operation(
+        name="page_file",
+        method="GET",
+        path=api.PAGE_FILE,
+        summary="A script or stylesheet of the web page",
+        description="A file of the page's folder by its plain name; any other name is 404.",
+        answer=Content(
+            "text/javascript",
+            {"type": "string"},
+            "The file: a script (text/javascript) or a stylesheet (text/css).",
+            other_media_types=("text/css",),
+        ),
+        errors=(404,),
+        path_schemas={
+            "name": {
+                "type": "string",
+                "pattern": FILE_NAME_PATTERN,
+                "examples": ["app.js", "style.css"],
+            }
+        },
+        tags=("page",),
     ),
     Operation(
         name="metrics",
@@ -571,10 +641,10 @@ def document() -> Mapping[str, Any]:
             "version": __version__,
             "summary": "Run batches of LLM prompts; results as CSV and XLSX.",
             "description": (
-                f"Every route but health, this document and its page needs the "
-                f"{api.API_KEY_HEADER} header. Every error is JSON with a detail; a 422 lists "
-                "each problem. A batch belongs to the key that created it: another key gets "
-                "404 for it and its files."
+                "Every route but health, the web page and its files, this document and its "
+                f"page needs the {api.API_KEY_HEADER} header. Every error is JSON with a detail; "
+                "a 422 lists each problem. A batch belongs to the key that created it: another "
+                "key gets 404 for it and its files."
             ),
         },
         "tags": [
@@ -582,6 +652,7 @@ def document() -> Mapping[str, Any]:
             {"name": "files", "description": "The workbooks of batches and templates."},
             {"name": "catalog", "description": "The models and assistants a batch can name."},
             {"name": "service", "description": "The server itself; no key needed."},
+            {"name": "page", "description": "The web page and its files; no key needed."},
             {
                 "name": "openai",
                 "description": "The OpenAI Batch API: OpenAI's paths, objects and errors.",
@@ -639,7 +710,12 @@ def _operation(operation: Operation, ref: _Ref, schemas: Mapping[str, Any]) -> d
     elif operation.bearer:
         described["security"] = [{SECURITY_SCHEME: []}, {BEARER_SCHEME: []}]
     parameters = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": dict(operation.path_schemas.get(name, {"type": "string"})),
+        }
         for name in _path_parameters(operation.path)
     ]
     if operation.query is not None:
@@ -647,16 +723,16 @@ def _operation(operation: Operation, ref: _Ref, schemas: Mapping[str, Any]) -> d
         parameters.extend(_query_parameters(query))
     if parameters:
         described["parameters"] = parameters
+    content: dict[str, Any] = {}
     if operation.body is not None:
         media: dict[str, Any] = {"schema": ref(operation.body, "validation")}
         if operation.example is not None:
             media["example"] = dict(operation.example)
-        described["requestBody"] = {"required": True, "content": {"application/json": media}}
-    elif operation.form is not None:
-        described["requestBody"] = {
-            "required": True,
-            "content": {"multipart/form-data": {"schema": ref(operation.form, "validation")}},
-        }
+        content["application/json"] = media
+    if operation.form is not None:
+        content["multipart/form-data"] = {"schema": ref(operation.form, "validation")}
+    if content:
+        described["requestBody"] = {"required": True, "content": content}
     responses: dict[str, Any] = {"200": _success(operation.answer, ref)}
     if operation.starts_batch:
         responses["200"]["links"] = _BATCH_LINKS
@@ -717,9 +793,10 @@ def _success(answer: Answer, ref: _Ref) -> dict[str, Any]:
             schema["oneOf"] = [
                 _event(name, ref(model, "serialization")) for name, model in answer.events.items()
             ]
+        media_types = (answer.media_type, *answer.other_media_types)
         return {
             "description": answer.description,
-            "content": {answer.media_type: {"schema": schema}},
+            "content": {media_type: {"schema": dict(schema)} for media_type in media_types},
         }
     return {
         "description": (answer.__doc__ or answer.__name__).splitlines()[0],

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from batchexec import api
-from batchexec.web import apidocs, downloads, handlers, metrics, openapi, uploads
+from batchexec.web import apidocs, downloads, handlers, metrics, openapi, page, uploads
 from batchexec.web.v1 import batches as v1_batches
 from batchexec.web.v1 import files as v1_files
 
@@ -20,8 +20,11 @@ def setup_routes(app: web.Application) -> None:
     router.add_get(api.HEALTH, handlers.health, name="health")
     router.add_get(api.OPENAPI, openapi.openapi_json, name="openapi")
     router.add_get(api.DOCS, apidocs.docs, name="docs")
+    router.add_get(api.PAGE, page.index, name="page")
+    router.add_get(api.PAGE_FILE, page.page_file, name="page_file")
     router.add_post(api.PROCESS_CSV, uploads.process_csv, name="process_csv")
     router.add_post(api.UPLOAD, uploads.upload, name="upload")
+    router.add_post(api.VALIDATE, uploads.validate, name="validate")
     router.add_post(api.EXECUTE_BATCH, handlers.execute_batch, name="execute_batch")
     router.add_post(api.RESULTS, handlers.results, name="results")
     router.add_post(api.RESULTS + "/", handlers.results, name="results_slash")

@@ -1,20 +1,25 @@
-"""Spreadsheets in: ``process_csv`` (CSV text in JSON) and ``upload`` (a multipart file).
+"""Spreadsheets in: ``process_csv`` (CSV text in JSON), ``upload`` (a multipart file)
+and ``validate`` (either, checked only).
 
 Either way the rows are validated, written as an XLSX template and, with
 ``execute``, started as a batch whose id is the template's (a batch to start
 whose model cannot be called as configured is refused first, with nothing
-written). Workbooks are read in worker processes (``WORKBOOKS``); large CSV
-text on the input pool.
+written). ``validate`` reads and checks the rows the same way, models
+included, and stops there: nothing is written, stored or run. An upload's
+``model`` field is the model of the rows that name none. Workbooks are read in
+worker processes (``WORKBOOKS``); large CSV text on the input pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from batchexec.catalog import UnknownNameError
 from batchexec.csvinput import parse_csv
 from batchexec.errors import FieldError, InputError, QueueFullError, ShuttingDownError, StorageError
 from batchexec.exports import template_sheet, write_xlsx
@@ -27,14 +32,21 @@ from batchexec.inputs import (
     from_table,
     sniff,
 )
-from batchexec.planning import BatchPlan
+from batchexec.planning import BatchPlan, Limits
 from batchexec.readiness import require_ready
 from batchexec.records import Batch
-from batchexec.schemas import Message, ProcessCsvRequest, ProcessCsvResponse
-from batchexec.web.keys import ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, WORKBOOKS
+from batchexec.schemas import (
+    Message,
+    ProcessCsvRequest,
+    ProcessCsvResponse,
+    ValidateRequest,
+    ValidateResponse,
+)
+from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, WORKBOOKS
 from batchexec.web.requests import (
     answer,
     callback_url,
+    limits,
     on_input_pool,
     parse_body,
     plan_off_loop,
@@ -48,7 +60,7 @@ _RUN_AGAIN = {
     "upload": "upload the file again with execute=true",
 }
 #: The fields of an upload's form besides its ``file``.
-_FORM_FIELDS = ("execute", "callback_url")
+_FORM_FIELDS = ("execute", "callback_url", "model")
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
 
@@ -59,7 +71,13 @@ async def process_csv(request: web.Request) -> web.Response:
     callback = _callback(request, body.callback_url, execute=body.execute)
     rows = await _csv_rows(request, body.csv_content)
     return await _process_rows(
-        request, rows, execute=body.execute, callback=callback, kind="CSV", route="process_csv"
+        request,
+        rows,
+        limits(request),
+        execute=body.execute,
+        callback=callback,
+        kind="CSV",
+        route="process_csv",
     )
 
 
@@ -68,19 +86,72 @@ async def upload(request: web.Request) -> web.Response:
     name, data, fields = await _read_upload(request)
     execute = _flag(fields.get("execute", ""))
     callback = _callback(request, fields.get("callback_url"), execute=execute)
+    bounds = _bounds(request, fields.get("model"))
+    rows, kind = await _file_rows(request, name, data)
+    return await _process_rows(
+        request, rows, bounds, execute=execute, callback=callback, kind=kind, route="upload"
+    )
+
+
+async def validate(request: web.Request) -> web.Response:
+    """Check a spreadsheet as ``upload`` (multipart) or ``process_csv`` (JSON) would, and
+    that its models can be called; nothing is written, stored or run."""
+    if request.content_type == "multipart/form-data":
+        name, data, fields = await _read_upload(request)
+        bounds = _bounds(request, fields.get("model"))
+        rows, _ = await _file_rows(request, name, data)
+    else:
+        body = await parse_body(request, ValidateRequest)
+        bounds = _bounds(request, body.model)
+        rows = await _csv_rows(request, body.csv_content)
+    plan = await _plan(request, rows, bounds)
+    providers = request.app[PROVIDERS]
+    require_ready(plan, providers, rows)
+    count = len(plan.rows)
+    return answer(
+        ValidateResponse(
+            rows=count,
+            columns=list(plan.columns),
+            models=list(dict.fromkeys(row.target.model.name for row in plan.rows)),
+            message=f"{counted(count, 'row')} {'is' if count == 1 else 'are'} ready to run.",
+        )
+    )
+
+
+async def _file_rows(request: web.Request, name: str | None, data: bytes) -> tuple[Rows, str]:
+    """The rows of an uploaded file, and its kind (``CSV`` or ``XLSX``)."""
     # A workbook is a zip whatever its name says; otherwise the name decides, then the content.
     fmt = Format.XLSX if data.startswith(ZIP_MAGIC) else format_of(name or "") or sniff(data)
     if fmt is Format.XLSX:
-        rows = await request.app[WORKBOOKS].read(data)
-        return await _process_rows(
-            request, rows, execute=execute, callback=callback, kind="XLSX", route="upload"
-        )
+        return await request.app[WORKBOOKS].read(data), "XLSX"
     if fmt is not Format.CSV:
         raise InputError(f"Upload a CSV or XLSX file; this one looks like {fmt.value.upper()}.")
-    rows = await _csv_rows(request, decode(data, Format.CSV))
-    return await _process_rows(
-        request, rows, execute=execute, callback=callback, kind="CSV", route="upload"
-    )
+    return await _csv_rows(request, decode(data, Format.CSV)), "CSV"
+
+
+def _bounds(request: web.Request, model: str | None) -> Limits:
+    """The submission limits, with ``model`` (a form's or body's field, if not blank) the
+    model of the rows that name neither a model nor an assistant."""
+    bounds = limits(request)
+    name = (model or "").strip()
+    if not name:
+        return bounds
+    try:
+        spec = request.app[CATALOG].model(name)
+    except UnknownNameError as exc:
+        raise InputError(
+            "The model field names no model of the catalog.",
+            [FieldError(None, "model", str(exc))],
+        ) from None
+    return replace(bounds, default_model=spec.name)
+
+
+async def _plan(request: web.Request, rows: Rows, bounds: Limits) -> BatchPlan:
+    """``rows`` planned, each problem located at its line or sheet row."""
+    try:
+        return await plan_off_loop(request, rows, bounds)
+    except InputError as exc:
+        raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
 
 
 def _callback(request: web.Request, given: str | None, *, execute: bool) -> str | None:
@@ -111,22 +182,21 @@ async def _csv_rows(request: web.Request, text: str) -> Rows:
 async def _process_rows(
     request: web.Request,
     rows: Rows,
+    bounds: Limits,
     *,
     execute: bool,
     callback: str | None,
     kind: str,
     route: str,
 ) -> web.Response:
-    """Validate ``rows``, write their XLSX template and, with ``execute``, start the batch.
+    """Validate ``rows`` against ``bounds``, write their XLSX template and, with ``execute``,
+    start the batch.
 
     Without ``execute`` nothing runs, and the answer says how to run the rows
     (through ``route`` again, with ``execute``): the template's id names its
     workbook, never a batch (the results route's 404 for it says the same).
     """
-    try:
-        plan = await plan_off_loop(request, rows)
-    except InputError as exc:
-        raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
+    plan = await _plan(request, rows, bounds)
     if execute:
         providers = request.app[PROVIDERS]
         require_ready(plan, providers, rows)
@@ -210,7 +280,7 @@ async def _add_template(request: web.Request, file_name: str, batch_id: str) -> 
 
 async def _read_upload(request: web.Request) -> tuple[str | None, bytes, dict[str, str]]:
     """The ``file`` part's name and bytes, and the form's other fields (``execute``,
-    ``callback_url``), of a multipart upload.
+    ``callback_url``, ``model``), of a multipart upload.
 
     Parts are read in chunks and counted, since a multipart body is not
     bounded by ``client_max_size`` the way ``read()`` is.
