@@ -38,11 +38,11 @@ $(NODE_STAMP): package-lock.json
 
 .PHONY: lint-page lint-page-skipped
 lint-page: $(NODE_STAMP)
-	npx eslint batchexec/web/page
-	npx stylelint "batchexec/web/page/*.css"
+	npx eslint batchexec/web/static
+	npx stylelint "batchexec/web/static/*.css"
 
 lint-page-skipped:
-	@echo "Front-end lint skipped: npm is not on this machine (it lints batchexec/web/page)."
+	@echo "Front-end lint skipped: npm is not on this machine (it lints batchexec/web/static)."
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

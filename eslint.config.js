@@ -1,4 +1,4 @@
-// ESLint for the web page (batchexec/web/page): browser ES modules, no build step.
+// ESLint for the web page (batchexec/web/static): browser ES modules, no build step.
 import js from "@eslint/js";
 import globals from "globals";
 
@@ -6,7 +6,7 @@ export default [
   { ignores: ["node_modules/", ".venv/"] },
   js.configs.recommended,
   {
-    files: ["batchexec/web/page/**/*.js"],
+    files: ["batchexec/web/static/**/*.js"],
     languageOptions: {
       ecmaVersion: 2022,
       sourceType: "module",

@@ -11,7 +11,7 @@ from __future__ import annotations
 API_KEY_HEADER = "Integrations-API-Key"
 
 HEALTH = "/health"
-#: The web page, and the files it loads by name (``web/page/``); no key needed.
+#: The web page, and the files it loads by name (``web/static/``); no key needed.
 PAGE = "/"
 PAGE_FILE = "/page/{name}"
 #: The OpenAPI document of this API, and the page that shows it.

@@ -42,7 +42,7 @@ WATSONX = (
 
 def page_file(name: str) -> bytes:
     """A file of the page's folder as the package holds it."""
-    return (resources.files("batchexec") / "web" / "page" / name).read_bytes()
+    return (resources.files("batchexec") / "web" / "static" / name).read_bytes()
 
 
 def has_page_headers(response: aiohttp.ClientResponse) -> bool:

@@ -1,6 +1,6 @@
 """The web page: ``GET /`` and the files it loads, ``GET /page/{name}``; no key needed.
 
-The files are the package's ``web/page/`` folder, served as they are: no
+The files are the package's ``web/static/`` folder, served as they are: no
 build step, nothing fetched from elsewhere, so the page works offline after
 ``pip install``. Its HTML names its script and stylesheet relatively
 (``page/app.js``), so it works under whatever prefix the app is mounted at.
@@ -85,4 +85,4 @@ def _read(name: str) -> bytes | None:
 
 
 def _folder() -> Traversable:
-    return resources.files("batchexec") / "web" / "page"
+    return resources.files("batchexec") / "web" / "static"
