@@ -118,6 +118,9 @@ class ProcessCsvRequest(BaseModel):
     csv_content: StrictStr
     execute: StrictBool = False
     callback_url: CallbackUrl | None = None
+    #: The model of the rows that name neither a model nor an assistant, as the upload
+    #: route's ``model`` field (and the validate route's) has it.
+    model: Annotated[StrictStr, Field(max_length=200)] | None = None
 
 
 #: The description of the ``model`` field of the spreadsheet routes (here and in ``web.bodies``).

@@ -17,7 +17,16 @@ from aiohttp import web
 from yarl import URL
 
 from batchexec import create_app
-from batchexec.api import API_KEY_HEADER, BATCHES, PAGE, RETRY, UPLOAD, VALIDATE, page_path
+from batchexec.api import (
+    API_KEY_HEADER,
+    BATCHES,
+    PAGE,
+    PROCESS_CSV,
+    RETRY,
+    UPLOAD,
+    VALIDATE,
+    page_path,
+)
 from batchexec.web.keys import REGISTRY, SETTINGS
 from batchexec.web.middlewares import OPEN_ROUTES
 from tests.fakes import GatedProvider
@@ -443,10 +452,26 @@ async def test_an_upload_to_run_is_refused_when_the_model_field_cannot_be_called
     await nothing_kept(client)
 
 
-async def test_a_template_upload_takes_the_model_field_too(make_client):
+async def test_a_template_upload_checks_the_model_field_too(make_client):
+    # A template holds the input's cells only, so the field shows in what it refuses.
     client = await make_client()
-    response = await client.post(
-        UPLOAD, data=form(b"prompt\nhi\n", model="echo"), headers={API_KEY_HEADER: "dev-only-token"}
-    )
+    headers = {API_KEY_HEADER: "dev-only-token"}
+    refused = await client.post(UPLOAD, data=form(b"prompt\nhi\n", model="gpt-9"), headers=headers)
+    assert refused.status == 422, await refused.text()
+    assert (await refused.json())["errors"][0]["field"] == "model"
+    response = await client.post(UPLOAD, data=form(b"prompt\nhi\n", model="echo"), headers=headers)
     assert response.status == 200, await response.text()
     assert "nothing was run" in (await response.json())["response"][0]["message"]
+
+
+async def test_process_csv_takes_the_model_field_as_validate_does(make_client):
+    client = await make_client()
+    headers = {API_KEY_HEADER: "dev-only-token"}
+    body = {"csv_content": "prompt\nhi\n", "model": "echo"}
+    checked = await client.post(VALIDATE, json=body, headers=headers)
+    assert checked.status == 200, await checked.text()
+    started = await client.post(PROCESS_CSV, json={**body, "execute": True}, headers=headers)
+    assert started.status == 200, await started.text()
+    invocation_id = (await started.json())["invocationId"]
+    results = await finished(client, invocation_id)
+    assert [e["model"] for e in results["executions"]] == ["echo"]

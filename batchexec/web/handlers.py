@@ -109,9 +109,15 @@ async def retry(request: web.Request) -> web.Response:
     # Planned again, against today's catalog: the rows run now, not when first sent. A
     # request of the OpenAI Batch API is planned from the request kept in its cells, with
     # its messages and options, as on a restart.
+    again = frozenset(rerun)
+
     def rows() -> Rows:
         inputs = [
-            row_of_cells(execution.cells) if original.api == OPENAI else _again(execution)
+            row_of_cells(execution.cells)
+            if original.api == OPENAI
+            else _again(execution)
+            if execution.index in again
+            else execution.row_input
             for execution in original.executions
         ]
         return Rows.of(original.columns, inputs)

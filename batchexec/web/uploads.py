@@ -69,11 +69,12 @@ async def process_csv(request: web.Request) -> web.Response:
     """Parse a CSV, write its XLSX template and, with ``execute``, start the batch."""
     body = await parse_body(request, ProcessCsvRequest)
     callback = _callback(request, body.callback_url, execute=body.execute)
+    bounds = _bounds(request, body.model)
     rows = await _csv_rows(request, body.csv_content)
     return await _process_rows(
         request,
         rows,
-        limits(request),
+        bounds,
         execute=body.execute,
         callback=callback,
         kind="CSV",

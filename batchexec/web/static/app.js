@@ -57,6 +57,10 @@ const STORED_KEY = `${SCOPE}:api-key`;
 const STORED_BATCH = `${SCOPE}:invocation-id`;
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
 const COUNT_NAMES = ["succeeded", "failed", "skipped", "cancelled", "running", "pending"];
+/* A row the server has not yet reported ended: it says when a row ends, not when it starts. */
+const UNENDED = "waiting or running";
+/* A stream quiet this long is taken as dropped: the server sends a keep-alive every 15 s. */
+const QUIET_MS = 40_000;
 /* How long typing in the textarea waits before the CSV is checked. */
 const PASTE_PAUSE_MS = 600;
 /* Row results are fetched at most this often while rows end. */
@@ -163,6 +167,22 @@ function isAbort(error) {
 }
 
 /**
+ * One read of `reader`, or an error once the stream has been quiet for `ms`:
+ * a connection dropped on the way (a proxy, a suspended laptop) is noticed
+ * and joined again, rather than waited on for ever.
+ */
+function readWithin(reader, ms) {
+  let timer;
+  const quiet = new Promise((resolve, reject) => {
+    timer = setTimeout(() => {
+      reader.cancel().catch(() => {});
+      reject(new Error("The connection to the server went quiet."));
+    }, ms);
+  });
+  return Promise.race([reader.read(), quiet]).finally(() => clearTimeout(timer));
+}
+
+/**
  * The server-sent events of a response body, as {name, data} with data parsed
  * from JSON. Lines end with LF, CRLF or CR; comments (":") are skipped.
  */
@@ -172,9 +192,10 @@ async function* serverSentEvents(body) {
   let name = "";
   let data = [];
   for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value;
+    const { value, done } = await readWithin(reader, QUIET_MS);
+    if (done && !buffer.endsWith("\r")) return;
+    // At the end, a CR held back for a CRLF that never came ends its line.
+    buffer += done ? "\n" : value;
     // A CR at the end may be the first half of a CRLF: keep it for the next chunk.
     const cut = buffer.endsWith("\r") ? buffer.length - 1 : buffer.length;
     const lines = buffer.slice(0, cut).split(/\r\n|\r|\n/);
@@ -422,7 +443,11 @@ async function checkInput() {
     if (model) form.append("model", model);
     request = { form };
   } else {
-    request = { json: model ? { csv_content: input.text, model } : { csv_content: input.text } };
+    // Checked as the file it is started as (see start), not as JSON: the same reading.
+    const form = new FormData();
+    form.append("file", new File([input.text], "pasted.csv", { type: "text/csv" }));
+    if (model) form.append("model", model);
+    request = { form };
   }
   try {
     const body = await call(ROUTES.validate, { ...request, signal: controller.signal });
@@ -745,13 +770,13 @@ function renderRow(row) {
     line.dataset.index = String(index);
     for (let cell = 0; cell < 5; cell += 1) line.insertCell();
     line.cells[0].textContent = String(index);
-    line.cells[1].textContent = "pending";
+    line.cells[1].textContent = UNENDED;
     line.dataset.status = "pending";
   }
   const line = body.rows[row.index - 1];
   const status = row.status || "pending";
   line.dataset.status = status;
-  line.cells[1].textContent = status.replace("_", " ");
+  line.cells[1].textContent = status === "pending" ? UNENDED : status.replace("_", " ");
   line.cells[2].textContent = row.model || "";
   const text = line.cells[3];
   if (row.error) {
@@ -808,13 +833,13 @@ async function downloadXlsx() {
 }
 
 /*
- * The workbook's URL as the page can fetch it: xlsx_url itself when it is on
- * this origin, else (a SERVER_NAME that names a proxy) the same file relative
- * to the page.
+ * The workbook's URL as the page fetches it: its file name, from xlsx_url,
+ * under this page's own server. xlsx_url itself may name another path (a proxy
+ * that strips a prefix, a SERVER_NAME), and the key is sent to the page's
+ * server only.
  */
 function workbookPath(xlsxUrl) {
   const url = new URL(xlsxUrl, document.baseURI);
-  if (url.origin === location.origin) return url.href;
   return ROUTES.download(decodeURIComponent(url.pathname.split("/").pop()));
 }
 
