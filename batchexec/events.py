@@ -18,7 +18,7 @@ from batchexec.records import Batch, Execution, progress_counts
 
 @dataclass(frozen=True)
 class Event:
-    """A change worth telling a watcher: ``execution``, ``progress`` or ``done``."""
+    """A change worth telling a watcher: ``started``, ``execution``, ``progress``, ``done``."""
 
     name: str
     data: Mapping[str, Any]
@@ -35,6 +35,15 @@ def execution_event(execution: Execution) -> Event:
             "error": execution.error,
             "attempts": execution.attempts,
         },
+    )
+
+
+def started_event(execution: Execution) -> Event:
+    """The ``started`` event of an execution sent to its model (once a run, retries not
+    told again): a page can show the row running before it ends."""
+    return Event(
+        "started",
+        {"index": execution.index, "model": execution.model, "attempts": execution.attempts},
     )
 
 

@@ -35,6 +35,7 @@ from batchexec.events import (
     execution_event,
     interrupted_event,
     progress_event,
+    started_event,
 )
 from batchexec.finished import FinishedBatches
 from batchexec.metrics import NO_METRICS, Metrics
@@ -312,6 +313,7 @@ class Registry:
             execution.prompt_sent = prompt
             running = replace(execution.outcome, status=ExecutionStatus.RUNNING, attempts=attempts)
             _end(batch, execution, running)
+            self.events.publish(batch.id, started_event(execution))
 
         self._record(ExecutionStarted(batch.id, index, prompt, attempts), visible)
 

@@ -254,6 +254,8 @@ async def test_the_event_stream_of_a_resumed_batch_sends_its_backlog_then_done(m
         name, data = await next_event(stream.content)
         assert (name, data["index"], data["status"]) == ("execution", 1, "succeeded")
         name, data = await next_event(stream.content)
+        assert (name, data["index"]) == ("started", 2)  # running again in this process
+        name, data = await next_event(stream.content)
         assert (name, data["succeeded"], data["running"]) == ("progress", 1, 1)
         gated(client).open("late")
         events = [await next_event(stream.content) for _ in range(3)]

@@ -58,6 +58,40 @@ async def test_progress_rises_and_events_arrive_one_per_row(make_client):
     assert any(name == "progress" for name, _ in events)
 
 
+async def test_each_row_is_told_started_before_it_ends_and_a_late_client_learns_who_runs(
+    make_client,
+):
+    client = await make_client(max_threads=2)
+    rows = [{"prompt": f"row {n}", "model": "gated"} for n in range(1, 4)]
+    invocation_id = await submit(client, rows)
+    provider = gated(client)
+    stream = await client.get(events_path(invocation_id), headers=AUTH)
+    reading = asyncio.create_task(read_events(stream))
+    await provider.wait_started(2)
+    # A client connecting now is told of the rows running (at once, or as their starts
+    # become durable), though no row has ended.
+    late = await client.get(events_path(invocation_id), headers=AUTH)
+    told: list[str] = []
+    started_now: set[int] = set()
+    while started_now != {1, 2}:
+        block = (await late.content.readuntil(b"\n\n")).decode()
+        name = block.split("\n", 1)[0].removeprefix("event: ")
+        told.append(name)
+        if name == "started":
+            started_now.add(json.loads(block.split("data: ", 1)[1])["index"])
+    assert "execution" not in told
+    late.close()
+    provider.open()
+    events = await reading
+
+    order = [(name, data["index"]) for name, data in events if name in ("started", "execution")]
+    for n in (1, 2, 3):
+        assert order.index(("started", n)) < order.index(("execution", n))
+    started = [data for name, data in events if name == "started"]
+    assert [(e["model"], e["attempts"]) for e in started] == [("gated", 1)] * 3
+    assert events[-1][0] == "done"
+
+
 async def test_a_late_client_gets_the_current_state_first(make_client):
     client = await make_client()
     invocation_id = await submit(client, [{"prompt": f"p{n}", "model": "echo"} for n in range(3)])

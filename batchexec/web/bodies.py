@@ -89,6 +89,15 @@ class UploadForm(ValidateForm):
     )
 
 
+class StartedEvent(BaseModel):
+    """Data of a ``started`` event: a row has been sent to its model (on connecting, one for
+    each row running then)."""
+
+    index: int
+    model: str
+    attempts: int
+
+
 class ExecutionEvent(BaseModel):
     """Data of an ``execution`` event: a row has ended."""
 

@@ -44,6 +44,7 @@ from batchexec.web.bodies import (
     FinalEvent,
     HealthResponse,
     InvalidResponse,
+    StartedEvent,
     TemplateNotRunResponse,
     UploadForm,
     ValidateForm,
@@ -362,6 +363,7 @@ OPERATIONS: tuple[Operation, ...] = (
             "Events, each an event: line naming it and a data: line of JSON, until the "
             "last (done or interrupted). Comment lines keep an idle stream open.",
             events={
+                "started": StartedEvent,
                 "execution": ExecutionEvent,
                 "progress": Progress,
                 "done": FinalEvent,

@@ -20,8 +20,15 @@ from aiohttp import web
 
 from batchexec.cluster import Replica
 from batchexec.errors import NotFoundError
-from batchexec.events import FINAL_EVENTS, Event, done_event, execution_event, progress_event
-from batchexec.records import Batch
+from batchexec.events import (
+    FINAL_EVENTS,
+    Event,
+    done_event,
+    execution_event,
+    progress_event,
+    started_event,
+)
+from batchexec.records import Batch, ExecutionStatus
 from batchexec.registry import Registry
 from batchexec.web.keys import OWNER, REGISTRY, REPLICA
 from batchexec.web.requests import xlsx_url
@@ -36,7 +43,9 @@ _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: ``execution`` as each row ends, ``progress``, then ``done``."""
+    """Server-sent events: ``started`` as each row is sent, ``execution`` as it ends,
+    ``progress``, then ``done``. A batch another replica runs is followed from the store,
+    which tells its rows' ends, not their starts (``started`` only on connecting)."""
     registry = request.app[REGISTRY]
     batch = await registry.get(request.match_info["invocation_id"], request[OWNER])
     response = web.StreamResponse(headers={**_HEADERS, "X-Accel-Buffering": "no"})
@@ -97,8 +106,10 @@ async def _follow_stored(
 
 
 def _backlog(batch: Batch) -> list[Event]:
-    """What a client connecting now has missed: every ended row, progress, maybe ``done``."""
+    """What a client connecting now has missed: every ended row, the rows running now,
+    progress, maybe ``done``."""
     backlog = [execution_event(e) for e in batch.executions if e.status.finished]
+    backlog += [started_event(e) for e in batch.executions if e.status is ExecutionStatus.RUNNING]
     backlog.append(progress_event(batch))
     if batch.status.finished:
         backlog.append(done_event(batch))

@@ -643,7 +643,12 @@ async function stream(id, signal) {
 
 function onEvent(event, signal) {
   const data = event.data || {};
-  if (event.name === "execution") {
+  if (event.name === "started") {
+    // Shown running until its end comes; a row whose end is known already stays ended.
+    if (!batch.rows.has(data.index)) {
+      renderRow({ index: data.index, status: "running", model: data.model || "", result: null });
+    }
+  } else if (event.name === "execution") {
     const row = batch.rows.get(data.index) || { index: data.index, model: "", result: null };
     Object.assign(row, {
       status: data.status,
