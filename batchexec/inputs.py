@@ -270,7 +270,10 @@ def parse_xlsx(
 
 
 def from_executions(
-    executions: Sequence[ExecutionIn | None], columns: Sequence[str] | None = None
+    executions: Sequence[ExecutionIn | None],
+    columns: Sequence[str] | None = None,
+    *,
+    consume: bool = False,
 ) -> Rows:
     """Rows of ``execute_batch`` executions: extra keys become extra columns.
 
@@ -280,6 +283,10 @@ def from_executions(
     and only what it leaves out follows: ``prompt``, and ``model`` or
     ``assistant`` where an execution names one, then the other keys. A None
     entry (an execution that could not be read) becomes a placeholder row.
+
+    With ``consume``, each entry of ``executions`` (a list) is dropped as its
+    row is made: a large batch then never holds both whole (an ``ExecutionIn``
+    is about 800 bytes, twice its row).
     """
     if columns is None:
         names = ["prompt", "model"]
@@ -295,7 +302,10 @@ def from_executions(
             ):
                 names.append(known)
     rows: list[RowInput] = []
-    for execution in executions:
+    drop = executions if consume and isinstance(executions, list) else None
+    for position, execution in enumerate(executions):
+        if drop is not None:
+            drop[position] = None
         if execution is None:
             rows.append(_PLACEHOLDER)
             continue

@@ -533,3 +533,20 @@ def test_executions_without_places_and_past_the_shown_ranges_are_counted():
     rows = Rows.of(["prompt"], [])
     assert rows.places_of([1, 2, 3, 7]) == "executions 1-3, 7"
     assert rows.places_of(range(1, 40, 2), most=3) == "executions 1, 3, 5 and 17 more"
+
+
+def test_executions_consumed_are_let_go_as_their_rows_are_made():
+    from batchexec.inputs import from_executions
+    from batchexec.schemas import ExecutionIn
+
+    executions: list[ExecutionIn | None] = [
+        ExecutionIn.model_validate({"prompt": f"p{n}", "model": "echo", "note": n})
+        for n in range(3)
+    ]
+    kept = list(executions)
+
+    consumed = from_executions(executions, consume=True)
+
+    assert executions == [None, None, None]
+    assert consumed == from_executions(kept)
+    assert [row.cells["note"] for row in consumed.rows] == [0, 1, 2]

@@ -25,6 +25,7 @@ from batchexec.schemas import (
     BatchSummary,
     CatalogResponse,
     ExecuteBatchRequest,
+    ExecutionIn,
     InvokeResponse,
     ListQuery,
     ModelOut,
@@ -59,7 +60,11 @@ async def execute_batch(request: web.Request) -> web.Response:
     """
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
     callback = callback_url(request, body.callback_url)
-    plan = await plan_off_loop(request, lambda: from_executions(body.executions, body.columns))
+    executions: list[ExecutionIn | None] = list(body.executions)
+    body.executions.clear()  # the rows are made from ``executions``, and each let go as made
+    plan = await plan_off_loop(
+        request, lambda: from_executions(executions, body.columns, consume=True)
+    )
     providers = request.app[PROVIDERS]
     require_ready(plan, providers)
     batch = await request.app[ENGINE].submit(request[OWNER], plan, callback_url=callback)
