@@ -549,4 +549,4 @@ def test_executions_consumed_are_let_go_as_their_rows_are_made():
 
     assert executions == [None, None, None]
     assert consumed == from_executions(kept)
-    assert [row.cells["note"] for row in consumed.rows] == [0, 1, 2]
+    assert [(row.cells or {})["note"] for row in consumed.rows] == [0, 1, 2]
