@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from batchexec.errors import ConflictError
 from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.registry import Registry
-from batchexec.store import BatchStore, OpenAIBatch, StoredFile
+from batchexec.store import FILE_CHUNK_BYTES, BatchStore, OpenAIBatch, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 POLL_S = 30.0
 #: How long a claim to write a batch's files holds before another process may.
 HOLD_S = 300.0
-#: Bytes of one chunk of a written file (as ``web/v1/files.CHUNK_BYTES``).
-CHUNK_BYTES = 1024 * 1024
 _ERROR_CODES = {
     ExecutionStatus.FAILED: "request_failed",
     ExecutionStatus.TIMED_OUT: "request_timeout",
@@ -229,7 +227,7 @@ def _chunks(lines: Iterator[bytes]) -> list[bytes]:
     for line in lines:
         pending.append(line)
         size += len(line)
-        if size >= CHUNK_BYTES:
+        if size >= FILE_CHUNK_BYTES:
             chunks.append(b"".join(pending))
             pending, size = [], 0
     if pending:

@@ -18,9 +18,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from batchexec.api import API_KEY_HEADER, V1_FILES
+from batchexec.store import FILE_CHUNK_BYTES as CHUNK_BYTES
 from batchexec.store import BatchStore
 from batchexec.web.keys import REGISTRY
-from batchexec.web.v1.files import CHUNK_BYTES
 from tests.helpers import API_KEY, AUTH, owner_of
 
 #: A few request lines of a batch input file, with bytes no text decoding keeps as they are.

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from batchexec.catalog import ModelSpec
 
 __all__ = [
+    "FILE_CHUNK_BYTES",
     "BatchEnded",
     "BatchStarted",
     "BatchStore",
@@ -110,6 +111,11 @@ class FileEntry:
     batch_id: str
     #: A workbook of rows not (yet) run, written by ``process_csv`` or ``upload``.
     template: bool
+
+
+#: Bytes of one chunk of a stored file's content (``BatchStore.write_chunk``): an upload
+#: or a batch's output is written, and read back, this much at a time.
+FILE_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +299,13 @@ class BatchStore(ABC):
     @abstractmethod
     async def chunk(self, file_id: str, seq: int) -> bytes | None:
         """Chunk ``seq`` of file ``file_id``; None past the last one."""
+
+    async def chunks(self, file_id: str) -> AsyncIterator[bytes]:
+        """File ``file_id``'s chunks in order, each read when the one before is used."""
+        seq = 0
+        while (data := await self.chunk(file_id, seq)) is not None:
+            yield data
+            seq += 1
 
     @abstractmethod
     async def delete_stored_file(self, file_id: str) -> None:

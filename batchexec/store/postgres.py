@@ -126,6 +126,7 @@ from batchexec.store.postgres_rows import (
 from batchexec.store.rows import (
     batch_row,
     batches_of,
+    callbacks_of,
     coalesced,
     counted,
     execution_rows,
@@ -608,11 +609,7 @@ class PostgresStore(SharedStore):
 
     async def due_callbacks(self, limit: int, hold_s: float) -> list[CallbackDue]:
         rows = await self._run(lambda conn: conn.fetch(CLAIM_CALLBACKS, limit, hold_s))
-        due = [
-            CallbackDue(summary, row[7], row[8])
-            for summary, row in zip(summaries_of(rows, read_text), rows, strict=True)
-        ]
-        return sorted(due, key=lambda callback: callback.batch.finished_at or 0.0)
+        return callbacks_of(rows, read_text)
 
     async def callback_tried(
         self, batch_id: str, attempts: int, state: CallbackState, retry_in_s: float = 0.0

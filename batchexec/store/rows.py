@@ -16,7 +16,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome, Summary
-from batchexec.store.base import Change, ExecutionEnded, ExecutionStarted, OpenAIBatch
+from batchexec.store.base import (
+    CallbackDue,
+    Change,
+    ExecutionEnded,
+    ExecutionStarted,
+    OpenAIBatch,
+)
 
 #: How a dialect stores a text value (None stays None).
 TextOf = Callable[[str | None], Any]
@@ -191,6 +197,16 @@ def summaries_of(rows: Iterable[Any], read_text: ReadText) -> list[Summary]:
         )
         for row in rows
     ]
+
+
+def callbacks_of(rows: Sequence[Any], read_text: ReadText) -> list[CallbackDue]:
+    """Webhooks due from rows of a summary's columns then ``callback_url`` and
+    ``callback_attempts``, the earliest ended first."""
+    due = [
+        CallbackDue(summary, row[7], row[8])
+        for summary, row in zip(summaries_of(rows, read_text), rows, strict=True)
+    ]
+    return sorted(due, key=lambda callback: callback.batch.finished_at or 0.0)
 
 
 def counted(rows: Iterable[Any]) -> Counter[ExecutionStatus]:

@@ -46,6 +46,7 @@ from batchexec.store.migrations import latest, migrations
 from batchexec.store.rows import (
     batch_row,
     batches_of,
+    callbacks_of,
     coalesced,
     counted,
     execution_rows,
@@ -482,11 +483,7 @@ class SQLiteStore(BatchStore):
             now = time.time()
             with _transaction(db):
                 rows = db.execute(CLAIM_CALLBACKS, (now, hold_s, now, limit)).fetchall()
-            due = [
-                CallbackDue(summary, row[7], row[8])
-                for summary, row in zip(summaries_of(rows, read_text), rows, strict=True)
-            ]
-            return sorted(due, key=lambda callback: callback.batch.finished_at or 0.0)
+            return callbacks_of(rows, read_text)
 
         return await self._run(write)
 

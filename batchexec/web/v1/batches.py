@@ -43,7 +43,7 @@ from batchexec.openai_requests import (
 from batchexec.planning import BatchPlan
 from batchexec.readiness import unready
 from batchexec.records import BatchStatus, ExecutionStatus
-from batchexec.store import BatchStore, OpenAIBatch
+from batchexec.store import OpenAIBatch
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, V1_INTAKE
 from batchexec.web.requests import answer, on_input_pool, parse_body, validated
 from batchexec.web.v1.schemas import (
@@ -76,7 +76,7 @@ async def create_batch(request: web.Request) -> web.Response:
     if file is None or file.purpose != "batch":
         raise NotFoundError(f"No such File object: {body.input_file_id}")
     async with request.app[V1_INTAKE]:  # a file may be MAX_FILE_BYTES: few at once
-        data = await _content(store, file.id)
+        data = b"".join([chunk async for chunk in store.chunks(file.id)])
         parsed = await on_input_pool(
             request,
             lambda: parse_lines(
@@ -147,7 +147,7 @@ async def list_batches(request: web.Request) -> web.Response:
     records = await request.app[REGISTRY].store.openai_batches(
         request[OWNER], after=query.after, limit=query.limit + 1
     )
-    objects = [await _present(request, record) for record in records[: query.limit + 1]]
+    objects = [await _present(request, record) for record in records]
     return answer(
         Page[BatchObject].of(objects, limit=query.limit, ids=[record.id for record in records])
     )
@@ -207,15 +207,6 @@ def _plan(request: web.Request, parsed: ParsedLines) -> tuple[BatchPlan | None, 
                 )
             )
     return (None if errors else plan), errors
-
-
-async def _content(store: BatchStore, file_id: str) -> bytes:
-    chunks: list[bytes] = []
-    seq = 0
-    while (chunk := await store.chunk(file_id, seq)) is not None:
-        chunks.append(chunk)
-        seq += 1
-    return b"".join(chunks)
 
 
 async def _record(request: web.Request, batch_id: str) -> OpenAIBatch:

@@ -1,7 +1,7 @@
 """``/v1/files``: upload, list, retrieve, download and delete the Batch API's files.
 
 An upload is read a part at a time and written to the store in chunks of
-``CHUNK_BYTES``, so it is never held whole in memory however large
+``store.FILE_CHUNK_BYTES``, so it is never held whole in memory however large
 (``MAX_FILE_BYTES``, 200 MB by default, OpenAI's own limit); a download is
 streamed back the same way. Only ``purpose=batch`` is taken: batch input
 files. A batch's output and error files are ``batch_output``. Each key keeps
@@ -19,14 +19,12 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from batchexec.errors import FieldError, InputError, NotFoundError, QueueFullError
-from batchexec.store import BatchStore, StoredFile
+from batchexec.store import FILE_CHUNK_BYTES, BatchStore, StoredFile
 from batchexec.web.keys import OWNER, REGISTRY, SETTINGS
 from batchexec.web.requests import answer, validated
 from batchexec.web.v1.schemas import FileDeleted, FileObject, FilesQuery, Page
 from batchexec.wording import counted
 
-#: Bytes of one chunk of a file's content in the store.
-CHUNK_BYTES = 1024 * 1024
 #: The purposes an upload may have: batch input.
 _PURPOSES = ("batch",)
 #: The longest file name kept, and the largest form field other than the file.
@@ -135,10 +133,8 @@ async def file_content(request: web.Request) -> web.StreamResponse:
     )
     response.content_length = file.bytes
     await response.prepare(request)
-    seq = 0
-    while (data := await store.chunk(file.id, seq)) is not None:
+    async for data in store.chunks(file.id):
         await response.write(data)
-        seq += 1
     await response.write_eof()
     return response
 
@@ -182,7 +178,7 @@ async def _store_file(
                 raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
             pending.append(chunk)
             pending_bytes += len(chunk)
-            if pending_bytes >= CHUNK_BYTES:
+            if pending_bytes >= FILE_CHUNK_BYTES:
                 await store.write_chunk(file.id, seq, b"".join(pending))
                 seq, pending, pending_bytes = seq + 1, [], 0
         if pending:
