@@ -102,6 +102,16 @@ class RetryableProviderError(ProviderError):
     retryable = True
 
 
+class InvalidAnswerError(RetryableProviderError):
+    """An answer that is not the JSON its request's schema asks for; another answer may be.
+
+    It is asked for at once (``retry_after_s`` 0): no server needs time to recover.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=0.0)
+
+
 class FatalProviderError(ProviderError):
     """Bad request, bad credentials, unknown model, refused content: retrying won't help."""
 
