@@ -14,6 +14,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batchexec.errors import ConfigError
+from batchexec.structured import check_schema
 
 _FOLD = re.compile(r"[\s_\-]+")
 
@@ -80,6 +81,13 @@ class AssistantSpec(Entry):
     model: Annotated[str, Field(min_length=1)]
     system_prompt: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    #: The JSON Schema its answers must match (``structured``); None for free text.
+    response_schema: dict[str, Any] | None = None
+
+    @field_validator("response_schema", mode="before")
+    @classmethod
+    def _check_response_schema(cls, value: object) -> dict[str, Any] | None:
+        return None if value is None else check_schema(value)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,8 @@ class Target:
     system_prompt: str | None
     params: Mapping[str, Any]
     assistant: str | None = None
+    #: The assistant's JSON Schema for the answer, already checked; None for free text.
+    response_schema: Mapping[str, Any] | None = None
 
 
 _Entry = TypeVar("_Entry", bound=Entry)
@@ -205,6 +215,7 @@ class Catalog:
                 system_prompt=spec.system_prompt or chosen.system_prompt,
                 params={**chosen.params, **spec.params},
                 assistant=spec.name,
+                response_schema=spec.response_schema,
             )
         chosen = self.model(model or default_model)
         return Target(model=chosen, system_prompt=chosen.system_prompt, params=chosen.params)
@@ -246,4 +257,5 @@ def _entry(kind: type[_Entry], name: str, body: Any, source: str, table: str) ->
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
-        raise ConfigError(f"{source}: {table}.{name!r}: {where}: {error['msg']}") from exc
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {table}.{name!r}: {where}: {message}") from exc

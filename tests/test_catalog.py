@@ -325,3 +325,58 @@ def test_catalog_entries_that_cannot_work_are_refused_at_load(tmp_path, entry, f
     path.write_text(f'[models."m"]\nprovider = "openai"\n{entry}\n')
     with pytest.raises(ConfigError, match=fragment):
         Catalog.load(path)
+
+
+RATER = """
+[assistants."Rater"]
+model = "echo"
+system_prompt = "Rate the sentiment of the review."
+
+[assistants."Rater".response_schema]
+type = "object"
+required = ["sentiment", "score"]
+properties.sentiment = { enum = ["positive", "neutral", "negative"] }
+properties.score = { type = "number" }
+"""
+
+
+def test_an_assistants_response_schema_reaches_its_target(tmp_path):
+    catalog = Catalog.load(write_toml(tmp_path, RATER))
+    target = catalog.resolve(model=None, assistant="rater", default_model="echo")
+    assert target.response_schema == {
+        "type": "object",
+        "required": ["sentiment", "score"],
+        "properties": {
+            "sentiment": {"enum": ["positive", "neutral", "negative"]},
+            "score": {"type": "number"},
+        },
+    }
+
+
+def test_targets_without_a_response_schema_have_none(tmp_path):
+    catalog = Catalog.load(write_toml(tmp_path, CUSTOM))
+    assert (
+        catalog.resolve(model=None, assistant="Plain", default_model="echo").response_schema is None
+    )
+    assert (
+        catalog.resolve(model="echo", assistant=None, default_model="echo").response_schema is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("schema", "fragment"),
+    [
+        ("[1]", "must be a JSON object, not an array"),
+        ('{ type = "numeric" }', "not a valid JSON Schema (draft 2020-12)"),
+        ('{ "$ref" = "https://example.com/s.json" }', "refers outside itself"),
+        ("{ default = 1979-05-27 }", "must hold only JSON values"),
+    ],
+)
+def test_an_unusable_response_schema_stops_the_catalog_naming_the_assistant(
+    tmp_path, schema, fragment
+):
+    text = f'[assistants."Rater"]\nmodel = "echo"\nresponse_schema = {schema}\n'
+    message = str(load_error(tmp_path, text))
+    assert f"{tmp_path / 'models.toml'}: assistants.'Rater': response_schema: " in message
+    assert fragment in message
+    assert "Value error" not in message
