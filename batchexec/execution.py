@@ -7,6 +7,15 @@ prompt is too long (``max_sent_prompt_length``). Otherwise it builds the
 the answer or the error into an ``Outcome``; an answer longer than
 ``max_result_length`` is not kept. It knows nothing of batches or the
 registry: the engine records what it returns.
+
+Structured answers (``structured``): a row's request whose ``response_format``
+gives a JSON Schema (an assistant's ``response_schema`` becomes one) has each
+answer validated as part of its try. An invalid answer is a retryable error,
+asked for again at once, and the result is the answer as canonical JSON. A
+provider that cannot take the schema natively is given it in words, after the
+system prompt. A chat request of the OpenAI Batch API is the exception: it is
+sent as written and its answer passed on as given, as OpenAI's own Batch API
+does.
 """
 
 from __future__ import annotations
@@ -15,18 +24,78 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
+from batchexec.catalog import Target
 from batchexec.config import Settings
 from batchexec.errors import ProviderError, ProviderNotConfiguredError
 from batchexec.limits import CallLimits, ModelLimits
 from batchexec.metrics import NO_METRICS, Metrics
 from batchexec.planning import PlannedRow
-from batchexec.providers import ChatRequest, Completion, Provider, unconfigured
+from batchexec.providers import (
+    NO_OPTIONS,
+    ChatOptions,
+    ChatRequest,
+    Completion,
+    Provider,
+    unconfigured,
+)
+from batchexec.providers.http import response_schema
 from batchexec.records import ExecutionStatus, Outcome
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
+from batchexec.structured import instruction, parse_answer, response_format
 from batchexec.templating import substituted_length
 
 log = logging.getLogger(__name__)
+
+
+def unsupported_options(provider: Provider, options: ChatOptions) -> list[str]:
+    """What of a row's ``options`` ``provider`` cannot honour (``Provider.unsupported``),
+    less a JSON Schema ``response_format``: where the provider cannot take one, the
+    executor asks for it in words instead. Not for the OpenAI Batch API's chat
+    requests, which are sent as written."""
+    if response_schema(options) is not None and not _takes_schema(provider, options):
+        options = replace(options, response_format=None)
+    return provider.unsupported(options)
+
+
+def _as_sent(provider: Provider, request: ChatRequest, schema: dict[str, Any]) -> ChatRequest:
+    """``request`` as ``provider`` is sent it: a schema it cannot take natively is taken
+    out of the options and asked for in words after the system prompt instead."""
+    if _takes_schema(provider, request.options):
+        return request
+    system = "\n\n".join(part for part in (request.system_prompt, instruction(schema)) if part)
+    options = replace(request.options, response_format=None)
+    return replace(request, system_prompt=system, options=options)
+
+
+def _takes_schema(provider: Provider, options: ChatOptions) -> bool:
+    return not provider.unsupported(ChatOptions(response_format=options.response_format))
+
+
+def _options_of(target: Target) -> ChatOptions:
+    """The options a prompt row is sent with: its target's response schema, if any."""
+    if target.response_schema is None:
+        return NO_OPTIONS
+    return ChatOptions(response_format=response_format(dict(target.response_schema)))
+
+
+@dataclass
+class _Usage:
+    """Tokens over every answer a row was given, the ones rejected as invalid included:
+    what the provider bills for."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def add(self, completion: Completion) -> None:
+        self.prompt_tokens = _sum(self.prompt_tokens, completion.prompt_tokens)
+        self.completion_tokens = _sum(self.completion_tokens, completion.completion_tokens)
+
+
+def _sum(total: int | None, count: int | None) -> int | None:
+    return total if count is None else (total or 0) + count
 
 
 class Executor:
@@ -70,15 +139,20 @@ class Executor:
         """One execution: its model call with retries, all under the execution timeout.
 
         ``earlier_attempts`` counts the calls made in earlier lives of the row;
-        the outcome's ``attempts`` includes them. Errors end as a failed or
+        the outcome's ``attempts`` includes them, and its token counts sum
+        every answer of this life (``_Usage``). Errors end as a failed or
         timed-out outcome, never as an exception (``CancelledError`` aside).
         """
         target = row.target
         chat = row.chat
         if chat is None:
             request = ChatRequest(
-                prompt=prompt, system_prompt=target.system_prompt, params=target.params
+                prompt=prompt,
+                system_prompt=target.system_prompt,
+                params=target.params,
+                options=_options_of(target),
             )
+            schema = response_schema(request.options)
         else:
             # A request's own system prompt wins over an assistant's.
             request = ChatRequest(
@@ -88,28 +162,46 @@ class Executor:
                 history=chat.history,
                 options=chat.options,
             )
+            # Sent as written, its answer passed on as given (module docstring).
+            schema = None
+        provider = self._providers.get(target.model.provider)
+        if schema is not None and provider is not None:
+            request = _as_sent(provider, request, schema)
         loop = asyncio.get_running_loop()
         timeout_s = self._settings.execution_timeout_s
         started = loop.time()
         attempts = Attempts(earlier_attempts)
+        usage = _Usage()
+
+        async def attempt() -> Completion:
+            completion = await self._call(row, request, retry=attempts.count > earlier_attempts + 1)
+            usage.add(completion)
+            if schema is None:
+                return completion
+            # Raises InvalidAnswerError, which call_with_retries tries again at once.
+            return replace(completion, text=parse_answer(completion.text, schema))
 
         def ended(
-            status: ExecutionStatus, error: str | None = None, answer: Completion | None = None
+            status: ExecutionStatus,
+            error: str | None = None,
+            result: str | None = None,
+            *,
+            tokens: bool = True,
         ) -> Outcome:
             return Outcome(
                 status,
-                result=answer.text if answer else None,
+                result=result,
                 error=error,
                 latency_ms=round((loop.time() - started) * 1000),
                 attempts=attempts.count,
-                prompt_tokens=answer.prompt_tokens if answer else None,
-                completion_tokens=answer.completion_tokens if answer else None,
+                prompt_tokens=usage.prompt_tokens if tokens else None,
+                completion_tokens=usage.completion_tokens if tokens else None,
             )
 
         try:
             async with asyncio.timeout(timeout_s):
                 completion = await call_with_retries(
-                    lambda: self._call(row, request, retry=attempts.count > earlier_attempts + 1),
+                    attempt,
                     self._retry,
                     attempts=attempts,
                     deadline=started + timeout_s,
@@ -128,12 +220,14 @@ class Executor:
         limit = self._settings.max_result_length
         if len(completion.text) > limit:
             # Not kept: every result is held in memory and written to both outputs.
+            # Its token counts go with it, as they always have.
             return ended(
                 ExecutionStatus.FAILED,
                 error=f"The answer is {len(completion.text)} characters; "
                 f"the limit (MAX_RESULT_LENGTH) is {limit}.",
+                tokens=False,
             )
-        return ended(ExecutionStatus.SUCCEEDED, answer=completion)
+        return ended(ExecutionStatus.SUCCEEDED, result=completion.text)
 
     async def _call(self, row: PlannedRow, request: ChatRequest, *, retry: bool) -> Completion:
         model = row.target.model

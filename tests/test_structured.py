@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import random
 import urllib.request
 from datetime import date
 from typing import Any
 
 import pytest
+from aiohttp import web
 
+from batchexec.catalog import Catalog, ModelSpec, Target
+from batchexec.config import Settings
 from batchexec.errors import FatalProviderError, InvalidAnswerError, RetryableProviderError
+from batchexec.execution import Executor, unsupported_options
+from batchexec.planning import ChatInput, PlannedRow
+from batchexec.providers import ChatOptions, ChatRequest, Completion, Provider
+from batchexec.providers.openai import OpenAIProvider
+from batchexec.records import ExecutionStatus, Outcome
+from batchexec.retry import RetryPolicy
 from batchexec.structured import (
     MAX_ERROR_CHARS,
     MAX_SCHEMA_CHARS,
@@ -22,6 +33,8 @@ from batchexec.structured import (
     parse_answer,
     response_format,
 )
+
+pytest_plugins = ["tests.providerfakes"]
 
 SENTIMENT = {
     "type": "object",
@@ -320,3 +333,285 @@ def test_a_result_that_is_not_an_object_gives_no_cells(result):
 
 def test_no_fields_no_cells():
     assert field_cells('{"a": 1}', []) == []
+
+
+# The executor: answers validated inside the retried call
+
+CHAT = "/v1/chat/completions"
+MODEL = ModelSpec(name="rater", provider="openai", model_id="gpt-4o-mini")
+VALID = '{"sentiment": "positive", "score": 0.9}'
+CANONICAL = '{"sentiment":"positive","score":0.9}'
+CHATTY = "Sure! The review is positive, with a score of 0.9."
+
+
+def chat_completion(content: str) -> dict[str, Any]:
+    """A chat completion as OpenAI's API answers it (see tests/test_providers_openai.py)."""
+    return {
+        "id": "chatcmpl-123",
+        "object": "chat.completion",
+        "created": 1677652288,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
+    }
+
+
+class Scripted:
+    """Answers each prompt (the last user message) with its script's contents in turn,
+    the last one for good."""
+
+    def __init__(self, scripts: dict[str, list[str]]) -> None:
+        self.scripts = {prompt: list(contents) for prompt, contents in scripts.items()}
+
+    def next(self, prompt: str) -> str:
+        script = self.scripts[prompt]
+        return script.pop(0) if len(script) > 1 else script[0]
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        return web.json_response(chat_completion(self.next(body["messages"][-1]["content"])))
+
+
+class NoJitter(random.Random):
+    """Any backoff would draw its jitter here: an answer asked for again must not wait."""
+
+    def uniform(self, a: float, b: float) -> float:
+        raise AssertionError("a backoff delay was drawn")
+
+
+class Unconstrained(Provider):
+    """A custom provider on the base defaults: it honours no option, a schema included."""
+
+    name = "custom"
+
+    def __init__(self, settings: Settings, scripted: Scripted) -> None:
+        super().__init__(settings, None)  # type: ignore[arg-type]
+        self.scripted = scripted
+        self.requests: list[ChatRequest] = []
+
+    async def complete(self, model: ModelSpec, request: ChatRequest) -> Completion:
+        self.refuse_unsupported(request.options)
+        self.requests.append(request)
+        return Completion(self.scripted.next(request.prompt), prompt_tokens=5, completion_tokens=7)
+
+
+def row(
+    index: int,
+    prompt: str,
+    schema: dict[str, Any] | None = SENTIMENT,
+    *,
+    model: ModelSpec = MODEL,
+    system: str | None = None,
+) -> PlannedRow:
+    """A prompt row whose target asks for ``schema``, as the planner makes it."""
+    target = Target(model=model, system_prompt=system, params={}, response_schema=schema)
+    return PlannedRow(index=index, prompt=prompt, target=target, depends_on=frozenset(), cells={})
+
+
+@pytest.fixture
+def settings(fake, no_provider_env):
+    return Settings(_env_file=None, openai_base_url=fake.url("/v1"))
+
+
+@pytest.fixture
+def executor(settings, http_session):
+    def make(*extra: Provider, max_retries: int = 3) -> Executor:
+        providers: dict[str, Provider] = {"openai": OpenAIProvider(settings, http_session)}
+        providers.update({provider.name: provider for provider in extra})
+        tuned = settings.model_copy(update={"max_retries": max_retries})
+        return Executor(tuned, providers, rng=NoJitter())
+
+    return make
+
+
+async def run_all(executor: Executor, *rows: PlannedRow) -> list[Outcome]:
+    return list(await asyncio.gather(*(executor.run(r, r.prompt) for r in rows)))
+
+
+def test_an_invalid_answer_is_asked_for_again_without_waiting():
+    policy = RetryPolicy(base_delay_s=10)
+    assert policy.delay_s(3, InvalidAnswerError("no"), NoJitter()) == 0
+
+
+async def test_invalid_first_answers_are_retried_and_every_row_ends_valid(fake, executor):
+    prompts = [f"review {n}" for n in range(6)]
+    # Even rows answer in prose first, then in a fence; odd rows answer right away.
+    fake.on(
+        CHAT,
+        Scripted(
+            {
+                prompt: [CHATTY, f"```json\n{VALID}\n```"] if n % 2 == 0 else [VALID]
+                for n, prompt in enumerate(prompts)
+            }
+        ),
+    )
+    outcomes = await run_all(executor(), *(row(n, p) for n, p in enumerate(prompts, start=1)))
+
+    assert [o.status for o in outcomes] == [ExecutionStatus.SUCCEEDED] * 6
+    assert [o.result for o in outcomes] == [CANONICAL] * 6
+    assert [o.error for o in outcomes] == [None] * 6
+    assert [o.attempts for o in outcomes] == [2, 1, 2, 1, 2, 1]
+    # Tokens are what the provider billed: both answers of a retried row.
+    assert [o.prompt_tokens for o in outcomes] == [18, 9, 18, 9, 18, 9]
+    assert [o.completion_tokens for o in outcomes] == [24, 12, 24, 12, 24, 12]
+    seen = fake.seen(CHAT)
+    assert len(seen) == 9
+    for request in seen:
+        body = request.json()
+        assert body["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": SENTIMENT, "strict": False},
+        }
+        assert [message["role"] for message in body["messages"]] == ["user"]
+
+
+@pytest.mark.parametrize("max_retries", [0, 3])
+async def test_an_answer_never_valid_fails_the_row_with_the_reason(fake, executor, max_retries):
+    fake.on(CHAT, Scripted({"review": ['{"sentiment": "great", "score": 1}']}))
+    [outcome] = await run_all(executor(max_retries=max_retries), row(1, "review"))
+
+    assert outcome.status is ExecutionStatus.FAILED
+    assert outcome.error == (
+        "The answer does not match the schema: "
+        "'great' is not one of ['positive', 'neutral', 'negative'] (at $.sentiment)"
+    )
+    assert outcome.result is None
+    assert outcome.attempts == max_retries + 1
+    assert len(fake.seen(CHAT)) == max_retries + 1
+    assert outcome.prompt_tokens == 9 * (max_retries + 1)
+
+
+async def test_a_schema_that_cannot_be_used_fails_the_row_without_retrying(fake, executor):
+    fake.on(CHAT, Scripted({"review": [VALID]}))
+    schema = {"$ref": "http://127.0.0.1:9/schema.json"}
+    [outcome] = await run_all(executor(), row(1, "review", schema))
+
+    assert outcome.status is ExecutionStatus.FAILED
+    assert outcome.error is not None
+    assert outcome.error.startswith("The response schema cannot be used: ")
+    assert outcome.attempts == 1
+
+
+async def test_a_row_without_a_schema_keeps_its_answer_as_it_is(fake, executor):
+    fake.on(CHAT, Scripted({"review": [CHATTY]}))
+    [outcome] = await run_all(executor(), row(1, "review", None))
+
+    assert (outcome.status, outcome.result, outcome.attempts) == (
+        ExecutionStatus.SUCCEEDED,
+        CHATTY,
+        1,
+    )
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (9, 12)
+    assert "response_format" not in fake.seen(CHAT)[0].json()
+
+
+async def test_a_chat_request_of_the_openai_batch_api_is_passed_on_as_given(fake, executor):
+    # OpenAI's Batch API hands back what the model said, schema or not; so does batchexec's.
+    fake.on(CHAT, Scripted({"review": [CHATTY]}))
+    planned = PlannedRow(
+        index=1,
+        prompt="review",
+        target=Target(model=MODEL, system_prompt=None, params={}),
+        depends_on=frozenset(),
+        cells={},
+        chat=ChatInput(options=ChatOptions(response_format=response_format(SENTIMENT))),
+    )
+    [outcome] = await run_all(executor(), planned)
+
+    assert (outcome.status, outcome.result, outcome.attempts) == (
+        ExecutionStatus.SUCCEEDED,
+        CHATTY,
+        1,
+    )
+    assert fake.seen(CHAT)[0].json()["response_format"] == response_format(SENTIMENT)
+
+
+async def test_an_assistants_schema_goes_from_the_catalog_to_the_wire(fake, executor, tmp_path):
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(
+        f'[models."rater"]\nprovider = "openai"\nmodel_id = "gpt-4o-mini"\n'
+        f'base_url = "{fake.url("/v1")}"\n'
+        + """
+[assistants."Rater"]
+model = "rater"
+system_prompt = "Rate it."
+
+[assistants."Rater".response_schema]
+type = "object"
+required = ["sentiment", "score"]
+properties.sentiment = { enum = ["positive", "neutral", "negative"] }
+properties.score = { type = "number" }
+properties.tags = { type = "array", items = { type = "string" } }
+"""
+    )
+    target = Catalog.load(catalog).resolve(model=None, assistant="rater", default_model="echo")
+    planned = PlannedRow(index=1, prompt="review", target=target, depends_on=frozenset(), cells={})
+    fake.on(CHAT, Scripted({"review": [CHATTY, VALID]}))
+    [outcome] = await run_all(executor(), planned)
+
+    assert (outcome.status, outcome.result, outcome.attempts) == (
+        ExecutionStatus.SUCCEEDED,
+        CANONICAL,
+        2,
+    )
+    first, again = fake.seen(CHAT)
+    assert (
+        first.json()
+        == again.json()
+        == {
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "system", "content": "Rate it."},
+                {"role": "user", "content": "review"},
+            ],
+            "response_format": response_format(SENTIMENT),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("system", "expected"),
+    [
+        ("Rate it.", "Rate it.\n\n" + instruction(SENTIMENT)),
+        (None, instruction(SENTIMENT)),
+    ],
+)
+async def test_a_provider_without_native_support_is_given_the_schema_in_words(
+    settings, executor, system, expected
+):
+    custom = Unconstrained(settings, Scripted({"review": [CHATTY, VALID]}))
+    model = ModelSpec(name="mine", provider="custom")
+    [outcome] = await run_all(executor(custom), row(1, "review", model=model, system=system))
+
+    assert (outcome.status, outcome.result, outcome.attempts) == (
+        ExecutionStatus.SUCCEEDED,
+        CANONICAL,
+        2,
+    )
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (10, 14)
+    assert len(custom.requests) == 2
+    for request in custom.requests:
+        assert request.system_prompt == expected
+        assert request.options.response_format is None
+        assert request.prompt == "review"
+
+
+def test_unsupported_options_leave_a_schema_to_the_instruction(settings, http_session):
+    custom = Unconstrained(settings, Scripted({}))
+    options = ChatOptions(temperature=0.2, response_format=response_format(SENTIMENT))
+    assert unsupported_options(custom, options) == [
+        "temperature: the custom provider does not pass it on"
+    ]
+    # Where a provider does not take the response_format at all, it says so.
+    other = ChatOptions(response_format={"type": "json_object"})
+    assert unsupported_options(custom, other) == [
+        "response_format: the custom provider does not pass it on"
+    ]
+    assert unsupported_options(OpenAIProvider(settings, http_session), options) == []
