@@ -5,6 +5,7 @@ A leaf module: the input readers, the planner, the records and the outputs all u
 
 from __future__ import annotations
 
+import re
 from typing import TypeAlias
 
 #: An input cell: text, or the number or boolean a workbook cell (or a JSON value)
@@ -12,8 +13,18 @@ from typing import TypeAlias
 #: cells are always text; text never becomes a number.
 Cell: TypeAlias = str | int | float | bool
 
+#: A row's own parameters (``parameters.py``) and answer schema, as columns.
+PARAMETER_COLUMNS = (
+    "system",
+    "temperature",
+    "max_tokens",
+    "top_p",
+    "stop",
+    "seed",
+    "response_schema",
+)
 #: Columns with a meaning to batchexec; matched case-insensitively.
-KNOWN_COLUMNS = ("prompt", "model", "assistant")
+KNOWN_COLUMNS = ("prompt", "model", "assistant", *PARAMETER_COLUMNS)
 #: Columns the results workbook adds after the input columns, in order.
 OUTPUT_COLUMNS = (
     "result",
@@ -28,6 +39,26 @@ OUTPUT_COLUMNS = (
 #: Input columns of these names (a results file fed back in) are dropped rather
 #: than duplicated; ``model`` is an input column too, so it stays.
 RESERVED_COLUMNS = frozenset(OUTPUT_COLUMNS) - {"model"}
+#: The outputs' other columns: an answer's fields (``result.score``) and, for models side
+#: by side, each model's group (``result [gpt-4o]``, ``result.score [gpt-4o]``).
+_OUTPUT_COLUMN = re.compile(
+    rf"(?:result\.[^\[]*|(?:{'|'.join(OUTPUT_COLUMNS)})(?:\.[^\[]*)? \[.*\])", re.DOTALL
+)
+
+
+def is_output_column(name: str) -> bool:
+    """Whether ``name`` is a column batchexec's outputs add (a results file fed back in)."""
+    return name in RESERVED_COLUMNS or _OUTPUT_COLUMN.fullmatch(name) is not None
+
+
+def field_column(field: str) -> str:
+    """The column an answer's top-level ``field`` is spread into."""
+    return f"result.{field}"
+
+
+def group_column(column: str, model: str) -> str:
+    """``column`` of ``model``'s group, for models side by side."""
+    return f"{column} [{model}]"
 
 
 def cell_text(cell: Cell) -> str:

@@ -6,7 +6,7 @@ import csv
 import io
 from dataclasses import dataclass
 
-from batchexec.columns import KNOWN_COLUMNS, RESERVED_COLUMNS, Cell
+from batchexec.columns import KNOWN_COLUMNS, RESERVED_COLUMNS, Cell, is_output_column
 from batchexec.errors import FieldError, InputError
 from batchexec.wording import counted
 
@@ -87,7 +87,7 @@ def header_columns(header: list[str], where: str, *, unnamed_ok: bool) -> list[s
         name = raw.strip()
         if name.lower() in KNOWN_COLUMNS or name.lower() in RESERVED_COLUMNS:
             name = name.lower()
-        if name in RESERVED_COLUMNS or (name == "model" and after_result):
+        if is_output_column(name) or (name == "model" and after_result):
             after_result = after_result or name == "result"
             columns.append(None)
             continue

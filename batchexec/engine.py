@@ -42,7 +42,6 @@ from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
 from batchexec.registry import Registry
 from batchexec.scheduling import ReadyRows
 from batchexec.store import SharedStore, StoreError
-from batchexec.templating import substitute
 from batchexec.wording import counted
 
 log = logging.getLogger(__name__)
@@ -500,7 +499,7 @@ class Engine:
             attempts = batch.executions[row.index - 1].attempts
             self._finish_row(batch, row.index, replace(unsent, attempts=attempts), None)
             return
-        prompt = row.prompt if row.chat is not None else substitute(row.prompt, outputs)
+        prompt = row.sent_prompt(outputs)
         # Calls made in earlier lives of the row (it was running when a process died).
         earlier = batch.executions[row.index - 1].attempts
         self._registry.start_execution(batch, row.index, prompt, earlier + 1)

@@ -27,14 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from batchexec.catalog import Target
 from batchexec.config import Settings
 from batchexec.errors import ProviderError, ProviderNotConfiguredError
 from batchexec.limits import CallLimits, ModelLimits
 from batchexec.metrics import NO_METRICS, Metrics
-from batchexec.planning import PlannedRow
+from batchexec.planning import ChatInput, PlannedRow
 from batchexec.providers import (
-    NO_OPTIONS,
     ChatOptions,
     ChatRequest,
     Completion,
@@ -44,10 +42,12 @@ from batchexec.providers import (
 from batchexec.providers.http import response_schema
 from batchexec.records import ExecutionStatus, Outcome
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
-from batchexec.structured import instruction, parse_answer, response_format
-from batchexec.templating import substituted_length
+from batchexec.structured import instruction, parse_answer
 
 log = logging.getLogger(__name__)
+
+#: What a row that sets nothing of its own sends besides its prompt.
+_NO_CHAT = ChatInput()
 
 
 def unsupported_options(provider: Provider, options: ChatOptions) -> list[str]:
@@ -72,13 +72,6 @@ def _as_sent(provider: Provider, request: ChatRequest, schema: dict[str, Any]) -
 
 def _takes_schema(provider: Provider, options: ChatOptions) -> bool:
     return not provider.unsupported(ChatOptions(response_format=options.response_format))
-
-
-def _options_of(target: Target) -> ChatOptions:
-    """The options a prompt row is sent with: its target's response schema, if any."""
-    if target.response_schema is None:
-        return NO_OPTIONS
-    return ChatOptions(response_format=response_format(dict(target.response_schema)))
 
 
 @dataclass
@@ -126,7 +119,7 @@ class Executor:
             names = ", ".join(f"${{output.{index}}}" for index in missing)
             return Outcome(ExecutionStatus.SKIPPED, error=f"Skipped: {names} did not succeed.")
         limit = self._settings.max_sent_prompt_length
-        length = substituted_length(row.prompt, outputs) if row.chat is None else len(row.prompt)
+        length = row.sent_length(outputs)
         if length > limit:
             return Outcome(
                 ExecutionStatus.FAILED,
@@ -144,26 +137,19 @@ class Executor:
         timed-out outcome, never as an exception (``CancelledError`` aside).
         """
         target = row.target
-        chat = row.chat
-        if chat is None:
-            request = ChatRequest(
-                prompt=prompt,
-                system_prompt=target.system_prompt,
-                params=target.params,
-                options=_options_of(target),
-            )
-            schema = response_schema(request.options)
-        else:
-            # A request's own system prompt wins over an assistant's.
-            request = ChatRequest(
-                prompt=prompt,
-                system_prompt=chat.system or target.system_prompt,
-                params=target.params,
-                history=chat.history,
-                options=chat.options,
-            )
-            # Sent as written, its answer passed on as given (module docstring).
-            schema = None
+        chat = row.chat or _NO_CHAT
+        # A row's own system prompt wins over an assistant's.
+        request = ChatRequest(
+            prompt=prompt,
+            system_prompt=chat.system or target.system_prompt,
+            params=target.params,
+            history=chat.history,
+            options=chat.options,
+        )
+        # A request of the OpenAI Batch API is sent as written, its answer passed on as
+        # given (module docstring); a row's schema (its own, its batch's or its
+        # assistant's: ``planning``) is in its options.
+        schema = None if row.verbatim else response_schema(request.options)
         provider = self._providers.get(target.model.provider)
         if schema is not None and provider is not None:
             request = _as_sent(provider, request, schema)

@@ -7,15 +7,16 @@ import csv
 import functools
 import io
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchexec.columns import OUTPUT_COLUMNS, Cell, cell_text
+from batchexec.columns import OUTPUT_COLUMNS, Cell, cell_text, field_column, group_column
 from batchexec.errors import StorageError
 from batchexec.files import atomic_path
-from batchexec.planning import BatchPlan
+from batchexec.planning import BatchOptions, BatchPlan
 from batchexec.records import Batch, Execution, ExecutionStatus
+from batchexec.structured import field_cells
 from batchexec.xlsx import write_sheet
 
 log = logging.getLogger(__name__)
@@ -45,58 +46,121 @@ def result_text(execution: Execution) -> str:
 def _input_cells(batch: Batch, execution: Execution) -> list[Cell]:
     """A row's input cells as run, numbers and booleans as they were.
 
-    ``prompt`` shows the prompt as sent, with ``${output.n}`` filled in; a
-    blank ``model`` shows the model that ran, unless an assistant did.
+    ``prompt`` shows the prompt as sent, with its variables and ``${output.n}``
+    filled in; a blank ``model`` shows the model that ran, unless an assistant
+    did. Side by side, the models sent different prompts: ``prompt`` shows it
+    as written, and ``model`` as it was.
     """
-    sent = execution.prompt_sent
+    side_by_side = bool(batch.options.models)
+    sent = None if side_by_side else execution.prompt_sent
     cells = []
     for column in batch.columns:
         value = execution.cells.get(column, "")
         if column == "prompt" and sent is not None:
             value = sent
-        elif column == "model" and not cell_text(value).strip() and not execution.by_assistant:
+        elif (
+            column == "model"
+            and not side_by_side
+            and not cell_text(value).strip()
+            and not execution.by_assistant
+        ):
             value = execution.model
         cells.append(value)
     return cells
 
 
+def _rows(batch: Batch) -> list[list[Execution]]:
+    """The batch's executions by input row: one each, or one a model side by side."""
+    width = max(len(batch.options.models), 1)
+    executions = batch.executions
+    return [executions[start : start + width] for start in range(0, len(executions), width)]
+
+
+def _outcome_cells(
+    execution: Execution, columns: Sequence[str], fields: Sequence[str]
+) -> list[Cell | None]:
+    """``columns`` of one execution's outcome, ``result`` followed by its answer's fields."""
+    values: dict[str, Cell | None] = {
+        "status": execution.status.value,
+        "error": execution.error or "",
+        "model": execution.model,
+        "latency_ms": execution.latency_ms,
+        "attempts": execution.attempts,
+        "prompt_tokens": execution.prompt_tokens,
+        "completion_tokens": execution.completion_tokens,
+    }
+    cells: list[Cell | None] = []
+    for column in columns:
+        if column == "result":
+            cells.append(result_text(execution))
+            if fields:
+                succeeded = execution.status is ExecutionStatus.SUCCEEDED
+                cells += field_cells(execution.result if succeeded else None, fields)
+        else:
+            cells.append(values[column])
+    return cells
+
+
+def _header(
+    batch_columns: Sequence[str], options: BatchOptions, columns: Sequence[str]
+) -> list[str]:
+    """The header: the input columns, then ``columns`` (``result`` followed by the answer's
+    fields), once or once a model side by side."""
+    outcome: list[str] = []
+    for column in columns:
+        outcome.append(column)
+        if column == "result":
+            outcome += [field_column(field) for field in options.fields]
+    if not options.models:
+        return [*batch_columns, *outcome]
+    groups = [group_column(column, model) for model in options.models for column in outcome]
+    return [*batch_columns, *groups]
+
+
+def _sheet(batch: Batch, columns: Sequence[str]) -> Sheet:
+    fields = batch.options.fields
+    rows: list[list[Cell | None]] = []
+    for executions in _rows(batch):
+        row: list[Cell | None] = [*_input_cells(batch, executions[0])]
+        for execution in executions:
+            row += _outcome_cells(execution, columns, fields)
+        rows.append(row)
+    return Sheet(_header(batch.columns, batch.options, columns), rows)
+
+
 def csv_sheet(batch: Batch) -> Sheet:
-    """The ``csv_content`` table: the input columns, then ``result``."""
-    rows: list[list[Cell | None]] = [
-        [*_input_cells(batch, execution), result_text(execution)] for execution in batch.executions
-    ]
-    return Sheet([*batch.columns, "result"], rows)
+    """The ``csv_content`` table: the input columns, then ``result`` and the answer's fields
+    (``result.<field>``); side by side, these once a model (``result [model]``)."""
+    return _sheet(batch, ["result"])
 
 
 def results_sheet(batch: Batch) -> Sheet:
-    """The workbook's table: the input columns, then ``OUTPUT_COLUMNS``.
+    """The workbook's table: the input columns, then ``OUTPUT_COLUMNS``, with the answer's
+    fields after ``result``; side by side, these once a model.
 
-    ``model`` is added only when the input has no such column; the input's own
-    ``model`` cells already show the model that ran.
+    ``model`` is added only when the input has no such column (the input's own
+    ``model`` cells already show the model that ran), and never side by side,
+    where each group's header names its model.
     """
-    extra = [name for name in OUTPUT_COLUMNS if name != "model" or name not in batch.columns]
-    rows: list[list[Cell | None]] = []
-    for execution in batch.executions:
-        values: dict[str, Cell | None] = {
-            "result": result_text(execution),
-            "status": execution.status.value,
-            "error": execution.error or "",
-            "model": execution.model,
-            "latency_ms": execution.latency_ms,
-            "attempts": execution.attempts,
-            "prompt_tokens": execution.prompt_tokens,
-            "completion_tokens": execution.completion_tokens,
-        }
-        rows.append([*_input_cells(batch, execution), *(values[name] for name in extra)])
-    return Sheet([*batch.columns, *extra], rows)
+    extra = [
+        name
+        for name in OUTPUT_COLUMNS
+        if name != "model" or (name not in batch.columns and not batch.options.models)
+    ]
+    return _sheet(batch, extra)
 
 
 def template_sheet(plan: BatchPlan) -> Sheet:
-    """The workbook ``process_csv`` writes before running: input rows, an empty ``result``."""
+    """The workbook ``process_csv`` writes before running: the input rows, and the columns
+    ``csv_content`` will add, empty."""
+    header = _header(plan.columns, plan.options, ["result"])
+    width = max(len(plan.options.models), 1)
+    empty = [""] * (len(header) - len(plan.columns))
     rows: list[list[Cell | None]] = [
-        [*(row.cells.get(column, "") for column in plan.columns), ""] for row in plan.rows
+        [*(row.cells.get(column, "") for column in plan.columns), *empty]
+        for row in plan.rows[::width]
     ]
-    return Sheet([*plan.columns, "result"], rows)
+    return Sheet(header, rows)
 
 
 def render_csv(sheet: Sheet) -> str:

@@ -21,7 +21,14 @@ from batchexec.catalog import Catalog
 from batchexec.columns import Cell, cell_text
 from batchexec.csvinput import Table, parse_csv
 from batchexec.errors import FieldError, InputError
-from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
+from batchexec.planning import (
+    NO_BATCH_OPTIONS,
+    BatchOptions,
+    BatchPlan,
+    Limits,
+    RowInput,
+    plan_batch,
+)
 from batchexec.schemas import ExecutionIn
 from batchexec.wording import counted
 from batchexec.xlsxinput import read_sheet
@@ -324,14 +331,16 @@ def from_executions(
     return Rows.of(names, rows)
 
 
-def plan_rows(rows: Rows, catalog: Catalog, limits: Limits) -> BatchPlan:
+def plan_rows(
+    rows: Rows, catalog: Catalog, limits: Limits, options: BatchOptions = NO_BATCH_OPTIONS
+) -> BatchPlan:
     """The one way from rows to a plan, for every input: the HTTP routes, the command line.
 
     Validates ``rows`` as the server does; ``InputError`` lists every problem,
     rows unread too.
     """
     try:
-        plan = plan_batch(list(rows.rows), list(rows.columns), catalog, limits)
+        plan = plan_batch(list(rows.rows), list(rows.columns), catalog, limits, options)
     except InputError as exc:
         if not rows.problems:
             raise

@@ -14,9 +14,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from batchexec.errors import FieldError, InputError
+from batchexec.execution import unsupported_options
 from batchexec.inputs import Rows
 from batchexec.planning import BatchPlan
 from batchexec.providers import Provider, unconfigured
+from batchexec.wording import counted
 
 #: No places of their own: rows are named ``execution N``, as a JSON body numbers them.
 _EXECUTIONS = Rows((), (), ())
@@ -58,6 +60,7 @@ def unready(
     """
     reasons: dict[str, str | None] = {}
     found: dict[tuple[str, str], tuple[str | None, str, list[int]]] = {}
+    width = max(len(plan.options.models), 1)
     for row in plan.rows:
         if only is not None and row.index not in only:
             continue
@@ -69,7 +72,11 @@ def unready(
             continue
         assistant = row.target.assistant
         key = ("assistant", assistant) if assistant else ("model", model.name)
-        found.setdefault(key, (model.name if assistant else None, reason, []))[2].append(row.index)
+        indexes = found.setdefault(key, (model.name if assistant else None, reason, []))[2]
+        # Side by side, a row runs once a model: it is named by its input row.
+        index = (row.index - 1) // width + 1
+        if not indexes or indexes[-1] != index:
+            indexes.append(index)
     return [
         Unready(name=name, field=field, model=model, reason=reason, indexes=tuple(indexes))
         for (field, name), (model, reason, indexes) in found.items()
@@ -92,6 +99,7 @@ def require_ready(
     """
     found = unready(plan, providers, only=only)
     if not found:
+        _require_supported(plan, providers, only)
         return
     errors = [FieldError(None, group.field, _sentence(group.describe(rows))) for group in found]
     if len(errors) == 1:
@@ -102,6 +110,37 @@ def require_ready(
         f"The batch names {len(found)} {kinds} that cannot be called as configured: {names}.",
         errors,
     )
+
+
+def _require_supported(
+    plan: BatchPlan, providers: Mapping[str, Provider], only: Collection[int] | None
+) -> None:
+    """Raise ``InputError`` naming each row that sets a parameter its model's provider cannot
+    send (Anthropic takes no ``seed``, say): no row runs with one quietly dropped."""
+    errors: list[FieldError] = []
+    width = max(len(plan.options.models), 1)
+    for row in plan.rows:
+        if row.chat is None or row.verbatim or (only is not None and row.index not in only):
+            continue
+        provider = providers.get(row.target.model.provider)
+        if provider is None:
+            continue
+        for message in unsupported_options(provider, row.chat.options):
+            field, _, why = message.partition(": ")
+            errors.append(
+                FieldError(
+                    (row.index - 1) // width + 1,
+                    field,
+                    f"{why} (model {row.target.model.name!r})",
+                )
+            )
+    if errors:
+        count = len({error.index for error in errors})
+        raise InputError(
+            f"{counted(count, 'execution')} {'sets' if count == 1 else 'set'} "
+            "a parameter its model cannot take.",
+            errors,
+        )
 
 
 def _sentence(text: str) -> str:

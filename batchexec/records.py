@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from batchexec.columns import Cell, cell_text
-from batchexec.planning import BatchPlan, RowInput
+from batchexec.planning import NO_BATCH_OPTIONS, BatchOptions, BatchPlan, RowInput
 
 
 class BatchStatus(StrEnum):
@@ -186,6 +186,8 @@ class Batch:
     callback_url: str | None = None
     #: ``openai`` for a batch of the OpenAI Batch API (``web/v1``), whose rows are requests.
     api: str | None = None
+    #: The models it runs side by side, its answer schema (``planning.BatchOptions``).
+    options: BatchOptions = NO_BATCH_OPTIONS
     counts: Counter[ExecutionStatus] = field(default_factory=Counter)
     #: What a running batch follows: targets and dependencies. None for a batch
     #: read back from a store, until it is planned again to run.

@@ -160,6 +160,7 @@ class Registry:
         else:
             batch = _new_batch(batch_id, owner, plan, retry_of, callback_url)
         batch.api = api
+        batch.options = plan.options
         await self.store.create(batch)
         if hold:
             self._active[batch.id] = batch

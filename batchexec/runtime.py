@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from batchexec.config import Settings
 from batchexec.errors import ConfigError, ProviderError
 from batchexec.inputs import Rows, plan_rows
 from batchexec.openai_requests import OPENAI, row_of_cells
-from batchexec.planning import BatchPlan, Limits
+from batchexec.planning import BatchPlan, Limits, RowInput
 from batchexec.providers import BUILTIN_PROVIDERS, Provider, build_providers
 from batchexec.providers.openai import discover_models
 from batchexec.records import Batch
@@ -120,6 +121,8 @@ def plan_again(batch: Batch, catalog: Catalog, settings: Settings) -> BatchPlan:
             replace(row_of_cells(execution.cells), model=execution.model)
             for execution in batch.executions
         ]
+    elif batch.options.models:
+        rows = input_rows(batch)
     else:
         rows = [
             replace(execution.row_input, model=execution.model)
@@ -128,12 +131,20 @@ def plan_again(batch: Batch, catalog: Catalog, settings: Settings) -> BatchPlan:
             for execution in batch.executions
         ]
     limits = Limits(
-        max_executions=max(len(rows), 1),
-        max_prompt_length=max((len(row.prompt) for row in rows), default=1) or 1,
+        max_executions=max(len(batch.executions), 1),
+        # The prompts passed with their variables filled in, which may be longer.
+        max_prompt_length=sys.maxsize,
         default_model=settings.default_model,
         max_columns=max(len(batch.columns), 1),
     )
-    return plan_rows(Rows.of(batch.columns, rows), catalog, limits)
+    return plan_rows(Rows.of(batch.columns, rows), catalog, limits, batch.options)
+
+
+def input_rows(batch: Batch) -> list[RowInput]:
+    """The rows of a batch of models side by side as they were submitted: its first
+    model's executions, which hold each input row's cells."""
+    width = len(batch.options.models)
+    return [execution.row_input for execution in batch.executions[::width]]
 
 
 def limits_from(settings: Settings) -> Limits:

@@ -27,7 +27,16 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from batchexec.catalog import AssistantSpec, ModelSpec
-from batchexec.columns import Cell
+from batchexec.columns import PARAMETER_COLUMNS, Cell
+from batchexec.parameters import (
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_TOKENS_LIMIT,
+    SEED_RANGE,
+    TEMPERATURE_RANGE,
+    TOP_P_RANGE,
+)
+from batchexec.planning import MAX_MODELS
 from batchexec.records import (
     Batch,
     BatchStatus,
@@ -40,26 +49,71 @@ from batchexec.webhook_urls import MAX_URL_CHARS
 
 
 class ExecutionIn(BaseModel):
-    """One execution of ``execute_batch``; keys besides these are kept as extra columns."""
+    """One execution of ``execute_batch``; keys besides these are kept as extra columns.
+
+    ``vars``, the parameters and ``response_schema`` are kept as columns too
+    (``stop`` and ``response_schema`` as JSON text), the way a CSV gives them,
+    so that every input format plans (and a restart plans again) from cells.
+    """
 
     model_config = ConfigDict(extra="allow")
 
     prompt: StrictStr
     model: StrictStr | None = None
     assistant: StrictStr | None = None
+    vars: dict[str, StrictStr | StrictInt | float | StrictBool | None] | None = Field(
+        default=None,
+        description="Values for the prompt's {{name}} variables; each becomes a column, as "
+        "the other extra keys do (which {{name}} finds too).",
+    )
+    system: StrictStr | None = Field(
+        default=None, description="The row's system prompt; it wins over an assistant's."
+    )
+    temperature: (
+        Annotated[float, Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])] | None
+    ) = None
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    top_p: Annotated[float, Field(ge=TOP_P_RANGE[0], le=TOP_P_RANGE[1])] | None = None
+    stop: StrictStr | list[StrictStr] | None = Field(
+        default=None,
+        description=f"A stop sequence, or up to {MAX_STOP_SEQUENCES}, each at most "
+        f"{MAX_STOP_CHARS} characters.",
+    )
+    seed: Annotated[StrictInt, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
+    response_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="The JSON Schema this row's answer must match; it wins over the batch's.",
+    )
     _cells: dict[str, Cell] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _write_extra_cells(self) -> ExecutionIn:
         # Once, while validating: a value nested just under the JSON parser's
         # limit raises RecursionError here, where the caller expects errors.
-        self._cells = {key: _cell(value) for key, value in (self.model_extra or {}).items()}
+        cells = {key: _cell(value) for key, value in (self.model_extra or {}).items()}
+        for name in _PARAMETER_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                cells[name] = _cell(value)
+        for name, value in (self.vars or {}).items():
+            if name in cells or name in _ROW_FIELDS:
+                raise PydanticCustomError(
+                    "vars", f"vars: {name!r} is already a field of the execution"
+                )
+            cells[name] = _cell(value)
+        self._cells = cells
         return self
 
     def extra_cells(self) -> dict[str, Cell]:
-        """Extra keys as cells: text, numbers and booleans as they are; null empty; lists
-        and objects as JSON text."""
+        """Every cell besides ``prompt``, ``model`` and ``assistant``: text, numbers and
+        booleans as they are; null empty; lists and objects as JSON text."""
         return self._cells
+
+
+#: The fields of an execution that are its parameters, kept as cells of those names.
+_PARAMETER_FIELDS = PARAMETER_COLUMNS
+#: Names a ``vars`` entry cannot take.
+_ROW_FIELDS = frozenset({"prompt", "model", "assistant", "vars", *_PARAMETER_FIELDS})
 
 
 def _cell(value: Any) -> Cell:
@@ -69,6 +123,25 @@ def _cell(value: Any) -> Cell:
         return value
     return json.dumps(value, ensure_ascii=False)
 
+
+#: The description of the ``models`` field of every batch route (and form).
+MODELS_FIELD = (
+    "Models (or assistants) of the catalog to run every row on, side by side: one "
+    "column group each in the outputs, and ${output.n} names row n's answer from the same "
+    "model. Rows then name no model of their own. In a form: names separated by commas."
+)
+#: The description of the ``response_schema`` field of every batch route (and form).
+RESPONSE_SCHEMA_FIELD = (
+    "A JSON Schema every answer must match (a row's own response_schema wins over it): "
+    "sent to the model natively where its provider takes one, checked on arrival, retried "
+    "when it does not match. Its top-level properties become result.<name> columns. In a "
+    "form: the schema as JSON text."
+)
+Models = Annotated[
+    list[Annotated[StrictStr, Field(min_length=1, max_length=200)]],
+    Field(min_length=1, max_length=MAX_MODELS, description=MODELS_FIELD),
+]
+ResponseSchema = Annotated[dict[str, Any], Field(description=RESPONSE_SCHEMA_FIELD)]
 
 #: Where a batch's end is POSTed (``webhooks.py``).
 CallbackUrl = Annotated[
@@ -98,6 +171,8 @@ class ExecuteBatchRequest(BaseModel):
     executions: list[ExecutionIn]
     columns: list[StrictStr] | None = None
     callback_url: CallbackUrl | None = None
+    models: Models | None = None
+    response_schema: ResponseSchema | None = None
 
     @field_validator("columns")
     @classmethod
@@ -121,6 +196,8 @@ class ProcessCsvRequest(BaseModel):
     #: The model of the rows that name neither a model nor an assistant, as the upload
     #: route's ``model`` field (and the validate route's) has it.
     model: Annotated[StrictStr, Field(max_length=200)] | None = None
+    models: Models | None = None
+    response_schema: ResponseSchema | None = None
 
 
 #: The description of the ``model`` field of the spreadsheet routes (here and in ``web.bodies``).
@@ -137,6 +214,8 @@ class ValidateRequest(BaseModel):
 
     csv_content: StrictStr
     model: StrictStr | None = Field(default=None, description=DEFAULT_MODEL_FIELD)
+    models: Models | None = None
+    response_schema: ResponseSchema | None = None
 
 
 class ValidateResponse(BaseModel):

@@ -17,7 +17,7 @@ from batchexec.catalog import Catalog, ModelSpec, Target
 from batchexec.config import Settings
 from batchexec.errors import FatalProviderError, InvalidAnswerError, RetryableProviderError
 from batchexec.execution import Executor, unsupported_options
-from batchexec.planning import ChatInput, PlannedRow
+from batchexec.planning import ChatInput, Limits, PlannedRow, RowInput, plan_batch
 from batchexec.providers import ChatOptions, ChatRequest, Completion, Provider
 from batchexec.providers.openai import OpenAIProvider
 from batchexec.records import ExecutionStatus, Outcome
@@ -410,9 +410,14 @@ def row(
     model: ModelSpec = MODEL,
     system: str | None = None,
 ) -> PlannedRow:
-    """A prompt row whose target asks for ``schema``, as the planner makes it."""
-    target = Target(model=model, system_prompt=system, params={}, response_schema=schema)
-    return PlannedRow(index=index, prompt=prompt, target=target, depends_on=frozenset(), cells={})
+    """A prompt row that asks for ``schema``, as the planner makes it: in its options."""
+    target = Target(model=model, system_prompt=system, params={})
+    chat = None
+    if schema is not None:
+        chat = ChatInput(options=ChatOptions(response_format=response_format(schema)))
+    return PlannedRow(
+        index=index, prompt=prompt, target=target, depends_on=frozenset(), cells={}, chat=chat
+    )
 
 
 @pytest.fixture
@@ -522,6 +527,7 @@ async def test_a_chat_request_of_the_openai_batch_api_is_passed_on_as_given(fake
         depends_on=frozenset(),
         cells={},
         chat=ChatInput(options=ChatOptions(response_format=response_format(SENTIMENT))),
+        verbatim=True,
     )
     [outcome] = await run_all(executor(), planned)
 
@@ -551,8 +557,12 @@ properties.score = { type = "number" }
 properties.tags = { type = "array", items = { type = "string" } }
 """
     )
-    target = Catalog.load(catalog).resolve(model=None, assistant="rater", default_model="echo")
-    planned = PlannedRow(index=1, prompt="review", target=target, depends_on=frozenset(), cells={})
+    limits = Limits(max_executions=1, max_prompt_length=100, default_model="echo")
+    plan = plan_batch(
+        [RowInput("review", assistant="rater")], ["prompt"], Catalog.load(catalog), limits
+    )
+    [planned] = plan.rows
+    assert plan.options.fields == ("sentiment", "score", "tags")
     fake.on(CHAT, Scripted({"review": [CHATTY, VALID]}))
     [outcome] = await run_all(executor(), planned)
 

@@ -30,7 +30,8 @@ SCHEMA_MIGRATIONS = (
 INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, started_at, "
     "finished_at, xlsx_name, retry_of, counts, callback_url, callback_state, callback_next, "
-    "api) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+    "api, options) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, "
+    "$16)"
 )
 #: The columns of ``rows.execution_rows``, which ``create`` copies in (COPY: the fastest
 #: way in for a batch of many thousand rows).
@@ -51,16 +52,17 @@ EXECUTION_COLUMNS = [
 ]
 SELECT_BATCH = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url, api FROM batches WHERE id = $1"
+    "xlsx_name, retry_of, callback_url, api, options FROM batches WHERE id = $1"
 )
 SELECT_UNFINISHED = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url, api FROM batches WHERE status IN ('queued', 'processing') "
+    "xlsx_name, retry_of, callback_url, api, options FROM batches "
+    "WHERE status IN ('queued', 'processing') "
     "ORDER BY created_at, created_order"
 )
 SELECT_BATCHES = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url, api FROM batches WHERE id = ANY($1::text[]) "
+    "xlsx_name, retry_of, callback_url, api, options FROM batches WHERE id = ANY($1::text[]) "
     "ORDER BY created_at, created_order"
 )
 SELECT_EXECUTIONS = (

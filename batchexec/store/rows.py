@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from batchexec.planning import BatchOptions
 from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome, Summary
 from batchexec.store.base import (
     CallbackDue,
@@ -50,6 +51,7 @@ def batch_row(batch: Batch, text: TextOf) -> tuple[Any, ...]:
         "pending" if batch.callback_url else None,
         0.0 if batch.callback_url else None,
         batch.api,
+        text(batch.options.to_json()),
     )
 
 
@@ -123,7 +125,7 @@ def batches_of(
     """Batches from their rows of ``batches`` (in the order given) and of ``executions``.
 
     A batch's row is ``(id, owner, columns, status, message, created_at,
-    started_at, finished_at, xlsx_name, retry_of, callback_url, api)``; an execution's is
+    started_at, finished_at, xlsx_name, retry_of, callback_url, api, options)``; an execution's is
     ``(batch_id, idx, model, cells, status, prompt_sent, result, error,
     latency_ms, attempts, prompt_tokens, completion_tokens, ended_seq)``, each
     batch's in the order of their index.
@@ -177,6 +179,7 @@ def batches_of(
             retry_of=row[9],
             callback_url=row[10],
             api=row[11],
+            options=BatchOptions.from_json(read_text(row[12])),
         )
         for row in batch_rows
     ]

@@ -18,7 +18,7 @@ from batchexec.store.rows import OPENAI_BATCH_COLUMNS
 INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, "
     "started_at, finished_at, xlsx_name, retry_of, counts, callback_url, callback_state, "
-    "callback_next, api) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "callback_next, api, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INSERT_EXECUTION = (
     "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
@@ -27,11 +27,12 @@ INSERT_EXECUTION = (
 )
 SELECT_BATCH = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url, api FROM batches WHERE id = ?"
+    "xlsx_name, retry_of, callback_url, api, options FROM batches WHERE id = ?"
 )
 SELECT_UNFINISHED = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
-    "xlsx_name, retry_of, callback_url, api FROM batches WHERE status IN ('queued', 'processing') "
+    "xlsx_name, retry_of, callback_url, api, options FROM batches "
+    "WHERE status IN ('queued', 'processing') "
     "ORDER BY created_at, rowid"
 )
 SELECT_EXECUTIONS = (

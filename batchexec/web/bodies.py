@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from batchexec.errors import FieldError
 from batchexec.records import BatchStatus, ExecutionStatus
-from batchexec.schemas import DEFAULT_MODEL_FIELD
+from batchexec.schemas import DEFAULT_MODEL_FIELD, MODELS_FIELD, RESPONSE_SCHEMA_FIELD
 from batchexec.webhook_urls import MAX_URL_CHARS
 
 
@@ -72,6 +72,8 @@ class ValidateForm(BaseModel):
         "content and its file name."
     )
     model: str | None = Field(default=None, description=DEFAULT_MODEL_FIELD)
+    models: str | None = Field(default=None, description=MODELS_FIELD)
+    response_schema: str | None = Field(default=None, description=RESPONSE_SCHEMA_FIELD)
 
 
 class UploadForm(ValidateForm):

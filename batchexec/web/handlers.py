@@ -19,6 +19,7 @@ from batchexec.planning import RowInput
 from batchexec.providers import unconfigured
 from batchexec.readiness import require_ready
 from batchexec.records import Batch, Execution, ExecutionStatus
+from batchexec.runtime import input_rows
 from batchexec.schemas import (
     AssistantOut,
     BatchList,
@@ -39,6 +40,7 @@ from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETT
 from batchexec.web.presenting import answer_results
 from batchexec.web.requests import (
     answer,
+    batch_options,
     callback_url,
     parse_body,
     plan_off_loop,
@@ -60,10 +62,11 @@ async def execute_batch(request: web.Request) -> web.Response:
     """
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
     callback = callback_url(request, body.callback_url)
+    options = batch_options(body.models, body.response_schema)
     executions: list[ExecutionIn | None] = list(body.executions)
     body.executions.clear()  # the rows are made from ``executions``, and each let go as made
     plan = await plan_off_loop(
-        request, lambda: from_executions(executions, body.columns, consume=True)
+        request, lambda: from_executions(executions, body.columns, consume=True), None, options
     )
     providers = request.app[PROVIDERS]
     require_ready(plan, providers)
@@ -117,6 +120,9 @@ async def retry(request: web.Request) -> web.Response:
     again = frozenset(rerun)
 
     def rows() -> Rows:
+        if original.options.models:
+            # Side by side, each row runs on the batch's models again, not on its own.
+            return Rows.of(original.columns, input_rows(original))
         inputs = [
             row_of_cells(execution.cells)
             if original.api == OPENAI
@@ -128,7 +134,7 @@ async def retry(request: web.Request) -> web.Response:
         return Rows.of(original.columns, inputs)
 
     bounds = limits_of(request.app[SETTINGS]) if original.api == OPENAI else None
-    plan = await plan_off_loop(request, rows, bounds)
+    plan = await plan_off_loop(request, rows, bounds, original.options)
     providers = request.app[PROVIDERS]
     require_ready(plan, providers, only=rerun)
     batch = await request.app[ENGINE].submit(

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ValidationError
 from batchexec import api
 from batchexec.errors import FieldError, InputError
 from batchexec.inputs import TOO_MANY_DIGITS, Rows, plan_rows
-from batchexec.planning import BatchPlan, Limits
+from batchexec.planning import MAX_MODELS, NO_BATCH_OPTIONS, BatchOptions, BatchPlan, Limits
 from batchexec.runtime import limits_from
+from batchexec.structured import check_schema
 from batchexec.web.keys import CATALOG, INPUT_POOL, SETTINGS
 
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -81,7 +82,10 @@ async def on_input_pool(request: web.Request, work: Callable[[], _T]) -> _T:
 
 
 async def plan_off_loop(
-    request: web.Request, rows: Rows | Callable[[], Rows], bounds: Limits | None = None
+    request: web.Request,
+    rows: Rows | Callable[[], Rows],
+    bounds: Limits | None = None,
+    options: BatchOptions = NO_BATCH_OPTIONS,
 ) -> BatchPlan:
     """``inputs.plan_rows`` for the app: a large batch is planned on the input pool.
 
@@ -92,10 +96,39 @@ async def plan_off_loop(
     catalog, bounds = request.app[CATALOG], bounds or limits(request)
     if callable(rows):
         make = rows
-        return await on_input_pool(request, lambda: plan_rows(make(), catalog, bounds))
+        return await on_input_pool(request, lambda: plan_rows(make(), catalog, bounds, options))
     if len(rows.rows) > _INLINE_ROWS:
-        return await on_input_pool(request, lambda: plan_rows(rows, catalog, bounds))
-    return plan_rows(rows, catalog, bounds)
+        return await on_input_pool(request, lambda: plan_rows(rows, catalog, bounds, options))
+    return plan_rows(rows, catalog, bounds, options)
+
+
+def batch_options(
+    models: list[str] | str | None, response_schema: dict[str, Any] | str | None = None
+) -> BatchOptions:
+    """A batch's options from a JSON body's fields, or a form's (``models`` as names
+    separated by commas, ``response_schema`` as JSON text); 422 for a bad one."""
+    if isinstance(models, str):
+        models = [name.strip() for name in models.split(",")] if models.strip() else None
+    if models is not None and (
+        not 1 <= len(models) <= MAX_MODELS or not all(name.strip() for name in models)
+    ):
+        message = f"give 1 to {MAX_MODELS} model names, none empty"
+        raise InputError(f"models: {message}.", [FieldError(None, "models", message)])
+    schema: dict[str, Any] | None = None
+    if isinstance(response_schema, str) and response_schema.strip():
+        try:
+            response_schema = json.loads(response_schema)
+        except (ValueError, RecursionError):
+            message = "must be a JSON Schema, as JSON text"
+            raise InputError(
+                f"response_schema: {message}.", [FieldError(None, "response_schema", message)]
+            ) from None
+    if response_schema is not None and response_schema != "":
+        try:
+            schema = check_schema(response_schema)
+        except ValueError as exc:
+            raise InputError(str(exc), [FieldError(None, "response_schema", str(exc))]) from None
+    return BatchOptions(models=tuple(name.strip() for name in models or ()), response_schema=schema)
 
 
 def limits(request: web.Request) -> Limits:

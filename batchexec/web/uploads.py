@@ -32,7 +32,7 @@ from batchexec.inputs import (
     from_table,
     sniff,
 )
-from batchexec.planning import BatchPlan, Limits
+from batchexec.planning import BatchOptions, BatchPlan, Limits
 from batchexec.readiness import require_ready
 from batchexec.records import Batch
 from batchexec.schemas import (
@@ -45,6 +45,7 @@ from batchexec.schemas import (
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, WORKBOOKS
 from batchexec.web.requests import (
     answer,
+    batch_options,
     callback_url,
     limits,
     on_input_pool,
@@ -60,7 +61,7 @@ _RUN_AGAIN = {
     "upload": "upload the file again with execute=true",
 }
 #: The fields of an upload's form besides its ``file``.
-_FORM_FIELDS = ("execute", "callback_url", "model")
+_FORM_FIELDS = ("execute", "callback_url", "model", "models", "response_schema")
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
 
@@ -70,11 +71,13 @@ async def process_csv(request: web.Request) -> web.Response:
     body = await parse_body(request, ProcessCsvRequest)
     callback = _callback(request, body.callback_url, execute=body.execute)
     bounds = _bounds(request, body.model)
+    options = batch_options(body.models, body.response_schema)
     rows = await _csv_rows(request, body.csv_content)
     return await _process_rows(
         request,
         rows,
         bounds,
+        options,
         execute=body.execute,
         callback=callback,
         kind="CSV",
@@ -88,9 +91,17 @@ async def upload(request: web.Request) -> web.Response:
     execute = _flag(fields.get("execute", ""))
     callback = _callback(request, fields.get("callback_url"), execute=execute)
     bounds = _bounds(request, fields.get("model"))
+    options = batch_options(fields.get("models"), fields.get("response_schema"))
     rows, kind = await _file_rows(request, name, data)
     return await _process_rows(
-        request, rows, bounds, execute=execute, callback=callback, kind=kind, route="upload"
+        request,
+        rows,
+        bounds,
+        options,
+        execute=execute,
+        callback=callback,
+        kind=kind,
+        route="upload",
     )
 
 
@@ -100,15 +111,17 @@ async def validate(request: web.Request) -> web.Response:
     if request.content_type == "multipart/form-data":
         name, data, fields = await _read_upload(request)
         bounds = _bounds(request, fields.get("model"))
+        options = batch_options(fields.get("models"), fields.get("response_schema"))
         rows, _ = await _file_rows(request, name, data)
     else:
         body = await parse_body(request, ValidateRequest)
         bounds = _bounds(request, body.model)
+        options = batch_options(body.models, body.response_schema)
         rows = await _csv_rows(request, body.csv_content)
-    plan = await _plan(request, rows, bounds)
+    plan = await _plan(request, rows, bounds, options)
     providers = request.app[PROVIDERS]
     require_ready(plan, providers, rows)
-    count = len(plan.rows)
+    count = plan.input_rows
     return answer(
         ValidateResponse(
             rows=count,
@@ -147,10 +160,12 @@ def _bounds(request: web.Request, model: str | None) -> Limits:
     return replace(bounds, default_model=spec.name)
 
 
-async def _plan(request: web.Request, rows: Rows, bounds: Limits) -> BatchPlan:
+async def _plan(
+    request: web.Request, rows: Rows, bounds: Limits, options: BatchOptions
+) -> BatchPlan:
     """``rows`` planned, each problem located at its line or sheet row."""
     try:
-        return await plan_off_loop(request, rows, bounds)
+        return await plan_off_loop(request, rows, bounds, options)
     except InputError as exc:
         raise InputError(exc.detail, [rows.located(error) for error in exc.errors]) from None
 
@@ -184,6 +199,7 @@ async def _process_rows(
     request: web.Request,
     rows: Rows,
     bounds: Limits,
+    options: BatchOptions,
     *,
     execute: bool,
     callback: str | None,
@@ -197,14 +213,14 @@ async def _process_rows(
     (through ``route`` again, with ``execute``): the template's id names its
     workbook, never a batch (the results route's 404 for it says the same).
     """
-    plan = await _plan(request, rows, bounds)
+    plan = await _plan(request, rows, bounds, options)
     if execute:
         providers = request.app[PROVIDERS]
         require_ready(plan, providers, rows)
     batch_id = request.app[REGISTRY].new_id()
     file_name = Batch.file_name_for(batch_id)
     await _write_template(request, plan, file_name, batch_id, execute=execute)
-    count = counted(len(plan.rows), "row")
+    count = counted(plan.input_rows, "row")
     if execute:
         await _start(request, plan, file_name, batch_id, callback)
         message = (
@@ -215,7 +231,7 @@ async def _process_rows(
         again = _RUN_AGAIN[route]
         message = (
             f"{kind} processed: {count} written to the XLSX template; nothing was run. "
-            f"To run {'it' if len(plan.rows) == 1 else 'them'}, {again}."
+            f"To run {'it' if plan.input_rows == 1 else 'them'}, {again}."
         )
     return answer(
         ProcessCsvResponse(
