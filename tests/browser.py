@@ -31,6 +31,19 @@ CHROMIUM_ARGS = [
 ]
 #: The README's screenshot's size, and every test's window.
 VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
+#: An init script that keeps the field names of each form the page posts, by path, in
+#: ``window.sentForms``: Chromium shows Playwright no multipart body that holds a file.
+RECORD_FORMS = """
+const send = window.fetch;
+window.sentForms = [];
+window.fetch = (resource, options = {}) => {
+  if (options.body instanceof FormData) {
+    const path = new URL(resource, document.baseURI).pathname;
+    window.sentForms.push({ path, fields: [...options.body.keys()] });
+  }
+  return send(resource, options);
+};
+"""
 #: Chromium's console line for an answer with an error status, which is not a script error.
 _FAILED_LOAD = "Failed to load resource: the server responded with a status of "
 

@@ -20,18 +20,19 @@ import pytest
 pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 
 import pytest_asyncio
-from aiohttp import web
+from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright, expect
 
 from batchexec import create_app
-from batchexec.api import API_KEY_HEADER, BATCHES, MODELS, PAGE
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, Watch
-from tests.fakes import GatedProvider
+from batchexec.api import API_KEY_HEADER, BATCHES, MODELS, PAGE, UPLOAD, VALIDATE
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, RECORD_FORMS, VIEWPORT, Watch
+from tests.fakes import GATED_CATALOG, GatedProvider
 from tests.helpers import (
     API_KEY,
     AUTH,
     SettingsFactory,
+    batch_of,
     column,
     free_port,
     gated,
@@ -51,6 +52,18 @@ pytestmark = [
 ]
 
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "page.png"
+#: The gated test models, and two to run side by side that answer differently: ``a`` with
+#: its prompt, ``b`` with ``answer(<prompt>)`` once the gated provider lets it.
+CATALOG = (
+    GATED_CATALOG
+    + """
+[models."a"]
+provider = "echo"
+
+[models."b"]
+provider = "gated"
+"""
+)
 
 
 # Fixtures
@@ -70,9 +83,13 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def client(make_settings: SettingsFactory) -> AsyncIterator[TestClient[Any, Any]]:
-    """A fresh app (its own store and results folder) on a loopback port."""
-    app = create_app(make_settings(), extra_providers=(GatedProvider,))
+async def client(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """A fresh app (its own store and results folder, ``CATALOG``) on a loopback port."""
+    catalog = tmp_path / "browser-models.toml"
+    catalog.write_text(CATALOG)
+    app = create_app(make_settings(models_path=catalog), extra_providers=(GatedProvider,))
     test_client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
     await test_client.start_server()
     yield test_client
@@ -123,6 +140,13 @@ async def open_with_key(page: Page, client: TestClient[Any, Any]) -> None:
 
 async def choose_model(page: Page, model: str) -> None:
     await page.get_by_label("Model for the rows that name none").select_option(model)
+
+
+async def choose_side_by_side(page: Page, *models: str) -> None:
+    """Tick ``models`` to run every row on each of them."""
+    group = page.get_by_role("group", name="Or run every row on several models, side by side")
+    for model in models:
+        await group.get_by_role("checkbox", name=model, exact=True).check()
 
 
 async def choose_file(page: Page, path: Path) -> None:
@@ -219,6 +243,113 @@ async def test_a_file_with_bad_rows_shows_each_problem_and_starts_nothing(
 
     listed = await client.get(BATCHES, headers=AUTH)
     assert (await listed.json())["batches"] == []
+
+
+async def test_two_models_side_by_side_run_each_row_on_each_and_download_in_groups(
+    page: Page, client: TestClient[Any, Any], tmp_path: Path
+):
+    gated(client).open()  # model b answers at once
+    prompts = ["Name a colour: teal", "Then ${output.1}", "And ${output.2}"]
+    # Each model's chain runs on its own earlier answers.
+    by_a = [
+        "Name a colour: teal",
+        "Then Name a colour: teal",
+        "And Then Name a colour: teal",
+    ]
+    by_b = [
+        "answer(Name a colour: teal)",
+        "answer(Then answer(Name a colour: teal))",
+        "answer(And answer(Then answer(Name a colour: teal)))",
+    ]
+    path = write_csv(tmp_path / "side.csv", ["prompt"], [[p] for p in prompts])
+    await page.add_init_script(RECORD_FORMS)
+    await open_with_key(page, client)
+    await choose_side_by_side(page, "a", "b")
+    await expect(page.get_by_test_id("side-by-side-status")).to_have_text(
+        "Every row runs on a, b: 2 results a row."
+    )
+    await expect(page.get_by_label("Model for the rows that name none")).to_be_disabled()
+    await choose_file(page, path)
+    await expect(page.get_by_test_id("validation-status")).to_contain_text(
+        "Side by side: 6 runs, each row once on each model."
+    )
+    batch_id = await start(page, count=3)
+    [started] = [form for form in await page.evaluate("sentForms") if form["path"] == UPLOAD]
+    assert started["fields"] == ["file", "models", "execute"]  # the models, and no model
+
+    await batch_is(page, "completed")
+    assert batch_of(client, batch_id).options.models == ("a", "b")
+    await expect(page.get_by_test_id("count-succeeded")).to_have_text("6")
+    await expect(page.get_by_test_id("progress-text")).to_have_text(
+        "6 of 6 ended (each row once on each of 2 models)."
+    )
+    # A line a row x model: the input row, its model, its answer.
+    await expect(cells(page, 1)).to_have_text(["1", "1", "2", "2", "3", "3"])
+    await expect(cells(page, 3)).to_have_text(["a", "b"] * 3)
+    await expect(cells(page, 4)).to_have_text(
+        [by_a[0], by_b[0], by_a[1], by_b[1], by_a[2], by_b[2]]
+    )
+
+    async with page.expect_download() as download_info:
+        await page.get_by_role("button", name="Download XLSX").click()
+    saved = tmp_path / "side.xlsx"
+    await (await download_info.value).save_as(saved)
+    sheet = sheet_rows(saved)
+    assert len(sheet) == 1 + 3
+    assert sheet[0][:3] == ["prompt", "result [a]", "status [a]"]
+    assert "result [b]" in sheet[0]
+    assert column(sheet, "prompt") == prompts  # as written: each model was sent its own
+    assert column(sheet, "result [a]") == by_a
+    assert column(sheet, "result [b]") == by_b
+    assert column(sheet, "status [b]") == ["succeeded"] * 3
+
+    # Reloaded, the tab still reads the batch's lines as rows x models.
+    await page.reload()
+    await expect(page.get_by_test_id("batch-id")).to_have_text(batch_id)
+    await expect(cells(page, 1)).to_have_text(["1", "1", "2", "2", "3", "3"])
+    await expect(cells(page, 3)).to_have_text(["a", "b"] * 3)
+
+
+async def test_a_bad_answer_schema_shows_the_servers_error_and_starts_nothing(
+    page: Page, client: TestClient[Any, Any], watch: Watch
+):
+    watch.expect_status(422)
+    schema = '{"type": "object", "properties": {"score": {"type": "nonsense"}}}'
+    text = "prompt\nRate: I love it\n"
+    form = FormData()
+    form.add_field("file", text.encode(), filename="pasted.csv", content_type="text/csv")
+    form.add_field("response_schema", schema)
+    refused = await client.post(VALIDATE, data=form, headers=AUTH)
+    assert refused.status == 422
+    body = await refused.json()
+    [error] = body["errors"]
+    assert error["field"] == "response_schema"
+
+    await open_with_key(page, client)
+    await page.get_by_text("Answer schema (optional)").click()
+    await page.get_by_label("JSON Schema every answer must match").fill(schema)
+    await page.get_by_label("Or paste CSV").fill(text)
+
+    await expect(page.get_by_test_id("validation-status")).to_have_text(
+        f"The pasted CSV cannot run yet. {body['detail']}"
+    )
+    problems = page.get_by_test_id("problems").locator("li")
+    await expect(problems).to_have_count(1)
+    await expect(problems).to_have_text(f"All rows (response_schema): {error['message']}")
+    await expect(page.get_by_role("button", name="Start the batch")).to_be_disabled()
+    listed = await client.get(BATCHES, headers=AUTH)
+    assert (await listed.json())["batches"] == []
+
+    # Mended, the same rows are ready, with the schema.
+    await page.get_by_label("JSON Schema every answer must match").fill(
+        schema.replace("nonsense", "number")
+    )
+    await expect(page.get_by_test_id("validation-status")).to_contain_text(
+        "1 row is ready to run. Columns: prompt. Model: echo. Each answer must match the "
+        "answer schema."
+    )
+    await expect(page.get_by_test_id("problems")).to_be_hidden()
+    await expect(page.get_by_role("button", name="Start the batch")).to_be_enabled()
 
 
 async def test_a_cancelled_batch_is_retried_to_completion(

@@ -23,6 +23,10 @@
  *   problems           list of problems (one <li> each, data-index = the row)
  *   model-select       model for rows that name none
  *   model-note         what the chosen model is
+ *   side-by-side       the models side by side (shown when two can be called):
+ *                      side-by-side-models holds a checkbox a model (value = its
+ *                      name), side-by-side-status says what the ticks do
+ *   schema             <details> of the answer schema; response-schema its textarea
  *   start              starts the batch (disabled while there are problems)
  *   batch              the current batch's section; batch-id its id
  *   batch-status       its status and message
@@ -31,7 +35,9 @@
  *   counts             the counts; count-succeeded, count-failed, count-skipped,
  *                      count-cancelled, count-running, count-pending
  *   cancel, retry, download-xlsx, download-csv   the batch's actions
- *   rows               table of rows; each <tr> has data-index and data-status
+ *   rows               table of rows; each <tr> has data-index (the execution's
+ *                      index) and data-status; side by side, its Row cell is the
+ *                      input row, and its Model cell the model it runs on
  *   batches            list of past batches; each <li> has data-invocation-id and
  *                      an "Open" button; refresh-batches reloads it
  *   error              the error area (role=alert, kept in sight): error-message
@@ -55,6 +61,9 @@ const KEY_HEADER = "Integrations-API-Key";
 const SCOPE = `batchexec:${new URL(".", document.baseURI).pathname}`;
 const STORED_KEY = `${SCOPE}:api-key`;
 const STORED_BATCH = `${SCOPE}:invocation-id`;
+const STORED_MODELS = `${SCOPE}:side-by-side`;
+/* How many batches' models side by side the tab keeps: the list of batches shows 20. */
+const KEPT_MODELS = 20;
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
 const COUNT_NAMES = ["succeeded", "failed", "skipped", "cancelled", "running", "pending"];
 /* A row the server has not yet reported ended: it says when a row ends, not when it starts. */
@@ -96,6 +105,26 @@ const session = {
   set batchId(value) {
     if (value) sessionStorage.setItem(STORED_BATCH, value);
     else sessionStorage.removeItem(STORED_BATCH);
+  },
+  /*
+   * The models side by side of the batches this tab started (none for the
+   * others): the results route does not say them, and the rows table needs
+   * them to show each line's input row.
+   */
+  modelsOf(id) {
+    const known = parseJson(sessionStorage.getItem(STORED_MODELS) || "{}");
+    return known && Array.isArray(known[id]) ? known[id] : [];
+  },
+  rememberModels(id, models) {
+    if (!models.length) return;
+    const known = parseJson(sessionStorage.getItem(STORED_MODELS) || "{}") || {};
+    delete known[id];
+    known[id] = models;
+    const kept = Object.entries(known).slice(-KEPT_MODELS);
+    sessionStorage.setItem(STORED_MODELS, JSON.stringify(Object.fromEntries(kept)));
+  },
+  forgetModels() {
+    sessionStorage.removeItem(STORED_MODELS);
   },
 };
 
@@ -316,6 +345,7 @@ async function useKey(event) {
 function forgetKey() {
   closeBatch();
   session.key = "";
+  session.forgetModels();
   $("batches").replaceChildren();
   loadBatches();
   $("api-key").value = "";
@@ -354,11 +384,50 @@ function showCatalog(body) {
     select.prepend(none);
     select.value = "";
   }
+  showSideBySide(usable);
+}
+
+/* A checkbox for each model that can be called, the ticked ones kept; shown when there are two. */
+function showSideBySide(usable) {
+  const ticked = new Set(tickedModels());
+  $("side-by-side-models").replaceChildren(...usable.map((name) => modelChoice(name, ticked.has(name))));
+  $("side-by-side").hidden = usable.length < 2;
+  describeSideBySide();
+}
+
+function modelChoice(name, checked) {
+  const label = document.createElement("label");
+  const box = document.createElement("input");
+  box.type = "checkbox";
+  box.name = "models";
+  box.value = name;
+  box.checked = checked;
+  label.append(box, ` ${name}`);
+  return label;
+}
+
+function describeSideBySide() {
+  const ticked = tickedModels();
+  const models = sideBySideModels();
+  // Side by side, every row runs on the ticked models: the single choice does not apply.
+  $("model-select").disabled = models.length > 0;
+  const status = $("side-by-side-status");
+  if (models.length) {
+    status.textContent = `Every row runs on ${models.join(", ")}: ${models.length} results a row.`;
+  } else if (ticked.length === 1) {
+    status.textContent = "Tick one more to run side by side; until then the rows run as chosen above.";
+  } else {
+    status.textContent = "";
+  }
   describeModel();
 }
 
 function describeModel() {
   const note = $("model-note");
+  if (sideBySideModels().length) {
+    note.textContent = "Not used while models are ticked side by side below.";
+    return;
+  }
   const model = catalog && catalog.models.find((entry) => entry.name === $("model-select").value);
   if (!model) {
     note.textContent = catalog ? "Every row must then name a model (or an assistant) that can be called." : "";
@@ -381,6 +450,24 @@ function chosenModel() {
   return $("model-select").value;
 }
 
+function tickedModels() {
+  if ($("side-by-side").hidden) return [];
+  return [...$("side-by-side-models").querySelectorAll("input:checked")].map((box) => box.value);
+}
+
+/* The models the rows run on side by side: two or more ticked, else none. */
+function sideBySideModels() {
+  const ticked = tickedModels();
+  return ticked.length > 1 ? ticked : [];
+}
+
+/* How the rows are to run, as chosen in step 3: sent with the check and the start alike. */
+function choices() {
+  const models = sideBySideModels();
+  const schema = $("response-schema").value;
+  return { models, model: models.length ? "" : chosenModel(), schema: schema.trim() ? schema : "" };
+}
+
 /* ------------------------------------------------------------------ input */
 
 /* What would run: {file} or {text}, and what the server said of it. */
@@ -401,6 +488,11 @@ function pasted() {
     input.file = null;
     $("file-input").value = "";
   }
+  checkSoon();
+}
+
+/* Check again once typing pauses; nothing can start until then. */
+function checkSoon() {
   input.valid = false;
   updateStart();
   clearTimeout(pasteTimer);
@@ -410,6 +502,20 @@ function pasted() {
 /* What is chosen, to begin a sentence with. */
 function inputName() {
   return input.file ? input.file.name : "The pasted CSV";
+}
+
+/*
+ * The form of the chosen input and `choice`: the pasted CSV as a file, so it
+ * is checked and started as the same upload, read the same way.
+ */
+function formOf(choice) {
+  const form = new FormData();
+  const file = input.file || new File([input.text], "pasted.csv", { type: "text/csv" });
+  form.append("file", file, file.name);
+  if (choice.models.length) form.append("models", choice.models.join(","));
+  if (choice.model) form.append("model", choice.model);
+  if (choice.schema) form.append("response_schema", choice.schema);
+  return form;
 }
 
 /** Ask the server to check the chosen input: every problem, by row, before anything runs. */
@@ -435,25 +541,12 @@ async function checkInput() {
   input.checking = true;
   updateStart();
   status.textContent = `${inputName()}: checking…`;
-  const model = chosenModel();
-  let request;
-  if (input.file) {
-    const form = new FormData();
-    form.append("file", input.file, input.file.name);
-    if (model) form.append("model", model);
-    request = { form };
-  } else {
-    // Checked as the file it is started as (see start), not as JSON: the same reading.
-    const form = new FormData();
-    form.append("file", new File([input.text], "pasted.csv", { type: "text/csv" }));
-    if (model) form.append("model", model);
-    request = { form };
-  }
+  const choice = choices();
   try {
-    const body = await call(ROUTES.validate, { ...request, signal: controller.signal });
+    const body = await call(ROUTES.validate, { form: formOf(choice), signal: controller.signal });
     input.valid = true;
     showProblems([]);
-    status.textContent = summary(body);
+    status.textContent = summary(body, choice);
     clearError();
   } catch (error) {
     if (isAbort(error)) return;
@@ -474,13 +567,17 @@ async function checkInput() {
   }
 }
 
-/** What a successful check says: the server's message, the columns, the models. */
-function summary(body) {
+/** What a successful check of `choice` says: the server's message, the columns, the models. */
+function summary(body, choice) {
   const parts = [`${inputName()}: ${body.message || "ready to run."}`];
   const columns = names(body.columns);
   if (columns.length) parts.push(`Columns: ${columns.join(", ")}.`);
   const models = names(body.models);
   if (models.length) parts.push(`${models.length === 1 ? "Model" : "Models"}: ${models.join(", ")}.`);
+  if (choice.models.length && Number.isInteger(body.rows)) {
+    parts.push(`Side by side: ${body.rows * choice.models.length} runs, each row once on each model.`);
+  }
+  if (choice.schema) parts.push("Each answer must match the answer schema.");
   return parts.join(" ");
 }
 
@@ -497,6 +594,8 @@ function showProblems(problems) {
   const list = $("problems");
   list.replaceChildren(...problems.map(problemItem));
   list.hidden = problems.length === 0;
+  // A refused schema is shown where it is written, even if its box was closed.
+  if (problems.some((problem) => problem.field === "response_schema")) $("schema").open = true;
 }
 
 function updateStart() {
@@ -509,18 +608,16 @@ let starting = false;
 
 async function start() {
   if ($("start").disabled) return;
-  const form = new FormData();
-  const file = input.file || new File([input.text], "pasted.csv", { type: "text/csv" });
-  form.append("file", file, file.name);
+  const choice = choices();
+  const form = formOf(choice);
   form.append("execute", "true");
-  const model = chosenModel();
-  if (model) form.append("model", model);
   starting = true;
   updateStart();
   clearError();
   $("validation-status").textContent = `${inputName()}: starting…`;
   try {
     const body = await call(ROUTES.upload, { form });
+    session.rememberModels(body.invocationId, choice.models);
     $("validation-status").textContent = `${inputName()}: started as batch ${body.invocationId}.`;
     follow(body.invocationId, { focus: true });
     loadBatches();
@@ -541,13 +638,17 @@ async function start() {
 
 /* ------------------------------------------------------------------ batch */
 
-/* The batch on show: what the results route last said, and its rows by index. */
+/*
+ * The batch on show: what the results route last said, its rows by index, and
+ * its models side by side, if it has them and this tab started it.
+ */
 let batch = null;
 let following = null;
 
 function emptyBatch(id) {
   return {
     id,
+    models: session.modelsOf(id),
     status: "",
     message: "",
     progress: null,
@@ -582,6 +683,10 @@ async function follow(id, { focus = false } = {}) {
   batch = emptyBatch(id);
   $("batch").hidden = false;
   $("batch-id").textContent = id;
+  $("rows").toggleAttribute("data-side-by-side", batch.models.length > 0);
+  $("rows-caption").textContent = batch.models.length
+    ? `Rows, as each ends: each input row once on each model (${batch.models.join(", ")})`
+    : "Rows, as each ends";
   $("rows").tBodies[0].replaceChildren();
   $("batch-status").textContent = "Loading…";
   renderBatch();
@@ -747,7 +852,7 @@ function renderBatch() {
   const bar = $("progress");
   bar.max = Math.max(total, 1);
   bar.value = ended;
-  $("progress-text").textContent = progress ? `${ended} of ${total} ${total === 1 ? "row" : "rows"} ended.` : "";
+  $("progress-text").textContent = progressText(ended, total);
   for (const name of COUNT_NAMES) $(`count-${name}`).textContent = String(progress ? progress[name] : 0);
   if (batch.status) {
     const status = batch.status[0].toUpperCase() + batch.status.slice(1);
@@ -766,23 +871,44 @@ function renderBatch() {
   $("download-csv").disabled = batch.csvContent == null;
 }
 
+function progressText(ended, total) {
+  if (!batch.progress) return "";
+  const width = batch.models.length;
+  if (width) return `${ended} of ${total} ended (each row once on each of ${width} models).`;
+  return `${ended} of ${total} ${total === 1 ? "row" : "rows"} ended.`;
+}
+
+/*
+ * Where execution `index` comes from: its input row and, side by side, the
+ * model it runs on (input row i on model k is execution (i - 1) * models + k).
+ */
+function origin(index) {
+  const width = batch.models.length;
+  if (!width) return { row: index, model: "", startsRow: false };
+  const position = (index - 1) % width;
+  return { row: Math.ceil(index / width), model: batch.models[position], startsRow: position === 0 };
+}
+
 /** Write one row's line of the table, making it (and any before it) if need be. */
 function renderRow(row) {
   const body = $("rows").tBodies[0];
   while (body.rows.length < row.index) {
     const line = body.insertRow();
     const index = body.rows.length;
+    const from = origin(index);
     line.dataset.index = String(index);
     for (let cell = 0; cell < 5; cell += 1) line.insertCell();
-    line.cells[0].textContent = String(index);
+    line.cells[0].textContent = String(from.row);
     line.cells[1].textContent = UNENDED;
+    line.cells[2].textContent = from.model;
+    line.classList.toggle("starts-row", from.startsRow);
     line.dataset.status = "pending";
   }
   const line = body.rows[row.index - 1];
   const status = row.status || "pending";
   line.dataset.status = status;
   line.cells[1].textContent = status === "pending" ? UNENDED : status.replace("_", " ");
-  line.cells[2].textContent = row.model || "";
+  line.cells[2].textContent = row.model || origin(row.index).model;
   const text = line.cells[3];
   if (row.error) {
     text.textContent = row.error;
@@ -810,6 +936,8 @@ async function retry() {
   $("retry").disabled = true;
   try {
     const body = await call(ROUTES.retry, { json: { invocation_id: batch.id } });
+    // A retry runs on the same models side by side.
+    session.rememberModels(body.invocationId, batch.models);
     clearError();
     follow(body.invocationId, { focus: true });
     loadBatches();
@@ -958,6 +1086,7 @@ async function init() {
   $("dismiss-error").addEventListener("click", clearError);
   $("file-input").addEventListener("change", (event) => chooseFile(event.target.files[0]));
   $("paste-csv").addEventListener("input", pasted);
+  $("response-schema").addEventListener("input", checkSoon);
   $("validate").addEventListener("click", () => {
     input.text = $("paste-csv").value;
     if (input.text.trim()) input.file = null;
@@ -966,6 +1095,10 @@ async function init() {
   $("model-select").addEventListener("change", () => {
     describeModel();
     checkInput(); // whether a model can be called is part of the check
+  });
+  $("side-by-side-models").addEventListener("change", () => {
+    describeSideBySide();
+    checkInput(); // rows that name a model of their own cannot run side by side
   });
   $("start").addEventListener("click", start);
   $("cancel").addEventListener("click", cancel);
