@@ -400,6 +400,11 @@ class ResultsResponse(BaseModel):
     executions: list[ExecutionOut]
     #: Send it back as ``since`` to get only the executions that end from now on.
     cursor: int = 0
+    models: list[str] = Field(
+        default_factory=list,
+        description="The models the batch runs every row on, side by side (execution "
+        "(i - 1) * len(models) + k is row i on model k); empty when each row names its own.",
+    )
 
     @classmethod
     def of(
@@ -421,6 +426,7 @@ class ResultsResponse(BaseModel):
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
             executions=[ExecutionOut.of(e) for e in executions],
             cursor=cursor,
+            models=list(batch.options.models),
         )
 
 

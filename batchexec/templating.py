@@ -66,7 +66,9 @@ def substitute(prompt: str, outputs: Mapping[int, str]) -> str:
 # spelled the other way; ``\{{`` is a literal ``{{``. Between the braces, only a name
 # (a letter or ``_``, then letters, digits, ``_``, ``-``, ``.`` and spaces) is a
 # variable: anything else (``{{"a": 1}}``, ``{{ x | upper }}``) is text, sent as written.
-_TOKEN = re.compile(r"\\\{\{|\$\{\s*output\.([^}]*)\}|\{\{\s*([^{}\n]*?)\s*\}\}")
+# Linear: no two parts of a token can match the same characters (so no backtracking
+# beyond the token); the spaces around a name are stripped afterwards.
+_TOKEN = re.compile(r"\\\{\{|\$\{\s*output\.([^}]*)\}|\{\{([^{}\n]*)\}\}")
 #: How a literal ``{{`` is written.
 _ESCAPE = "\\{{"
 _NAME = re.compile(r"[^\W\d][\w .\-]*")
@@ -144,6 +146,7 @@ def compile_template(
             literal("{{")
             continue
         dollar, inner = match.group(1), match.group(2)
+        inner = inner.strip() if inner is not None else None
         if dollar is not None:
             parts.append(_reference_number(dollar, token))
             continue
@@ -177,6 +180,7 @@ def filled_length(text: str, lookup: Callable[[str], str | None]) -> int:
     length = len(text)
     for match in _TOKEN.finditer(text):
         token, inner = match.group(0), match.group(2)
+        inner = inner.strip() if inner is not None else None
         if token == _ESCAPE:
             length -= 1
         elif inner is not None and not _OUTPUT_NAME.fullmatch(inner) and _NAME.fullmatch(inner):

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import pytest
 
+from batchexec.planning import NO_BATCH_OPTIONS, BatchOptions
 from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome
 from batchexec.store import (
     BatchEnded,
@@ -177,6 +178,27 @@ class StoreContract:
 
         elsewhere = await kit.open(await kit.elsewhere())
         assert elsewhere.fingerprint("key-a") != fingerprint
+
+    async def test_a_batchs_options_round_trip_and_none_is_stored_as_none(self, kit):
+        store = await kit.open()
+        options = BatchOptions(
+            models=("m-a", "m \u00e9 [b]"),
+            response_schema={"type": "object", "properties": {"score": {"type": "number"}}},
+            fields=("score",),
+        )
+        batch = a_batch("b1", rows=(ExecutionStatus.PENDING,) * 4)
+        batch.options = options
+        await store.create(batch)
+        await store.create(a_batch("b2"))
+        await store.close()
+
+        again = await kit.open()
+        loaded = await again.load("b1")
+        assert loaded is not None and loaded.options == options
+        plain = await again.load("b2")
+        assert plain is not None and plain.options == NO_BATCH_OPTIONS
+        [unfinished, _] = await again.unfinished()
+        assert unfinished.options == options
 
     async def test_a_closed_store_refuses_to_work_and_closes_again_harmlessly(self, kit):
         store = await kit.open()

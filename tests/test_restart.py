@@ -382,3 +382,39 @@ async def test_a_finished_batch_reads_back_the_same_whatever_its_text(make_clien
     after = await results(client, invocation_id)
     assert after["executions"] == before["executions"]
     assert after["csv_content"] == before["csv_content"]
+
+
+async def test_a_batch_of_models_side_by_side_resumes_as_it_was_planned(make_client):
+    client = await make_client(max_threads=4)
+    text = "prompt\nfirst\nuses ${output.1}\n"
+    response = await client.post(
+        PROCESS_CSV,
+        json={"csv_content": text, "execute": True, "models": ["gated", "gated-b"]},
+        headers=AUTH,
+    )
+    assert response.status == 200, await response.text()
+    invocation_id = (await response.json())["invocationId"]
+    provider = gated(client)
+    await provider.wait_started(2)
+    provider.open("first")
+    batch = batch_of(client, invocation_id)
+    await committed(client, lambda: batch.counts[ExecutionStatus.SUCCEEDED] == 2)
+
+    client = await restart(make_client, client, max_threads=4)
+
+    provider = gated(client)
+    await provider.wait_started(2)
+    # Each model's second row, filled from that model's stored first answer.
+    assert provider.started == ["uses answer(first)"] * 2
+    provider.open()
+    body = await finished(client, invocation_id)
+    assert body["status"] == "completed"
+    assert [(e["index"], e["model"], e["status"]) for e in body["executions"]] == [
+        (1, "gated", "succeeded"),
+        (2, "gated-b", "succeeded"),
+        (3, "gated", "succeeded"),
+        (4, "gated-b", "succeeded"),
+    ]
+    assert list(csv_rows(body)[0]) == ["prompt", "result [gated]", "result [gated-b]"]
+    sheet = await workbook_rows(client, f"batch_execution_{invocation_id}.xlsx")
+    assert len(sheet) == 3 and "status [gated-b]" in sheet[0]

@@ -375,6 +375,7 @@ async def test_three_models_side_by_side_each_chain_on_its_own_answers(client, u
     assert body["status"] == "completed", body["message"]
     assert len(fake.bodies) == 30
     assert body["progress"]["total"] == 30
+    assert body["models"] == list(MODELS)
     for model in MODELS:
         prompts = fake.prompts(model)
         assert len(prompts) == 10

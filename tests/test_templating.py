@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from batchexec.templating import TemplateError, references, substitute
+from batchexec.templating import (
+    Template,
+    TemplateError,
+    compile_template,
+    filled_length,
+    references,
+    substitute,
+)
 
 
 def test_prompt_without_references_names_no_rows() -> None:
@@ -87,3 +94,78 @@ def test_substitute_inserts_outputs_verbatim() -> None:
 
 def test_substitute_handles_empty_output() -> None:
     assert substitute("before ${output.1} after", {1: ""}) == "before  after"
+
+
+# {{column}} variables
+
+
+CELLS = {"text": "Good morning", "lang": "French", "Product Name": "lamp"}
+
+
+def compiled(prompt: str, cells: dict[str, str] = CELLS) -> Template:
+    return compile_template(prompt, cells.get, lambda: list(cells))
+
+
+def test_variables_are_filled_in_and_references_kept_to_fill() -> None:
+    template = compiled("Translate {{text}} into {{ lang }}, after {{output.2}} and ${output.1}")
+    assert template.references == frozenset({1, 2})
+    assert template.render({1: "ONE", 2: "TWO"}) == (
+        "Translate Good morning into French, after TWO and ONE"
+    )
+    assert template.length({1: "ONE", 2: "TWO"}) == len(template.render({1: "ONE", 2: "TWO"}))
+
+
+def test_a_cell_is_inserted_as_text_and_never_read_again() -> None:
+    cells = {"a": "${output.1} {{b}}", "b": "B"}
+    template = compiled("{{a}}", cells)
+    assert template.references == frozenset()
+    assert template.render({}) == "${output.1} {{b}}"
+
+
+def test_only_a_name_between_braces_is_a_variable() -> None:
+    prompt = 'JSON {{"a": 1}}, Jinja {{ x | upper }}, {{}}, {{ 1abc }}, {{Product Name}}'
+    assert compiled(prompt).render({}) == (
+        'JSON {{"a": 1}}, Jinja {{ x | upper }}, {{}}, {{ 1abc }}, lamp'
+    )
+
+
+def test_a_backslash_makes_a_literal_double_brace() -> None:
+    assert compiled(r"\{{text}} is {{text}}").render({}) == "{{text}} is Good morning"
+    assert filled_length(r"\{{text}}", CELLS.get) == len("{{text}}")
+
+
+def test_an_unknown_name_lists_the_columns_and_a_bad_reference_is_refused() -> None:
+    with pytest.raises(TemplateError, match=r"\{\{missing\}\} names no column; the columns are"):
+        compiled("{{missing}}")
+    many = {f"c{n}": "" for n in range(30)}
+    with pytest.raises(TemplateError, match="c19 and 10 more"):
+        compiled("{{nope}}", many)
+    with pytest.raises(TemplateError, match="not a reference"):
+        compiled("{{output.x}}")
+
+
+def test_the_filled_length_is_counted_before_the_prompt_is_built() -> None:
+    cells = {"big": "x" * 1000}
+    assert filled_length("{{big}}" * 1000, cells.get) == 1_000_000
+    assert filled_length("{{unknown}} ${output.1}", cells.get) == len("{{unknown}} ${output.1}")
+
+
+def test_renumbering_moves_each_reference() -> None:
+    template = compiled("{{text}}: ${output.1} {{output.3}}").renumbered(lambda n: n * 10)
+    assert template.references == frozenset({10, 30})
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "{{" + " " * 200_000 + "x",
+        "{{" + "a" * 200_000,
+        "{{a" * 100_000,
+        "{{ " * 100_000 + "}}",
+        "${output." + " " * 200_000,
+    ],
+)
+def test_a_long_prompt_of_unclosed_braces_is_read_in_one_pass(prompt: str) -> None:
+    # Each of these backtracked for minutes with an earlier pattern; now each is linear.
+    assert filled_length(prompt, CELLS.get) == len(prompt)
+    assert compiled(prompt).render({}) == prompt
