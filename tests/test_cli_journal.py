@@ -231,3 +231,46 @@ async def test_fresh_does_not_take_a_journal_another_run_holds(tmp_path, model):
         await holder.close()
     assert code == 2
     assert "is in use by another batchexec process" in text
+
+
+async def test_a_run_continues_only_with_the_same_models_and_schema(tmp_path, model):
+    counting, base_url = model
+    (tmp_path / "models.toml").write_text(
+        "".join(
+            f'[models."{name}"]\nprovider = "openai"\nbase_url = "{base_url}"\nmodel_id = "m"\n'
+            for name in ("counted", "second")
+        )
+    )
+    write_csv(tmp_path / "prompts.csv", ["prompt"], [[f"row {n}"] for n in range(12)])
+    args = ["run", "prompts.csv", "-o", "out.xlsx", "--catalog", "models.toml", "--threads", "2"]
+    args += ["--model", "counted"]
+    side_by_side = [*args, "--models", "counted,second"]
+    code, _ = await run(tmp_path, side_by_side, stop_after=4)
+    assert code == -signal.SIGKILL
+    journal = tmp_path / "out.xlsx.journal"
+    finished = [index for index, status in (await journaled(journal)).items() if status.finished]
+    assert 4 <= len(finished) < 24
+
+    for other, asked in [
+        (args, "no --models and no --schema"),
+        ([*args, "--models", "second,counted"], "--models second,counted and no --schema"),
+        ([*side_by_side, "--schema", '{"type": "object"}'], "--models counted,second and --schema"),
+    ]:
+        code, text = await run(tmp_path, other)
+        assert code == 2, text
+        assert (
+            f"{journal.name} holds an unfinished run of these rows with --models counted,second "
+            f"and no --schema, not {asked}; run it with the same --models and --schema"
+        ) in text
+        assert "--fresh" in text
+
+    before = sum(counting.calls.values())
+    code, text = await run(tmp_path, side_by_side)
+    assert code == 0, text
+    assert f"continuing the run in {journal.name}: {len(finished)} of 24 rows had finished" in text
+    # Rows in flight when it was killed (2 threads) may be sent twice, no others.
+    assert sum(counting.calls.values()) - before <= 24 - len(finished) + 2
+    rows = sheet_rows(tmp_path / "out.xlsx")
+    assert column(rows, "status [counted]") == ["succeeded"] * 12
+    assert column(rows, "result [second]") == [f"<row {n}>" for n in range(12)]
+    assert not journal.exists()

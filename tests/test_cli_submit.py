@@ -30,6 +30,7 @@ from tests.helpers import (
     AUTH,
     PROCESS_TIMEOUT_S,
     cli_process,
+    column,
     free_port,
     gated,
     run_cli,
@@ -408,3 +409,63 @@ async def test_a_file_without_a_model_column_has_none_through_submit_either(make
         await client.post(RESULTS, json={"invocation_id": invocation_id}, headers=AUTH)
     ).json()
     assert body["csv_content"] == "prompt,id,result\nhi,1,hi\n"
+
+
+SCHEMA = {"type": "object", "properties": {"tone": {"type": "string"}}, "required": ["tone"]}
+
+
+async def test_submit_sends_models_and_the_schema_as_execute_batch_fields(fake_server, tmp_path):
+    routes, url = fake_server
+    bodies: list[dict[str, Any]] = []
+
+    async def execute(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return started(request)
+
+    routes[EXECUTE_BATCH] = execute
+    (tmp_path / "tone.json").write_text(json.dumps(SCHEMA))
+    write_csv(tmp_path / "p.csv", ["id", "prompt"], [["1", "Hi {{id}}"]])
+    args = ["submit", "p.csv", "--url", url, "--models", "m-a,m-b", "--schema", "tone.json"]
+    assert await asyncio.to_thread(main, args) == 0
+    assert bodies == [
+        {
+            "executions": [{"prompt": "Hi {{id}}", "id": "1"}],
+            "columns": ["id", "prompt"],
+            "models": ["m-a", "m-b"],
+            "response_schema": SCHEMA,
+        }
+    ]
+    # Without the options, the body is as it always was.
+    bodies.clear()
+    assert await asyncio.to_thread(main, ["submit", "p.csv", "--url", url]) == 0
+    assert bodies == [
+        {"executions": [{"prompt": "Hi {{id}}", "id": "1"}], "columns": ["id", "prompt"]}
+    ]
+
+
+async def test_submit_models_side_by_side_counts_every_row_and_model(make_server, tmp_path, capsys):
+    _, url, _ = await make_server()
+    write_csv(tmp_path / "p.csv", ["prompt"], [["one"], ["two ${output.1}"]])
+    args = ["submit", "p.csv", "--url", url, "-o", "out.xlsx", "--models", "echo,slow-echo"]
+    args += ["--key", API_KEY, "--progress-every", "0.05", "--poll-every", "0.05"]
+    code = await asyncio.to_thread(main, args)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "progress: 0/4 done" in err
+    assert "rows: 2 on 2 models, 4 executions (4 succeeded, 0 failed" in err
+    sheet = sheet_rows(tmp_path / "out.xlsx")
+    assert column(sheet, "result [slow-echo]") == ["one", "two one"]
+    assert column(sheet, "status [echo]") == ["succeeded"] * 2
+
+
+async def test_submit_models_the_server_does_not_know_are_said_once(make_server, tmp_path, capsys):
+    _, url, paths = await make_server()
+    write_csv(tmp_path / "p.csv", ["prompt"], [["one"]])
+    args = ["submit", "p.csv", "--url", url, "--key", API_KEY, "--models", "echo,gpt-9"]
+    assert await asyncio.to_thread(main, args) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        "batchexec: the server found problems with the batch (HTTP 422): "
+        "models: Unknown model 'gpt-9'."
+    )
+    assert paths == [EXECUTE_BATCH]

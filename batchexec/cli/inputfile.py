@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -22,6 +22,8 @@ INPUT_HELP = (
 )
 #: The setting that bounds what a limit error is about, by the error's field.
 _LIMIT_SETTINGS = {"executions": "MAX_EXECUTIONS_PER_BATCH", "prompt": "MAX_PROMPT_LENGTH"}
+#: The option a batch-wide error is about, by the error's field.
+_OPTIONS = {"models": "--models", "response_schema": "--schema"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,12 @@ def read_source(path: str, *, max_rows: int | None, stdin: BinaryIO | None = Non
 
 
 def print_problems(exc: InputError, label: str, rows: Rows | None, stream: TextIO) -> None:
-    """Every problem of ``exc``, each row's named by where it is in the input."""
+    """Every problem of ``exc``, each row's named by where it is in the input; a problem
+    with ``--models`` or ``--schema`` by that option."""
+    if exc.errors and all(_OPTIONS.get(e.field or "") and e.index is None for e in exc.errors):
+        for error in exc.errors:
+            print(f"batchexec: {_OPTIONS[error.field or '']}: {error.message}", file=stream)
+        return
     batch_wide = next((e for e in exc.errors if e.message == exc.detail), None)
     detail = exc.detail + (_hint(batch_wide) if batch_wide else "")
     print(f"batchexec: {label}: {detail}", file=stream)
@@ -63,6 +70,17 @@ def print_problems(exc: InputError, label: str, rows: Rows | None, stream: TextI
     for error in exc.errors:
         if error is not batch_wide:
             print(f"  {rows.describe(error)}{_hint(error)}", file=stream)
+
+
+def execution_place(rows: Rows, index: object, models: Sequence[str] = ()) -> str:
+    """Where execution ``index`` came from: ``line 3``; side by side, with the model it ran
+    on: ``line 3 [m-b]`` (execution ``(i - 1) * len(models) + k`` is row i on model k)."""
+    if not isinstance(index, int) or isinstance(index, bool) or index < 1:
+        return f"execution {index}"
+    if not models:
+        return rows.place(index) or f"execution {index}"
+    row, model = divmod(index - 1, len(models))
+    return f"{rows.place(row + 1) or f'row {row + 1}'} [{models[model]}]"
 
 
 def warn_unconfigured(

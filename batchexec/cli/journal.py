@@ -4,6 +4,15 @@ Where it goes, opening it, finding the earlier run it holds (to continue, to
 write the outputs of, or to discard with ``--fresh``), how a stopped run is
 shown while the journal keeps its rows unfinished, and removing its files
 once the run has ended.
+
+A run is continued only by a command of the same rows and the same batch
+options (``--models``, ``--schema``), which the journal keeps with the batch:
+they decide which executions there are and the outputs' columns, so a run
+continued with other options would write a workbook the command did not ask
+for (or mix two runs in one). An unfinished run with other options is refused,
+naming both, as a run of other rows is; ``--fresh`` discards it. Options that
+only pick a model for rows naming none (``--model``) do not count: the run
+continues on the models it was planned with.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from typing import TextIO
 from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
-from batchexec.planning import BatchPlan
+from batchexec.planning import BatchOptions, BatchPlan
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
 from batchexec.registry import Registry
 from batchexec.runtime import plan_again
@@ -77,6 +86,13 @@ async def journaled_run(
                 f"{journal} holds an unfinished run of other rows; run that command "
                 "again to finish it, or pass --fresh to discard it"
             )
+        if not _same_options(earlier.options, plan.options):
+            raise StoreError(
+                f"{journal} holds an unfinished run of these rows with "
+                f"{_described(earlier.options)}, not {_described(plan.options, earlier.options)}; "
+                "run it with the same --models and --schema to finish it, "
+                "or pass --fresh to discard it"
+            )
         done = sum(1 for execution in earlier.executions if execution.status.finished)
         print(
             f"batchexec: continuing the run in {journal}: {done} of "
@@ -91,17 +107,35 @@ async def journaled_run(
         # A run that ended but whose outputs were not written (a full disk, a
         # Ctrl-C while writing them): its outputs are written, nothing is sent.
         ended = await registry.get(summary.id, OWNER)
-        if _same_rows(ended, plan):
+        if _same_rows(ended, plan) and _same_options(ended.options, plan.options):
             print(f"batchexec: the run in {journal} had ended; writing its outputs", file=stream)
             return ended
     return await engine.submit(OWNER, plan)
 
 
 def _same_rows(batch: Batch, plan: BatchPlan) -> bool:
-    """Whether ``batch`` is a run of the rows ``plan`` holds."""
+    """Whether ``batch`` is a run of the input rows ``plan`` holds, whatever its options."""
+    # Side by side, each input row is its first model's execution.
+    ran = batch.executions[:: max(len(batch.options.models), 1)]
+    planned = plan.rows[:: max(len(plan.options.models), 1)]
     return list(batch.columns) == list(plan.columns) and [
-        dict(execution.cells) for execution in batch.executions
-    ] == [dict(row.cells) for row in plan.rows]
+        dict(execution.cells) for execution in ran
+    ] == [dict(row.cells) for row in planned]
+
+
+def _same_options(journaled: BatchOptions, asked: BatchOptions) -> bool:
+    return (journaled.models, journaled.response_schema) == (asked.models, asked.response_schema)
+
+
+def _described(options: BatchOptions, other: BatchOptions | None = None) -> str:
+    """``options`` in the command line's words: ``--models a,b and no --schema``; ``another
+    --schema`` where ``other`` has a different one."""
+    models = f"--models {','.join(options.models)}" if options.models else "no --models"
+    schema = "no --schema"
+    if options.response_schema is not None:
+        differs = other is not None and other.response_schema not in (None, options.response_schema)
+        schema = "another --schema" if differs else "--schema"
+    return f"{models} and {schema}"
 
 
 def end_journal(journal: Path, stream: TextIO, *, stopped_early: bool, failed: bool) -> None:

@@ -19,7 +19,7 @@ from batchexec.runtime import open_runtime
 _EPILOG = f"""\
 examples:
   {PROG} models
-  {PROG} models --models my-models.toml
+  {PROG} models --catalog my-models.toml
   OPENAI_BASE_URL=http://127.0.0.1:8000/v1 {PROG} models
 
 'configured' says whether the provider has what it needs (keys, addresses) to
@@ -33,7 +33,7 @@ def register(commands: Commands) -> None:
         "models",
         help="list the models and assistants of the catalog",
         description="List the catalog's models and assistants: the built-in catalog, the "
-        "one BATCHEXEC_MODELS (or --models) names, and the models OPENAI_BASE_URL lists.",
+        "one BATCHEXEC_MODELS (or --catalog) names, and the models OPENAI_BASE_URL lists.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

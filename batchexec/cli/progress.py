@@ -2,7 +2,7 @@
 
 Both ``run`` and ``submit`` feed it the same counts: the ``progress`` event's
 (``total``, ``succeeded``, ``failed``, ``skipped``, ``cancelled``, ``running``,
-``pending``).
+``pending``), of executions: with models side by side, each row x model is one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from batchexec.cli.options import positive_float
+from batchexec.wording import counted
 
 #: A live bar is redrawn this often, so a terminal never sees more than ~10 frames a second.
 LIVE_PERIOD_S = 0.1
@@ -173,6 +174,8 @@ class Summary:
     outputs: Sequence[tuple[str, str]] = ()
     #: The first rows that did not succeed, one line each.
     problems: Sequence[str] = field(default_factory=list)
+    #: The models each row ran on side by side; the counts are of rows x models then.
+    models: Sequence[str] = ()
 
     @property
     def all_succeeded(self) -> bool:
@@ -183,9 +186,15 @@ class Summary:
         """The summary as lines of text."""
         total = self.counts.get("total", 0)
         ended = ", ".join(f"{self.counts.get(name, 0)} {name}" for name in _ENDED)
+        rows = f"{total}"
+        if self.models:
+            rows = (
+                f"{total // len(self.models)} on {counted(len(self.models), 'model')}, "
+                f"{counted(total, 'execution')}"
+            )
         lines = [
             f"batch {self.status} in {seconds_text(self.elapsed_s)}: {self.message}",
-            f"  rows: {total} ({ended})",
+            f"  rows: {rows} ({ended})",
             f"  tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion",
         ]
         if self.problems:

@@ -18,6 +18,7 @@ from batchexec.cli.files import Output, output_problem
 from batchexec.cli.inputfile import (
     INPUT_HELP,
     Source,
+    execution_place,
     label_of,
     print_problems,
     read_source,
@@ -28,6 +29,7 @@ from batchexec.cli.options import (
     PROG,
     Commands,
     add_catalog_options,
+    batch_options,
     configuration,
     positive_float,
     positive_int,
@@ -46,6 +48,7 @@ from batchexec.events import Event
 from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
 from batchexec.files import write_atomically
 from batchexec.inputs import plan_rows
+from batchexec.planning import NO_BATCH_OPTIONS, BatchOptions
 from batchexec.providers import Provider
 from batchexec.readiness import require_ready
 from batchexec.records import Batch, ExecutionStatus, progress_counts
@@ -59,7 +62,9 @@ _EPILOG = f"""\
 examples:
   {PROG} run prompts.csv -o results.xlsx --model echo
   {PROG} run prompts.xlsx -o results.xlsx --csv results.csv --threads 8 --timeout 60
-  {PROG} run batch.json -o results.xlsx --models my-models.toml
+  {PROG} run batch.json -o results.xlsx --catalog my-models.toml
+  {PROG} run prompts.csv -o compared.xlsx --models gpt-4o-mini,local-llama
+  {PROG} run reviews.csv -o rated.xlsx --schema rating.schema.json
   cat batch.jsonl | {PROG} run - -o results.xlsx
 
 INPUT holds one execution a row:
@@ -68,6 +73,17 @@ INPUT holds one execution a row:
   JSONL  one {{"prompt": ..., "model": ...}} object a line
   XLSX   the 'Results' sheet, else the first, laid out like the CSV (the workbook
          process_csv writes, filled in, works; its output columns are ignored)
+
+A prompt's {{{{column}}}} is filled from the row's cell; columns system,
+temperature, max_tokens, top_p, stop, seed and response_schema set the row's
+own parameters, as on the server.
+
+--models A,B,C runs every row on each model: the outputs have one row an
+input row and a group of result columns a model ('result [A]', 'status [A]',
+...), ${{output.n}} is row n's answer from the same model, and each row x model
+is one execution (counted by the progress and against
+MAX_EXECUTIONS_PER_BATCH). --schema makes every answer JSON that matches the
+schema, its top-level fields spread into 'result.<field>' columns.
 
 The rows are checked first, against the same limits and catalog as the server
 (MAX_EXECUTIONS_PER_BATCH, MAX_PROMPT_LENGTH, BATCHEXEC_MODELS, ...), and
@@ -78,7 +94,9 @@ a live bar on a terminal, otherwise a line every --progress-every seconds.
 The run is journaled to OUT.xlsx.journal (--journal to choose the file): if
 it is killed, or stopped with Ctrl-C, running the same command again continues
 it, without sending a finished row again (rows that were running are sent
-again); --fresh starts over instead. The journal is removed once the run ends.
+again); --fresh starts over instead. A journal of other rows, or of the same
+rows with other --models or --schema, is refused. The journal is removed once
+the run ends.
 
 Ctrl-C once stops the batch and writes the outputs with the rows that
 finished (the others show as cancelled); Ctrl-C again quits at once.
@@ -118,7 +136,7 @@ def register(commands: Commands) -> None:
         type=Path,
         help="also write the results as CSV here: a name ending in .csv, in a folder that exists",
     )
-    add_catalog_options(parser)
+    add_catalog_options(parser, side_by_side=True)
     parser.add_argument(
         "--threads",
         metavar="N",
@@ -167,6 +185,11 @@ def command(args: argparse.Namespace) -> int:
         print(f"batchexec: {exc}", file=stream)
         return EXIT_USAGE
     try:
+        options = batch_options(args)
+    except ValueError as exc:
+        print(f"batchexec: {exc}", file=stream)
+        return EXIT_USAGE
+    try:
         source = read_source(args.input, max_rows=settings.max_executions_per_batch)
     except InputError as exc:
         print_problems(exc, label_of(args.input), None, stream)
@@ -179,6 +202,7 @@ def command(args: argparse.Namespace) -> int:
                 catalog,
                 output=args.output,
                 csv_output=args.csv,
+                options=options,
                 journal=journal,
                 fresh=args.fresh,
                 stream=stream,
@@ -203,6 +227,7 @@ async def run_batch(
     *,
     output: Path,
     csv_output: Path | None = None,
+    options: BatchOptions = NO_BATCH_OPTIONS,
     journal: Path | None = None,
     fresh: bool = False,
     stream: TextIO,
@@ -213,16 +238,17 @@ async def run_batch(
 ) -> int:
     """Validate, run and write the outputs of ``source``; returns the exit code.
 
+    ``options`` are the batch's: its models side by side, its answers' schema.
     Raises ``InputError`` listing every problem before any model is called
     (a model that cannot be called as configured among them), and
     ``StoreError`` when the journal cannot be used. With a ``journal``
-    (None keeps nothing), an earlier run of the same rows that did not end is
-    continued (``fresh`` discards it). ``exit_now`` ends the process on a
-    second Ctrl-C.
+    (None keeps nothing), an earlier run of the same rows and options that did
+    not end is continued (``fresh`` discards it). ``exit_now`` ends the process
+    on a second Ctrl-C.
     """
     loop = asyncio.get_running_loop()
     async with open_runtime(settings, catalog, extra_providers) as runtime:
-        plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
+        plan = plan_rows(source.rows, runtime.catalog, limits_from(settings), options)
         # Refused before the journal is opened: a run its models cannot make leaves nothing.
         require_ready(plan, runtime.providers, source.rows)
         store = journal_store(journal)
@@ -396,8 +422,10 @@ def _summary(
         for execution in batch.executions
         if execution.status not in (ExecutionStatus.SUCCEEDED, ExecutionStatus.CANCELLED)
     ]
+    models = batch.options.models
     problems = [
-        f"{source.rows.place(execution.index)} ({execution.status.value}): {execution.error}"
+        f"{execution_place(source.rows, execution.index, models)} "
+        f"({execution.status.value}): {execution.error}"
         for execution in unsuccessful[:_PROBLEMS_SHOWN]
     ]
     if len(unsuccessful) > _PROBLEMS_SHOWN:
@@ -412,4 +440,5 @@ def _summary(
         completion_tokens=completion_tokens,
         outputs=outputs,
         problems=problems,
+        models=models,
     )

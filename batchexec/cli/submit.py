@@ -12,10 +12,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
+from batchexec import api
 from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from batchexec.cli.files import Output, output_problem
-from batchexec.cli.inputfile import INPUT_HELP, Source, label_of, print_problems, read_source
-from batchexec.cli.options import PROG, Commands, positive_float
+from batchexec.cli.inputfile import (
+    INPUT_HELP,
+    Source,
+    execution_place,
+    label_of,
+    print_problems,
+    read_source,
+)
+from batchexec.cli.options import PROG, Commands, add_batch_options, batch_options, positive_float
 from batchexec.cli.progress import (
     DEFAULT_EVERY_S,
     ProgressDisplay,
@@ -26,8 +34,9 @@ from batchexec.cli.progress import (
 from batchexec.client import AuthError, BadAnswer, Client, ClientError, ConnectionFailed
 from batchexec.columns import Cell
 from batchexec.config import DEV_API_KEY, read_dotenv
-from batchexec.errors import InputError
+from batchexec.errors import FieldError, InputError
 from batchexec.inputs import Rows
+from batchexec.planning import NO_BATCH_OPTIONS, BatchOptions
 from batchexec.records import Batch
 
 #: The key ``submit`` sends, unless ``--key`` gives one.
@@ -49,12 +58,15 @@ examples:
   {PROG} submit prompts.csv --url http://127.0.0.1:8080
   {PROG} submit prompts.xlsx --url http://127.0.0.1:8080 --wait -o results.xlsx
   INTEGRATIONS_API_KEY=... {PROG} submit batch.jsonl --url https://batch.example.com --wait
+  {PROG} submit reviews.csv --url http://127.0.0.1:8080 --models a,b --schema rating.json
 
 The rows are read as 'run' reads them and sent to execute_batch; the server
-checks them against its own catalog and limits. The invocation id is printed
-on standard output. With --wait (implied by -o) the batch is followed through
-the server's events route, or by polling the results route where the server
-has no events route, with the same progress display as 'run'.
+checks them against its own catalog and limits; --models and --schema go as
+its "models" and "response_schema" (the schema is checked here first, the
+model names by the server). The invocation id is printed on standard output.
+With --wait (implied by -o) the batch is followed through the server's events
+route, or by polling the results route where the server has no events route,
+with the same progress display as 'run' (counting every row x model).
 
 The key is --key, else INTEGRATIONS_API_KEY, else the first of
 INTEGRATIONS_API_KEYS (from the environment, then .env), else the
@@ -95,6 +107,7 @@ def register(commands: Commands) -> None:
         help="download the results workbook here once the batch ends (implies --wait): "
         "a name ending in .xlsx, in a folder that exists",
     )
+    add_batch_options(parser)
     add_progress_option(parser)
     parser.add_argument(
         "--poll-every",
@@ -126,6 +139,11 @@ def command(args: argparse.Namespace) -> int:
         print(f"batchexec: {problem}", file=stream)
         return EXIT_USAGE
     try:
+        options = batch_options(args)
+    except ValueError as exc:
+        print(f"batchexec: {exc}", file=stream)
+        return EXIT_USAGE
+    try:
         source = read_source(args.input, max_rows=None)
     except InputError as exc:
         print_problems(exc, label_of(args.input), None, stream)
@@ -143,6 +161,7 @@ def command(args: argparse.Namespace) -> int:
                 key=key,
                 wait=args.wait or args.output is not None,
                 output=args.output,
+                options=options,
                 stream=stream,
                 out=sys.stdout,
                 every_s=args.progress_every,
@@ -176,30 +195,29 @@ async def submit_batch(
     key: str,
     wait: bool,
     output: Path | None,
+    options: BatchOptions = NO_BATCH_OPTIONS,
     stream: TextIO,
     out: TextIO,
     live: bool | None = None,
     every_s: float = DEFAULT_EVERY_S,
     poll_s: float = DEFAULT_POLL_S,
 ) -> int:
-    """Send ``source`` to the server at ``url``; with ``wait``, follow it and fetch ``output``.
+    """Send ``source`` to the server at ``url``, with the batch's ``options``; with ``wait``,
+    follow it and fetch ``output``.
 
     Returns the exit code; every refusal and failure is printed to ``stream``.
     """
     loop = asyncio.get_running_loop()
     async with Client(url, key, connect_timeout_s=_CONNECT_S, read_timeout_s=_READ_S) as client:
         try:
-            # The input's columns go too: the outputs keep its order, as run's do.
-            invocation_id = await client.submit(
-                executions_of(source.rows), columns=source.rows.columns
-            )
+            invocation_id = await _start(client, source.rows, options)
             print(invocation_id, file=out, flush=True)
             if not wait:
                 return EXIT_OK
             started_s = loop.time()
-            display = ProgressDisplay(
-                stream, total=len(source.rows.rows), live=live, every_s=every_s
-            )
+            # Side by side, every row runs once a model.
+            total = len(source.rows.rows) * max(len(options.models), 1)
+            display = ProgressDisplay(stream, total=total, live=live, every_s=every_s)
             async with showing(display):
                 body = await _follow(client, invocation_id, display, poll_s)
             elapsed_s = loop.time() - started_s
@@ -218,10 +236,32 @@ async def submit_batch(
         except ClientError as exc:
             _explain(exc, source.rows, stream)
             return _exit_code(exc)
-    summary = _summary(body, source.rows, elapsed_s, outputs)
+    summary = _summary(body, source.rows, elapsed_s, outputs, options.models)
     print(summary.render(), file=stream)
     succeeded = summary.all_succeeded and body.get("status") == "completed"
     return EXIT_OK if succeeded and (output is None or outputs) else EXIT_FAILED
+
+
+async def _start(client: Client, rows: Rows, options: BatchOptions) -> str:
+    """Start the batch on the server; its invocation id.
+
+    The input's columns go too: the outputs keep its order, as run's do. The
+    batch's options go as ``execute_batch``'s ``models`` and ``response_schema``.
+    """
+    executions = executions_of(rows)
+    if not options.models and options.response_schema is None:
+        return await client.submit(executions, columns=rows.columns)
+    request: dict[str, Any] = {"executions": executions, "columns": list(rows.columns)}
+    if options.models:
+        request["models"] = list(options.models)
+    if options.response_schema is not None:
+        request["response_schema"] = options.response_schema
+    # Client.submit sends no batch options: the same request, with them.
+    body = await client._post(api.EXECUTE_BATCH, request)
+    invocation_id = body.get("invocationId")
+    if not isinstance(invocation_id, str):
+        raise BadAnswer("the answer has no invocationId")
+    return invocation_id
 
 
 def _exit_code(refusal: ClientError) -> int:
@@ -235,12 +275,18 @@ def _explain(refusal: ClientError, rows: Rows, stream: TextIO) -> None:
     what = _REFUSALS.get(refusal.status or 0, "the server refused the request")
     print(f"batchexec: {what} (HTTP {refusal.status}): {refusal.detail}", file=stream)
     for error in refusal.errors:
-        if error.message != refusal.detail:  # a problem that is the whole answer is said once
+        if not _is_whole(error, refusal.detail):
             print(f"  {rows.describe(error)}", file=stream)
     if isinstance(refusal, AuthError):
         print(f"  pass --key, or set {KEY_ENV}", file=stream)
     if refusal.retry_after_s is not None:
         print(f"  try again in {refusal.retry_after_s:g} s", file=stream)
+
+
+def _is_whole(error: FieldError, detail: str) -> bool:
+    """Whether ``error`` is the whole answer (``models: ...``, say), which is said once."""
+    said = (error.message, f"{error.field}: {error.message}")
+    return detail.rstrip(".") in {text.rstrip(".") for text in said}
 
 
 _REFUSALS = {
@@ -304,12 +350,16 @@ def _file_name(xlsx_url: str, invocation_id: str) -> str:
 
 
 def _summary(
-    body: Mapping[str, Any], rows: Rows, elapsed_s: float, outputs: list[tuple[str, str]]
+    body: Mapping[str, Any],
+    rows: Rows,
+    elapsed_s: float,
+    outputs: list[tuple[str, str]],
+    models: tuple[str, ...] = (),
 ) -> Summary:
     executions = [e for e in body.get("executions") or [] if isinstance(e, dict)]
     unsuccessful = [e for e in executions if e.get("status") not in ("succeeded", "cancelled")]
     problems = [
-        f"{rows.place(e.get('index')) or e.get('index')} ({e.get('status')}): {e.get('error')}"
+        f"{execution_place(rows, e.get('index'), models)} ({e.get('status')}): {e.get('error')}"
         for e in unsuccessful[:_PROBLEMS_SHOWN]
     ]
     if len(unsuccessful) > _PROBLEMS_SHOWN:
@@ -325,6 +375,7 @@ def _summary(
         completion_tokens=int(usage.get("completion_tokens") or 0),
         outputs=outputs,
         problems=problems,
+        models=models,
     )
 
 

@@ -18,16 +18,25 @@ from batchexec.cli.inputfile import (
     read_source,
     warn_unconfigured,
 )
-from batchexec.cli.options import PROG, Commands, add_catalog_options, configuration
+from batchexec.cli.options import (
+    PROG,
+    Commands,
+    add_catalog_options,
+    batch_options,
+    configuration,
+)
 from batchexec.config import Settings
 from batchexec.errors import ConfigError, InputError
 from batchexec.inputs import plan_rows
+from batchexec.planning import NO_BATCH_OPTIONS, BatchOptions
 from batchexec.runtime import limits_from, open_runtime
+from batchexec.wording import counted
 
 _EPILOG = f"""\
 examples:
   {PROG} validate prompts.csv
-  {PROG} validate prompts.xlsx --models my-models.toml --model local-llama
+  {PROG} validate prompts.xlsx --catalog my-models.toml --model local-llama
+  {PROG} validate prompts.csv --models gpt-4o-mini,local-llama --schema rating.schema.json
   cat batch.jsonl | {PROG} validate -
 
 Every problem is listed, each with the line (CSV, JSONL), sheet row (XLSX) or
@@ -35,6 +44,10 @@ execution (JSON) it is on. A model that is in the catalog but cannot be called
 as configured here (a missing key, say) is a warning, naming its rows and what
 to set: the file is valid (a server configured otherwise takes it), but 'run'
 on this machine refuses it until the variables are set.
+
+With --models and --schema the rows are checked as 'run' with the same options
+checks them: each row on each model, every {{{{column}}}} a column, the schema a
+usable JSON Schema; the verdict counts the rows each model runs.
 
 exit status: 0 valid, 2 invalid (or bad configuration).
 """
@@ -51,7 +64,7 @@ def register(commands: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT", help=INPUT_HELP)
-    add_catalog_options(parser)
+    add_catalog_options(parser, side_by_side=True)
     parser.set_defaults(handler=command)
 
 
@@ -63,28 +76,45 @@ def command(args: argparse.Namespace) -> int:
         print(f"batchexec: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        options = batch_options(args)
+    except ValueError as exc:
+        print(f"batchexec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         source = read_source(args.input, max_rows=settings.max_executions_per_batch)
     except InputError as exc:
         print_problems(exc, label_of(args.input), None, sys.stdout)
         return EXIT_USAGE
-    return asyncio.run(validate(source, settings, catalog, sys.stdout))
+    return asyncio.run(validate(source, settings, catalog, sys.stdout, options))
 
 
-async def validate(source: Source, settings: Settings, catalog: Catalog, stream: TextIO) -> int:
-    """Check ``source`` against the catalog and limits; print the verdict; the exit code."""
+async def validate(
+    source: Source,
+    settings: Settings,
+    catalog: Catalog,
+    stream: TextIO,
+    options: BatchOptions = NO_BATCH_OPTIONS,
+) -> int:
+    """Check ``source`` against the catalog and limits, with the batch's ``options``; print
+    the verdict; the exit code."""
     async with open_runtime(settings, catalog) as runtime:
         try:
-            plan = plan_rows(source.rows, runtime.catalog, limits_from(settings))
+            plan = plan_rows(source.rows, runtime.catalog, limits_from(settings), options)
         except InputError as exc:
             print_problems(exc, source.label, source.rows, stream)
             return EXIT_USAGE
         warn_unconfigured(plan, runtime.providers, source.rows, stream)
+    # Side by side, a model's count is the rows it runs: every one.
     models = Counter(row.target.assistant or row.target.model.name for row in plan.rows)
     uses = ", ".join(f"{name} ({count})" for name, count in models.most_common())
-    noun = "row is" if len(plan.rows) == 1 else "rows are"
+    if plan.options.models:
+        uses += f" side by side, {counted(len(plan.rows), 'execution')}"
+    fields = plan.options.fields
+    answers = f"; answer fields: {', '.join(fields)}" if fields else ""
+    noun = "row is" if plan.input_rows == 1 else "rows are"
     print(
-        f"{source.label}: {len(plan.rows)} {noun} valid ({source.fmt.value.upper()}; "
-        f"columns: {', '.join(plan.columns)}; uses: {uses})",
+        f"{source.label}: {plan.input_rows} {noun} valid ({source.fmt.value.upper()}; "
+        f"columns: {', '.join(plan.columns)}; uses: {uses}{answers})",
         file=stream,
     )
     return EXIT_OK
