@@ -164,17 +164,28 @@ class Client:
             self._session = None
 
     async def submit(
-        self, executions: Sequence[Mapping[str, Any]], *, columns: Sequence[str] | None = None
+        self,
+        executions: Sequence[Mapping[str, Any]],
+        *,
+        columns: Sequence[str] | None = None,
+        models: Sequence[str] = (),
+        response_schema: Mapping[str, Any] | None = None,
     ) -> str:
         """Start a batch; its invocation id.
 
         Each execution has a ``prompt`` and optionally a ``model`` or an
         ``assistant``; other keys are carried into the outputs, in the order
         ``columns`` gives (a file's header), else after ``prompt`` and ``model``.
+        ``models`` runs every row on each of them, side by side;
+        ``response_schema`` is the JSON Schema every answer must match.
         """
         request: dict[str, Any] = {"executions": list(executions)}
         if columns is not None:
             request["columns"] = list(columns)
+        if models:
+            request["models"] = list(models)
+        if response_schema is not None:
+            request["response_schema"] = dict(response_schema)
         body = await self._post(api.EXECUTE_BATCH, request)
         return _invocation_id(body)
 

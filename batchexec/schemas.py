@@ -48,59 +48,86 @@ from batchexec.records import (
 from batchexec.webhook_urls import MAX_URL_CHARS
 
 
-class ExecutionIn(BaseModel):
-    """One execution of ``execute_batch``; keys besides these are kept as extra columns.
+class RowFields(BaseModel):
+    """The fields of an execution besides its prompt, model and assistant, as documented.
 
-    ``vars``, the parameters and ``response_schema`` are kept as columns too
-    (``stop`` and ``response_schema`` as JSON text), the way a CSV gives them,
-    so that every input format plans (and a restart plans again) from cells.
+    Only documentation (``ExecutionIn``'s JSON Schema shows them): an execution
+    keeps them as extra keys, which cost a large batch nothing where unset,
+    and the planner checks them as it checks a CSV's columns of those names,
+    every row's problems at once.
     """
 
-    model_config = ConfigDict(extra="allow")
-
-    prompt: StrictStr
-    model: StrictStr | None = None
-    assistant: StrictStr | None = None
     vars: dict[str, StrictStr | StrictInt | float | StrictBool | None] | None = Field(
         default=None,
         description="Values for the prompt's {{name}} variables; each becomes a column, as "
         "the other extra keys do (which {{name}} finds too).",
     )
     system: StrictStr | None = Field(
-        default=None, description="The row's system prompt; it wins over an assistant's."
+        default=None,
+        description="The row's system prompt ({{name}} variables allowed); it wins over an "
+        "assistant's.",
     )
     temperature: (
         Annotated[float, Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])] | None
     ) = None
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     top_p: Annotated[float, Field(ge=TOP_P_RANGE[0], le=TOP_P_RANGE[1])] | None = None
-    stop: StrictStr | list[StrictStr] | None = Field(
-        default=None,
-        description=f"A stop sequence, or up to {MAX_STOP_SEQUENCES}, each at most "
-        f"{MAX_STOP_CHARS} characters.",
-    )
+    stop: (
+        Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+        | Annotated[
+            list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+            Field(min_length=1, max_length=MAX_STOP_SEQUENCES),
+        ]
+        | None
+    ) = None
     seed: Annotated[StrictInt, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     response_schema: dict[str, Any] | None = Field(
         default=None,
         description="The JSON Schema this row's answer must match; it wins over the batch's.",
     )
+
+
+def _document_row_fields(schema: dict[str, Any]) -> None:
+    schema["properties"].update(RowFields.model_json_schema()["properties"])
+
+
+class ExecutionIn(BaseModel):
+    """One execution of ``execute_batch``; keys besides these are kept as extra columns.
+
+    The keys of ``RowFields`` are extra keys too, kept as columns (``stop`` and
+    ``response_schema`` as JSON text), the way a CSV gives them, so that every
+    input format plans (and a restart plans again) from cells; ``vars`` gives
+    more columns.
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_document_row_fields)
+
+    prompt: StrictStr
+    model: StrictStr | None = None
+    assistant: StrictStr | None = None
     _cells: dict[str, Cell] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _write_extra_cells(self) -> ExecutionIn:
         # Once, while validating: a value nested just under the JSON parser's
         # limit raises RecursionError here, where the caller expects errors.
-        cells = {key: _cell(value) for key, value in (self.model_extra or {}).items()}
-        for name in _PARAMETER_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                cells[name] = _cell(value)
-        for name, value in (self.vars or {}).items():
-            if name in cells or name in _ROW_FIELDS:
+        extra = self.model_extra or {}
+        cells = {key: _cell(value) for key, value in extra.items() if key != "vars"}
+        variables = extra.get("vars")
+        if variables is not None:
+            if not isinstance(variables, dict) or not all(
+                value is None or isinstance(value, str | int | float)
+                for value in variables.values()
+            ):
                 raise PydanticCustomError(
-                    "vars", f"vars: {name!r} is already a field of the execution"
+                    "vars", "vars must be an object of texts, numbers, booleans or nulls"
                 )
-            cells[name] = _cell(value)
+            for name, value in variables.items():
+                if name in cells or name in _ROW_FIELDS:
+                    raise PydanticCustomError(
+                        "vars", f"vars: {name!r} is already a field of the execution"
+                    )
+                cells[name] = _cell(value)
         self._cells = cells
         return self
 
@@ -110,10 +137,8 @@ class ExecutionIn(BaseModel):
         return self._cells
 
 
-#: The fields of an execution that are its parameters, kept as cells of those names.
-_PARAMETER_FIELDS = PARAMETER_COLUMNS
 #: Names a ``vars`` entry cannot take.
-_ROW_FIELDS = frozenset({"prompt", "model", "assistant", "vars", *_PARAMETER_FIELDS})
+_ROW_FIELDS = frozenset({"prompt", "model", "assistant", "vars", *PARAMETER_COLUMNS})
 
 
 def _cell(value: Any) -> Cell:

@@ -12,7 +12,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
-from batchexec import api
 from batchexec.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from batchexec.cli.files import Output, output_problem
 from batchexec.cli.inputfile import (
@@ -248,20 +247,12 @@ async def _start(client: Client, rows: Rows, options: BatchOptions) -> str:
     The input's columns go too: the outputs keep its order, as run's do. The
     batch's options go as ``execute_batch``'s ``models`` and ``response_schema``.
     """
-    executions = executions_of(rows)
-    if not options.models and options.response_schema is None:
-        return await client.submit(executions, columns=rows.columns)
-    request: dict[str, Any] = {"executions": executions, "columns": list(rows.columns)}
-    if options.models:
-        request["models"] = list(options.models)
-    if options.response_schema is not None:
-        request["response_schema"] = options.response_schema
-    # Client.submit sends no batch options: the same request, with them.
-    body = await client._post(api.EXECUTE_BATCH, request)
-    invocation_id = body.get("invocationId")
-    if not isinstance(invocation_id, str):
-        raise BadAnswer("the answer has no invocationId")
-    return invocation_id
+    return await client.submit(
+        executions_of(rows),
+        columns=rows.columns,
+        models=options.models,
+        response_schema=options.response_schema,
+    )
 
 
 def _exit_code(refusal: ClientError) -> int:
