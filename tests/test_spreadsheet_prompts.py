@@ -512,3 +512,15 @@ async def test_the_upload_and_validate_forms_take_models_and_a_schema(client, up
     response = await client.post(VALIDATE, data=form(response_schema="{not json"), headers=AUTH)
     assert response.status == 422
     assert (await response.json())["errors"][0]["field"] == "response_schema"
+
+
+async def test_a_results_workbook_fed_back_in_drops_the_columns_a_run_added(client) -> None:
+    text = _csv(["id", "prompt"], [["1", "one"], ["2", "two"]])
+    body = await _run_csv(client, text, models=["m-a", "m-b"], response_schema=SCHEMA)
+    workbook = await client.get(download_path(body["xlsx_url"].rsplit("/", 1)[1]), headers=AUTH)
+    data = aiohttp.FormData()
+    data.add_field("file", await workbook.read(), filename="results.xlsx")
+    data.add_field("models", "m-c")
+    response = await client.post(VALIDATE, data=data, headers=AUTH)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["columns"] == ["id", "prompt"]
