@@ -9,16 +9,41 @@ spread a result into one typed cell per top-level field.
 Schemas are JSON Schema draft 2020-12; ``format`` is an annotation, not checked.
 Validation never fetches anything: a ``$ref`` that is not ``#...`` is refused
 up front, and the validator's registry cannot retrieve.
+
+Regular expressions in a schema (``pattern``, ``patternProperties``, and the
+property names ``additionalProperties`` matches against the latter) are matched
+with the ``regex`` package rather than ``re``, which cannot be stopped: a match
+gets ``PATTERN_TIMEOUT_S``, and all of an answer's ``ANSWER_PATTERNS_TIMEOUT_S``.
+Over either, the row fails at once (``FatalProviderError``) rather than asking
+for another answer (``InvalidAnswerError``): the slowness is the pattern's, the
+next answer (the same one, from ``echo``) would likely be as slow, and each try
+would cost another paid answer and another check.
+
+``check_schema`` compiles every pattern up front (one that does not compile is a
+``ValueError``), within ``MAX_PATTERN_SIZE`` (``regex`` writes repeats out as it
+compiles: ``(?:a{1000}){1000}`` takes seconds), and refuses what would leave
+matching to ``re``: ``$schema`` below the root (jsonschema would switch to that
+dialect's own validator there) and ``unevaluatedProperties`` beside
+``patternProperties`` (jsonschema matches the latter's patterns for the former
+with ``re``). Patterns keep ``re``'s meaning, as the metaschema's ``format:
+regex`` compiles them with ``re`` too, but for two things ``re`` reads as
+literal characters: ``regex``'s fuzzy constraints (``(?:abc){e<=1}``) and POSIX
+classes (``[[:alpha:]]``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re._parser as re_parser  # type: ignore[import-not-found]
+import time
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, UnknownType, best_match
+import regex  # type: ignore[import-untyped]
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import SchemaError, UnknownType, ValidationError, best_match
+from jsonschema.protocols import Validator
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 
@@ -29,6 +54,14 @@ from batchexec.errors import FatalProviderError, InvalidAnswerError
 MAX_SCHEMA_CHARS = 65_536
 #: Levels of objects and arrays in a schema, at most: deeper only costs time.
 MAX_SCHEMA_DEPTH = 32
+#: Seconds one of a schema's patterns may take on one string, at most.
+PATTERN_TIMEOUT_S = 0.05
+#: Seconds a schema's patterns may take on one answer in all, compiling them included.
+ANSWER_PATTERNS_TIMEOUT_S = 0.2
+#: Size of a schema's patterns in all, at most, each counting its characters or, if more,
+#: its items with repeats written out (``a{1000}``: 1,000); ``regex`` takes time for
+#: the one and memory for the other to compile them, 25 ms at most for 5,000.
+MAX_PATTERN_SIZE = 5_000
 #: Characters of an ``InvalidAnswerError`` message, at most.
 MAX_ERROR_CHARS = 300
 #: The name a schema goes by in a ``response_format``; OpenAI requires one.
@@ -40,6 +73,12 @@ _REFERENCE_KEYWORDS = ("$ref", "$dynamicRef")
 #: A registry that knows no resource and cannot retrieve one (jsonschema's default
 #: would fetch a remote ``$ref`` over the network).
 _NO_RETRIEVAL: Registry[Any] = Registry()
+#: The matcher of the answer ``parse_answer`` is checking, where the keyword functions
+#: find it (jsonschema passes them nothing more): set and reset around each check.
+_MATCHING: ContextVar[_Matcher] = ContextVar("batchexec.structured.matching")
+#: re's opcodes for a repeat, whose argument is (at least, at most, what repeats).
+_REPEATS = frozenset({re_parser.MAX_REPEAT, re_parser.MIN_REPEAT, re_parser.POSSESSIVE_REPEAT})
+_TOO_DEEP = "The response schema has a pattern nested too deeply to compile."
 
 
 def check_schema(schema: object) -> dict[str, Any]:
@@ -62,6 +101,8 @@ def check_schema(schema: object) -> dict[str, Any]:
             f"The response schema refers outside itself ({remote!r}): "
             "only references within it (starting with '#') are followed."
         )
+    # First: the metaschema's format: regex compiles every pattern with re, unbounded.
+    _check_patterns(schema)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
@@ -114,15 +155,22 @@ def parse_answer(text: str, schema: dict[str, Any]) -> str:
         ) from None
     except RecursionError:
         raise InvalidAnswerError("The answer is not valid JSON: it is nested too deeply.") from None
-    validator = Draft202012Validator(schema, registry=_NO_RETRIEVAL)
+    if "$schema" in schema:
+        # jsonschema would switch to the dialect's own validator, matching with re, at
+        # any $ref to the root; check_schema refuses $schema anywhere else.
+        schema = {key: value for key, value in schema.items() if key != "$schema"}
+    validator = _BoundedValidator(schema, registry=_NO_RETRIEVAL)
+    matching = _MATCHING.set(_Matcher())
     try:
         problem = best_match(validator.iter_errors(value))
-    except (Unresolvable, UnknownType) as exc:
+    except (Unresolvable, UnknownType, regex.error) as exc:
         raise FatalProviderError(_shortened(f"The response schema cannot be used: {exc}")) from None
     except RecursionError:
         raise InvalidAnswerError(
             "The answer does not match the schema: it is nested too deeply to check."
         ) from None
+    finally:
+        _MATCHING.reset(matching)
     if problem is not None:
         raise InvalidAnswerError(
             _shortened(
@@ -186,6 +234,193 @@ def _check_bounds(schema: dict[str, Any]) -> None:
             stack.extend((value, depth + 1) for value in node.values())
         elif isinstance(node, list):
             stack.extend((item, depth + 1) for item in node)
+
+
+def _check_patterns(schema: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless every pattern in ``schema`` parses as ``re`` reads it
+    and compiles with ``regex``, within ``MAX_PATTERN_SIZE`` in all, and ``regex`` alone
+    would match them (module docstring).
+
+    Every object is looked at, even ones that are data, as in ``_remote_reference``.
+    """
+    patterns: dict[str, None] = {}
+    keywords: set[str] = set()
+    for node in _objects(schema):
+        if node is not schema and "$schema" in node:
+            raise ValueError(
+                "The response schema names a dialect ($schema) below its root: "
+                "only its root may, and it is read as draft 2020-12."
+            )
+        keywords.update(
+            key for key in ("unevaluatedProperties", "patternProperties") if key in node
+        )
+        if isinstance(node.get("pattern"), str):
+            patterns[node["pattern"]] = None
+        if isinstance(node.get("patternProperties"), dict):
+            patterns.update(dict.fromkeys(node["patternProperties"]))
+    if len(keywords) == 2:
+        raise ValueError(
+            "The response schema uses unevaluatedProperties with patternProperties, whose "
+            "patterns jsonschema then matches with no time limit; use additionalProperties."
+        )
+    size = 0
+    for pattern in patterns:
+        try:
+            # re's own parser (its compiler's first step) gives the pattern's structure.
+            size += max(len(pattern), _unrolled_size(re_parser.parse(pattern)))
+            if size > MAX_PATTERN_SIZE:
+                raise ValueError(
+                    f"The response schema's patterns are too big to compile: {size:,} in size "
+                    f"with {_opening(pattern)}, at most {MAX_PATTERN_SIZE:,} (a pattern's "
+                    "characters or, if more, its items with repeats written out: 'a{1000}' "
+                    "is 1,000)."
+                )
+            regex.compile(pattern, cache_pattern=False)
+        except (re_parser.error, regex.error) as exc:
+            raise ValueError(
+                _shortened(f"The response schema's pattern {_opening(pattern)} is invalid: {exc}.")
+            ) from None
+        except RecursionError:
+            raise ValueError(_TOO_DEEP) from None
+
+
+def _unrolled_size(parsed: Any) -> int:
+    """The items of ``parsed`` (a pattern as re parses it) with repeats written out as
+    often as they must repeat, as ``regex`` compiles them."""
+    size = 0
+    for opcode, argument in parsed:
+        if opcode in _REPEATS:
+            at_least, _at_most, repeated = argument
+            size += max(at_least, 1) * _unrolled_size(repeated)
+        else:
+            size += 1 + sum(_unrolled_size(part) for part in _subpatterns(argument))
+    return size
+
+
+def _subpatterns(argument: object) -> Iterator[Any]:
+    # A group, branch, assertion or condition holds its parts in tuples and lists.
+    if isinstance(argument, re_parser.SubPattern):
+        yield argument
+    elif isinstance(argument, tuple | list):
+        for item in argument:
+            yield from _subpatterns(item)
+
+
+def _objects(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every object in ``schema``, itself included (no recursion)."""
+    stack: list[object] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+class _Matcher:
+    """Matches a schema's patterns against one answer: each compiled once, each match
+    within ``PATTERN_TIMEOUT_S``, all of them within ``ANSWER_PATTERNS_TIMEOUT_S``."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[str, Any] = {}
+        self._spent_s = 0.0
+
+    def search(self, pattern: str, text: str) -> bool:
+        """Whether ``pattern`` matches somewhere in ``text``; ``FatalProviderError`` when
+        that takes too long."""
+        left_s = ANSWER_PATTERNS_TIMEOUT_S - self._spent_s
+        started = time.perf_counter()
+        try:
+            compiled = self._compiled.get(pattern)
+            if compiled is None:
+                # Not regex's cache: it would keep up to 500 patterns, from every schema.
+                compiled = self._compiled[pattern] = regex.compile(pattern, cache_pattern=False)
+            timeout_s = min(PATTERN_TIMEOUT_S, left_s - (time.perf_counter() - started))
+            if timeout_s <= 0:
+                raise TimeoutError
+            return compiled.search(text, timeout=timeout_s) is not None
+        except TimeoutError:
+            if left_s > PATTERN_TIMEOUT_S:
+                limit = f"over {PATTERN_TIMEOUT_S} s on {_opening(text)}"
+            else:
+                limit = f"the schema's patterns have {ANSWER_PATTERNS_TIMEOUT_S} s in all"
+            raise FatalProviderError(
+                _shortened(
+                    f"The answer could not be checked: the schema's pattern {pattern!r} "
+                    f"took too long ({limit})."
+                )
+            ) from None
+        finally:
+            self._spent_s += time.perf_counter() - started
+
+
+def _search(pattern: str, text: str) -> bool:
+    return _MATCHING.get().search(pattern, text)
+
+
+# jsonschema's own pattern, patternProperties and additionalProperties (_keywords.py,
+# _utils.find_additional_properties) and their messages, matching with _search, not re.
+
+
+def _pattern(
+    validator: Any, pattern: str, instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    validator: Any, patterns: dict[str, Any], instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for key, value in instance.items():
+            if _search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(
+    validator: Any, additional: Any, instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    patterns = schema.get("patternProperties", {})
+    # Each pattern on its own: jsonschema's one alternation of them all would renumber
+    # their groups (a backreference) and refuse inline flags past the first.
+    extras = [
+        key
+        for key in instance
+        if key not in properties and not any(_search(pattern, key) for pattern in patterns)
+    ]
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif not additional and extras:
+        if "patternProperties" in schema:
+            verb = "does" if len(extras) == 1 else "do"
+            joined = ", ".join(repr(each) for each in sorted(extras))
+            expressions = ", ".join(repr(each) for each in sorted(patterns))
+            yield ValidationError(f"{joined} {verb} not match any of the regexes: {expressions}")
+        else:
+            listed = ", ".join(repr(extra) for extra in sorted(extras, key=str))
+            verb = "was" if len(extras) == 1 else "were"
+            yield ValidationError(
+                f"Additional properties are not allowed ({listed} {verb} unexpected)"
+            )
+
+
+#: Draft 2020-12, its regular expressions matched within time limits (module docstring).
+_BoundedValidator: type[Validator] = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator,
+    {
+        "pattern": _pattern,
+        "patternProperties": _pattern_properties,
+        "additionalProperties": _additional_properties,
+    },
+)
 
 
 def _remote_reference(node: object) -> str | None:

@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 
+from batchexec import structured
 from batchexec.catalog import Catalog, ModelSpec, Target
 from batchexec.config import Settings
 from batchexec.errors import FatalProviderError, InvalidAnswerError, RetryableProviderError
@@ -24,6 +27,7 @@ from batchexec.records import ExecutionStatus, Outcome
 from batchexec.retry import RetryPolicy
 from batchexec.structured import (
     MAX_ERROR_CHARS,
+    MAX_PATTERN_SIZE,
     MAX_SCHEMA_CHARS,
     MAX_SCHEMA_DEPTH,
     check_schema,
@@ -286,6 +290,222 @@ def test_a_local_reference_is_followed():
 
 def test_format_is_an_annotation():
     assert parse_answer('"not a date"', {"type": "string", "format": "date"}) == '"not a date"'
+
+
+# Patterns: matched in bounded time, as jsonschema matches them
+
+#: Backtracks exponentially in re and in regex alike on a run of a's that does not end
+#: the string: 40 of them take re some seconds, and regex its timeout.
+SLOW = "^(a|aa)+$"
+NEAR_MISS = json.dumps("a" * 40 + "!")
+PROPERTIES = {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}},
+    "patternProperties": {"^n_": {"type": "number"}, "^s_": {"type": "string"}},
+    "additionalProperties": False,
+}
+
+
+def test_a_catastrophic_pattern_on_a_near_match_is_simply_not_matched():
+    # re backtracks on this one for minutes, blocking the server; regex sees through it.
+    schema = {"type": "string", "pattern": "^(a+)+$"}
+    with pytest.raises(InvalidAnswerError) as caught:
+        parse_answer(json.dumps("a" * 32 + "!"), schema)
+    assert str(caught.value) == (
+        "The answer does not match the schema: "
+        "'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa!' does not match '^(a+)+$' (at $)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("schema", "answer"),
+    [
+        ({"type": "string", "pattern": SLOW}, NEAR_MISS),
+        ({"type": "object", "patternProperties": {SLOW: {}}}, f"{{{NEAR_MISS}: 1}}"),
+        (
+            {"patternProperties": {"^x": {}, SLOW: {}}, "additionalProperties": False},
+            f"{{{NEAR_MISS}: 1}}",
+        ),
+        ({"propertyNames": {"pattern": SLOW}}, f"{{{NEAR_MISS}: 1}}"),
+        # A $ref to the root, whose $schema would have jsonschema switch to its own
+        # draft 2020-12 validator there, matching with re.
+        (
+            {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "anyOf": [{"type": "string", "pattern": SLOW}, {"items": {"$ref": "#"}}],
+            },
+            f"[[{NEAR_MISS}]]",
+        ),
+    ],
+    ids=["pattern", "patternProperties", "additionalProperties", "propertyNames", "root-ref"],
+)
+def test_a_pattern_that_takes_too_long_fails_the_answer_for_good(schema, answer):
+    assert check_schema(schema) is schema
+    with pytest.raises(FatalProviderError) as caught:
+        parse_answer(answer, schema)
+    assert str(caught.value) == (
+        f"The answer could not be checked: the schema's pattern {SLOW!r} took too long "
+        "(over 0.05 s on 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'…)."
+    )
+    assert not caught.value.retryable
+
+
+def test_an_answers_patterns_have_a_time_limit_in_all(monkeypatch):
+    # Each string takes the pattern some milliseconds, well within its own limit.
+    monkeypatch.setattr(structured, "ANSWER_PATTERNS_TIMEOUT_S", 0.01)
+    schema = {"type": "array", "items": {"pattern": SLOW}}
+    with pytest.raises(FatalProviderError) as caught:
+        parse_answer(json.dumps(["a" * 22 + "!"] * 100), schema)
+    assert str(caught.value) == (
+        f"The answer could not be checked: the schema's pattern {SLOW!r} took too long "
+        "(the schema's patterns have 0.01 s in all)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("schema", "answer", "expected"),
+    [
+        (PROPERTIES, '{"id": 1, "n_a": 2.5, "s_b": "x"}', None),
+        (PROPERTIES, '{"id": 1, "n_a": "2.5"}', "'2.5' is not of type 'number' (at $.n_a)"),
+        (
+            PROPERTIES,
+            '{"id": 1, "other": true}',
+            "'other' does not match any of the regexes: '^n_', '^s_' (at $)",
+        ),
+        (
+            PROPERTIES,
+            '{"y": 1, "x": 2}',
+            "'x', 'y' do not match any of the regexes: '^n_', '^s_' (at $)",
+        ),
+        (
+            {"properties": {"id": {}}, "additionalProperties": False},
+            '{"id": 1, "b": 2, "a": 3}',
+            "Additional properties are not allowed ('a', 'b' were unexpected) (at $)",
+        ),
+        (
+            {"patternProperties": {"^n_": {"type": "number"}}, "additionalProperties": {}},
+            '{"n_a": 1, "note": 2}',
+            None,
+        ),
+        (
+            {
+                "patternProperties": {"^n_": {"type": "number"}},
+                "additionalProperties": {"type": "string"},
+            },
+            '{"n_a": 1, "note": 2}',
+            "2 is not of type 'string' (at $.note)",
+        ),
+        (
+            {"type": "string", "pattern": r"^\d{4}-\d{2}$"},
+            '"2024-1"',
+            r"'2024-1' does not match '^\\d{4}-\\d{2}$' (at $)",
+        ),
+        ({"type": "string", "pattern": "b"}, '"abc"', None),
+        (
+            {"propertyNames": {"pattern": "^[a-z]+$"}},
+            '{"Abc": 1}',
+            "'Abc' does not match '^[a-z]+$' (at $)",
+        ),
+    ],
+)
+def test_patterns_validate_as_jsonschemas_own_keywords_do(schema, answer, expected):
+    """The same outcome, message and place as jsonschema's re-based keywords give."""
+    plain = best_match(Draft202012Validator(schema).iter_errors(json.loads(answer)))
+    if plain is None:
+        assert expected is None
+        assert parse_answer(answer, schema) == json.dumps(json.loads(answer), separators=(",", ":"))
+        return
+    if expected is not None:
+        assert f"{plain.message} (at {plain.json_path})" == expected
+    with pytest.raises(InvalidAnswerError) as caught:
+        parse_answer(answer, schema)
+    assert str(caught.value) == (
+        f"The answer does not match the schema: {plain.message} (at {plain.json_path})"
+    )
+
+
+def test_each_pattern_of_patternproperties_is_matched_on_its_own():
+    # jsonschema's additionalProperties matches one alternation of them all, which re
+    # refuses for an inline flag past its start.
+    schema = {"patternProperties": {"^a": {}, "(?i)^b": {}}, "additionalProperties": False}
+    assert parse_answer('{"a1": 1, "B2": 2}', schema) == '{"a1":1,"B2":2}'
+    with pytest.raises(InvalidAnswerError, match="'c3' does not match any of the regexes"):
+        parse_answer('{"a1": 1, "c3": 2}', schema)
+
+
+async def test_a_pattern_that_takes_too_long_fails_the_row_without_asking_again(fake, executor):
+    fake.on(CHAT, Scripted({"review": [NEAR_MISS]}))
+    schema = {"type": "string", "pattern": SLOW}
+    [outcome] = await run_all(executor(), row(1, "review", schema))
+
+    assert outcome.status is ExecutionStatus.FAILED
+    assert outcome.error is not None
+    assert outcome.error.startswith(
+        f"The answer could not be checked: the schema's pattern {SLOW!r} took too long"
+    )
+    assert outcome.attempts == 1
+    assert len(fake.seen(CHAT)) == 1
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"pattern": "("}, "pattern '(' is invalid: missing ), unterminated subpattern"),
+        ({"patternProperties": {"[a": {}}}, "pattern '[a' is invalid: unterminated character"),
+        # Data, which the metaschema does not look at, but which a $ref makes a schema.
+        ({"x-rule": {"pattern": "a{2}{3}"}, "$ref": "#/x-rule"}, "'a{2}{3}' is invalid"),
+    ],
+)
+def test_a_pattern_that_does_not_compile_is_refused(schema, message):
+    with pytest.raises(ValueError) as caught:
+        check_schema(schema)
+    assert str(caught.value).startswith("The response schema's pattern ")
+    assert message in str(caught.value)
+
+
+def test_patterns_up_to_the_size_limit_are_usable_and_bigger_ones_are_not():
+    # regex writes repeats out as it compiles: a{4294967294} would exhaust the memory.
+    assert check_schema({"pattern": f"a{{{MAX_PATTERN_SIZE}}}"}) is not None
+    assert check_schema({"pattern": "x" * MAX_PATTERN_SIZE}) is not None
+    for pattern in [
+        f"a{{{MAX_PATTERN_SIZE + 1}}}",
+        "a{4294967294}",
+        "(?:(?:(?:a{100}){100}){100}){100}",
+        "x" * (MAX_PATTERN_SIZE + 1),
+    ]:
+        with pytest.raises(ValueError, match=r"^The response schema's patterns are too big"):
+            check_schema({"pattern": pattern})
+    # The limit is on all of a schema's patterns together, data included.
+    half = MAX_PATTERN_SIZE // 2
+    with pytest.raises(ValueError, match=f"{MAX_PATTERN_SIZE + 1:,} in size"):
+        check_schema(
+            {
+                "properties": {"a": {"pattern": f"a{{{half}}}"}},
+                "patternProperties": {f"b{{{half + 1}}}": {}},
+            }
+        )
+
+
+def test_a_pattern_nested_too_deeply_is_refused():
+    with pytest.raises(ValueError, match=r"^The response schema has a pattern nested too deeply"):
+        check_schema({"pattern": "(" * 1000 + ")" * 1000})
+
+
+def test_dollar_schema_is_refused_below_the_root():
+    root = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object"}
+    assert check_schema(root) is root
+    below = {"properties": {"a": {"$schema": "http://json-schema.org/draft-07/schema#"}}}
+    with pytest.raises(ValueError, match=r"names a dialect \(\$schema\) below its root"):
+        check_schema(below)
+
+
+def test_unevaluated_properties_are_refused_beside_pattern_properties():
+    # jsonschema's unevaluatedProperties matches patternProperties' patterns with re.
+    unevaluated: dict[str, Any] = {"properties": {"a": {}}, "unevaluatedProperties": False}
+    assert check_schema(unevaluated) is unevaluated
+    assert parse_answer('{"a": 1}', unevaluated) == '{"a":1}'
+    with pytest.raises(ValueError, match="uses unevaluatedProperties with patternProperties"):
+        check_schema({"allOf": [unevaluated, {"patternProperties": {"^b": {}}}]})
 
 
 # fields_of
