@@ -164,8 +164,11 @@ class Executor:
             usage.add(completion)
             if schema is None:
                 return completion
-            # Raises InvalidAnswerError, which call_with_retries tries again at once.
-            return replace(completion, text=parse_answer(completion.text, schema))
+            # Raises InvalidAnswerError, which call_with_retries tries again at once. Off
+            # the loop: a checked answer costs what the schema makes of it, bounded
+            # (structured.MAX_CHECK_STEPS) but not small.
+            text = await asyncio.to_thread(parse_answer, completion.text, schema)
+            return replace(completion, text=text)
 
         def ended(
             status: ExecutionStatus,

@@ -14,7 +14,8 @@ Regular expressions in a schema (``pattern``, ``patternProperties``, and the
 property names ``additionalProperties`` matches against the latter) are matched
 with the ``regex`` package rather than ``re``, which cannot be stopped: a match
 gets ``PATTERN_TIMEOUT_S``, and all of an answer's ``ANSWER_PATTERNS_TIMEOUT_S``.
-Over either, the row fails at once (``FatalProviderError``) rather than asking
+Over either, or past ``MAX_CHECK_STEPS`` keyword checks in all (``allOf`` and
+``$ref`` can multiply them), the row fails at once (``FatalProviderError``) rather than asking
 for another answer (``InvalidAnswerError``): the slowness is the pattern's, the
 next answer (the same one, from ``echo``) would likely be as slow, and each try
 would cost another paid answer and another check.
@@ -54,6 +55,10 @@ from batchexec.errors import FatalProviderError, InvalidAnswerError
 MAX_SCHEMA_CHARS = 65_536
 #: Levels of objects and arrays in a schema, at most: deeper only costs time.
 MAX_SCHEMA_DEPTH = 32
+#: Keyword checks one answer may take, at most: a small schema of ``allOf`` and ``$ref``
+#: can ask for 2**n of them (n ``$defs`` each naming the next twice), which would take
+#: hours; a real answer needs far fewer (a 1,000-item list of 5-keyword objects, 10,000).
+MAX_CHECK_STEPS = 50_000
 #: Seconds one of a schema's patterns may take on one string, at most.
 PATTERN_TIMEOUT_S = 0.05
 #: Seconds a schema's patterns may take on one answer in all, compiling them included.
@@ -163,8 +168,15 @@ def parse_answer(text: str, schema: dict[str, Any]) -> str:
     matching = _MATCHING.set(_Matcher())
     try:
         problem = best_match(validator.iter_errors(value))
+    except FatalProviderError:
+        raise
     except (Unresolvable, UnknownType, regex.error) as exc:
         raise FatalProviderError(_shortened(f"The response schema cannot be used: {exc}")) from None
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        # A $ref into data the metaschema never checked ({"minLength": "a"}, say).
+        raise FatalProviderError(
+            _shortened(f"The response schema cannot be used: {type(exc).__name__}: {exc}")
+        ) from None
     except RecursionError:
         raise InvalidAnswerError(
             "The answer does not match the schema: it is nested too deeply to check."
@@ -325,6 +337,16 @@ class _Matcher:
     def __init__(self) -> None:
         self._compiled: dict[str, Any] = {}
         self._spent_s = 0.0
+        self._steps = 0
+
+    def step(self) -> None:
+        """Count one keyword check; ``FatalProviderError`` past ``MAX_CHECK_STEPS``."""
+        self._steps += 1
+        if self._steps > MAX_CHECK_STEPS:
+            raise FatalProviderError(
+                f"The answer could not be checked: the schema takes over {MAX_CHECK_STEPS:,} "
+                "steps to check it (references that multiply, say)."
+            )
 
     def search(self, pattern: str, text: str) -> bool:
         """Whether ``pattern`` matches somewhere in ``text``; ``FatalProviderError`` when
@@ -412,13 +434,30 @@ def _additional_properties(
             )
 
 
-#: Draft 2020-12, its regular expressions matched within time limits (module docstring).
+def _counted(check: Any) -> Any:
+    """``check``, a keyword's, counting a step each time it is applied."""
+
+    def counted(
+        validator: Any, value: Any, instance: Any, schema: dict[str, Any]
+    ) -> Iterator[ValidationError]:
+        _MATCHING.get().step()
+        return check(validator, value, instance, schema)  # type: ignore[no-any-return]
+
+    return counted
+
+
+#: Draft 2020-12, its regular expressions matched within time limits and its keyword
+#: checks counted (module docstring).
 _BoundedValidator: type[Validator] = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator,
     {
-        "pattern": _pattern,
-        "patternProperties": _pattern_properties,
-        "additionalProperties": _additional_properties,
+        keyword: _counted(check)
+        for keyword, check in {
+            **Draft202012Validator.VALIDATORS,
+            "pattern": _pattern,
+            "patternProperties": _pattern_properties,
+            "additionalProperties": _additional_properties,
+        }.items()
     },
 )
 

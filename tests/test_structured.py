@@ -845,3 +845,20 @@ def test_unsupported_options_leave_a_schema_to_the_instruction(settings, http_se
         "response_format: the custom provider does not pass it on"
     ]
     assert unsupported_options(OpenAIProvider(settings, http_session), options) == []
+
+
+def test_a_schema_whose_references_multiply_is_stopped_after_a_bounded_count_of_steps() -> None:
+    # Each definition names the next twice: 2**40 checks unbounded.
+    defs: dict[str, object] = {
+        f"d{n}": {"allOf": [{"$ref": f"#/$defs/d{n + 1}"}] * 2} for n in range(40)
+    }
+    defs["d40"] = {"type": "string"}
+    schema = check_schema({"$defs": defs, "$ref": "#/$defs/d0"})
+    with pytest.raises(FatalProviderError, match="takes over 50,000 steps"):
+        parse_answer('"x"', schema)
+
+
+def test_a_reference_into_data_the_metaschema_never_checked_fails_the_row_cleanly() -> None:
+    schema = check_schema({"x-data": {"minLength": "a"}, "$ref": "#/x-data"})
+    with pytest.raises(FatalProviderError, match="cannot be used"):
+        parse_answer('"x"', schema)
