@@ -147,7 +147,11 @@ class Webhooks:
             log.error("webhooks: a delivery failed", exc_info=task.exception())
 
     async def _deliver(self, callback: CallbackDue) -> None:
-        """Make one attempt at ``callback``, and record how it went."""
+        """Make one attempt at ``callback``, and record how it went.
+
+        Counted before it is recorded, so that whoever sees the record also sees it
+        counted.
+        """
         batch_id = callback.batch.id
         attempts = callback.attempts + 1
         target = _origin(callback.url)
@@ -155,8 +159,8 @@ class Webhooks:
             url = self._settings.callbacks.check(callback.url)
         except ValueError as exc:
             log.error("webhook of batch %s given up: %s", batch_id, exc)
-            await self._store.callback_tried(batch_id, callback.attempts, "failed")
             self._metrics.webhook("failed")
+            await self._store.callback_tried(batch_id, callback.attempts, "failed")
             return
         retry_in_s = self._backoff_s(attempts)
         try:
@@ -165,21 +169,21 @@ class Webhooks:
             reason = f"no answer ({_reason(exc)})"
         else:
             if 200 <= status < 300:
-                await self._store.callback_tried(batch_id, attempts, "delivered")
                 self._metrics.webhook("delivered")
+                await self._store.callback_tried(batch_id, attempts, "delivered")
                 log.info("webhook of batch %s delivered to %s", batch_id, target)
                 return
             if status == 410:
-                await self._store.callback_tried(batch_id, attempts, "failed")
                 self._metrics.webhook("failed")
+                await self._store.callback_tried(batch_id, attempts, "failed")
                 log.warning("webhook of batch %s given up: %s answered 410 Gone", batch_id, target)
                 return
             reason = f"HTTP {status}"
             if asked_s is not None:
                 retry_in_s = min(max(retry_in_s, asked_s), MAX_BACKOFF_S)
         if attempts >= self._settings.callback_attempts:
-            await self._store.callback_tried(batch_id, attempts, "failed")
             self._metrics.webhook("failed")
+            await self._store.callback_tried(batch_id, attempts, "failed")
             log.error(
                 "webhook of batch %s given up after %d attempts: %s answered %s",
                 batch_id,
@@ -188,8 +192,8 @@ class Webhooks:
                 reason,
             )
             return
-        await self._store.callback_tried(batch_id, attempts, "pending", retry_in_s)
         self._metrics.webhook("retried")
+        await self._store.callback_tried(batch_id, attempts, "pending", retry_in_s)
         log.warning(
             "webhook of batch %s: %s answered %s; attempt %d again in %.1f s",
             batch_id,
