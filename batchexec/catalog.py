@@ -17,6 +17,8 @@ from batchexec.errors import ConfigError
 from batchexec.structured import check_schema
 
 _FOLD = re.compile(r"[\s_\-]+")
+#: The currency of the models' prices when the catalog names none.
+DEFAULT_CURRENCY = "USD"
 
 
 def fold(name: str) -> str:
@@ -50,6 +52,10 @@ class ModelSpec(Entry):
     max_concurrency: Annotated[int | None, Field(ge=1)] = None
     #: Requests per minute across all batches.
     rpm: Annotated[float | None, Field(gt=0)] = None
+    #: Prices per million prompt (input) and completion (output) tokens, in the
+    #: catalog's ``currency``; unset, its rows cost nothing known.
+    input_per_mtok: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    output_per_mtok: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
 
     @field_validator("base_url")
     @classmethod
@@ -68,6 +74,29 @@ class ModelSpec(Entry):
                 f"must hold only JSON values (strings, numbers, lists, tables): {exc}"
             ) from None
         return value
+
+    @property
+    def priced(self) -> bool:
+        """Whether the catalog gives this model a price."""
+        return self.input_per_mtok is not None or self.output_per_mtok is not None
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+        """What a call that used these tokens cost; None when the model has no price or
+        the provider did not report the tokens a price applies to."""
+        if not self.priced:
+            return None
+        per_million = 0.0
+        for price, tokens in (
+            (self.input_per_mtok, prompt_tokens),
+            (self.output_per_mtok, completion_tokens),
+        ):
+            if price is None:
+                continue
+            if tokens is None:
+                return None
+            per_million += price * tokens
+        # One division: the cost is exactly (prompt x in + completion x out) / 10**6.
+        return per_million / 1_000_000
 
     @property
     def wire_id(self) -> str:
@@ -146,7 +175,15 @@ class _Names(Generic[_Entry]):
 class Catalog:
     """Models and assistants by name; names fold case, spaces, ``-`` and ``_``."""
 
-    def __init__(self, models: Iterable[ModelSpec], assistants: Iterable[AssistantSpec] = ()):
+    def __init__(
+        self,
+        models: Iterable[ModelSpec],
+        assistants: Iterable[AssistantSpec] = (),
+        *,
+        currency: str = DEFAULT_CURRENCY,
+    ):
+        #: What the models' prices are in, named once for the whole catalog.
+        self.currency = currency
         self._models = _Names("model", models)
         self._assistants = _Names("assistant", assistants)
         for assistant in self._assistants.entries.values():
@@ -160,6 +197,7 @@ class Catalog:
         """The built-in catalog, with the TOML file at ``path`` merged over it."""
         builtin = resources.files("batchexec").joinpath("builtin_models.toml").read_text("utf-8")
         models, assistants = _parse(tomllib.loads(builtin), "built-in catalog")
+        currency = DEFAULT_CURRENCY
         if path is not None:
             try:
                 document = tomllib.loads(path.read_text("utf-8"))
@@ -170,13 +208,18 @@ class Catalog:
             extra_models, extra_assistants = _parse(document, str(path))
             models.update(extra_models)
             assistants.update(extra_assistants)
-        return cls(models.values(), assistants.values())
+            currency = _currency(document, str(path))
+        return cls(models.values(), assistants.values(), currency=currency)
 
     def with_models(self, models: Iterable[ModelSpec]) -> Catalog:
         """A catalog with ``models`` added; a name already taken (by a name or an alias)
         keeps its entry."""
         added = [model for model in models if model.name not in self._models]
-        return Catalog([*self._models.entries.values(), *added], self._assistants.entries.values())
+        return Catalog(
+            [*self._models.entries.values(), *added],
+            self._assistants.entries.values(),
+            currency=self.currency,
+        )
 
     @property
     def models(self) -> list[ModelSpec]:
@@ -224,7 +267,7 @@ class Catalog:
 def _parse(
     document: Mapping[str, Any], source: str
 ) -> tuple[dict[str, ModelSpec], dict[str, AssistantSpec]]:
-    unknown = set(document) - {"models", "assistants"}
+    unknown = set(document) - {"models", "assistants", "currency"}
     if unknown:
         raise ConfigError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}")
     models = {
@@ -236,6 +279,13 @@ def _parse(
         for name, body in _table(document, "assistants", source).items()
     }
     return models, assistants
+
+
+def _currency(document: Mapping[str, Any], source: str) -> str:
+    currency = document.get("currency", DEFAULT_CURRENCY)
+    if not isinstance(currency, str) or not 1 <= len(currency.strip()) <= 10:
+        raise ConfigError(f'{source}: currency must be a short name, such as "USD"')
+    return currency.strip()
 
 
 def _table(document: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:

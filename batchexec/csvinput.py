@@ -72,13 +72,18 @@ def parse_csv(text: str, *, max_field_chars: int, max_columns: int | None = None
     return Table(tuple(name for name in columns if name is not None), tuple(rows), tuple(lines))
 
 
+#: Output columns whose names an input may use too: dropped only after ``result``.
+_AFTER_RESULT = frozenset({"model", "cost"})
+
+
 def header_columns(header: list[str], where: str, *, unnamed_ok: bool) -> list[str | None]:
     """Column names of an input header, known ones lower-cased; None for output columns to drop.
 
     A results file fed back in carries batchexec's output columns; they are
-    dropped, and so is a ``model`` column after ``result``, which is the
-    output's (the model that ran), not the input's. With ``unnamed_ok`` an
-    unnamed column is kept as "" (a spreadsheet's formatted, empty column).
+    dropped, and so are a ``model`` and a ``cost`` column after ``result``,
+    which are the output's (the model that ran, what it cost), not the input's.
+    With ``unnamed_ok`` an unnamed column is kept as "" (a spreadsheet's
+    formatted, empty column).
     """
     columns: list[str | None] = []
     seen: set[str] = set()
@@ -87,7 +92,7 @@ def header_columns(header: list[str], where: str, *, unnamed_ok: bool) -> list[s
         name = raw.strip()
         if name.lower() in KNOWN_COLUMNS or name.lower() in RESERVED_COLUMNS:
             name = name.lower()
-        if is_output_column(name) or (name == "model" and after_result):
+        if is_output_column(name) or (name in _AFTER_RESULT and after_result):
             after_result = after_result or name == "result"
             columns.append(None)
             continue

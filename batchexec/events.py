@@ -34,6 +34,7 @@ def execution_event(execution: Execution) -> Event:
             "latency_ms": execution.latency_ms,
             "error": execution.error,
             "attempts": execution.attempts,
+            "cost": execution.cost,
         },
     )
 
@@ -54,7 +55,16 @@ def progress_event(batch: Batch) -> Event:
 
 def done_event(batch: Batch) -> Event:
     """The ``done`` event of a batch that has ended."""
-    return Event("done", {"status": batch.status.value, "message": batch.message})
+    cost, uncosted = batch.cost()
+    return Event(
+        "done",
+        {
+            "status": batch.status.value,
+            "message": batch.message,
+            "cost": cost,
+            "uncosted": uncosted,
+        },
+    )
 
 
 def interrupted_event(batch: Batch) -> Event:

@@ -185,6 +185,10 @@ class Executor:
                 attempts=attempts.count,
                 prompt_tokens=usage.prompt_tokens if tokens else None,
                 completion_tokens=usage.completion_tokens if tokens else None,
+                # Every answer was paid for, a failed row's too.
+                cost=target.model.cost(usage.prompt_tokens, usage.completion_tokens)
+                if usage.prompt_tokens is not None or usage.completion_tokens is not None
+                else None,
             )
 
         try:

@@ -88,6 +88,7 @@ def _outcome_cells(
         "attempts": execution.attempts,
         "prompt_tokens": execution.prompt_tokens,
         "completion_tokens": execution.completion_tokens,
+        "cost": execution.cost,
     }
     cells: list[Cell | None] = []
     for column in columns:
@@ -140,13 +141,16 @@ def results_sheet(batch: Batch) -> Sheet:
 
     ``model`` is added only when the input has no such column (the input's own
     ``model`` cells already show the model that ran), and never side by side,
-    where each group's header names its model.
+    where each group's header names its model. ``cost`` follows
+    ``completion_tokens`` when any row has one (a priced model's).
     """
     extra = [
         name
         for name in OUTPUT_COLUMNS
         if name != "model" or (name not in batch.columns and not batch.options.models)
     ]
+    if any(execution.cost is not None for execution in batch.executions):
+        extra.append("cost")
     return _sheet(batch, extra)
 
 

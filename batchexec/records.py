@@ -76,6 +76,9 @@ class Outcome:
     attempts: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: What its calls cost, in the catalog's currency, from the provider's reported
+    #: tokens and the model's prices then; None when either is missing.
+    cost: float | None = None
     #: When the row ended, in its batch's order of ends (1, 2, ...); 0 until then.
     #: The results route's ``since`` cursor counts in these.
     seq: int = 0
@@ -130,6 +133,10 @@ class Execution:
     @property
     def completion_tokens(self) -> int | None:
         return self.outcome.completion_tokens
+
+    @property
+    def cost(self) -> float | None:
+        return self.outcome.cost
 
     @property
     def seq(self) -> int:
@@ -199,11 +206,14 @@ class Batch:
     _shown_seqs: array[int] = field(init=False, repr=False, compare=False)
     _shown_rows: array[int] = field(init=False, repr=False, compare=False)
     _tokens: list[int] = field(init=False, repr=False, compare=False)
+    #: Over the ends shown: their cost, and how many of those sent lack one.
+    _cost: list[float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.counts:
             self.counts.update(execution.status for execution in self.executions)
         self._shown_seqs, self._shown_rows, self._tokens = array("q"), array("q"), [0, 0]
+        self._cost = [0.0, 0]
         ended = sorted((e.seq, e.index) for e in self.executions if e.status.finished)
         for _, index in ended:
             self.shown(self.executions[index - 1])
@@ -220,6 +230,10 @@ class Batch:
         self._shown_rows.append(execution.index)
         self._tokens[0] += execution.prompt_tokens or 0
         self._tokens[1] += execution.completion_tokens or 0
+        if execution.cost is not None:
+            self._cost[0] += execution.cost
+        elif execution.attempts:
+            self._cost[1] += 1
 
     def ended_since(self, seq: int) -> tuple[list[Execution], int]:
         """The executions shown ended after ``seq``, in the order they ended, and the cursor
@@ -247,6 +261,11 @@ class Batch:
     def tokens(self) -> tuple[int, int]:
         """Prompt and completion tokens over the ended executions; rows with no usage count 0."""
         return self._tokens[0], self._tokens[1]
+
+    def cost(self) -> tuple[float, int]:
+        """The cost of the ended executions, and how many of them were sent and have no
+        cost (an unpriced model, or no usage reported): those are not counted as zero."""
+        return self._cost[0], int(self._cost[1])
 
     def size_bytes(self) -> int:
         """About what the batch holds in memory."""

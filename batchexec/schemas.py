@@ -26,8 +26,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from batchexec.catalog import AssistantSpec, ModelSpec
+from batchexec.catalog import DEFAULT_CURRENCY, AssistantSpec, ModelSpec
 from batchexec.columns import PARAMETER_COLUMNS, Cell
+from batchexec.estimates import Estimate
 from batchexec.parameters import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
@@ -241,6 +242,10 @@ class ValidateRequest(BaseModel):
     model: StrictStr | None = Field(default=None, description=DEFAULT_MODEL_FIELD)
     models: Models | None = None
     response_schema: ResponseSchema | None = None
+    estimate: StrictBool = Field(
+        default=False,
+        description="true adds the estimated tokens and cost of the run to the answer.",
+    )
 
 
 class ValidateResponse(BaseModel):
@@ -255,6 +260,11 @@ class ValidateResponse(BaseModel):
         "each once, in the order the rows first name them."
     )
     message: str
+    estimate: Estimate | None = Field(
+        default=None,
+        description="Asked for with estimate: the run's estimated tokens and cost, per model "
+        "and in total. Absent otherwise.",
+    )
 
 
 class ResultsRequest(BaseModel):
@@ -389,6 +399,11 @@ class ExecutionOut(BaseModel):
     attempts: int
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cost: float | None = Field(
+        default=None,
+        description="What its calls cost, in usage.currency: the reported tokens at its "
+        "model's prices; null when the model has no price or no usage was reported.",
+    )
 
     @classmethod
     def of(cls, execution: Execution) -> ExecutionOut:
@@ -402,14 +417,24 @@ class ExecutionOut(BaseModel):
             attempts=execution.attempts,
             prompt_tokens=execution.prompt_tokens,
             completion_tokens=execution.completion_tokens,
+            cost=execution.cost,
         )
 
 
 class Usage(BaseModel):
-    """Tokens summed over the executions whose provider reported them."""
+    """Tokens summed over the executions whose provider reported them, and their cost."""
 
     prompt_tokens: int
     completion_tokens: int
+    cost: float = Field(
+        default=0.0, description="The cost of the executions that have one, in currency."
+    )
+    currency: str = "USD"
+    uncosted: int = Field(
+        default=0,
+        description="Executions that were sent and have no cost (their model has no price, "
+        "or its provider reported no usage): not counted in cost, rather than counted as 0.",
+    )
 
 
 class ResultsResponse(BaseModel):
@@ -439,16 +464,24 @@ class ResultsResponse(BaseModel):
         csv_content: str | None,
         executions: list[Execution],
         cursor: int,
+        currency: str = DEFAULT_CURRENCY,
     ) -> ResultsResponse:
         """The answer for ``batch`` listing ``executions``; ``xlsx_url`` is the caller's."""
         prompt_tokens, completion_tokens = batch.tokens()
+        cost, uncosted = batch.cost()
         return cls(
             status=batch.status,
             invocationId=batch.id,
             message=batch.message,
             csv_content=csv_content,
             progress=Progress.of(batch.counts),
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cost=cost,
+                currency=currency,
+                uncosted=uncosted,
+            ),
             executions=[ExecutionOut.of(e) for e in executions],
             cursor=cursor,
             models=list(batch.options.models),

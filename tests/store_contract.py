@@ -260,10 +260,12 @@ class StoreContract:
         assert await store.load("b1") == submitted
 
         outcomes = {
-            1: Outcome(ExecutionStatus.SUCCEEDED, "réponse ✓ \ud83d", None, 12, 1, 3, 5, 1),
-            2: Outcome(ExecutionStatus.SUCCEEDED, "", None, 0, 2, 0, 0, 2),
+            1: Outcome(
+                ExecutionStatus.SUCCEEDED, "réponse ✓ \ud83d", None, 12, 1, 3, 5, 1.25e-05, seq=1
+            ),
+            2: Outcome(ExecutionStatus.SUCCEEDED, "", None, 0, 2, 0, 0, 0.0, seq=2),
             3: Outcome(
-                ExecutionStatus.FAILED, None, "the model refused \udc80\x00", 7, 3, None, None, 3
+                ExecutionStatus.FAILED, None, "the model refused \udc80\x00", 7, 3, seq=3
             ),
             4: Outcome(ExecutionStatus.TIMED_OUT, None, "Timed out after 1 s.", 1000, 4, seq=4),
             5: Outcome(
@@ -322,6 +324,7 @@ class StoreContract:
         ]
         # Other text with a NUL or a lone surrogate (no UTF-8 form) is kept the
         # dialect's way: it comes back as sent.
+        assert [e.cost for e in loaded.executions] == [1.25e-05, 0.0] + [None] * 6
         assert [
             (e.result, e.error, e.latency_ms, e.prompt_tokens, e.completion_tokens)
             for e in loaded.executions

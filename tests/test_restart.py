@@ -136,7 +136,13 @@ async def test_a_batch_cut_off_mid_way_resumes_under_its_id_and_runs_only_what_w
         (4, "succeeded", "answer(uses answer(first))", 2),
     ]
     assert body["executions"][:2] == before["executions"]
-    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 20}
+    assert body["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 20,
+        "cost": 0.0,
+        "currency": "USD",
+        "uncosted": 4,
+    }
     assert [(row["prompt"], row["result"]) for row in csv_rows(body)] == [
         ("first", "answer(first)"),
         ("second", "answer(second)"),

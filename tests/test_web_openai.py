@@ -109,7 +109,13 @@ async def test_answers_and_chains_through_a_real_openai_server(client, upstream)
         "ANSWER[Name a river.]",
         "ANSWER[Where is ANSWER[Name a river.]?]",
     ]
-    assert body["usage"] == {"prompt_tokens": 14, "completion_tokens": 6}
+    assert body["usage"] == {
+        "prompt_tokens": 14,
+        "completion_tokens": 6,
+        "cost": 0.0,
+        "currency": "USD",
+        "uncosted": 2,
+    }
     assert body["executions"][0]["prompt_tokens"] == 7
     first = seen[0]["body"]
     assert first["model"] == "llama3.1:8b"

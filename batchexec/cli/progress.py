@@ -176,6 +176,11 @@ class Summary:
     problems: Sequence[str] = field(default_factory=list)
     #: The models each row ran on side by side; the counts are of rows x models then.
     models: Sequence[str] = ()
+    #: What the rows cost, in ``currency``; None when no row has a cost (no model priced).
+    cost: float | None = None
+    currency: str = "USD"
+    #: Executions sent that have no cost (unpriced, or no usage reported).
+    uncosted: int = 0
 
     @property
     def all_succeeded(self) -> bool:
@@ -197,6 +202,14 @@ class Summary:
             f"  rows: {rows} ({ended})",
             f"  tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion",
         ]
+        if self.cost is not None:
+            missing = (
+                f" ({counted(self.uncosted, 'execution')} without a cost: no price or no "
+                "usage reported)"
+                if self.uncosted
+                else ""
+            )
+            lines.append(f"  cost: {self.cost:.6g} {self.currency}{missing}")
         if self.problems:
             several = len(self.problems) > 1
             lines.append(f"  {'first rows' if several else 'the row'} that did not succeed:")

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -299,7 +300,7 @@ async def run_batch(
             await store.close()
     if journal is not None:
         end_journal(journal, stream, stopped_early=stopped_early, failed=bool(failures))
-    summary = _summary(shown, source, elapsed_s, written)
+    summary = replace(_summary(shown, source, elapsed_s, written), currency=catalog.currency)
     print(summary.render(), file=stream)
     for failure in failures:
         print(f"batchexec: {failure}", file=stream)
@@ -431,7 +432,11 @@ def _summary(
     if len(unsuccessful) > _PROBLEMS_SHOWN:
         problems.append(f"... and {len(unsuccessful) - _PROBLEMS_SHOWN} more; see the workbook")
     prompt_tokens, completion_tokens = batch.tokens()
+    cost, uncosted = batch.cost()
+    costed = any(execution.cost is not None for execution in batch.executions)
     return Summary(
+        cost=cost if costed else None,
+        uncosted=uncosted,
         status=batch.status.value,
         message=batch.message,
         counts=progress_counts(batch.counts),

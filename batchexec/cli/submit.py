@@ -357,7 +357,11 @@ def _summary(
         problems.append(f"... and {len(unsuccessful) - _PROBLEMS_SHOWN} more; see the workbook")
     usage = _mapping(body.get("usage"))
     progress = {name: int(count) for name, count in _mapping(body.get("progress")).items()}
+    costed = any(execution.get("cost") is not None for execution in executions)
     return Summary(
+        cost=float(usage.get("cost") or 0) if costed else None,
+        currency=str(usage.get("currency") or "USD"),
+        uncosted=int(usage.get("uncosted") or 0),
         status=str(body.get("status")),
         message=str(body.get("message", "")),
         counts=progress,

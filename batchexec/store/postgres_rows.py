@@ -48,6 +48,7 @@ EXECUTION_COLUMNS = [
     "attempts",
     "prompt_tokens",
     "completion_tokens",
+    "cost",
     "ended_seq",
 ]
 SELECT_BATCH = (
@@ -67,7 +68,7 @@ SELECT_BATCHES = (
 )
 SELECT_EXECUTIONS = (
     "SELECT batch_id, idx, model, cells, status, prompt_sent, result, error, latency_ms, "
-    "attempts, prompt_tokens, completion_tokens, ended_seq FROM executions "
+    "attempts, prompt_tokens, completion_tokens, cost, ended_seq FROM executions "
     "WHERE batch_id = ANY($1::text[]) ORDER BY batch_id, idx"
 )
 
@@ -92,11 +93,11 @@ UPDATE_ENDED = (
     "prompt_sent = coalesce(c.prompt_sent, e.prompt_sent), result = c.result, "
     "error = c.error, latency_ms = c.latency_ms, attempts = c.attempts, "
     "prompt_tokens = c.prompt_tokens, completion_tokens = c.completion_tokens, "
-    "ended_seq = c.seq "
+    "cost = c.cost, ended_seq = c.seq "
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], "
-    "$7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::int[]) "
+    "$7::bigint[], $8::bigint[], $9::float8[], $10::bigint[], $11::text[], $12::int[]) "
     "AS c (status, prompt_sent, result, error, latency_ms, attempts, prompt_tokens, "
-    "completion_tokens, seq, batch_id, idx) "
+    "completion_tokens, cost, seq, batch_id, idx) "
     "WHERE e.batch_id = c.batch_id AND e.idx = c.idx AND e.status IN ('pending', 'running')"
 )
 #: A batch's end is final too: a start applied again (a retried group) or late

@@ -71,6 +71,7 @@ def execution_rows(batch: Batch, text: TextOf) -> Iterator[tuple[Any, ...]]:
             e.attempts,
             e.prompt_tokens,
             e.completion_tokens,
+            e.cost,
             e.seq,
         )
 
@@ -82,7 +83,7 @@ def coalesced(
 
     A start is ``(prompt_sent, attempts, batch_id, idx)``; an end is ``(status,
     prompt_sent, result, error, latency_ms, attempts, prompt_tokens,
-    completion_tokens, seq, batch_id, idx)``: the batch id is always second
+    completion_tokens, cost, seq, batch_id, idx)``: the batch id is always second
     from last. A row's end overwrites everything its start wrote, so a start
     whose end is in the same group is not written at all: a fast row costs
     one update, not two. Rows are independent of each other and of their
@@ -108,6 +109,7 @@ def coalesced(
                 outcome.attempts,
                 outcome.prompt_tokens,
                 outcome.completion_tokens,
+                outcome.cost,
                 outcome.seq,
                 *key,
             )
@@ -127,7 +129,7 @@ def batches_of(
     A batch's row is ``(id, owner, columns, status, message, created_at,
     started_at, finished_at, xlsx_name, retry_of, callback_url, api, options)``; an execution's is
     ``(batch_id, idx, model, cells, status, prompt_sent, result, error,
-    latency_ms, attempts, prompt_tokens, completion_tokens, ended_seq)``, each
+    latency_ms, attempts, prompt_tokens, completion_tokens, cost, ended_seq)``, each
     batch's in the order of their index.
     """
     executions: defaultdict[str, list[Execution]] = defaultdict(list)
@@ -144,6 +146,7 @@ def batches_of(
         attempts,
         prompt_tokens,
         completion_tokens,
+        cost,
         ended_seq,
     ) in execution_rows:
         executions[batch_id].append(
@@ -159,6 +162,7 @@ def batches_of(
                     attempts=attempts,
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
+                    cost=cost,
                     seq=ended_seq,
                 ),
                 prompt_sent=read_text(prompt_sent),

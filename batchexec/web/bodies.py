@@ -60,8 +60,9 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
-class ValidateForm(BaseModel):
-    """The multipart/form-data body of the validate route: a spreadsheet to check.
+class SpreadsheetForm(BaseModel):
+    """What the validate and upload routes' multipart/form-data bodies share: a spreadsheet
+    and the options of its batch.
 
     ``uploads`` reads the parts itself, a chunk at a time, with the same names
     and meanings.
@@ -76,8 +77,17 @@ class ValidateForm(BaseModel):
     response_schema: str | None = Field(default=None, description=RESPONSE_SCHEMA_FIELD)
 
 
-class UploadForm(ValidateForm):
-    """The multipart/form-data body of the upload route: ``ValidateForm``'s fields, and
+class ValidateForm(SpreadsheetForm):
+    """The multipart/form-data body of the validate route: a spreadsheet to check."""
+
+    estimate: bool = Field(
+        default=False,
+        description="true (or 1) adds the estimated tokens and cost of the run to the answer.",
+    )
+
+
+class UploadForm(SpreadsheetForm):
+    """The multipart/form-data body of the upload route: ``SpreadsheetForm``'s fields, and
     whether to run the rows."""
 
     execute: bool = Field(
@@ -108,6 +118,9 @@ class ExecutionEvent(BaseModel):
     latency_ms: int | None
     error: str | None
     attempts: int
+    cost: float | None = Field(
+        default=None, description="What its calls cost, as the results route's cost."
+    )
 
 
 class FinalEvent(BaseModel):
@@ -118,3 +131,9 @@ class FinalEvent(BaseModel):
     message: str
     invocationId: str  # the original contract's name
     xlsx_url: str | None
+    cost: float | None = Field(
+        default=None, description="done only: the batch's cost, as the results route's usage."
+    )
+    uncosted: int | None = Field(
+        default=None, description="done only: executions sent that have no cost."
+    )

@@ -18,7 +18,7 @@ from aiohttp import web
 from batchexec.exports import csv_sheet, render_csv
 from batchexec.records import Batch, Execution
 from batchexec.schemas import ExecutionOut, ResultsQuery, ResultsResponse
-from batchexec.web.keys import RESULTS_CACHE
+from batchexec.web.keys import CATALOG, RESULTS_CACHE
 from batchexec.web.requests import xlsx_url
 
 log = logging.getLogger(__name__)
@@ -44,23 +44,26 @@ async def answer_results(
     and are never cached.
     """
     url = xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
+    currency = request.app[CATALOG].currency
     if query is not None and (query.progress_only or query.since is not None):
         if query.progress_only:
             executions: list[Execution] = []
             cursor = batch.cursor if query.since is None else query.since
         else:
             executions, cursor = batch.ended_since(query.since or 0)
-        rest = await _render(lambda: _tail(batch, executions, cursor), len(executions))
+        rest = await _render(
+            lambda: _tail(batch, executions, cursor, currency=currency), len(executions)
+        )
     elif batch.status.finished:
 
         async def render() -> bytes:
-            return await asyncio.to_thread(lambda: _dumps_in_pieces(_whole(batch)))
+            return await asyncio.to_thread(lambda: _dumps_in_pieces(_whole(batch, currency)))
 
         rest = await request.app[RESULTS_CACHE].get(batch.id, render)
     else:
         # A running batch's answer changes with every row: rendered each time
         # (its rows are read as they are at that moment).
-        rest = await _render(lambda: _whole(batch), len(batch.executions))
+        rest = await _render(lambda: _whole(batch, currency), len(batch.executions))
     # The head's closing brace gives way to the rest's fields; a view, not a copy,
     # of the cached rest, which may be tens of megabytes.
     return await _stream(request, [dumps(_head(batch, url))[:-1], b",", memoryview(rest)[1:]])
@@ -98,7 +101,7 @@ async def _render(fields: Callable[[], dict[str, object]], rows: int) -> bytes:
     return dumps(fields())
 
 
-def _whole(batch: Batch) -> dict[str, object]:
+def _whole(batch: Batch, currency: str) -> dict[str, object]:
     """The whole answer's fields after the head: every finished row, by row number.
 
     A finished batch's CSV content is rendered from its records here: the
@@ -106,14 +109,21 @@ def _whole(batch: Batch) -> dict[str, object]:
     """
     csv_content = render_csv(csv_sheet(batch)) if batch.status.finished else None
     finished = [e for e in batch.executions if e.status.finished]
-    return _tail(batch, finished, batch.cursor, csv_content)
+    return _tail(batch, finished, batch.cursor, csv_content, currency=currency)
 
 
 def _tail(
-    batch: Batch, executions: list[Execution], cursor: int, csv_content: str | None = None
+    batch: Batch,
+    executions: list[Execution],
+    cursor: int,
+    csv_content: str | None = None,
+    *,
+    currency: str,
 ) -> dict[str, object]:
     """The fields of a results answer after the head, listing ``executions``."""
-    answer = ResultsResponse.of(batch, csv_content=csv_content, executions=[], cursor=cursor)
+    answer = ResultsResponse.of(
+        batch, csv_content=csv_content, executions=[], cursor=cursor, currency=currency
+    )
     fields = answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS))
     # A row at a time: one model_dump over 100,000 rows is one long C call that
     # holds the interpreter lock, stalling the event loop even from a thread.

@@ -1,0 +1,174 @@
+"""What batches cost: prices in the catalog, the cost of each row and of the batch, in the
+results, the events, the workbook and the command line's summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from batchexec.api import EXECUTE_BATCH, download_path, events_path
+from batchexec.catalog import Catalog
+from batchexec.cli import main
+from batchexec.errors import ConfigError
+from tests.helpers import AUTH, column, finished, sheet_rows, write_csv
+
+#: Prices per million tokens: prompt 2.50, completion 10.00 (gpt-4o's, in USD).
+PRICED = {"input_per_mtok": 2.5, "output_per_mtok": 10.0}
+
+
+class Upstream:
+    """An OpenAI-compatible server reporting usage: prompt tokens = words of the prompt,
+    completion tokens = 3; ``no usage`` in a prompt leaves usage out."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def chat(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        answer: dict[str, Any] = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "one two three"},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if "no usage" not in prompt:
+            words = len(prompt.split())
+            answer["usage"] = {
+                "prompt_tokens": words,
+                "completion_tokens": 3,
+                "total_tokens": words + 3,
+            }
+        return web.json_response(answer)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> tuple[str, Upstream]:
+    fake = Upstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fake.chat)
+    server = await aiohttp_server(app)
+    return str(server.make_url("/v1")), fake
+
+
+@pytest.fixture
+def catalog(tmp_path: Path, upstream: Any) -> Path:
+    base_url, _ = upstream
+    path = tmp_path / "priced.toml"
+    path.write_text(
+        f"""
+currency = "EUR"
+
+[models."priced"]
+provider = "openai"
+base_url = "{base_url}"
+input_per_mtok = {PRICED["input_per_mtok"]}
+output_per_mtok = {PRICED["output_per_mtok"]}
+
+[models."free"]
+provider = "openai"
+base_url = "{base_url}"
+"""
+    )
+    return path
+
+
+@pytest.fixture
+async def client(make_client: Any, make_settings: Any, catalog: Path) -> Any:
+    return await make_client(make_settings(models_path=catalog, default_model="priced"))
+
+
+def price(prompt_tokens: int, completion_tokens: int) -> float:
+    return (
+        prompt_tokens * PRICED["input_per_mtok"] + completion_tokens * PRICED["output_per_mtok"]
+    ) / 1_000_000
+
+
+async def test_each_row_and_the_batch_cost_their_usage_at_the_models_prices(client) -> None:
+    executions = [
+        {"prompt": "one two three four", "model": "priced"},
+        {"prompt": "five six", "model": "priced"},
+        {"prompt": "no usage here", "model": "priced"},
+        {"prompt": "free words", "model": "free"},
+    ]
+    response = await client.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
+    assert response.status == 200, await response.text()
+    body = await finished(client, (await response.json())["invocationId"])
+    costs = [e["cost"] for e in body["executions"]]
+    assert costs == [price(4, 3), price(2, 3), None, None]
+    assert body["usage"]["cost"] == price(4, 3) + price(2, 3)
+    assert body["usage"]["currency"] == "EUR"
+    # The row with no usage and the unpriced one are not counted as free.
+    assert body["usage"]["uncosted"] == 2
+
+    name = body["xlsx_url"].rsplit("/", 1)[1]
+    workbook = await client.get(download_path(name), headers=AUTH)
+    sheet = sheet_rows(await workbook.read())
+    assert sheet[0][-2:] == ["completion_tokens", "cost"]
+    assert column(sheet, "cost") == [price(4, 3), price(2, 3), None, None]
+
+    events = await client.get(events_path(body["invocationId"]), headers=AUTH)
+    text = await events.text()
+    data = [
+        json.loads(line.removeprefix("data: "))
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
+    assert sorted(d["cost"] for d in data if "index" in d and d.get("cost")) == sorted(
+        [price(4, 3), price(2, 3)]
+    )
+    done = data[-1]
+    assert (done["cost"], done["uncosted"]) == (price(4, 3) + price(2, 3), 2)
+
+
+async def test_a_batch_of_unpriced_models_keeps_its_workbook_as_it_was(client) -> None:
+    response = await client.post(
+        EXECUTE_BATCH, json={"executions": [{"prompt": "x", "model": "free"}]}, headers=AUTH
+    )
+    body = await finished(client, (await response.json())["invocationId"])
+    name = body["xlsx_url"].rsplit("/", 1)[1]
+    workbook = await client.get(download_path(name), headers=AUTH)
+    assert "cost" not in sheet_rows(await workbook.read())[0]
+    assert body["usage"]["cost"] == 0 and body["usage"]["uncosted"] == 1
+
+
+def test_a_model_costs_only_what_its_prices_and_usage_say(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(
+        '[models."in-only"]\nprovider = "echo"\ninput_per_mtok = 1.0\n'
+        '[models."unpriced"]\nprovider = "echo"\n'
+    )
+    catalog = Catalog.load(path)
+    assert catalog.currency == "USD"
+    assert catalog.model("in-only").cost(1_000_000, None) == 1.0
+    assert catalog.model("in-only").cost(None, 5) is None
+    assert catalog.model("unpriced").cost(10, 10) is None
+    path.write_text('[models."bad"]\nprovider = "echo"\ninput_per_mtok = -1\n')
+    with pytest.raises(ConfigError, match="input_per_mtok"):
+        Catalog.load(path)
+    path.write_text('currency = ""\n')
+    with pytest.raises(ConfigError, match="currency"):
+        Catalog.load(path)
+
+
+async def test_the_command_lines_summary_gives_the_cost(upstream, catalog, tmp_path, capsys):
+    write_csv(tmp_path / "p.csv", ["prompt"], [["one two three four"], ["no usage"]])
+    code = await asyncio.to_thread(
+        main, ["run", "p.csv", "-o", "out.xlsx", "--catalog", str(catalog), "--model", "priced"]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"  cost: {price(4, 3):.6g} EUR (1 execution without a cost" in err
+    assert column(sheet_rows(tmp_path / "out.xlsx"), "cost") == [price(4, 3), None]
