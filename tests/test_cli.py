@@ -212,6 +212,26 @@ def test_validate_of_a_valid_file_says_what_it_holds(tmp_path, capsys):
     )
 
 
+def test_validate_estimate_prints_each_models_tokens_and_cost(tmp_path, capsys):
+    (tmp_path / "priced.toml").write_text(
+        'currency = "EUR"\n'
+        '[models."cheap"]\nprovider = "echo"\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n'
+    )
+    (tmp_path / "p.csv").write_text("prompt,model\nSay hello,cheap\n${output.1} again,echo\n")
+    assert main(["validate", "--estimate", "p.csv", "--catalog", "priced.toml"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:5] == [
+        "estimate:",
+        "  cheap: 1 execution; input tokens 9; output tokens at most 3; "
+        "cost EUR 0.0000090 to 0.000015",
+        "  echo: 1 execution; input tokens 8 to 11 (1 execution taking an earlier output); "
+        "output tokens at most 5; cost unknown (no price in the catalog)",
+        "  total: 2 executions; input tokens 17 to 20 (1 execution taking an earlier output); "
+        "output tokens at most 8; cost unknown (no price for echo)",
+    ]
+    assert out[5].startswith("  (tokens estimated offline: 4 bytes of UTF-8 a token")
+
+
 def test_validate_of_an_unreadable_file_is_exit_2(tmp_path, capsys):
     (tmp_path / "p.xlsx").write_bytes(b"not a workbook")
     assert main(["validate", "p.xlsx"]) == 2

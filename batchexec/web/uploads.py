@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from batchexec.catalog import UnknownNameError
 from batchexec.csvinput import parse_csv
 from batchexec.errors import FieldError, InputError, QueueFullError, ShuttingDownError, StorageError
+from batchexec.estimates import Estimate, estimate
 from batchexec.exports import template_sheet, write_xlsx
 from batchexec.inputs import (
     ZIP_MAGIC,
@@ -61,9 +62,11 @@ _RUN_AGAIN = {
     "upload": "upload the file again with execute=true",
 }
 #: The fields of an upload's form besides its ``file``.
-_FORM_FIELDS = ("execute", "callback_url", "model", "models", "response_schema")
+_FORM_FIELDS = ("execute", "callback_url", "model", "models", "response_schema", "estimate")
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
+#: Plans of more executions than this are estimated off the event loop.
+_INLINE_ESTIMATE_ROWS = 500
 
 
 async def process_csv(request: web.Request) -> web.Response:
@@ -107,14 +110,17 @@ async def upload(request: web.Request) -> web.Response:
 
 async def validate(request: web.Request) -> web.Response:
     """Check a spreadsheet as ``upload`` (multipart) or ``process_csv`` (JSON) would, and
-    that its models can be called; nothing is written, stored or run."""
+    that its models can be called; nothing is written, stored or run. With ``estimate``,
+    the answer adds the run's estimated tokens and cost (``batchexec.estimates``)."""
     if request.content_type == "multipart/form-data":
         name, data, fields = await _read_upload(request)
+        wanted = _flag(fields.get("estimate", ""), "estimate")
         bounds = _bounds(request, fields.get("model"))
         options = batch_options(fields.get("models"), fields.get("response_schema"))
         rows, _ = await _file_rows(request, name, data)
     else:
         body = await parse_body(request, ValidateRequest)
+        wanted = body.estimate
         bounds = _bounds(request, body.model)
         options = batch_options(body.models, body.response_schema)
         rows = await _csv_rows(request, body.csv_content)
@@ -122,14 +128,24 @@ async def validate(request: web.Request) -> web.Response:
     providers = request.app[PROVIDERS]
     require_ready(plan, providers, rows)
     count = plan.input_rows
-    return answer(
-        ValidateResponse(
-            rows=count,
-            columns=list(plan.columns),
-            models=list(dict.fromkeys(row.target.model.name for row in plan.rows)),
-            message=f"{counted(count, 'row')} {'is' if count == 1 else 'are'} ready to run.",
-        )
+    found: Estimate | None = None
+    if wanted:
+        currency = request.app[CATALOG].currency
+        if len(plan.rows) > _INLINE_ESTIMATE_ROWS:
+            found = await on_input_pool(request, lambda: estimate(plan, currency))
+        else:
+            found = estimate(plan, currency)
+    response = ValidateResponse(
+        rows=count,
+        columns=list(plan.columns),
+        models=list(dict.fromkeys(row.target.model.name for row in plan.rows)),
+        message=f"{counted(count, 'row')} {'is' if count == 1 else 'are'} ready to run.",
+        estimate=found,
     )
+    if found is None:
+        # Unasked, the answer is what it was before estimates: no estimate key at all.
+        return web.json_response(response.model_dump(mode="json", exclude={"estimate"}))
+    return answer(response)
 
 
 async def _file_rows(request: web.Request, name: str | None, data: bytes) -> tuple[Rows, str]:
@@ -344,7 +360,7 @@ async def _read_upload(request: web.Request) -> tuple[str | None, bytes, dict[st
     return name, data, fields
 
 
-def _flag(value: str) -> bool:
+def _flag(value: str, field: str = "execute") -> bool:
     """A form field's boolean: ``true``/``1`` or ``false``/``0``/empty."""
     text = value.strip().lower()
     if text in ("true", "1"):
@@ -352,6 +368,6 @@ def _flag(value: str) -> bool:
     if text in ("false", "0", ""):
         return False
     raise InputError(
-        "The execute field must be true or false.",
-        [FieldError(None, "execute", f"must be true, false, 1 or 0, not {value!r}")],
+        f"The {field} field must be true or false.",
+        [FieldError(None, field, f"must be true, false, 1 or 0, not {value!r}")],
     )
