@@ -170,6 +170,7 @@ class Client:
         columns: Sequence[str] | None = None,
         models: Sequence[str] = (),
         response_schema: Mapping[str, Any] | None = None,
+        max_cost: float | None = None,
     ) -> str:
         """Start a batch; its invocation id.
 
@@ -177,7 +178,8 @@ class Client:
         ``assistant``; other keys are carried into the outputs, in the order
         ``columns`` gives (a file's header), else after ``prompt`` and ``model``.
         ``models`` runs every row on each of them, side by side;
-        ``response_schema`` is the JSON Schema every answer must match.
+        ``response_schema`` is the JSON Schema every answer must match; ``max_cost``
+        the batch's budget.
         """
         request: dict[str, Any] = {"executions": list(executions)}
         if columns is not None:
@@ -186,6 +188,8 @@ class Client:
             request["models"] = list(models)
         if response_schema is not None:
             request["response_schema"] = dict(response_schema)
+        if max_cost is not None:
+            request["max_cost"] = max_cost
         body = await self._post(api.EXECUTE_BATCH, request)
         return _invocation_id(body)
 

@@ -36,19 +36,31 @@ OUTPUT_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
 )
+#: The columns of a workbook's sheet, at most (Excel's, and xlsxwriter's, limit).
+SHEET_MAX_COLUMNS = 16_384
 #: Input columns of these names (a results file fed back in) are dropped rather
 #: than duplicated; ``model`` is an input column too, so it stays.
 RESERVED_COLUMNS = frozenset(OUTPUT_COLUMNS) - {"model"}
 #: The outputs' other columns: an answer's fields (``result.score``) and, for models side
-#: by side, each model's group (``result [gpt-4o]``, ``result.score [gpt-4o]``).
-_OUTPUT_COLUMN = re.compile(
-    rf"(?:result\.[^\[]*|(?:{'|'.join(OUTPUT_COLUMNS)})(?:\.[^\[]*)? \[.*\])", re.DOTALL
+#: by side, each model's group (``result [gpt-4o]``, ``result.score [gpt-4o]``), and
+#: ``cost``. An input may have columns of such names too: only those after a result
+#: column are taken for the outputs' (``csvinput.header_columns``).
+_ADDED_COLUMN = re.compile(
+    rf"(?:result\.[^\[]*|(?:{'|'.join(OUTPUT_COLUMNS)}|cost)(?:\.[^\[]*)?(?: \[.*\])?)",
+    re.DOTALL,
 )
+_RESULT_GROUP = re.compile(r"result \[.*\]", re.DOTALL)
 
 
-def is_output_column(name: str) -> bool:
-    """Whether ``name`` is a column batchexec's outputs add (a results file fed back in)."""
-    return name in RESERVED_COLUMNS or _OUTPUT_COLUMN.fullmatch(name) is not None
+def is_result_column(name: str) -> bool:
+    """Whether ``name`` is the outputs' ``result``, or a model's side by side."""
+    return name == "result" or _RESULT_GROUP.fullmatch(name) is not None
+
+
+def is_added_column(name: str) -> bool:
+    """Whether ``name`` may be a column the outputs add after ``result``: ``model``,
+    ``cost``, ``result.score``, ``status [gpt-4o]``, ..."""
+    return _ADDED_COLUMN.fullmatch(name) is not None
 
 
 def field_column(field: str) -> str:

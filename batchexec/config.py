@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -103,6 +104,17 @@ class Settings(BaseSettings):
     results_ttl_hours: Annotated[
         float, _env("RESULTS_TTL_HOURS", "results_ttl_hours"), Field(gt=0)
     ] = 168.0
+    #: The budget of a batch that sets no max_cost (in the catalog's currency); unset,
+    #: MAX_COST's, else none.
+    default_max_cost: Annotated[
+        float | None,
+        _env("DEFAULT_MAX_COST", "default_max_cost"),
+        Field(ge=0, allow_inf_nan=False),
+    ] = None
+    #: The most any key may give one batch as its max_cost; a batch asking more is refused.
+    max_cost: Annotated[
+        float | None, _env("MAX_COST", "max_cost"), Field(ge=0, allow_inf_nan=False)
+    ] = None
     max_body_bytes: Annotated[int, _env("MAX_BODY_BYTES", "max_body_bytes"), Field(ge=1024)] = (
         4 * 1024 * 1024
     )
@@ -270,6 +282,23 @@ class Settings(BaseSettings):
     def results_dir(self) -> Path:
         """Folder that holds the XLSX workbooks."""
         return self.public_dir / RESULTS_SUBDIR
+
+    def budget(self, max_cost: float | None) -> float | None:
+        """The budget of a batch that asks for ``max_cost`` (None: asks for none).
+
+        ``DEFAULT_MAX_COST``, else ``MAX_COST``, when it asks for none;
+        ``ValueError`` when it asks for more than ``MAX_COST``, or for a
+        negative or infinite amount.
+        """
+        if max_cost is None:
+            return self.default_max_cost if self.default_max_cost is not None else self.max_cost
+        if not math.isfinite(max_cost) or max_cost < 0:
+            raise ValueError("must be a number, 0 or more")
+        if self.max_cost is not None and max_cost > self.max_cost:
+            raise ValueError(
+                f"is {max_cost:g}; the most a batch may set (MAX_COST) is {self.max_cost:g}"
+            )
+        return max_cost
 
     @property
     def results_ttl_s(self) -> float:

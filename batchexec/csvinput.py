@@ -6,7 +6,13 @@ import csv
 import io
 from dataclasses import dataclass
 
-from batchexec.columns import KNOWN_COLUMNS, RESERVED_COLUMNS, Cell, is_output_column
+from batchexec.columns import (
+    KNOWN_COLUMNS,
+    RESERVED_COLUMNS,
+    Cell,
+    is_added_column,
+    is_result_column,
+)
 from batchexec.errors import FieldError, InputError
 from batchexec.wording import counted
 
@@ -72,16 +78,13 @@ def parse_csv(text: str, *, max_field_chars: int, max_columns: int | None = None
     return Table(tuple(name for name in columns if name is not None), tuple(rows), tuple(lines))
 
 
-#: Output columns whose names an input may use too: dropped only after ``result``.
-_AFTER_RESULT = frozenset({"model", "cost"})
-
-
 def header_columns(header: list[str], where: str, *, unnamed_ok: bool) -> list[str | None]:
     """Column names of an input header, known ones lower-cased; None for output columns to drop.
 
     A results file fed back in carries batchexec's output columns; they are
-    dropped, and so are a ``model`` and a ``cost`` column after ``result``,
-    which are the output's (the model that ran, what it cost), not the input's.
+    dropped, and so are the columns a run adds after ``result`` (``model``,
+    ``cost``, ``result.score``, ``status [gpt-4o]``, ...), which are the output's,
+    not the input's: before it, such names are the input's own.
     With ``unnamed_ok`` an unnamed column is kept as "" (a spreadsheet's
     formatted, empty column).
     """
@@ -92,8 +95,12 @@ def header_columns(header: list[str], where: str, *, unnamed_ok: bool) -> list[s
         name = raw.strip()
         if name.lower() in KNOWN_COLUMNS or name.lower() in RESERVED_COLUMNS:
             name = name.lower()
-        if is_output_column(name) or (name in _AFTER_RESULT and after_result):
-            after_result = after_result or name == "result"
+        if (
+            name in RESERVED_COLUMNS
+            or is_result_column(name)
+            or (after_result and is_added_column(name))
+        ):
+            after_result = after_result or is_result_column(name)
             columns.append(None)
             continue
         if not name and not unnamed_ok:

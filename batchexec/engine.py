@@ -27,7 +27,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from batchexec.config import Settings
@@ -87,6 +87,8 @@ class Engine:
         self._cancel_reasons: dict[str, str] = {}
         #: Batches whose changes the store refused, with why.
         self._failures: dict[str, str] = {}
+        #: Batches that reached their max_cost: what their rows had cost then.
+        self._over_budget: dict[str, float] = {}
         #: Batches whose end has been recorded.
         self._ended: set[str] = set()
         self._executor = Executor(
@@ -309,6 +311,7 @@ class Engine:
         self._queued.discard(batch_id)
         self._cancel_reasons.pop(batch_id, None)
         self._failures.pop(batch_id, None)
+        self._over_budget.pop(batch_id, None)
         self._ended.discard(batch_id)
         self._abandoned.discard(batch_id)
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -383,7 +386,12 @@ class Engine:
                     registry.leave(batch)
                     self._ended.add(batch.id)
                     return
-                if batch.counts[ExecutionStatus.CANCELLED]:
+                if batch.id in self._over_budget:
+                    status = BatchStatus.CANCELLED
+                    message = _cancelled_message(
+                        _budget_reached(batch, self._over_budget[batch.id])
+                    )
+                elif batch.counts[ExecutionStatus.CANCELLED]:
                     status, message = BatchStatus.CANCELLED, _cancelled_message(_SHUTDOWN)
                 else:
                     status, message = BatchStatus.COMPLETED, _completed_message(batch)
@@ -453,6 +461,8 @@ class Engine:
             raise RuntimeError("a batch runs with a plan")
         rows = {row.index: row for row in plan.rows}
         outputs: dict[int, str] = {}
+        # What its rows have cost so far: those a restart or a retry keeps count too.
+        spent = _Spent(sum(execution.cost or 0.0 for execution in batch.executions))
         for execution in batch.executions:
             # A retry's rows that succeeded before are already ended; their
             # results feed the ${output.n} of the rows that run again.
@@ -473,7 +483,7 @@ class Engine:
         async def work() -> None:
             nonlocal since_yield
             while (index := await ready.take()) is not None:
-                await self._run_row(batch, rows[index], outputs)
+                await self._run_row(batch, rows[index], outputs, spent)
                 ready.ended(index)
                 since_yield += 1
                 if since_yield >= _YIELD_EVERY_ROWS:
@@ -486,13 +496,27 @@ class Engine:
             for _ in range(workers):
                 group.create_task(work())
 
-    async def _run_row(self, batch: Batch, row: PlannedRow, outputs: dict[int, str]) -> None:
-        """End one ready row: run it, or skip or cancel it without calling its model."""
+    async def _run_row(
+        self, batch: Batch, row: PlannedRow, outputs: dict[int, str], spent: _Spent
+    ) -> None:
+        """End one ready row: run it, or skip or cancel it without calling its model.
+
+        Once the batch's rows have cost its ``max_cost``, no other row is sent:
+        the rows in flight finish (a budget is exceeded by their cost at
+        most), the others end cancelled.
+        """
         if self._stopping and self._leaves_unfinished(batch):
             return  # left pending, for the next process to run
+        max_cost = batch.options.max_cost
         if self._stopping:
             # Not started because of the shutdown (or its input was not), not failed.
             unsent: Outcome | None = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
+        elif max_cost is not None and spent.total >= max_cost:
+            self._over_budget.setdefault(batch.id, spent.total)
+            unsent = Outcome(
+                ExecutionStatus.CANCELLED,
+                error=f"Cancelled: {_budget_reached(batch, spent.total)}.",
+            )
         else:
             unsent = self._executor.refusal(row, outputs)
         if unsent is not None:
@@ -504,6 +528,7 @@ class Engine:
         earlier = batch.executions[row.index - 1].attempts
         self._registry.start_execution(batch, row.index, prompt, earlier + 1)
         outcome = await self._executor.run(row, prompt, earlier)
+        spent.total += outcome.cost or 0.0
         self._finish_row(batch, row.index, outcome, prompt)
         # The worker takes no other row until this one's end is durable: a process
         # killed at any moment then sends again only the rows in flight, one a
@@ -543,6 +568,17 @@ _FAILURES = frozenset({ExecutionStatus.FAILED, ExecutionStatus.TIMED_OUT})
 _BY_REQUEST = "Cancelled by request."
 #: Rows a batch ends, at most, before its workers let other work run.
 _YIELD_EVERY_ROWS = 200
+
+
+@dataclass
+class _Spent:
+    """What a running batch's rows have cost so far, as their outcomes arrive."""
+
+    total: float
+
+
+def _budget_reached(batch: Batch, spent: float) -> str:
+    return f"budget reached ({spent:.6g} spent of max_cost {batch.options.max_cost:g})"
 
 
 def _cancelled_message(reason: str) -> str:

@@ -18,7 +18,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from batchexec.catalog import Catalog, Target, UnknownNameError
-from batchexec.columns import Cell, cell_text, is_output_column
+from batchexec.columns import (
+    OUTPUT_COLUMNS,
+    RESERVED_COLUMNS,
+    SHEET_MAX_COLUMNS,
+    Cell,
+    cell_text,
+)
 from batchexec.errors import FieldError, InputError
 from batchexec.parameters import NO_PARAMETERS, RowParameters, read_parameters
 from batchexec.providers.base import NO_OPTIONS, ChatOptions, Turn
@@ -115,6 +121,10 @@ class BatchOptions:
     #: The answer fields the outputs spread into columns (``result.<field>``): the
     #: top-level properties of every schema the batch's rows have, in order.
     fields: tuple[str, ...] = ()
+    #: The batch's budget, in the catalog's currency: once its rows' cost (those it
+    #: keeps from a batch it retries included) reaches it, no other row is sent
+    #: (``engine``). None for no budget.
+    max_cost: float | None = None
 
     def to_json(self) -> str | None:
         """The options as stored; None for a batch with none."""
@@ -127,6 +137,8 @@ class BatchOptions:
             document["response_schema"] = self.response_schema
         if self.fields:
             document["fields"] = list(self.fields)
+        if self.max_cost is not None:
+            document["max_cost"] = self.max_cost
         return json.dumps(document, ensure_ascii=False)
 
     @classmethod
@@ -139,6 +151,7 @@ class BatchOptions:
             models=tuple(document.get("models", ())),
             response_schema=document.get("response_schema"),
             fields=tuple(document.get("fields", ())),
+            max_cost=document.get("max_cost"),
         )
 
 
@@ -248,13 +261,27 @@ def plan_batch(
         raise InputError(
             f"{counted(count, 'execution')} {'is' if count == 1 else 'are'} invalid.", errors
         )
-    kept = tuple(name for name in columns if not is_output_column(name))
+    kept = tuple(name for name in columns if name not in RESERVED_COLUMNS)
     if targets is not None:
         planned = _expanded(planned, targets)
     planned = [schemas.of_assistant(row) for row in planned]
-    return BatchPlan(
-        columns=kept, rows=tuple(planned), options=replace(options, fields=schemas.fields())
-    )
+    fields = schemas.fields()
+    _check_width(len(kept), len(fields), max(len(models), 1))
+    return BatchPlan(columns=kept, rows=tuple(planned), options=replace(options, fields=fields))
+
+
+def _check_width(columns: int, fields: int, groups: int) -> None:
+    """Raise ``InputError`` when the outputs would be wider than a workbook's sheet."""
+    # Every output column (cost too) and each answer field, once a model side by side.
+    width = columns + groups * (len(OUTPUT_COLUMNS) + 1 + fields)
+    if width > SHEET_MAX_COLUMNS:
+        message = (
+            f"the outputs would have {width:,} columns ({fields:,} answer fields, "
+            f"{counted(groups, 'model')}); a workbook's sheet holds {SHEET_MAX_COLUMNS:,}"
+        )
+        raise InputError(
+            f"The batch is too wide: {message}.", [FieldError(None, "response_schema", message)]
+        )
 
 
 class _Schemas:
@@ -414,7 +441,7 @@ def _check_row(
         if compiles and not errors:
             template = compile_template(prompt, lookup, lambda: variables.columns)
             depends_on = template.references
-        elif not verbatim:
+        elif not verbatim and not compiles:
             depends_on = references(prompt)
     except TemplateError as exc:
         errors.append(FieldError(index, "prompt", str(exc)))
@@ -484,17 +511,21 @@ def _system_prompt(
 ) -> str | None:
     """A row's own system prompt with its variables filled in; it takes no ``${output.n}``."""
     system = parameters.system
-    if system is not None and len(system) > limits.max_prompt_length:
+    if system is None:
+        return None
+    templated = uses_variables(system)
+    # Counted before it is built, as a prompt's is: a cell named a thousand times.
+    length = filled_length(system, lookup) if templated else len(system)
+    if length > limits.max_prompt_length:
+        filled = " with its variables filled in" if length != len(system) else ""
         errors.append(
             FieldError(
                 index,
                 "system",
-                f"is {len(system)} characters; the limit is {limits.max_prompt_length}",
+                f"is {length} characters{filled}; the limit is {limits.max_prompt_length}",
             )
         )
         return None
-    if system is None or not uses_variables(system):
-        return system
     try:
         template = compile_template(system, lookup, lambda: variables.columns)
     except TemplateError as exc:
@@ -503,7 +534,7 @@ def _system_prompt(
     if template.references:
         errors.append(FieldError(index, "system", "cannot use ${output.n}; the prompt can"))
         return None
-    return template.render({})
+    return template.render({}) if templated else system
 
 
 def _options(parameters: RowParameters) -> ChatOptions:

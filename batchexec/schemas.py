@@ -113,10 +113,12 @@ class ExecutionIn(BaseModel):
         # Once, while validating: a value nested just under the JSON parser's
         # limit raises RecursionError here, where the caller expects errors.
         extra = self.model_extra or {}
-        cells = {key: _cell(value) for key, value in extra.items() if key != "vars"}
         variables = extra.get("vars")
-        if variables is not None:
-            if not isinstance(variables, dict) or not all(
+        # A vars that is no object is a column of that name, as any key was before vars.
+        given = isinstance(variables, dict)
+        cells = {key: _cell(value) for key, value in extra.items() if key != "vars" or not given}
+        if isinstance(variables, dict):
+            if not all(
                 value is None or isinstance(value, str | int | float)
                 for value in variables.values()
             ):
@@ -168,6 +170,13 @@ Models = Annotated[
     Field(min_length=1, max_length=MAX_MODELS, description=MODELS_FIELD),
 ]
 ResponseSchema = Annotated[dict[str, Any], Field(description=RESPONSE_SCHEMA_FIELD)]
+#: The description of the ``max_cost`` field of every batch route (and form).
+MAX_COST_FIELD = (
+    "The batch's budget, in the catalog's currency: once its rows' cost reaches it, no "
+    "other row is sent, and those left end cancelled (budget reached). Without it, the "
+    "server's DEFAULT_MAX_COST (else MAX_COST, the most any batch may set) applies."
+)
+MaxCost = Annotated[float, Field(ge=0, allow_inf_nan=False, description=MAX_COST_FIELD)]
 
 #: Where a batch's end is POSTed (``webhooks.py``).
 CallbackUrl = Annotated[
@@ -199,6 +208,7 @@ class ExecuteBatchRequest(BaseModel):
     callback_url: CallbackUrl | None = None
     models: Models | None = None
     response_schema: ResponseSchema | None = None
+    max_cost: MaxCost | None = None
 
     @field_validator("columns")
     @classmethod
@@ -224,6 +234,7 @@ class ProcessCsvRequest(BaseModel):
     model: Annotated[StrictStr, Field(max_length=200)] | None = None
     models: Models | None = None
     response_schema: ResponseSchema | None = None
+    max_cost: MaxCost | None = None
 
 
 #: The description of the ``model`` field of the spreadsheet routes (here and in ``web.bodies``).
@@ -242,6 +253,7 @@ class ValidateRequest(BaseModel):
     model: StrictStr | None = Field(default=None, description=DEFAULT_MODEL_FIELD)
     models: Models | None = None
     response_schema: ResponseSchema | None = None
+    max_cost: MaxCost | None = None
     estimate: StrictBool = Field(
         default=False,
         description="true adds the estimated tokens and cost of the run to the answer.",
@@ -297,6 +309,17 @@ class ResultsRequest(BaseModel):
                 "two_ids", "invocation_id and invocationId name different batches; send one"
             )
         return data
+
+
+class RetryRequest(ResultsRequest):
+    """Body of the retry route: which batch, and optionally the new batch's budget."""
+
+    max_cost: MaxCost | None = Field(
+        default=None,
+        description="The new batch's budget (a batch stopped at its budget continues with "
+        "a larger one); without it, the retried batch's own. It counts the cost of the "
+        "rows kept from the retried batch too.",
+    )
 
 
 class ResultsQuery(ResultsRequest):

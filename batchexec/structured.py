@@ -35,6 +35,7 @@ classes (``[[:alpha:]]``).
 from __future__ import annotations
 
 import json
+import math
 import re._parser as re_parser  # type: ignore[import-not-found]
 import time
 from collections.abc import Iterator, Sequence
@@ -153,7 +154,7 @@ def parse_answer(text: str, schema: dict[str, Any]) -> str:
     if not body:
         raise InvalidAnswerError("The answer is not valid JSON: it is empty.")
     try:
-        value = json.loads(body, parse_constant=_refuse_constant)
+        value = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as exc:
         raise InvalidAnswerError(
             _shortened(f"The answer is not valid JSON: {exc}; it begins {_opening(text)}")
@@ -495,6 +496,14 @@ def _unfenced(text: str) -> str:
     if not newline or opener.strip().casefold() not in ("", "json"):
         return text
     return body.strip()
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e400 reads as infinity, which JSON cannot hold: no valid answer has it.
+        raise ValueError(f"the number {text[:20]} is too large")
+    return value
 
 
 def _refuse_constant(name: str) -> object:

@@ -13,7 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 # Anything shaped like a reference is captured, so that a typo such as
 # ``${output.one}`` is reported instead of being sent to a model verbatim.
-_REFERENCE = re.compile(r"\$\{\s*output\.([^}]*)\}")
+# No ``$`` inside the braces: else each of many unclosed ``${output.`` would scan to the
+# end of the prompt (quadratic); so each scan stops at the next one.
+_REFERENCE = re.compile(r"\$\{\s*output\.([^}$]*)\}")
 
 
 _NONE: frozenset[int] = frozenset()
@@ -68,7 +70,7 @@ def substitute(prompt: str, outputs: Mapping[int, str]) -> str:
 # variable: anything else (``{{"a": 1}}``, ``{{ x | upper }}``) is text, sent as written.
 # Linear: no two parts of a token can match the same characters (so no backtracking
 # beyond the token); the spaces around a name are stripped afterwards.
-_TOKEN = re.compile(r"\\\{\{|\$\{\s*output\.([^}]*)\}|\{\{([^{}\n]*)\}\}")
+_TOKEN = re.compile(r"\\\{\{|\$\{\s*output\.([^}$]*)\}|\{\{([^{}\n]*)\}\}")
 #: How a literal ``{{`` is written.
 _ESCAPE = "\\{{"
 _NAME = re.compile(r"[^\W\d][\w .\-]*")
@@ -129,14 +131,19 @@ def compile_template(
     ``{{output.n}}`` become references.
     """
     parts: list[Part] = []
+    # The text since the last reference, in pieces: joined once (adding to a string a
+    # piece at a time would copy it each time).
+    pieces: list[str] = []
     text_since = 0
 
     def literal(piece: str) -> None:
-        if piece:
-            if parts and isinstance(parts[-1], str):
-                parts[-1] += piece
-            else:
-                parts.append(piece)
+        pieces.append(piece)
+
+    def reference(number: int) -> None:
+        if any(pieces):
+            parts.append("".join(pieces))
+        pieces.clear()
+        parts.append(number)
 
     for match in _TOKEN.finditer(text):
         token = match.group(0)
@@ -148,11 +155,11 @@ def compile_template(
         dollar, inner = match.group(1), match.group(2)
         inner = inner.strip() if inner is not None else None
         if dollar is not None:
-            parts.append(_reference_number(dollar, token))
+            reference(_reference_number(dollar, token))
             continue
         assert inner is not None
         if output := _OUTPUT_NAME.fullmatch(inner):
-            parts.append(_reference_number(output.group(1), token))
+            reference(_reference_number(output.group(1), token))
         elif _NAME.fullmatch(inner):
             value = lookup(inner)
             if value is None:
@@ -167,6 +174,8 @@ def compile_template(
         else:
             literal(token)
     literal(text[text_since:])
+    if any(pieces):
+        parts.append("".join(pieces))
     return Template(tuple(parts))
 
 

@@ -185,6 +185,7 @@ class StoreContract:
             models=("m-a", "m \u00e9 [b]"),
             response_schema={"type": "object", "properties": {"score": {"type": "number"}}},
             fields=("score",),
+            max_cost=0.125,
         )
         batch = a_batch("b1", rows=(ExecutionStatus.PENDING,) * 4)
         batch.options = options
@@ -264,9 +265,7 @@ class StoreContract:
                 ExecutionStatus.SUCCEEDED, "réponse ✓ \ud83d", None, 12, 1, 3, 5, 1.25e-05, seq=1
             ),
             2: Outcome(ExecutionStatus.SUCCEEDED, "", None, 0, 2, 0, 0, 0.0, seq=2),
-            3: Outcome(
-                ExecutionStatus.FAILED, None, "the model refused \udc80\x00", 7, 3, seq=3
-            ),
+            3: Outcome(ExecutionStatus.FAILED, None, "the model refused \udc80\x00", 7, 3, seq=3),
             4: Outcome(ExecutionStatus.TIMED_OUT, None, "Timed out after 1 s.", 1000, 4, seq=4),
             5: Outcome(
                 ExecutionStatus.SKIPPED, None, "Skipped: ${output.3} did not succeed.", seq=5

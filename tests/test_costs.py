@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from batchexec.api import EXECUTE_BATCH, download_path, events_path
+from batchexec.api import EXECUTE_BATCH, RETRY, download_path, events_path
 from batchexec.catalog import Catalog
 from batchexec.cli import main
 from batchexec.errors import ConfigError
@@ -172,3 +172,85 @@ async def test_the_command_lines_summary_gives_the_cost(upstream, catalog, tmp_p
     assert code == 0, err
     assert f"  cost: {price(4, 3):.6g} EUR (1 execution without a cost" in err
     assert column(sheet_rows(tmp_path / "out.xlsx"), "cost") == [price(4, 3), None]
+
+
+# Budgets
+
+
+async def test_a_batch_stops_sending_at_its_budget_and_a_retry_continues_with_a_new_one(
+    make_client, make_settings, catalog, upstream
+) -> None:
+    _, fake = upstream
+    client = await make_client(
+        make_settings(models_path=catalog, default_model="priced", max_threads=1)
+    )
+    row = price(4, 3)  # each prompt below is four words
+    executions = [{"prompt": f"row {n} of many"} for n in range(1, 21)]
+    response = await client.post(
+        EXECUTE_BATCH, json={"executions": executions, "max_cost": 4.5 * row}, headers=AUTH
+    )
+    assert response.status == 200, await response.text()
+    body = await finished(client, (await response.json())["invocationId"])
+    statuses = [e["status"] for e in body["executions"]]
+    # One row in flight at a time: the fifth takes the spend past the budget, then none.
+    assert statuses == ["succeeded"] * 5 + ["cancelled"] * 15
+    assert fake.calls == 5
+    assert body["usage"]["cost"] <= 4.5 * row + 1 * row
+    assert body["status"] == "cancelled"
+    assert "budget reached" in body["message"]
+    assert all("budget reached" in e["error"] for e in body["executions"][5:])
+    name = body["xlsx_url"].rsplit("/", 1)[1]
+    workbook = await client.get(download_path(name), headers=AUTH)
+    assert column(sheet_rows(await workbook.read()), "status")[5:] == ["cancelled"] * 15
+
+    response = await client.post(
+        RETRY, json={"invocation_id": body["invocationId"], "max_cost": 1.0}, headers=AUTH
+    )
+    assert response.status == 200, await response.text()
+    again = await finished(client, (await response.json())["invocationId"])
+    assert [e["status"] for e in again["executions"]] == ["succeeded"] * 20
+    assert fake.calls == 20
+    assert again["usage"]["cost"] == pytest.approx(20 * row)
+
+
+async def test_the_servers_default_and_ceiling_bound_every_batchs_budget(
+    make_client, make_settings, catalog, upstream
+) -> None:
+    client = await make_client(
+        make_settings(
+            models_path=catalog,
+            default_model="priced",
+            max_threads=1,
+            default_max_cost=price(4, 3) / 2,
+            max_cost=1.0,
+        )
+    )
+    executions = [{"prompt": f"row {n} of many"} for n in range(1, 4)]
+    response = await client.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
+    body = await finished(client, (await response.json())["invocationId"])
+    assert [e["status"] for e in body["executions"]] == ["succeeded", "cancelled", "cancelled"]
+    response = await client.post(
+        EXECUTE_BATCH, json={"executions": executions, "max_cost": 2.0}, headers=AUTH
+    )
+    assert response.status == 422
+    [error] = (await response.json())["errors"]
+    assert error["field"] == "max_cost"
+    assert "the most a batch may set (MAX_COST) is 1" in error["message"]
+    response = await client.post(
+        EXECUTE_BATCH, json={"executions": executions, "max_cost": -1}, headers=AUTH
+    )
+    assert response.status == 422
+
+
+async def test_run_stops_at_its_max_cost(upstream, catalog, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DEFAULT_MAX_THREADS", "1")  # one row in flight: the stop is exact
+    write_csv(tmp_path / "p.csv", ["prompt"], [[f"row {n} of many"] for n in range(1, 11)])
+    args = ["run", "p.csv", "-o", "out.xlsx", "--catalog", str(catalog), "--model", "priced"]
+    code = await asyncio.to_thread(main, [*args, "--max-cost", str(2.5 * price(4, 3))])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    statuses = column(sheet_rows(tmp_path / "out.xlsx"), "status")
+    assert statuses == ["succeeded"] * 3 + ["cancelled"] * 7
+    assert "budget reached" in err
+    assert await asyncio.to_thread(main, [*args, "--max-cost", "-1"]) == 2
+    assert "--max-cost must be a number, 0 or more" in capsys.readouterr().err

@@ -524,3 +524,64 @@ async def test_a_results_workbook_fed_back_in_drops_the_columns_a_run_added(clie
     response = await client.post(VALIDATE, data=data, headers=AUTH)
     assert response.status == 200, await response.text()
     assert (await response.json())["columns"] == ["id", "prompt"]
+
+
+# Found by review: each a hostile or earlier input
+
+
+async def test_a_system_prompt_is_bounded_with_its_variables_filled_in(
+    make_client, make_settings, catalog
+) -> None:
+    small = await make_client(
+        make_settings(models_path=catalog, default_model="m-a", max_prompt_length=1000)
+    )
+    executions = [
+        {"prompt": "x", "t": "y" * 900, "system": "{{t}}" * 200},
+        {"prompt": "x", "system": "Use ${output.1}"},
+    ]
+    response = await small.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
+    assert response.status == 422
+    errors = (await response.json())["errors"]
+    assert [(e["index"], e["field"]) for e in errors] == [(1, "system"), (2, "system")]
+    assert "180000 characters with its variables filled in" in errors[0]["message"]
+    assert "cannot use ${output.n}" in errors[1]["message"]
+
+
+async def test_outputs_wider_than_a_sheet_are_refused_before_anything_runs(client) -> None:
+    # 5,500 fields a model, three models: 16,500 answer columns.
+    schema = {"type": "object", "properties": {f"p{n}": {} for n in range(5500)}}
+    text = _csv(["prompt"], [["a"]])
+    response = await client.post(
+        PROCESS_CSV,
+        json={"csv_content": text, "models": list(MODELS), "response_schema": schema},
+        headers=AUTH,
+    )
+    assert response.status == 422
+    assert "a workbook's sheet holds 16,384" in (await response.json())["detail"]
+
+
+async def test_columns_named_like_outputs_before_result_are_the_inputs_own(
+    client, upstream
+) -> None:
+    _, fake = upstream
+    text = _csv(
+        ["prompt", "result.notes", "status [draft]", "cost"],
+        [["Say {{result.notes}} for {{cost}}", "hello", "d", "3"]],
+    )
+    body = await _run_csv(client, text)
+    assert fake.prompts() == ["Say hello for 3"]
+    assert list(_table(body["csv_content"])[0]) == [
+        "prompt",
+        "result.notes",
+        "status [draft]",
+        "cost",
+        "result",
+    ]
+
+
+async def test_a_vars_key_that_is_no_object_is_a_column_as_before(client, upstream) -> None:
+    executions = [{"prompt": "x", "vars": "abc"}]
+    response = await client.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
+    assert response.status == 200, await response.text()
+    body = await finished(client, (await response.json())["invocationId"])
+    assert _table(body["csv_content"])[0]["vars"] == "abc"

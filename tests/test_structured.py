@@ -862,3 +862,8 @@ def test_a_reference_into_data_the_metaschema_never_checked_fails_the_row_cleanl
     schema = check_schema({"x-data": {"minLength": "a"}, "$ref": "#/x-data"})
     with pytest.raises(FatalProviderError, match="cannot be used"):
         parse_answer('"x"', schema)
+
+
+def test_a_number_too_large_for_json_is_an_invalid_answer() -> None:
+    with pytest.raises(InvalidAnswerError, match="too large"):
+        parse_answer('{"s": 1e400}', {"type": "object"})

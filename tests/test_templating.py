@@ -163,9 +163,13 @@ def test_renumbering_moves_each_reference() -> None:
         "{{a" * 100_000,
         "{{ " * 100_000 + "}}",
         "${output." + " " * 200_000,
+        "{{x}}" + "${output." * 20_000,
+        "${output." * 100_000,
     ],
 )
 def test_a_long_prompt_of_unclosed_braces_is_read_in_one_pass(prompt: str) -> None:
     # Each of these backtracked for minutes with an earlier pattern; now each is linear.
-    assert filled_length(prompt, CELLS.get) == len(prompt)
-    assert compiled(prompt).render({}) == prompt
+    cells = {**CELLS, "x": "{{x}}"}
+    assert filled_length(prompt, cells.get) == len(prompt)
+    assert compiled(prompt, cells).render({}) == prompt
+    assert references(prompt) == frozenset()

@@ -72,7 +72,8 @@ def add_catalog_options(parser: argparse.ArgumentParser, *, side_by_side: bool =
 
 
 def add_batch_options(parser: argparse.ArgumentParser, *, reads_catalog: bool = False) -> None:
-    """``--models A,B,C`` and ``--schema SCHEMA``: what the batch asks of every row.
+    """``--models A,B,C``, ``--schema SCHEMA`` and ``--max-cost AMOUNT``: what the batch
+    asks of every row.
 
     ``reads_catalog``: the command takes a catalog, and ``--models`` with a name
     ending in ``.toml`` is read as ``--catalog``, as it was before.
@@ -92,6 +93,13 @@ def add_batch_options(parser: argparse.ArgumentParser, *, reads_catalog: bool = 
         metavar="SCHEMA",
         help="a JSON Schema every answer must match, its top-level fields spread into "
         "result.<field> columns: a JSON file, or the JSON itself (text starting with '{')",
+    )
+    parser.add_argument(
+        "--max-cost",
+        metavar="AMOUNT",
+        type=float,
+        help="the batch's budget, in the catalog's currency: once its rows have cost this "
+        "much no other row is sent, and those left end cancelled (DEFAULT_MAX_COST without it)",
     )
 
 
@@ -142,7 +150,11 @@ def batch_options(args: argparse.Namespace) -> BatchOptions:
     line naming the option, why a schema is not one."""
     schema_text: str | None = getattr(args, "schema", None)
     schema = None if schema_text is None else read_schema(schema_text)
-    return BatchOptions(models=tuple(getattr(args, "side_by_side", ())), response_schema=schema)
+    return BatchOptions(
+        models=tuple(getattr(args, "side_by_side", ())),
+        response_schema=schema,
+        max_cost=getattr(args, "max_cost", None),
+    )
 
 
 def read_schema(text: str) -> dict[str, Any]:

@@ -191,6 +191,11 @@ def command(args: argparse.Namespace) -> int:
         print(f"batchexec: {exc}", file=stream)
         return EXIT_USAGE
     try:
+        options = replace(options, max_cost=settings.budget(options.max_cost))
+    except ValueError as exc:
+        print(f"batchexec: --max-cost {exc}.", file=stream)
+        return EXIT_USAGE
+    try:
         source = read_source(args.input, max_rows=settings.max_executions_per_batch)
     except InputError as exc:
         print_problems(exc, label_of(args.input), None, stream)

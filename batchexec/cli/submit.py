@@ -252,6 +252,7 @@ async def _start(client: Client, rows: Rows, options: BatchOptions) -> str:
         columns=rows.columns,
         models=options.models,
         response_schema=options.response_schema,
+        max_cost=options.max_cost,
     )
 
 

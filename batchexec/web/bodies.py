@@ -16,7 +16,12 @@ from pydantic import BaseModel, Field
 
 from batchexec.errors import FieldError
 from batchexec.records import BatchStatus, ExecutionStatus
-from batchexec.schemas import DEFAULT_MODEL_FIELD, MODELS_FIELD, RESPONSE_SCHEMA_FIELD
+from batchexec.schemas import (
+    DEFAULT_MODEL_FIELD,
+    MAX_COST_FIELD,
+    MODELS_FIELD,
+    RESPONSE_SCHEMA_FIELD,
+)
 from batchexec.webhook_urls import MAX_URL_CHARS
 
 
@@ -75,6 +80,7 @@ class SpreadsheetForm(BaseModel):
     model: str | None = Field(default=None, description=DEFAULT_MODEL_FIELD)
     models: str | None = Field(default=None, description=MODELS_FIELD)
     response_schema: str | None = Field(default=None, description=RESPONSE_SCHEMA_FIELD)
+    max_cost: float | None = Field(default=None, ge=0, description=MAX_COST_FIELD)
 
 
 class ValidateForm(SpreadsheetForm):

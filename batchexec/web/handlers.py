@@ -32,6 +32,7 @@ from batchexec.schemas import (
     ModelOut,
     ResultsQuery,
     ResultsRequest,
+    RetryRequest,
     RetryResponse,
 )
 from batchexec.web import streams
@@ -41,6 +42,7 @@ from batchexec.web.presenting import answer_results
 from batchexec.web.requests import (
     answer,
     batch_options,
+    budget,
     callback_url,
     parse_body,
     plan_off_loop,
@@ -62,7 +64,7 @@ async def execute_batch(request: web.Request) -> web.Response:
     """
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
     callback = callback_url(request, body.callback_url)
-    options = batch_options(body.models, body.response_schema)
+    options = batch_options(request, body.models, body.response_schema, body.max_cost)
     executions: list[ExecutionIn | None] = list(body.executions)
     body.executions.clear()  # the rows are made from ``executions``, and each let go as made
     plan = await plan_off_loop(
@@ -106,8 +108,11 @@ async def retry(request: web.Request) -> web.Response:
     configured; rows that keep their results are not checked. The new batch's
     end goes to the first one's webhook, if it had one.
     """
-    body = await parse_body(request, ResultsRequest)
+    body = await parse_body(request, RetryRequest)
     original = await _batch_of(request, body.invocation_id)
+    options = original.options
+    if body.max_cost is not None:
+        options = replace(options, max_cost=budget(request, body.max_cost))
     if not original.status.finished:
         raise ConflictError("The batch is still running; retry it once it has ended.")
     rerun = [e.index for e in original.executions if e.status is not ExecutionStatus.SUCCEEDED]
@@ -134,7 +139,7 @@ async def retry(request: web.Request) -> web.Response:
         return Rows.of(original.columns, inputs)
 
     bounds = limits_of(request.app[SETTINGS]) if original.api == OPENAI else None
-    plan = await plan_off_loop(request, rows, bounds, original.options)
+    plan = await plan_off_loop(request, rows, bounds, options)
     providers = request.app[PROVIDERS]
     require_ready(plan, providers, only=rerun)
     batch = await request.app[ENGINE].submit(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -103,16 +104,23 @@ async def plan_off_loop(
 
 
 def batch_options(
-    models: list[str] | str | None, response_schema: dict[str, Any] | str | None = None
+    request: web.Request,
+    models: list[str] | str | None,
+    response_schema: dict[str, Any] | str | None = None,
+    max_cost: float | str | None = None,
 ) -> BatchOptions:
     """A batch's options from a JSON body's fields, or a form's (``models`` as names
-    separated by commas, ``response_schema`` as JSON text); 422 for a bad one."""
+    separated by commas, ``response_schema`` as JSON text, ``max_cost`` as a number);
+    422 for a bad one. Its budget is the settings' (``Settings.budget``)."""
     if isinstance(models, str):
         models = [name.strip() for name in models.split(",")] if models.strip() else None
     if models is not None and (
-        not 1 <= len(models) <= MAX_MODELS or not all(name.strip() for name in models)
+        not 1 <= len(models) <= MAX_MODELS
+        or not all(0 < len(name.strip()) <= _MAX_NAME_CHARS for name in models)
     ):
-        message = f"give 1 to {MAX_MODELS} model names, none empty"
+        message = (
+            f"give 1 to {MAX_MODELS} model names, none empty or over {_MAX_NAME_CHARS} characters"
+        )
         raise InputError(f"models: {message}.", [FieldError(None, "models", message)])
     schema: dict[str, Any] | None = None
     if isinstance(response_schema, str) and response_schema.strip():
@@ -128,7 +136,28 @@ def batch_options(
             schema = check_schema(response_schema)
         except ValueError as exc:
             raise InputError(str(exc), [FieldError(None, "response_schema", str(exc))]) from None
-    return BatchOptions(models=tuple(name.strip() for name in models or ()), response_schema=schema)
+    return BatchOptions(
+        models=tuple(name.strip() for name in models or ()),
+        response_schema=schema,
+        max_cost=budget(request, max_cost),
+    )
+
+
+#: Characters of a model's name in ``models``, at most (a JSON body's bound too).
+_MAX_NAME_CHARS = 200
+
+
+def budget(request: web.Request, max_cost: float | str | None) -> float | None:
+    """A batch's budget for a body's or a form's ``max_cost``; 422 for a bad one."""
+    if isinstance(max_cost, str):
+        try:
+            max_cost = float(max_cost) if max_cost.strip() else None
+        except ValueError:
+            max_cost = math.nan  # refused below, as any other bad amount
+    try:
+        return request.app[SETTINGS].budget(max_cost)
+    except ValueError as exc:
+        raise InputError(f"max_cost {exc}.", [FieldError(None, "max_cost", str(exc))]) from None
 
 
 def limits(request: web.Request) -> Limits:

@@ -62,7 +62,15 @@ _RUN_AGAIN = {
     "upload": "upload the file again with execute=true",
 }
 #: The fields of an upload's form besides its ``file``.
-_FORM_FIELDS = ("execute", "callback_url", "model", "models", "response_schema", "estimate")
+_FORM_FIELDS = (
+    "execute",
+    "callback_url",
+    "model",
+    "models",
+    "response_schema",
+    "max_cost",
+    "estimate",
+)
 #: CSV bodies above this are parsed off the event loop.
 _INLINE_CSV_CHARS = 64 * 1024
 #: Plans of more executions than this are estimated off the event loop.
@@ -74,7 +82,7 @@ async def process_csv(request: web.Request) -> web.Response:
     body = await parse_body(request, ProcessCsvRequest)
     callback = _callback(request, body.callback_url, execute=body.execute)
     bounds = _bounds(request, body.model)
-    options = batch_options(body.models, body.response_schema)
+    options = batch_options(request, body.models, body.response_schema, body.max_cost)
     rows = await _csv_rows(request, body.csv_content)
     return await _process_rows(
         request,
@@ -94,7 +102,9 @@ async def upload(request: web.Request) -> web.Response:
     execute = _flag(fields.get("execute", ""))
     callback = _callback(request, fields.get("callback_url"), execute=execute)
     bounds = _bounds(request, fields.get("model"))
-    options = batch_options(fields.get("models"), fields.get("response_schema"))
+    options = batch_options(
+        request, fields.get("models"), fields.get("response_schema"), fields.get("max_cost")
+    )
     rows, kind = await _file_rows(request, name, data)
     return await _process_rows(
         request,
@@ -116,13 +126,15 @@ async def validate(request: web.Request) -> web.Response:
         name, data, fields = await _read_upload(request)
         wanted = _flag(fields.get("estimate", ""), "estimate")
         bounds = _bounds(request, fields.get("model"))
-        options = batch_options(fields.get("models"), fields.get("response_schema"))
+        options = batch_options(
+            request, fields.get("models"), fields.get("response_schema"), fields.get("max_cost")
+        )
         rows, _ = await _file_rows(request, name, data)
     else:
         body = await parse_body(request, ValidateRequest)
         wanted = body.estimate
         bounds = _bounds(request, body.model)
-        options = batch_options(body.models, body.response_schema)
+        options = batch_options(request, body.models, body.response_schema, body.max_cost)
         rows = await _csv_rows(request, body.csv_content)
     plan = await _plan(request, rows, bounds, options)
     providers = request.app[PROVIDERS]
