@@ -52,6 +52,8 @@ class ModelSpec(Entry):
     max_concurrency: Annotated[int | None, Field(ge=1)] = None
     #: Requests per minute across all batches.
     rpm: Annotated[float | None, Field(gt=0)] = None
+    #: Tokens per minute across all batches of a process (``token_limits``).
+    tpm: Annotated[int | None, Field(gt=0)] = None
     #: Prices per million prompt (input) and completion (output) tokens, in the
     #: catalog's ``currency``; unset, its rows cost nothing known.
     input_per_mtok: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None

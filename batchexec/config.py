@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     results_ttl_hours: Annotated[
         float, _env("RESULTS_TTL_HOURS", "results_ttl_hours"), Field(gt=0)
     ] = 168.0
+    #: The window a model's tpm counts over: a minute, shorter only in tests and demos.
+    tpm_window_s: Annotated[
+        float, _env("TPM_WINDOW_S", "tpm_window_s"), Field(gt=0, allow_inf_nan=False)
+    ] = 60.0
     #: The budget of a batch that sets no max_cost (in the catalog's currency); unset,
     #: MAX_COST's, else none.
     default_max_cost: Annotated[

@@ -29,6 +29,7 @@ from typing import Any
 
 from batchexec.config import Settings
 from batchexec.errors import ProviderError, ProviderNotConfiguredError
+from batchexec.estimates import output_limit, request_tokens
 from batchexec.limits import CallLimits, ModelLimits
 from batchexec.metrics import NO_METRICS, Metrics
 from batchexec.planning import ChatInput, PlannedRow
@@ -43,6 +44,7 @@ from batchexec.providers.http import response_schema
 from batchexec.records import ExecutionStatus, Outcome
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
 from batchexec.structured import instruction, parse_answer
+from batchexec.token_limits import TokenLimits
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ class Executor:
         self._metrics = metrics
         self._providers = providers
         self._limits: CallLimits = limits or ModelLimits()
+        self._tokens = TokenLimits(settings.tpm_window_s)
         self._retry = RetryPolicy(max_retries=settings.max_retries)
         self._rng = rng
 
@@ -229,6 +232,15 @@ class Executor:
             raise ProviderNotConfiguredError(missing)
         if retry:
             self._metrics.retry(model.name)
-        async with self._limits.call(model):
+        # What the call may use of the model's tokens per minute, if it has a tpm.
+        tokens = 0
+        if model.tpm is not None:
+            bound = output_limit(row.target, request.options)
+            tokens = request_tokens(request) + (bound or 0)
+        async with self._limits.call(model), self._tokens.reserve(model, tokens) as reserved:
             with self._metrics.call(model.name, model.provider):
-                return await self._providers[model.provider].complete(model, request)
+                completion = await self._providers[model.provider].complete(model, request)
+            reported = [completion.prompt_tokens, completion.completion_tokens]
+            if any(count is not None for count in reported):
+                reserved.used(sum(count or 0 for count in reported))
+            return completion
