@@ -54,6 +54,9 @@ class ModelSpec(Entry):
     rpm: Annotated[float | None, Field(gt=0)] = None
     #: Tokens per minute across all batches of a process (``token_limits``).
     tpm: Annotated[int | None, Field(gt=0)] = None
+    #: Whether its answers are cached and given again (``answer_cache``) unless a batch
+    #: says otherwise.
+    cache: bool = False
     #: Prices per million prompt (input) and completion (output) tokens, in the
     #: catalog's ``currency``; unset, its rows cost nothing known.
     input_per_mtok: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None

@@ -171,6 +171,7 @@ class Client:
         models: Sequence[str] = (),
         response_schema: Mapping[str, Any] | None = None,
         max_cost: float | None = None,
+        cache: bool | None = None,
     ) -> str:
         """Start a batch; its invocation id.
 
@@ -179,7 +180,7 @@ class Client:
         ``columns`` gives (a file's header), else after ``prompt`` and ``model``.
         ``models`` runs every row on each of them, side by side;
         ``response_schema`` is the JSON Schema every answer must match; ``max_cost``
-        the batch's budget.
+        the batch's budget; ``cache`` uses (True) or bypasses (False) the answer cache.
         """
         request: dict[str, Any] = {"executions": list(executions)}
         if columns is not None:
@@ -190,6 +191,8 @@ class Client:
             request["response_schema"] = dict(response_schema)
         if max_cost is not None:
             request["max_cost"] = max_cost
+        if cache is not None:
+            request["cache"] = cache
         body = await self._post(api.EXECUTE_BATCH, request)
         return _invocation_id(body)
 

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     results_ttl_hours: Annotated[
         float, _env("RESULTS_TTL_HOURS", "results_ttl_hours"), Field(gt=0)
     ] = 168.0
+    #: Whether batches use the answer cache unless they (or their model) say otherwise.
+    cache_answers: Annotated[bool, _env("CACHE_ANSWERS", "cache_answers")] = False
+    #: How long a cached answer is given again.
+    cache_ttl_hours: Annotated[
+        float, _env("CACHE_TTL_HOURS", "cache_ttl_hours"), Field(gt=0, allow_inf_nan=False)
+    ] = 24.0
     #: The window a model's tpm counts over: a minute, shorter only in tests and demos.
     tpm_window_s: Annotated[
         float, _env("TPM_WINDOW_S", "tpm_window_s"), Field(gt=0, allow_inf_nan=False)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from batchexec.answer_cache import AnswerCache
 from batchexec.config import Settings
 from batchexec.errors import ConflictError, InputError, QueueFullError, ShuttingDownError
 from batchexec.execution import Executor
@@ -97,6 +98,7 @@ class Engine:
             rng=rng or random.Random(),
             limits=limits,
             metrics=registry.metrics,
+            answers=AnswerCache(registry.store, settings.cache_ttl_hours * 3600),
         )
         self._stopping = False
         #: Batches let go because another replica took their lease.
@@ -527,7 +529,12 @@ class Engine:
         # Calls made in earlier lives of the row (it was running when a process died).
         earlier = batch.executions[row.index - 1].attempts
         self._registry.start_execution(batch, row.index, prompt, earlier + 1)
-        outcome = await self._executor.run(row, prompt, earlier)
+        cache = batch.options.cache
+        if cache is None:
+            cache = row.target.model.cache or self._settings.cache_answers
+        outcome = await self._executor.run(
+            row, prompt, earlier, cached_for=batch.owner if cache else None
+        )
         spent.total += outcome.cost or 0.0
         self._finish_row(batch, row.index, outcome, prompt)
         # The worker takes no other row until this one's end is durable: a process

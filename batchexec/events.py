@@ -35,6 +35,7 @@ def execution_event(execution: Execution) -> Event:
             "error": execution.error,
             "attempts": execution.attempts,
             "cost": execution.cost,
+            "cached": execution.cached,
         },
     )
 

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from batchexec.answer_cache import AnswerCache
+from batchexec.answer_cache import key as cache_key
 from batchexec.config import Settings
 from batchexec.errors import ProviderError, ProviderNotConfiguredError
 from batchexec.estimates import output_limit, request_tokens
@@ -104,6 +106,7 @@ class Executor:
         rng: random.Random,
         limits: CallLimits | None = None,
         metrics: Metrics = NO_METRICS,
+        answers: AnswerCache | None = None,
     ) -> None:
         """``rng`` draws the retries' jitter (not security); ``limits`` are this
         process's own unless given (a cluster's); ``metrics`` times each call."""
@@ -112,6 +115,7 @@ class Executor:
         self._providers = providers
         self._limits: CallLimits = limits or ModelLimits()
         self._tokens = TokenLimits(settings.tpm_window_s)
+        self._answers = answers
         self._retry = RetryPolicy(max_retries=settings.max_retries)
         self._rng = rng
 
@@ -131,13 +135,22 @@ class Executor:
             )
         return None
 
-    async def run(self, row: PlannedRow, prompt: str, earlier_attempts: int = 0) -> Outcome:
+    async def run(
+        self,
+        row: PlannedRow,
+        prompt: str,
+        earlier_attempts: int = 0,
+        *,
+        cached_for: str | None = None,
+    ) -> Outcome:
         """One execution: its model call with retries, all under the execution timeout.
 
         ``earlier_attempts`` counts the calls made in earlier lives of the row;
         the outcome's ``attempts`` includes them, and its token counts sum
         every answer of this life (``_Usage``). Errors end as a failed or
         timed-out outcome, never as an exception (``CancelledError`` aside).
+        With ``cached_for`` (an owner), the answer cache answers a request that
+        owner asked before (``answer_cache``).
         """
         target = row.target
         chat = row.chat or _NO_CHAT
@@ -156,6 +169,23 @@ class Executor:
         provider = self._providers.get(target.model.provider)
         if schema is not None and provider is not None:
             request = _as_sent(provider, request, schema)
+        if cached_for is not None and self._answers is not None:
+            return await self._answers.answer(
+                cached_for,
+                cache_key(target.model, request),
+                lambda: self._ask(row, request, schema, earlier_attempts),
+            )
+        return await self._ask(row, request, schema, earlier_attempts)
+
+    async def _ask(
+        self,
+        row: PlannedRow,
+        request: ChatRequest,
+        schema: dict[str, Any] | None,
+        earlier_attempts: int,
+    ) -> Outcome:
+        """``run``'s call of the model, with retries, under the execution timeout."""
+        target = row.target
         loop = asyncio.get_running_loop()
         timeout_s = self._settings.execution_timeout_s
         started = loop.time()

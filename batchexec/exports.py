@@ -89,6 +89,7 @@ def _outcome_cells(
         "prompt_tokens": execution.prompt_tokens,
         "completion_tokens": execution.completion_tokens,
         "cost": execution.cost,
+        "cached": execution.cached,
     }
     cells: list[Cell | None] = []
     for column in columns:
@@ -151,6 +152,8 @@ def results_sheet(batch: Batch) -> Sheet:
     ]
     if any(execution.cost is not None for execution in batch.executions):
         extra.append("cost")
+    if any(execution.cached for execution in batch.executions):
+        extra.append("cached")
     return _sheet(batch, extra)
 
 

@@ -125,6 +125,9 @@ class BatchOptions:
     #: keeps from a batch it retries included) reaches it, no other row is sent
     #: (``engine``). None for no budget.
     max_cost: float | None = None
+    #: Whether its rows use the answer cache (``answer_cache``): None leaves it to each
+    #: model's ``cache``, else the server's ``CACHE_ANSWERS``; False bypasses it.
+    cache: bool | None = None
 
     def to_json(self) -> str | None:
         """The options as stored; None for a batch with none."""
@@ -139,6 +142,8 @@ class BatchOptions:
             document["fields"] = list(self.fields)
         if self.max_cost is not None:
             document["max_cost"] = self.max_cost
+        if self.cache is not None:
+            document["cache"] = self.cache
         return json.dumps(document, ensure_ascii=False)
 
     @classmethod
@@ -152,6 +157,7 @@ class BatchOptions:
             response_schema=document.get("response_schema"),
             fields=tuple(document.get("fields", ())),
             max_cost=document.get("max_cost"),
+            cache=document.get("cache"),
         )
 
 
@@ -272,8 +278,8 @@ def plan_batch(
 
 def _check_width(columns: int, fields: int, groups: int) -> None:
     """Raise ``InputError`` when the outputs would be wider than a workbook's sheet."""
-    # Every output column (cost too) and each answer field, once a model side by side.
-    width = columns + groups * (len(OUTPUT_COLUMNS) + 1 + fields)
+    # Every output column (cost and cached too) and each answer field, once a model.
+    width = columns + groups * (len(OUTPUT_COLUMNS) + 2 + fields)
     if width > SHEET_MAX_COLUMNS:
         message = (
             f"the outputs would have {width:,} columns ({fields:,} answer fields, "

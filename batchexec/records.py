@@ -79,6 +79,8 @@ class Outcome:
     #: What its calls cost, in the catalog's currency, from the provider's reported
     #: tokens and the model's prices then; None when either is missing.
     cost: float | None = None
+    #: Whether it was answered from the answer cache, without a call (its cost 0).
+    cached: bool = False
     #: When the row ended, in its batch's order of ends (1, 2, ...); 0 until then.
     #: The results route's ``since`` cursor counts in these.
     seq: int = 0
@@ -137,6 +139,10 @@ class Execution:
     @property
     def cost(self) -> float | None:
         return self.outcome.cost
+
+    @property
+    def cached(self) -> bool:
+        return self.outcome.cached
 
     @property
     def seq(self) -> int:

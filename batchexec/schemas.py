@@ -176,6 +176,12 @@ MAX_COST_FIELD = (
     "other row is sent, and those left end cancelled (budget reached). Without it, the "
     "server's DEFAULT_MAX_COST (else MAX_COST, the most any batch may set) applies."
 )
+#: The description of the ``cache`` field of every batch route (and form).
+CACHE_FIELD = (
+    "true: a request this key asked before (the same model, parameters and prompt as "
+    "sent) is answered from the answer cache, marked cached and costing nothing; false "
+    "bypasses the cache; without it, the model's cache setting, else CACHE_ANSWERS."
+)
 MaxCost = Annotated[float, Field(ge=0, allow_inf_nan=False, description=MAX_COST_FIELD)]
 
 #: Where a batch's end is POSTed (``webhooks.py``).
@@ -209,6 +215,7 @@ class ExecuteBatchRequest(BaseModel):
     models: Models | None = None
     response_schema: ResponseSchema | None = None
     max_cost: MaxCost | None = None
+    cache: StrictBool | None = Field(default=None, description=CACHE_FIELD)
 
     @field_validator("columns")
     @classmethod
@@ -235,6 +242,7 @@ class ProcessCsvRequest(BaseModel):
     models: Models | None = None
     response_schema: ResponseSchema | None = None
     max_cost: MaxCost | None = None
+    cache: StrictBool | None = Field(default=None, description=CACHE_FIELD)
 
 
 #: The description of the ``model`` field of the spreadsheet routes (here and in ``web.bodies``).
@@ -254,6 +262,7 @@ class ValidateRequest(BaseModel):
     models: Models | None = None
     response_schema: ResponseSchema | None = None
     max_cost: MaxCost | None = None
+    cache: StrictBool | None = Field(default=None, description=CACHE_FIELD)
     estimate: StrictBool = Field(
         default=False,
         description="true adds the estimated tokens and cost of the run to the answer.",
@@ -427,6 +436,9 @@ class ExecutionOut(BaseModel):
         description="What its calls cost, in usage.currency: the reported tokens at its "
         "model's prices; null when the model has no price or no usage was reported.",
     )
+    cached: bool = Field(
+        default=False, description="Answered from the answer cache, without a call."
+    )
 
     @classmethod
     def of(cls, execution: Execution) -> ExecutionOut:
@@ -441,6 +453,7 @@ class ExecutionOut(BaseModel):
             prompt_tokens=execution.prompt_tokens,
             completion_tokens=execution.completion_tokens,
             cost=execution.cost,
+            cached=execution.cached,
         )
 
 

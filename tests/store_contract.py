@@ -37,6 +37,7 @@ from batchexec.store import (
     StoredFile,
     StoreError,
 )
+from batchexec.store.base import CachedAnswer
 from batchexec.store.memory import MemoryStore
 from batchexec.store.migrations import latest
 
@@ -200,6 +201,23 @@ class StoreContract:
         assert plain is not None and plain.options == NO_BATCH_OPTIONS
         [unfinished, _] = await again.unfinished()
         assert unfinished.options == options
+
+    async def test_a_cached_answer_is_its_owners_until_it_expires(self, kit):
+        store = await kit.open()
+        answer = CachedAnswer("réponse \x00 ✓", 4, 2)
+        await store.cache_answer("owner-a", "k1", answer, expires_at=100.0)
+        assert await store.cached_answer("owner-a", "k1", now=99.0) == answer
+        assert await store.cached_answer("owner-b", "k1", now=99.0) is None
+        assert await store.cached_answer("owner-a", "k2", now=99.0) is None
+        assert await store.cached_answer("owner-a", "k1", now=100.0) is None
+        newer = CachedAnswer("again", None, None)
+        await store.cache_answer("owner-a", "k1", newer, expires_at=time.time() + 3600)
+        await store.cache_answer("owner-a", "old", answer, expires_at=1.0)
+        await store.expire(older_than=0.0)
+        await store.close()
+        again = await kit.open()
+        assert await again.cached_answer("owner-a", "k1", now=99.0) == newer
+        assert await again.cached_answer("owner-a", "old", now=0.5) is None
 
     async def test_a_closed_store_refuses_to_work_and_closes_again_harmlessly(self, kit):
         store = await kit.open()

@@ -101,6 +101,21 @@ def add_batch_options(parser: argparse.ArgumentParser, *, reads_catalog: bool = 
         help="the batch's budget, in the catalog's currency: once its rows have cost this "
         "much no other row is sent, and those left end cancelled (DEFAULT_MAX_COST without it)",
     )
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--cache",
+        dest="cache",
+        action="store_const",
+        const=True,
+        help="answer a request this key asked before from the answer cache, without a call",
+    )
+    cache.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_const",
+        const=False,
+        help="bypass the answer cache, whatever the model or CACHE_ANSWERS say",
+    )
 
 
 class _ModelNames(argparse.Action):
@@ -154,6 +169,7 @@ def batch_options(args: argparse.Namespace) -> BatchOptions:
         models=tuple(getattr(args, "side_by_side", ())),
         response_schema=schema,
         max_cost=getattr(args, "max_cost", None),
+        cache=getattr(args, "cache", None),
     )
 
 

@@ -253,6 +253,7 @@ async def _start(client: Client, rows: Rows, options: BatchOptions) -> str:
         models=options.models,
         response_schema=options.response_schema,
         max_cost=options.max_cost,
+        cache=options.cache,
     )
 
 

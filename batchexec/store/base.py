@@ -119,6 +119,15 @@ FILE_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """An answer kept for its request, to be given again to the same key (``answer_cache``)."""
+
+    result: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StoredFile:
     """A file of the OpenAI Batch API: an uploaded batch input, or a batch's output or errors.
 
@@ -268,6 +277,19 @@ class BatchStore(ABC):
 
         Returns the names of the workbooks whose files should now be deleted.
         """
+
+    # The answer cache: an answer kept for a request (a digest of it), for one owner.
+
+    @abstractmethod
+    async def cached_answer(self, owner: str, key: str, now: float) -> CachedAnswer | None:
+        """The answer ``owner`` was given for request ``key``, unless it expired by ``now``."""
+
+    @abstractmethod
+    async def cache_answer(
+        self, owner: str, key: str, answer: CachedAnswer, expires_at: float
+    ) -> None:
+        """Keep ``answer`` for ``owner``'s request ``key`` until ``expires_at`` (replacing any);
+        ``expire`` forgets it after that."""
 
     # Files of the OpenAI Batch API: written a chunk at a time, so neither an upload nor
     # a download is ever held whole in memory; a file is seen once complete.

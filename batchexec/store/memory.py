@@ -11,6 +11,7 @@ from dataclasses import replace
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
 from batchexec.store.base import (
     BatchStore,
+    CachedAnswer,
     CallbackDue,
     CallbackState,
     Change,
@@ -35,6 +36,7 @@ class MemoryStore(BatchStore):
         self._files: dict[str, FileEntry] = {}
         #: The OpenAI Batch API's files, whether each is complete, and their chunks.
         self._stored: dict[str, tuple[StoredFile, bool]] = {}
+        self._answers: dict[tuple[str, str], tuple[CachedAnswer, float]] = {}
         self._chunks: dict[str, list[bytes]] = {}
         #: The OpenAI Batch API's batches, and until when each one's finalizing is held.
         self._openai: dict[str, OpenAIBatch] = {}
@@ -116,7 +118,20 @@ class MemoryStore(BatchStore):
         for file_id, (file, _) in list(self._stored.items()):
             if file.created_at < older_than:
                 await self.delete_stored_file(file_id)
+        now = time.time()
+        for entry, (_, expires_at) in list(self._answers.items()):
+            if expires_at <= now:
+                del self._answers[entry]
         return expired
+
+    async def cached_answer(self, owner: str, key: str, now: float) -> CachedAnswer | None:
+        kept = self._answers.get((owner, key))
+        return kept[0] if kept is not None and kept[1] > now else None
+
+    async def cache_answer(
+        self, owner: str, key: str, answer: CachedAnswer, expires_at: float
+    ) -> None:
+        self._answers[(owner, key)] = (answer, expires_at)
 
     async def create_stored_file(self, file: StoredFile) -> None:
         self._stored[file.id] = (file, False)

@@ -51,6 +51,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast, get_args
@@ -63,6 +64,7 @@ from batchexec.shared_limits import SharedModelLimits, slots_channel
 from batchexec.store.base import (
     BatchEnded,
     BatchStarted,
+    CachedAnswer,
     CallbackDue,
     CallbackState,
     Change,
@@ -507,6 +509,7 @@ class PostgresStore(SharedStore):
             async with conn.transaction():
                 await conn.execute(EXPIRE_BATCHES, older_than)
                 await conn.execute("DELETE FROM openai_files WHERE created_at < $1", older_than)
+                await conn.execute("DELETE FROM answer_cache WHERE expires_at <= $1", time.time())
                 await conn.execute(
                     "DELETE FROM openai_batches WHERE created_at < $1 AND NOT EXISTS "
                     "(SELECT 1 FROM batches WHERE batches.id = openai_batches.id)",
@@ -517,6 +520,34 @@ class PostgresStore(SharedStore):
                 return [row[0] for row in await conn.fetch(EXPIRE_FILES, older_than)]
 
         return await self._run(write)
+
+    # The answer cache
+
+    async def cached_answer(self, owner: str, key: str, now: float) -> CachedAnswer | None:
+        row = await self._run(
+            lambda conn: conn.fetchrow(
+                "SELECT result, prompt_tokens, completion_tokens FROM answer_cache "
+                "WHERE owner = $1 AND key = $2 AND expires_at > $3",
+                owner,
+                key,
+                now,
+            )
+        )
+        return None if row is None else CachedAnswer(read_text(row[0]) or "", row[1], row[2])
+
+    async def cache_answer(
+        self, owner: str, key: str, answer: CachedAnswer, expires_at: float
+    ) -> None:
+        args = (owner, key, text(answer.result), answer.prompt_tokens, answer.completion_tokens)
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT INTO answer_cache (owner, key, result, prompt_tokens, completion_tokens, "
+                "expires_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (owner, key) DO UPDATE "
+                "SET result = $3, prompt_tokens = $4, completion_tokens = $5, expires_at = $6",
+                *args,
+                expires_at,
+            )
+        )
 
     # Files of the OpenAI Batch API
 

@@ -49,6 +49,7 @@ EXECUTION_COLUMNS = [
     "prompt_tokens",
     "completion_tokens",
     "cost",
+    "cached",
     "ended_seq",
 ]
 SELECT_BATCH = (
@@ -68,7 +69,7 @@ SELECT_BATCHES = (
 )
 SELECT_EXECUTIONS = (
     "SELECT batch_id, idx, model, cells, status, prompt_sent, result, error, latency_ms, "
-    "attempts, prompt_tokens, completion_tokens, cost, ended_seq FROM executions "
+    "attempts, prompt_tokens, completion_tokens, cost, cached, ended_seq FROM executions "
     "WHERE batch_id = ANY($1::text[]) ORDER BY batch_id, idx"
 )
 
@@ -93,11 +94,12 @@ UPDATE_ENDED = (
     "prompt_sent = coalesce(c.prompt_sent, e.prompt_sent), result = c.result, "
     "error = c.error, latency_ms = c.latency_ms, attempts = c.attempts, "
     "prompt_tokens = c.prompt_tokens, completion_tokens = c.completion_tokens, "
-    "cost = c.cost, ended_seq = c.seq "
+    "cost = c.cost, cached = c.cached, ended_seq = c.seq "
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], "
-    "$7::bigint[], $8::bigint[], $9::float8[], $10::bigint[], $11::text[], $12::int[]) "
+    "$7::bigint[], $8::bigint[], $9::float8[], $10::bool[], $11::bigint[], $12::text[], "
+    "$13::int[]) "
     "AS c (status, prompt_sent, result, error, latency_ms, attempts, prompt_tokens, "
-    "completion_tokens, cost, seq, batch_id, idx) "
+    "completion_tokens, cost, cached, seq, batch_id, idx) "
     "WHERE e.batch_id = c.batch_id AND e.idx = c.idx AND e.status IN ('pending', 'running')"
 )
 #: A batch's end is final too: a start applied again (a retried group) or late

@@ -72,6 +72,7 @@ def execution_rows(batch: Batch, text: TextOf) -> Iterator[tuple[Any, ...]]:
             e.prompt_tokens,
             e.completion_tokens,
             e.cost,
+            e.cached,
             e.seq,
         )
 
@@ -83,7 +84,7 @@ def coalesced(
 
     A start is ``(prompt_sent, attempts, batch_id, idx)``; an end is ``(status,
     prompt_sent, result, error, latency_ms, attempts, prompt_tokens,
-    completion_tokens, cost, seq, batch_id, idx)``: the batch id is always second
+    completion_tokens, cost, cached, seq, batch_id, idx)``: the batch id is always second
     from last. A row's end overwrites everything its start wrote, so a start
     whose end is in the same group is not written at all: a fast row costs
     one update, not two. Rows are independent of each other and of their
@@ -110,6 +111,7 @@ def coalesced(
                 outcome.prompt_tokens,
                 outcome.completion_tokens,
                 outcome.cost,
+                outcome.cached,
                 outcome.seq,
                 *key,
             )
@@ -129,7 +131,7 @@ def batches_of(
     A batch's row is ``(id, owner, columns, status, message, created_at,
     started_at, finished_at, xlsx_name, retry_of, callback_url, api, options)``; an execution's is
     ``(batch_id, idx, model, cells, status, prompt_sent, result, error,
-    latency_ms, attempts, prompt_tokens, completion_tokens, cost, ended_seq)``, each
+    latency_ms, attempts, prompt_tokens, completion_tokens, cost, cached, ended_seq)``, each
     batch's in the order of their index.
     """
     executions: defaultdict[str, list[Execution]] = defaultdict(list)
@@ -147,6 +149,7 @@ def batches_of(
         prompt_tokens,
         completion_tokens,
         cost,
+        cached,
         ended_seq,
     ) in execution_rows:
         executions[batch_id].append(
@@ -163,6 +166,7 @@ def batches_of(
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
                     cost=cost,
+                    cached=bool(cached),
                     seq=ended_seq,
                 ),
                 prompt_sent=read_text(prompt_sent),

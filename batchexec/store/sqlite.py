@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, TypeVar
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
 from batchexec.store.base import (
     BatchStore,
+    CachedAnswer,
     CallbackDue,
     CallbackState,
     Change,
@@ -351,6 +352,7 @@ class SQLiteStore(BatchStore):
                 ]
                 db.executemany("DELETE FROM files WHERE name = ?", ((name,) for name in names))
                 db.execute("DELETE FROM openai_files WHERE created_at < ?", (older_than,))
+                db.execute("DELETE FROM answer_cache WHERE expires_at <= ?", (time.time(),))
                 db.execute(
                     "DELETE FROM openai_batches WHERE created_at < ? AND id NOT IN "
                     "(SELECT id FROM batches)",
@@ -359,6 +361,34 @@ class SQLiteStore(BatchStore):
                 return names
 
         return await self._run(write)
+
+    # The answer cache
+
+    async def cached_answer(self, owner: str, key: str, now: float) -> CachedAnswer | None:
+        def read(db: sqlite3.Connection) -> CachedAnswer | None:
+            row = db.execute(
+                "SELECT result, prompt_tokens, completion_tokens FROM answer_cache "
+                "WHERE owner = ? AND key = ? AND expires_at > ?",
+                (owner, key, now),
+            ).fetchone()
+            return None if row is None else CachedAnswer(read_text(row[0]) or "", row[1], row[2])
+
+        return await self._read(read)
+
+    async def cache_answer(
+        self, owner: str, key: str, answer: CachedAnswer, expires_at: float
+    ) -> None:
+        row = (owner, key, text(answer.result), answer.prompt_tokens, answer.completion_tokens)
+
+        def write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "INSERT OR REPLACE INTO answer_cache (owner, key, result, prompt_tokens, "
+                    "completion_tokens, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (*row, expires_at),
+                )
+
+        await self._run(write)
 
     # Files of the OpenAI Batch API
 

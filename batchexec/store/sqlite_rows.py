@@ -22,8 +22,8 @@ INSERT_BATCH = (
 )
 INSERT_EXECUTION = (
     "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
-    "latency_ms, attempts, prompt_tokens, completion_tokens, cost, ended_seq) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "latency_ms, attempts, prompt_tokens, completion_tokens, cost, cached, ended_seq) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_BATCH = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
@@ -37,7 +37,7 @@ SELECT_UNFINISHED = (
 )
 SELECT_EXECUTIONS = (
     "SELECT batch_id, idx, model, cells, status, prompt_sent, result, error, latency_ms, "
-    "attempts, prompt_tokens, completion_tokens, cost, ended_seq FROM executions "
+    "attempts, prompt_tokens, completion_tokens, cost, cached, ended_seq FROM executions "
     "WHERE batch_id = ? ORDER BY idx"
 )
 #: A row's end is final: neither a start nor a second end (a cancel racing the
@@ -50,7 +50,8 @@ UPDATE_STARTED = (
 UPDATE_ENDED = (
     "UPDATE executions SET status = ?, prompt_sent = coalesce(?, prompt_sent), result = ?, "
     "error = ?, latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ?, "
-    "cost = ?, ended_seq = ? WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
+    "cost = ?, cached = ?, ended_seq = ? "
+    "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
 )
 SELECT_SUMMARIES = (
     "SELECT id, status, message, created_at, finished_at, retry_of, counts FROM batches "

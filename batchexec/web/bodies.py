@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from batchexec.errors import FieldError
 from batchexec.records import BatchStatus, ExecutionStatus
 from batchexec.schemas import (
+    CACHE_FIELD,
     DEFAULT_MODEL_FIELD,
     MAX_COST_FIELD,
     MODELS_FIELD,
@@ -81,6 +82,7 @@ class SpreadsheetForm(BaseModel):
     models: str | None = Field(default=None, description=MODELS_FIELD)
     response_schema: str | None = Field(default=None, description=RESPONSE_SCHEMA_FIELD)
     max_cost: float | None = Field(default=None, ge=0, description=MAX_COST_FIELD)
+    cache: bool | None = Field(default=None, description=CACHE_FIELD)
 
 
 class ValidateForm(SpreadsheetForm):
@@ -127,6 +129,7 @@ class ExecutionEvent(BaseModel):
     cost: float | None = Field(
         default=None, description="What its calls cost, as the results route's cost."
     )
+    cached: bool = Field(default=False, description="Answered from the answer cache.")
 
 
 class FinalEvent(BaseModel):

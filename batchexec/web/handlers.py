@@ -64,7 +64,7 @@ async def execute_batch(request: web.Request) -> web.Response:
     """
     body = await parse_body(request, ExecuteBatchRequest, count_of="executions")
     callback = callback_url(request, body.callback_url)
-    options = batch_options(request, body.models, body.response_schema, body.max_cost)
+    options = batch_options(request, body.models, body.response_schema, body.max_cost, body.cache)
     executions: list[ExecutionIn | None] = list(body.executions)
     body.executions.clear()  # the rows are made from ``executions``, and each let go as made
     plan = await plan_off_loop(

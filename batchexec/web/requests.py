@@ -108,6 +108,7 @@ def batch_options(
     models: list[str] | str | None,
     response_schema: dict[str, Any] | str | None = None,
     max_cost: float | str | None = None,
+    cache: bool | str | None = None,
 ) -> BatchOptions:
     """A batch's options from a JSON body's fields, or a form's (``models`` as names
     separated by commas, ``response_schema`` as JSON text, ``max_cost`` as a number);
@@ -140,7 +141,21 @@ def batch_options(
         models=tuple(name.strip() for name in models or ()),
         response_schema=schema,
         max_cost=budget(request, max_cost),
+        cache=flag("cache", cache) if isinstance(cache, str) else cache,
     )
+
+
+def flag(name: str, value: str) -> bool | None:
+    """A form field's boolean: ``true``/``1`` or ``false``/``0``; None when empty."""
+    text = value.strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    if not text:
+        return None
+    message = f"must be true, false, 1 or 0, not {value[:20]!r}"
+    raise InputError(f"The {name} field {message}.", [FieldError(None, name, message)])
 
 
 #: Characters of a model's name in ``models``, at most (a JSON body's bound too).

@@ -69,6 +69,7 @@ _FORM_FIELDS = (
     "models",
     "response_schema",
     "max_cost",
+    "cache",
     "estimate",
 )
 #: CSV bodies above this are parsed off the event loop.
@@ -82,7 +83,7 @@ async def process_csv(request: web.Request) -> web.Response:
     body = await parse_body(request, ProcessCsvRequest)
     callback = _callback(request, body.callback_url, execute=body.execute)
     bounds = _bounds(request, body.model)
-    options = batch_options(request, body.models, body.response_schema, body.max_cost)
+    options = batch_options(request, body.models, body.response_schema, body.max_cost, body.cache)
     rows = await _csv_rows(request, body.csv_content)
     return await _process_rows(
         request,
@@ -103,7 +104,11 @@ async def upload(request: web.Request) -> web.Response:
     callback = _callback(request, fields.get("callback_url"), execute=execute)
     bounds = _bounds(request, fields.get("model"))
     options = batch_options(
-        request, fields.get("models"), fields.get("response_schema"), fields.get("max_cost")
+        request,
+        fields.get("models"),
+        fields.get("response_schema"),
+        fields.get("max_cost"),
+        fields.get("cache"),
     )
     rows, kind = await _file_rows(request, name, data)
     return await _process_rows(
@@ -127,14 +132,20 @@ async def validate(request: web.Request) -> web.Response:
         wanted = _flag(fields.get("estimate", ""), "estimate")
         bounds = _bounds(request, fields.get("model"))
         options = batch_options(
-            request, fields.get("models"), fields.get("response_schema"), fields.get("max_cost")
+            request,
+            fields.get("models"),
+            fields.get("response_schema"),
+            fields.get("max_cost"),
+            fields.get("cache"),
         )
         rows, _ = await _file_rows(request, name, data)
     else:
         body = await parse_body(request, ValidateRequest)
         wanted = body.estimate
         bounds = _bounds(request, body.model)
-        options = batch_options(request, body.models, body.response_schema, body.max_cost)
+        options = batch_options(
+            request, body.models, body.response_schema, body.max_cost, body.cache
+        )
         rows = await _csv_rows(request, body.csv_content)
     plan = await _plan(request, rows, bounds, options)
     providers = request.app[PROVIDERS]
