@@ -214,12 +214,15 @@ class Batch:
     _tokens: list[int] = field(init=False, repr=False, compare=False)
     #: Over the ends shown: their cost, and how many of those sent lack one.
     _cost: list[float] = field(init=False, repr=False, compare=False)
+    #: The same by model: cost, rows without one, prompt and completion tokens.
+    _by_model: dict[str, list[float]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.counts:
             self.counts.update(execution.status for execution in self.executions)
         self._shown_seqs, self._shown_rows, self._tokens = array("q"), array("q"), [0, 0]
         self._cost = [0.0, 0]
+        self._by_model = {}
         ended = sorted((e.seq, e.index) for e in self.executions if e.status.finished)
         for _, index in ended:
             self.shown(self.executions[index - 1])
@@ -236,10 +239,17 @@ class Batch:
         self._shown_rows.append(execution.index)
         self._tokens[0] += execution.prompt_tokens or 0
         self._tokens[1] += execution.completion_tokens or 0
+        model = self._by_model.get(execution.model)
+        if model is None:
+            model = self._by_model[execution.model] = [0.0, 0, 0, 0]
+        model[2] += execution.prompt_tokens or 0
+        model[3] += execution.completion_tokens or 0
         if execution.cost is not None:
             self._cost[0] += execution.cost
+            model[0] += execution.cost
         elif execution.attempts:
             self._cost[1] += 1
+            model[1] += 1
 
     def ended_since(self, seq: int) -> tuple[list[Execution], int]:
         """The executions shown ended after ``seq``, in the order they ended, and the cursor
@@ -273,6 +283,14 @@ class Batch:
         cost (an unpriced model, or no usage reported): those are not counted as zero."""
         return self._cost[0], int(self._cost[1])
 
+    def usage_by_model(self) -> dict[str, tuple[float, int, int, int]]:
+        """By model, over the ended executions: cost, executions sent without one, and
+        prompt and completion tokens."""
+        return {
+            name: (cost, int(uncosted), int(prompt), int(completion))
+            for name, (cost, uncosted, prompt, completion) in self._by_model.items()
+        }
+
     def size_bytes(self) -> int:
         """About what the batch holds in memory."""
         return 1000 + sum(execution.size_bytes() for execution in self.executions)
@@ -290,6 +308,9 @@ class Summary:
     retry_of: str | None
     #: None when the store keeps no counts for it (a batch not finished): ask the store.
     counts: Counter[ExecutionStatus] | None
+    #: What its rows cost, in the catalog's currency; None when none has a cost (or, for
+    #: a batch running elsewhere, until it ends).
+    cost: float | None = None
 
 
 def progress_counts(counts: Counter[ExecutionStatus]) -> dict[str, int]:

@@ -217,8 +217,11 @@ class Registry:
 
     async def _counted(self, summary: Summary) -> Summary:
         live = self._active.get(summary.id)
-        counts = live.counts.copy() if live is not None else await self.store.counts(summary.id)
-        return replace(summary, counts=counts)
+        if live is None:
+            return replace(summary, counts=await self.store.counts(summary.id))
+        spent, _ = live.cost()
+        costed = any(execution.cost is not None for execution in live.executions)
+        return replace(summary, counts=live.counts.copy(), cost=spent if costed else None)
 
     async def resumable(self) -> list[Batch]:
         """The batches a previous process left queued or running, now this one's to run."""

@@ -457,6 +457,15 @@ class ExecutionOut(BaseModel):
         )
 
 
+class ModelUsage(BaseModel):
+    """One model's share of a batch's usage."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    uncosted: int
+
+
 class Usage(BaseModel):
     """Tokens summed over the executions whose provider reported them, and their cost."""
 
@@ -470,6 +479,9 @@ class Usage(BaseModel):
         default=0,
         description="Executions that were sent and have no cost (their model has no price, "
         "or its provider reported no usage): not counted in cost, rather than counted as 0.",
+    )
+    models: dict[str, ModelUsage] = Field(
+        default_factory=dict, description="The same by model (an assistant's, its model's)."
     )
 
 
@@ -505,6 +517,12 @@ class ResultsResponse(BaseModel):
         """The answer for ``batch`` listing ``executions``; ``xlsx_url`` is the caller's."""
         prompt_tokens, completion_tokens = batch.tokens()
         cost, uncosted = batch.cost()
+        by_model = {
+            name: ModelUsage(
+                prompt_tokens=prompt, completion_tokens=completion, cost=spent, uncosted=missing
+            )
+            for name, (spent, missing, prompt, completion) in batch.usage_by_model().items()
+        }
         return cls(
             status=batch.status,
             invocationId=batch.id,
@@ -517,6 +535,7 @@ class ResultsResponse(BaseModel):
                 cost=cost,
                 currency=currency,
                 uncosted=uncosted,
+                models=by_model,
             ),
             executions=[ExecutionOut.of(e) for e in executions],
             cursor=cursor,
@@ -534,6 +553,10 @@ class BatchSummary(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     retry_of: str | None
+    cost: float | None = Field(
+        default=None,
+        description="What its rows cost, in the catalog's currency; null when none has a cost.",
+    )
 
     @classmethod
     def of(cls, batch: Summary) -> BatchSummary:
@@ -546,6 +569,7 @@ class BatchSummary(BaseModel):
             created_at=_utc(batch.created_at),
             finished_at=_utc(batch.finished_at) if batch.finished_at else None,
             retry_of=batch.retry_of,
+            cost=batch.cost,
         )
 
 

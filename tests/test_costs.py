@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from batchexec.api import EXECUTE_BATCH, RETRY, download_path, events_path
+from batchexec.api import BATCHES, EXECUTE_BATCH, RETRY, download_path, events_path
 from batchexec.catalog import Catalog
 from batchexec.cli import main
 from batchexec.errors import ConfigError
@@ -112,6 +112,15 @@ async def test_each_row_and_the_batch_cost_their_usage_at_the_models_prices(clie
     assert body["usage"]["currency"] == "EUR"
     # The row with no usage and the unpriced one are not counted as free.
     assert body["usage"]["uncosted"] == 2
+    assert body["usage"]["models"] == {
+        "priced": {
+            "prompt_tokens": 6,
+            "completion_tokens": 6,
+            "cost": price(4, 3) + price(2, 3),
+            "uncosted": 1,
+        },
+        "free": {"prompt_tokens": 2, "completion_tokens": 3, "cost": 0.0, "uncosted": 1},
+    }
 
     name = body["xlsx_url"].rsplit("/", 1)[1]
     workbook = await client.get(download_path(name), headers=AUTH)
@@ -254,3 +263,18 @@ async def test_run_stops_at_its_max_cost(upstream, catalog, tmp_path, capsys, mo
     assert "budget reached" in err
     assert await asyncio.to_thread(main, [*args, "--max-cost", "-1"]) == 2
     assert "--max-cost must be a number, 0 or more" in capsys.readouterr().err
+
+
+async def test_the_list_shows_each_batchs_cost(client) -> None:
+    executions = [{"prompt": "one two three four", "model": "priced"}, {"prompt": "x y"}]
+    response = await client.post(EXECUTE_BATCH, json={"executions": executions}, headers=AUTH)
+    invocation_id = (await response.json())["invocationId"]
+    await finished(client, invocation_id)
+    response = await client.post(
+        EXECUTE_BATCH, json={"executions": [{"prompt": "a", "model": "free"}]}, headers=AUTH
+    )
+    free_id = (await response.json())["invocationId"]
+    await finished(client, free_id)
+    listed = await client.get(BATCHES, headers=AUTH)
+    costs = {b["invocationId"]: b["cost"] for b in (await listed.json())["batches"]}
+    assert costs == {invocation_id: price(4, 3) + price(2, 3), free_id: None}

@@ -115,14 +115,15 @@ UPDATE_BATCH_ENDED = (
     "UPDATE batches SET status = $2, message = $3, finished_at = $4, xlsx_name = $5, "
     "lease_until = NULL, counts = (SELECT coalesce(json_object_agg(status, n), '{}')::text "
     "FROM (SELECT status, count(*) AS n FROM executions WHERE batch_id = $1 "
-    "GROUP BY status) AS rows) "
+    "GROUP BY status) AS rows), "
+    "cost = (SELECT sum(cost) FROM executions WHERE batch_id = $1) "
     "WHERE id = $1"
 )
 NOTIFY_CHANGED = "SELECT pg_notify($2, 'changed:' || id) FROM unnest($1::text[]) AS ids (id)"
 NOTIFY = "SELECT pg_notify($1, $2)"
 
 SELECT_SUMMARIES = (
-    "SELECT id, status, message, created_at, finished_at, retry_of, counts FROM batches "
+    "SELECT id, status, message, created_at, finished_at, retry_of, counts, cost FROM batches "
     "WHERE owner = $1 AND ($2::text IS NULL OR status = $2) "
     "ORDER BY created_at DESC, created_order DESC LIMIT $3"
 )
@@ -166,7 +167,7 @@ CLAIM_CALLBACKS = (
     "ORDER BY callback_next LIMIT $1 FOR UPDATE SKIP LOCKED) "
     "UPDATE batches SET callback_next = (SELECT t FROM now) + $2 "
     "WHERE id IN (SELECT id FROM due) "
-    "RETURNING id, status, message, created_at, finished_at, retry_of, counts, "
+    "RETURNING id, status, message, created_at, finished_at, retry_of, counts, cost, "
     "callback_url, callback_attempts"
 )
 UPDATE_CALLBACK = (

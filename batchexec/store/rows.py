@@ -195,7 +195,7 @@ def batches_of(
 
 def summaries_of(rows: Iterable[Any], read_text: ReadText) -> list[Summary]:
     """Summaries from rows of ``(id, status, message, created_at, finished_at, retry_of,
-    counts)``."""
+    counts, cost)``."""
     return [
         Summary(
             row[0],
@@ -205,6 +205,7 @@ def summaries_of(rows: Iterable[Any], read_text: ReadText) -> list[Summary]:
             row[4],
             row[5],
             counts_of(row[6]),
+            row[7],
         )
         for row in rows
     ]
@@ -214,7 +215,7 @@ def callbacks_of(rows: Sequence[Any], read_text: ReadText) -> list[CallbackDue]:
     """Webhooks due from rows of a summary's columns then ``callback_url`` and
     ``callback_attempts``, the earliest ended first."""
     due = [
-        CallbackDue(summary, row[7], row[8])
+        CallbackDue(summary, row[8], row[9])
         for summary, row in zip(summaries_of(rows, read_text), rows, strict=True)
     ]
     return sorted(due, key=lambda callback: callback.batch.finished_at or 0.0)

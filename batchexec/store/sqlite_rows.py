@@ -54,7 +54,7 @@ UPDATE_ENDED = (
     "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
 )
 SELECT_SUMMARIES = (
-    "SELECT id, status, message, created_at, finished_at, retry_of, counts FROM batches "
+    "SELECT id, status, message, created_at, finished_at, retry_of, counts, cost FROM batches "
     "WHERE owner = ? AND (? IS NULL OR status = ?) "
     "ORDER BY created_at DESC, rowid DESC LIMIT ?"
 )
@@ -77,15 +77,19 @@ def apply_batch_change(db: sqlite3.Connection, change: Change) -> None:
                     (batch_id,),
                 ).fetchall()
             )
+            (cost,) = db.execute(
+                "SELECT sum(cost) FROM executions WHERE batch_id = ?", (batch_id,)
+            ).fetchone()
             db.execute(
                 "UPDATE batches SET status = ?, message = ?, finished_at = ?, xlsx_name = ?, "
-                "counts = ? WHERE id = ?",
+                "counts = ?, cost = ? WHERE id = ?",
                 (
                     status.value,
                     text(message),
                     finished_at,
                     xlsx_name,
                     json.dumps(counts),
+                    cost,
                     batch_id,
                 ),
             )
@@ -119,7 +123,7 @@ CLAIM_CALLBACKS = (
     "WHERE callback_state = 'pending' AND callback_next <= ? "
     "AND status IN ('completed', 'failed', 'cancelled') "
     "ORDER BY callback_next LIMIT ?) "
-    "RETURNING id, status, message, created_at, finished_at, retry_of, counts, "
+    "RETURNING id, status, message, created_at, finished_at, retry_of, counts, cost, "
     "callback_url, callback_attempts"
 )
 UPDATE_CALLBACK = (
