@@ -123,7 +123,8 @@ class Executor:
         """Why ``row`` is not sent, given the results of the rows that succeeded; else ``None``."""
         missing = sorted(index for index in row.depends_on if index not in outputs)
         if missing:
-            names = ", ".join(f"${{output.{index}}}" for index in missing)
+            # Named as the prompt names them: side by side, by the input row.
+            names = ", ".join(f"${{output.{row.written(index)}}}" for index in missing)
             return Outcome(ExecutionStatus.SKIPPED, error=f"Skipped: {names} did not succeed.")
         limit = self._settings.max_sent_prompt_length
         length = row.sent_length(outputs)

@@ -87,6 +87,13 @@ class PlannedRow:
     template: Template | None = None
     #: A chat request of the OpenAI Batch API: sent as written, never templated.
     verbatim: bool = False
+    #: Side by side, how many models each input row runs on: execution ``n`` is then
+    #: input row ``(n - 1) // side_by_side + 1``, as its prompt names it.
+    side_by_side: int = 1
+
+    def written(self, index: int) -> int:
+        """The row number the prompt names for execution ``index`` (its input row's)."""
+        return (index - 1) // self.side_by_side + 1
 
     def sent_length(self, outputs: Mapping[int, str]) -> int:
         """The length of the prompt as it would be sent, given the earlier rows' outputs."""
@@ -267,7 +274,12 @@ def plan_batch(
         raise InputError(
             f"{counted(count, 'execution')} {'is' if count == 1 else 'are'} invalid.", errors
         )
-    kept = tuple(name for name in columns if name not in RESERVED_COLUMNS)
+    kept = tuple(
+        name
+        for name in columns
+        # Side by side, no row names a model or an assistant: each group's header does.
+        if name not in RESERVED_COLUMNS and not (models and name in ("model", "assistant"))
+    )
     if targets is not None:
         planned = _expanded(planned, targets)
     planned = [schemas.of_assistant(row) for row in planned]
@@ -383,6 +395,7 @@ def _expanded(rows: Sequence[PlannedRow], targets: Sequence[Target]) -> list[Pla
                     target=target,
                     depends_on=frozenset(number(n) for n in row.depends_on),
                     template=template.renumbered(number),
+                    side_by_side=count,
                 )
             )
     return expanded

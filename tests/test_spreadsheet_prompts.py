@@ -224,6 +224,12 @@ async def test_json_executions_take_vars_and_extra_keys_as_variables(client, ups
     assert response.status == 200, await response.text()
     body = await finished(client, (await response.json())["invocationId"])
     assert fake.prompts() == ["Describe a lamp for kids"]
+    response = await client.post(
+        EXECUTE_BATCH, json={"executions": executions, "models": ["m-a", "m-b"]}, headers=AUTH
+    )
+    side = await finished(client, (await response.json())["invocationId"])
+    # No row names a model side by side: the outputs have no empty model column.
+    assert "model" not in _table(side["csv_content"])[0]
     assert _table(body["csv_content"])[0]["product"] == "a lamp"
 
 
@@ -447,6 +453,8 @@ async def test_a_side_by_side_batch_plans_again_as_it_ran_and_retries_its_failur
         "succeeded",
         "skipped",
     ]
+    # Named as the prompt names it: row 1 (of the broken model), not execution 2.
+    assert body["executions"][3]["error"] == "Skipped: ${output.1} did not succeed."
     batch = batch_of(client, body["invocationId"])
     plan = plan_again(batch, client.app[CATALOG], client.app[SETTINGS])
     assert [(row.index, row.target.model.name, sorted(row.depends_on)) for row in plan.rows] == [

@@ -273,7 +273,8 @@ OPERATIONS: tuple[Operation, ...] = (
             "that cannot be called as configured is a 422 too. A 200 says how many rows would "
             "run, their columns and models; a 422 lists every problem by its CSV line or "
             "sheet row. No workbook is written, nothing stored or run. model is the model of "
-            "the rows that name neither a model nor an assistant."
+            "the rows that name neither a model nor an assistant. With estimate, the answer "
+            "adds the estimated tokens and cost range of the run, by model and in all."
         ),
         body=ValidateRequest,
         form=ValidateForm,
