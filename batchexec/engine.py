@@ -43,6 +43,7 @@ from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
 from batchexec.registry import Registry
 from batchexec.scheduling import ReadyRows
 from batchexec.store import SharedStore, StoreError
+from batchexec.token_limits import TokenAccounts
 from batchexec.wording import counted
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,13 @@ class Engine:
         rng: random.Random | None = None,
         outputs: OutputWriter | None = None,
         limits: CallLimits | None = None,
+        tokens: TokenAccounts | None = None,
         log_failed_rows: bool = False,
     ) -> None:
         """``outputs`` writes a finished batch's CSV content and workbook; without one they
         are left to the caller (the command line writes only the files it was asked for).
-        ``limits`` are the per-model limits, this process's own unless given.
+        ``limits`` are the per-model limits, and ``tokens`` the models' tokens per
+        minute, this process's own unless given.
         ``log_failed_rows`` logs each row that fails or times out, once, at WARNING (the
         command line reports them itself). Calls are reported to ``registry.metrics``."""
         self._settings = settings
@@ -99,6 +102,7 @@ class Engine:
             limits=limits,
             metrics=registry.metrics,
             answers=AnswerCache(registry.store, settings.cache_ttl_hours * 3600),
+            tokens=tokens,
         )
         self._stopping = False
         #: Batches let go because another replica took their lease.

@@ -46,7 +46,7 @@ from batchexec.providers.http import response_schema
 from batchexec.records import ExecutionStatus, Outcome
 from batchexec.retry import Attempts, RetryPolicy, call_with_retries
 from batchexec.structured import instruction, parse_answer
-from batchexec.token_limits import TokenLimits
+from batchexec.token_limits import TokenAccounts, TokenLimits
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class Executor:
         limits: CallLimits | None = None,
         metrics: Metrics = NO_METRICS,
         answers: AnswerCache | None = None,
+        tokens: TokenAccounts | None = None,
     ) -> None:
         """``rng`` draws the retries' jitter (not security); ``limits`` are this
         process's own unless given (a cluster's); ``metrics`` times each call."""
@@ -114,7 +115,7 @@ class Executor:
         self._metrics = metrics
         self._providers = providers
         self._limits: CallLimits = limits or ModelLimits()
-        self._tokens = TokenLimits(settings.tpm_window_s)
+        self._tokens: TokenAccounts = tokens or TokenLimits(settings.tpm_window_s)
         self._answers = answers
         self._retry = RetryPolicy(max_retries=settings.max_retries)
         self._rng = rng

@@ -23,8 +23,9 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from batchexec.catalog import ModelSpec, fold
 
@@ -89,6 +90,15 @@ class _Account:
             sorted(self.held, key=lambda r: math.inf if r.expires_s is None else r.expires_s)
         )
         self.ended.set()
+
+
+class TokenAccounts(Protocol):
+    """Where calls reserve their models' tokens per minute: this process's
+    (``TokenLimits``), or a cluster's (``shared_tokens.SharedTokenLimits``)."""
+
+    def reserve(self, model: ModelSpec, tokens: int) -> AbstractAsyncContextManager[Reservation]:
+        """Held around a call to ``model`` that may use ``tokens``."""
+        ...
 
 
 class TokenLimits:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from batchexec.api import EXECUTE_BATCH
+from batchexec.api import EXECUTE_BATCH, RESULTS
 from batchexec.catalog import ModelSpec
 from batchexec.token_limits import TokenLimits
 from tests.helpers import AUTH, finished
@@ -118,3 +118,45 @@ async def test_a_call_over_the_whole_limit_goes_alone_and_calls_in_flight_count(
 async def _reserve(limits: TokenLimits, model: ModelSpec, tokens: int) -> None:
     async with limits.reserve(model, tokens):
         pass
+
+
+async def test_replicas_on_one_database_share_the_models_tpm(
+    postgres_url, make_client, make_settings, tmp_path: Path, upstream
+) -> None:
+    base_url, fake = upstream
+    catalog = tmp_path / "tpm.toml"
+    catalog.write_text(
+        f'[models."limited"]\nprovider = "openai"\nbase_url = "{base_url}"\ntpm = {TPM}\n'
+    )
+    replicas = []
+    for n in range(2):
+        replicas.append(
+            await make_client(
+                make_settings(
+                    models_path=catalog,
+                    default_model="limited",
+                    tpm_window_s=WINDOW_S,
+                    max_prompt_length=10_000,
+                    max_sent_prompt_length=10_000,
+                    database_url=postgres_url,
+                    public_dir=tmp_path / f"replica-{n}",
+                )
+            )
+        )
+    rows = [{"prompt": f"{n:04d} " + "word " * 790, "max_tokens": 10} for n in range(6)]
+    ids = []
+    for client in replicas:
+        response = await client.post(EXECUTE_BATCH, json={"executions": rows}, headers=AUTH)
+        assert response.status == 200, await response.text()
+        ids.append((client, (await response.json())["invocationId"]))
+    for client, invocation_id in ids:
+        for _ in range(500):
+            body = await (
+                await client.post(RESULTS, json={"invocation_id": invocation_id}, headers=AUTH)
+            ).json()
+            if body["status"] not in ("queued", "processing"):
+                break
+            await asyncio.sleep(0.02)
+        assert body["status"] == "completed", body
+    assert len(fake.seen) == 12
+    assert fake.most_in_a_window() <= TPM

@@ -31,6 +31,7 @@ from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome, Summ
 
 if TYPE_CHECKING:
     from batchexec.catalog import ModelSpec
+    from batchexec.token_limits import TokenAccounts
 
 __all__ = [
     "FILE_CHUNK_BYTES",
@@ -494,6 +495,13 @@ class SharedStore(BatchStore):
     @abstractmethod
     async def waiting(self) -> int:
         """Unfinished batches no replica holds a lease of, in the whole cluster."""
+
+    @abstractmethod
+    def token_limits(self, *, window_s: float, hold_s: float) -> TokenAccounts:
+        """Each model's ``tpm``, held for every replica together, over ``window_s``.
+
+        A reservation whose holder died lapses after ``hold_s``.
+        """
 
     @abstractmethod
     def call_limits(self, *, hold_s: float) -> SharedLimits:

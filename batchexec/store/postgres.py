@@ -61,6 +61,7 @@ import asyncpg
 
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
 from batchexec.shared_limits import SharedModelLimits, slots_channel
+from batchexec.shared_tokens import SharedTokenLimits
 from batchexec.store.base import (
     BatchEnded,
     BatchStarted,
@@ -295,6 +296,13 @@ class PostgresStore(SharedStore):
                 "is it batchexec's?"
             )
         return bytes(secret)
+
+    def token_limits(self, *, window_s: float, hold_s: float) -> SharedTokenLimits:
+        if self._pool is None:
+            raise StoreError("The PostgreSQL store is not open.")
+        return SharedTokenLimits(
+            self._pool, window_s=window_s, hold_s=hold_s, namespace=self.channel
+        )
 
     def call_limits(self, *, hold_s: float) -> SharedModelLimits:
         if self._pool is None:

@@ -100,16 +100,20 @@ def create_app(
         providers: dict[str, Provider] = app[PROVIDERS]
         workbooks = app[RESULT_WORKBOOKS] = ResultWorkbooks(settings.results_dir, registry.get)
         limits = None
+        tokens = None
         if isinstance(store, SharedStore):
             # A call never outlasts EXECUTION_TIMEOUT: a dead replica's slots free after it.
-            limits = store.call_limits(hold_s=settings.execution_timeout_s + _SLOT_MARGIN_S)
+            hold_s = settings.execution_timeout_s + _SLOT_MARGIN_S
+            limits = store.call_limits(hold_s=hold_s)
             await limits.start()
+            tokens = store.token_limits(window_s=settings.tpm_window_s, hold_s=hold_s)
         runner = app[ENGINE] = Engine(
             settings,
             registry,
             providers,
             outputs=workbooks.writer(),
             limits=limits,
+            tokens=tokens,
             log_failed_rows=True,
         )
         metrics.watch(registry.active_counts, runner.queued)
