@@ -12,8 +12,8 @@ more than ``tpm`` reserved tokens. A call whose reservation alone is over
 
 Where an answer has no bound, the reservation is the prompt's alone and is
 corrected afterwards: a minute may then hold more than ``tpm`` by the
-answers' tokens. Each process keeps its own account: replicas sharing a
-database share ``rpm`` (``shared_limits``) but not ``tpm`` yet.
+answers' tokens. Each process keeps its own account here; replicas sharing a
+PostgreSQL database share one (``shared_tokens``).
 """
 
 from __future__ import annotations
