@@ -55,17 +55,37 @@ class AnswerCache:
         self._asking: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
 
     async def answer(
-        self, owner: str, request_key: str, ask: Callable[[], Awaitable[Outcome]]
+        self,
+        owner: str,
+        request_key: str,
+        ask: Callable[[float], Awaitable[Outcome]],
+        *,
+        timeout_s: float,
+        priced: bool = False,
     ) -> Outcome:
-        """The cached answer of ``owner``'s request, else ``ask()``'s, kept if it succeeded."""
+        """The cached answer of ``owner``'s request, else ``ask(seconds)``'s, kept if it
+        succeeded, all within ``timeout_s``: waiting for the same request asked by another
+        row counts, and ``ask`` is given what is left.
+
+        A cached answer costs 0 where the model is ``priced``, else, as any row of an
+        unpriced model, nothing known (None).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         entry = (owner, request_key)
-        asking = self._asking.get(entry)
-        if asking is not None:
+        while (asking := self._asking.get(entry)) is not None:
             # Waited for, not awaited: its failure or cancellation is the other row's.
-            await asyncio.wait([asking])
+            await asyncio.wait([asking], timeout=max(deadline - loop.time(), 0.0))
+            if not asking.done():
+                return Outcome(
+                    ExecutionStatus.TIMED_OUT,
+                    error=f"Timed out after {timeout_s:g} s (waiting for the same request "
+                    "of another row).",
+                    latency_ms=round(timeout_s * 1000),
+                )
             if not asking.cancelled() and asking.exception() is None and _kept(asking.result()):
-                return _cached(asking.result().result)
-            return await ask()
+                return _cached(asking.result().result, priced)
+            # It failed: the first waiter to get here asks again, and the others wait for it.
         # Claimed before the store is asked: another row's same request waits for this one.
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._asking[entry] = future
@@ -77,10 +97,10 @@ class AnswerCache:
                 log.warning("answer cache: not read: %s", exc)
                 kept = None
             if kept is not None:
-                outcome = _cached(kept.result)
+                outcome = _cached(kept.result, priced)
                 future.set_result(outcome)
                 return outcome
-            outcome = await ask()
+            outcome = await ask(max(deadline - loop.time(), 0.0))
             if _kept(outcome):
                 assert outcome.result is not None
                 answer = CachedAnswer(
@@ -105,7 +125,12 @@ def _kept(outcome: Outcome) -> bool:
     return outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None
 
 
-def _cached(result: str | None) -> Outcome:
+def _cached(result: str | None, priced: bool) -> Outcome:
     return Outcome(
-        ExecutionStatus.SUCCEEDED, result=result, latency_ms=0, attempts=0, cost=0.0, cached=True
+        ExecutionStatus.SUCCEEDED,
+        result=result,
+        latency_ms=0,
+        attempts=0,
+        cost=0.0 if priced else None,
+        cached=True,
     )

@@ -46,7 +46,8 @@ RESERVED_COLUMNS = frozenset(OUTPUT_COLUMNS) - {"model"}
 #: ``cost``. An input may have columns of such names too: only those after a result
 #: column are taken for the outputs' (``csvinput.header_columns``).
 _ADDED_COLUMN = re.compile(
-    rf"(?:result\.[^\[]*|(?:{'|'.join(OUTPUT_COLUMNS)}|cost|cached)(?:\.[^\[]*)?(?: \[.*\])?)",
+    rf"(?:result\.[^\[]*(?: \[.*\])?|(?:{'|'.join(OUTPUT_COLUMNS)}|cost|cached) \[.*\]"
+    r"|model|cost|cached)",
     re.DOTALL,
 )
 _RESULT_GROUP = re.compile(r"result \[.*\]", re.DOTALL)

@@ -255,6 +255,26 @@ class Settings(BaseSettings):
                 raise ValueError(f"CALLBACK_URL {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _check_budgets(self) -> Settings:
+        if (
+            self.default_max_cost is not None
+            and self.max_cost is not None
+            and self.default_max_cost > self.max_cost
+        ):
+            raise ValueError(
+                f"DEFAULT_MAX_COST ({self.default_max_cost:g}) is over MAX_COST "
+                f"({self.max_cost:g}), the most any batch may have"
+            )
+        return self
+
+    def kept_budget(self, max_cost: float | None) -> float | None:
+        """The budget of a batch that keeps ``max_cost`` from another (a retry): what a
+        new batch without one would get, and never over ``MAX_COST``."""
+        if max_cost is None:
+            return self.budget(None)
+        return max_cost if self.max_cost is None else min(max_cost, self.max_cost)
+
     @field_validator("default_model")
     @classmethod
     def _check_default_model(cls, value: str) -> str:

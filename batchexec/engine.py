@@ -501,6 +501,9 @@ class Engine:
         async with asyncio.TaskGroup() as group:
             for _ in range(workers):
                 group.create_task(work())
+        if batch.id in self._over_budget:
+            # Said at the end: what the batch spent, the rows in flight then included.
+            self._over_budget[batch.id] = spent.total
 
     async def _run_row(
         self, batch: Batch, row: PlannedRow, outputs: dict[int, str], spent: _Spent
@@ -517,7 +520,12 @@ class Engine:
         if self._stopping:
             # Not started because of the shutdown (or its input was not), not failed.
             unsent: Outcome | None = Outcome(ExecutionStatus.CANCELLED, error=_SHUTDOWN)
-        elif max_cost is not None and spent.total >= max_cost:
+        elif (
+            max_cost is not None
+            and spent.total >= max_cost
+            # A budget of 0 sends no priced row; a row of an unpriced model costs nothing.
+            and (spent.total > 0 or row.target.model.priced)
+        ):
             self._over_budget.setdefault(batch.id, spent.total)
             unsent = Outcome(
                 ExecutionStatus.CANCELLED,

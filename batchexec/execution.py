@@ -175,9 +175,13 @@ class Executor:
             return await self._answers.answer(
                 cached_for,
                 cache_key(target.model, request),
-                lambda: self._ask(row, request, schema, earlier_attempts),
+                lambda left_s: self._ask(row, request, schema, earlier_attempts, left_s),
+                timeout_s=self._settings.execution_timeout_s,
+                priced=target.model.priced,
             )
-        return await self._ask(row, request, schema, earlier_attempts)
+        return await self._ask(
+            row, request, schema, earlier_attempts, self._settings.execution_timeout_s
+        )
 
     async def _ask(
         self,
@@ -185,11 +189,11 @@ class Executor:
         request: ChatRequest,
         schema: dict[str, Any] | None,
         earlier_attempts: int,
+        timeout_s: float,
     ) -> Outcome:
-        """``run``'s call of the model, with retries, under the execution timeout."""
+        """``run``'s call of the model, with retries, all within ``timeout_s``."""
         target = row.target
         loop = asyncio.get_running_loop()
-        timeout_s = self._settings.execution_timeout_s
         started = loop.time()
         attempts = Attempts(earlier_attempts)
         usage = _Usage()

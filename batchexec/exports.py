@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchexec.catalog import DEFAULT_CURRENCY
 from batchexec.columns import OUTPUT_COLUMNS, Cell, cell_text, field_column, group_column
 from batchexec.errors import StorageError
 from batchexec.files import atomic_path
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 _MAX_WIDTH = 80
 _SHEET = "Results"
+_USAGE = "Usage"
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,10 @@ def results_sheet(batch: Batch) -> Sheet:
         for name in OUTPUT_COLUMNS
         if name != "model" or (name not in batch.columns and not batch.options.models)
     ]
-    if any(execution.cost is not None for execution in batch.executions):
+    # Added when some row has one, and not where the input has a column of the name.
+    if "cost" not in batch.columns and any(e.cost is not None for e in batch.executions):
         extra.append("cost")
-    if any(execution.cached for execution in batch.executions):
+    if "cached" not in batch.columns and any(e.cached for e in batch.executions):
         extra.append("cached")
     return _sheet(batch, extra)
 
@@ -199,14 +202,32 @@ def render_csv(sheet: Sheet) -> str:
     return buffer.getvalue()
 
 
-def write_xlsx(path: Path, sheet: Sheet) -> None:
+def write_xlsx(path: Path, sheet: Sheet, usage: Sheet | None = None) -> None:
     """Write ``sheet`` to ``path`` atomically: to a temporary name in the same folder, then renamed.
 
     Blocking; call it through ``asyncio.to_thread``. Every string is written as
-    a string cell, never as a formula, link or number.
+    a string cell, never as a formula, link or number. ``usage`` (``usage_sheet``)
+    follows as a second sheet; the first, ``Results``, is what is read back.
     """
+    more = [(_USAGE, usage.header, usage.rows, _widths(usage))] if usage is not None else []
     with atomic_path(path) as temporary:
-        write_sheet(str(temporary), _SHEET, sheet.header, sheet.rows, _widths(sheet))
+        write_sheet(str(temporary), _SHEET, sheet.header, sheet.rows, _widths(sheet), more)
+
+
+def usage_sheet(batch: Batch, currency: str) -> Sheet | None:
+    """The workbook's ``Usage`` sheet: each model's tokens and cost, then the batch's total;
+    None for a batch no row of which has a cost (no model priced)."""
+    total, uncosted = batch.cost()
+    if total is None:
+        return None
+    header = ["model", "prompt_tokens", "completion_tokens", "cost", "uncosted", "currency"]
+    rows: list[list[Cell | None]] = [
+        [name, prompt, completion, cost, missing, currency]
+        for name, (cost, missing, prompt, completion) in batch.usage_by_model().items()
+    ]
+    prompt_tokens, completion_tokens = batch.tokens()
+    rows.append(["total", prompt_tokens, completion_tokens, total, uncosted, currency])
+    return Sheet(header, rows)
 
 
 def _widths(sheet: Sheet, sample: int = 200) -> list[float]:
@@ -250,9 +271,16 @@ class ResultWorkbooks:
     tries again and says why it cannot.
     """
 
-    def __init__(self, folder: Path, load: Callable[[str, str], Awaitable[Batch]]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        load: Callable[[str, str], Awaitable[Batch]],
+        currency: str = DEFAULT_CURRENCY,
+    ) -> None:
         """``load(batch_id, owner)`` reads a batch back: a write waiting its turn holds
-        only the batch's id, not its rows."""
+        only the batch's id, not its rows. ``currency`` is the catalog's, for the
+        ``Usage`` sheet."""
+        self.currency = currency
         self.folder = folder
         self._load = load
         self._writing: dict[str, asyncio.Task[Path]] = {}
@@ -305,7 +333,9 @@ class ResultWorkbooks:
             batch = await self._load(batch_id, owner)
             path = self.folder / batch.file_name
             try:
-                await asyncio.to_thread(write_xlsx, path, results_sheet(batch))
+                await asyncio.to_thread(
+                    write_xlsx, path, results_sheet(batch), usage_sheet(batch, self.currency)
+                )
             except Exception as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 log.error("batch %s: could not write its workbook: %s", batch.id, reason)

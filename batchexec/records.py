@@ -221,7 +221,7 @@ class Batch:
         if not self.counts:
             self.counts.update(execution.status for execution in self.executions)
         self._shown_seqs, self._shown_rows, self._tokens = array("q"), array("q"), [0, 0]
-        self._cost = [0.0, 0]
+        self._cost = [0.0, 0, 0]
         self._by_model = {}
         ended = sorted((e.seq, e.index) for e in self.executions if e.status.finished)
         for _, index in ended:
@@ -241,12 +241,14 @@ class Batch:
         self._tokens[1] += execution.completion_tokens or 0
         model = self._by_model.get(execution.model)
         if model is None:
-            model = self._by_model[execution.model] = [0.0, 0, 0, 0]
+            model = self._by_model[execution.model] = [0.0, 0, 0, 0, 0]
         model[2] += execution.prompt_tokens or 0
         model[3] += execution.completion_tokens or 0
         if execution.cost is not None:
             self._cost[0] += execution.cost
+            self._cost[2] += 1
             model[0] += execution.cost
+            model[4] += 1
         elif execution.attempts:
             self._cost[1] += 1
             model[1] += 1
@@ -278,17 +280,18 @@ class Batch:
         """Prompt and completion tokens over the ended executions; rows with no usage count 0."""
         return self._tokens[0], self._tokens[1]
 
-    def cost(self) -> tuple[float, int]:
-        """The cost of the ended executions, and how many of them were sent and have no
-        cost (an unpriced model, or no usage reported): those are not counted as zero."""
-        return self._cost[0], int(self._cost[1])
+    def cost(self) -> tuple[float | None, int]:
+        """The cost of the ended executions that have one (None when none has), and how
+        many were sent and have none (an unpriced model, or no usage reported): those
+        are not counted as zero."""
+        return (self._cost[0] if self._cost[2] else None), int(self._cost[1])
 
-    def usage_by_model(self) -> dict[str, tuple[float, int, int, int]]:
-        """By model, over the ended executions: cost, executions sent without one, and
-        prompt and completion tokens."""
+    def usage_by_model(self) -> dict[str, tuple[float | None, int, int, int]]:
+        """By model, over the ended executions: cost (None when no row has one),
+        executions sent without one, and prompt and completion tokens."""
         return {
-            name: (cost, int(uncosted), int(prompt), int(completion))
-            for name, (cost, uncosted, prompt, completion) in self._by_model.items()
+            name: (cost if costed else None, int(uncosted), int(prompt), int(completion))
+            for name, (cost, uncosted, prompt, completion, costed) in self._by_model.items()
         }
 
     def size_bytes(self) -> int:

@@ -220,8 +220,7 @@ class Registry:
         if live is None:
             return replace(summary, counts=await self.store.counts(summary.id))
         spent, _ = live.cost()
-        costed = any(execution.cost is not None for execution in live.executions)
-        return replace(summary, counts=live.counts.copy(), cost=spent if costed else None)
+        return replace(summary, counts=live.counts.copy(), cost=spent)
 
     async def resumable(self) -> list[Batch]:
         """The batches a previous process left queued or running, now this one's to run."""

@@ -182,7 +182,9 @@ CACHE_FIELD = (
     "sent) is answered from the answer cache, marked cached and costing nothing; false "
     "bypasses the cache; without it, the model's cache setting, else CACHE_ANSWERS."
 )
-MaxCost = Annotated[float, Field(ge=0, allow_inf_nan=False, description=MAX_COST_FIELD)]
+MaxCost = Annotated[
+    float, Field(strict=True, ge=0, allow_inf_nan=False, description=MAX_COST_FIELD)
+]
 
 #: Where a batch's end is POSTed (``webhooks.py``).
 CallbackUrl = Annotated[
@@ -462,7 +464,7 @@ class ModelUsage(BaseModel):
 
     prompt_tokens: int
     completion_tokens: int
-    cost: float
+    cost: float | None
     uncosted: int
 
 
@@ -471,8 +473,10 @@ class Usage(BaseModel):
 
     prompt_tokens: int
     completion_tokens: int
-    cost: float = Field(
-        default=0.0, description="The cost of the executions that have one, in currency."
+    cost: float | None = Field(
+        default=None,
+        description="The cost of the executions that have one, in currency; null when none "
+        "has (no model of the batch is priced).",
     )
     currency: str = "USD"
     uncosted: int = Field(

@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 # Anything shaped like a reference is captured, so that a typo such as
 # ``${output.one}`` is reported instead of being sent to a model verbatim.
-# No ``$`` inside the braces: else each of many unclosed ``${output.`` would scan to the
-# end of the prompt (quadratic); so each scan stops at the next one.
-_REFERENCE = re.compile(r"\$\{\s*output\.([^}$]*)\}")
+# A reference ends at its ``}``, or is cut short by a ``$`` (``${output.1$}``): not a
+# reference then, and refused, as one whose number is not one. Stopping at a ``$``
+# keeps many unclosed ``${output.`` from each scanning to the prompt's end.
+_REFERENCE = re.compile(r"\$\{\s*output\.([^}$]*)([}$])")
 
 
 _NONE: frozenset[int] = frozenset()
@@ -33,11 +34,9 @@ def references(prompt: str) -> frozenset[int]:
         return _NONE
     found: set[int] = set()
     for match in _REFERENCE.finditer(prompt):
-        raw = match.group(1).strip()
-        # Length first: int() of thousands of digits raises, and no batch has that many rows.
-        if len(raw) > _MAX_DIGITS or not raw.isdigit() or not raw.isascii() or int(raw) < 1:
+        if match.group(2) != "}":
             raise TemplateError(f"{match.group(0)} is not a reference of the form ${{output.n}}")
-        found.add(int(raw))
+        found.add(_reference_number(match.group(1), match.group(0)))
     return frozenset(found)
 
 
@@ -70,7 +69,7 @@ def substitute(prompt: str, outputs: Mapping[int, str]) -> str:
 # variable: anything else (``{{"a": 1}}``, ``{{ x | upper }}``) is text, sent as written.
 # Linear: no two parts of a token can match the same characters (so no backtracking
 # beyond the token); the spaces around a name are stripped afterwards.
-_TOKEN = re.compile(r"\\\{\{|\$\{\s*output\.([^}$]*)\}|\{\{([^{}\n]*)\}\}")
+_TOKEN = re.compile(r"\\\{\{|\$\{\s*output\.([^}$]*)([}$])|\{\{([^{}\n]*)\}\}")
 #: How a literal ``{{`` is written.
 _ESCAPE = "\\{{"
 _NAME = re.compile(r"[^\W\d][\w .\-]*")
@@ -152,9 +151,11 @@ def compile_template(
         if token == _ESCAPE:
             literal("{{")
             continue
-        dollar, inner = match.group(1), match.group(2)
+        dollar, inner = match.group(1), match.group(3)
         inner = inner.strip() if inner is not None else None
         if dollar is not None:
+            if match.group(2) != "}":
+                raise TemplateError(f"{token} is not a reference of the form ${{output.n}}")
             reference(_reference_number(dollar, token))
             continue
         assert inner is not None
@@ -188,7 +189,7 @@ def filled_length(text: str, lookup: Callable[[str], str | None]) -> int:
     """
     length = len(text)
     for match in _TOKEN.finditer(text):
-        token, inner = match.group(0), match.group(2)
+        token, inner = match.group(0), match.group(3)
         inner = inner.strip() if inner is not None else None
         if token == _ESCAPE:
             length -= 1

@@ -123,8 +123,10 @@ def write_sheet(
     header: Sequence[str],
     rows: Iterable[Sequence[Cell]],
     widths: Sequence[float],
+    more: Sequence[tuple[str, Sequence[str], Iterable[Sequence[Cell]], Sequence[float]]] = (),
 ) -> None:
-    """Write a workbook of one sheet: a bold frozen header with an autofilter, then ``rows``.
+    """Write a workbook of one sheet: a bold frozen header with an autofilter, then ``rows``;
+    then each of ``more`` (name, header, rows, widths), written the same way after it.
 
     Strings are text cells (never formulas, links or numbers), cut at Excel's
     cell limit; ints and floats are numbers, booleans TRUE or FALSE; NaN and
@@ -145,6 +147,8 @@ def write_sheet(
         workbook = xlsxwriter.Workbook(path, {**_OPTIONS, "tmpdir": scratch})
         try:
             _fill(workbook, sheet_name, header, rows, widths)
+            for other in more:
+                _fill(workbook, *other)
         except BaseException:
             # Closing closes the row file constant_memory keeps open; the
             # half-written workbook it leaves is the caller's to discard.

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from batchexec.answer_cache import AnswerCache
 from batchexec.api import EXECUTE_BATCH, RESULTS, download_path
 from batchexec.cli import main
+from batchexec.records import ExecutionStatus, Outcome
+from batchexec.store.memory import MemoryStore
 from batchexec.web.keys import ENGINE, RESULT_WORKBOOKS
 from tests.helpers import AUTH, column, finished, sheet_rows, write_csv
 
@@ -144,3 +148,49 @@ async def test_run_with_cache_sends_identical_rows_once(upstream, tmp_path) -> N
     assert await asyncio.to_thread(main, [*args, "--cache"]) == 0
     assert upstream.calls == 2
     assert column(sheet_rows(tmp_path / "out.xlsx"), "cached") == [False, False, True, True]
+
+
+async def test_a_row_waiting_for_the_same_request_keeps_to_its_own_timeout() -> None:
+    cache = AnswerCache(MemoryStore(), ttl_s=60)
+    never = asyncio.Event()
+    asked: list[float] = []
+
+    async def hangs(left_s: float) -> Outcome:
+        asked.append(left_s)
+        await never.wait()
+        raise AssertionError("never answers")
+
+    leader = asyncio.ensure_future(cache.answer("o", "k", hangs, timeout_s=30))
+    await asyncio.sleep(0)
+    waiter = await cache.answer("o", "k", hangs, timeout_s=0.01)
+    assert waiter.status is ExecutionStatus.TIMED_OUT
+    assert "waiting for the same request" in (waiter.error or "")
+    assert len(asked) == 1  # the waiter never asked for itself
+    leader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leader
+
+
+async def test_when_the_first_ask_fails_the_next_is_shared_too() -> None:
+    cache = AnswerCache(MemoryStore(), ttl_s=60)
+    calls = 0
+    first_may_end = asyncio.Event()
+
+    async def ask(left_s: float) -> Outcome:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await first_may_end.wait()
+            return Outcome(ExecutionStatus.FAILED, error="down")
+        await asyncio.sleep(0)
+        return Outcome(ExecutionStatus.SUCCEEDED, result="ok", attempts=1)
+
+    rows = [asyncio.ensure_future(cache.answer("o", "k", ask, timeout_s=30)) for _ in range(4)]
+    await asyncio.sleep(0)
+    first_may_end.set()
+    outcomes = await asyncio.gather(*rows)
+    assert calls == 2
+    assert [o.status for o in outcomes] == [ExecutionStatus.FAILED] + [
+        ExecutionStatus.SUCCEEDED
+    ] * 3
+    assert sum(o.cached for o in outcomes) == 2

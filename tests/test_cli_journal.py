@@ -202,7 +202,7 @@ async def test_a_run_whose_outputs_could_not_be_written_writes_them_next_time(
         )
         return code, stream.getvalue()
 
-    def full_disk(path: Path, sheet: object) -> None:
+    def full_disk(path: Path, sheet: object, usage: object = None) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("batchexec.cli.run.write_xlsx", full_disk)

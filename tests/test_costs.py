@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import openpyxl
 import pytest
 from aiohttp import web
 
-from batchexec.api import BATCHES, EXECUTE_BATCH, RETRY, download_path, events_path
+from batchexec.api import BATCHES, EXECUTE_BATCH, RETRY, VALIDATE, download_path, events_path
 from batchexec.catalog import Catalog
 from batchexec.cli import main
 from batchexec.errors import ConfigError
@@ -119,7 +121,7 @@ async def test_each_row_and_the_batch_cost_their_usage_at_the_models_prices(clie
             "cost": price(4, 3) + price(2, 3),
             "uncosted": 1,
         },
-        "free": {"prompt_tokens": 2, "completion_tokens": 3, "cost": 0.0, "uncosted": 1},
+        "free": {"prompt_tokens": 2, "completion_tokens": 3, "cost": None, "uncosted": 1},
     }
 
     name = body["xlsx_url"].rsplit("/", 1)[1]
@@ -150,7 +152,8 @@ async def test_a_batch_of_unpriced_models_keeps_its_workbook_as_it_was(client) -
     name = body["xlsx_url"].rsplit("/", 1)[1]
     workbook = await client.get(download_path(name), headers=AUTH)
     assert "cost" not in sheet_rows(await workbook.read())[0]
-    assert body["usage"]["cost"] == 0 and body["usage"]["uncosted"] == 1
+    # Nothing known, not nothing spent.
+    assert body["usage"]["cost"] is None and body["usage"]["uncosted"] == 1
 
 
 def test_a_model_costs_only_what_its_prices_and_usage_say(tmp_path: Path) -> None:
@@ -278,3 +281,39 @@ async def test_the_list_shows_each_batchs_cost(client) -> None:
     listed = await client.get(BATCHES, headers=AUTH)
     costs = {b["invocationId"]: b["cost"] for b in (await listed.json())["batches"]}
     assert costs == {invocation_id: price(4, 3) + price(2, 3), free_id: None}
+
+
+async def test_the_workbook_and_summary_give_each_models_cost_and_the_total(
+    upstream, catalog, tmp_path, capsys
+) -> None:
+    write_csv(tmp_path / "p.csv", ["prompt"], [["one two three four"], ["five six"]])
+    args = ["run", "p.csv", "-o", "out.xlsx", "--catalog", str(catalog)]
+    code = await asyncio.to_thread(main, [*args, "--models", "priced,free"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    total = price(4, 3) + price(2, 3)
+    assert f"    priced: {total:.6g} EUR" in err and "    free: no cost known" in err
+    book = openpyxl.load_workbook(tmp_path / "out.xlsx", read_only=True)
+    try:
+        usage = [list(row) for row in book["Usage"].iter_rows(values_only=True)]
+    finally:
+        book.close()
+    assert usage == [
+        ["model", "prompt_tokens", "completion_tokens", "cost", "uncosted", "currency"],
+        ["priced", 6, 6, total, 0, "EUR"],
+        ["free", 6, 6, None, 2, "EUR"],
+        ["total", 12, 12, total, 2, "EUR"],
+    ]
+
+
+async def test_a_form_amount_is_a_plain_decimal_and_json_true_is_no_amount(client) -> None:
+    for bad in ("1_0", "1e3", "inf", "abc"):
+        form = aiohttp.FormData()
+        form.add_field("file", b"prompt\nx\n", filename="p.csv")
+        form.add_field("max_cost", bad)
+        response = await client.post(VALIDATE, data=form, headers=AUTH)
+        assert response.status == 422, bad
+    response = await client.post(
+        EXECUTE_BATCH, json={"executions": [{"prompt": "x"}], "max_cost": True}, headers=AUTH
+    )
+    assert response.status == 422

@@ -134,6 +134,13 @@ def test_a_backslash_makes_a_literal_double_brace() -> None:
     assert filled_length(r"\{{text}}", CELLS.get) == len("{{text}}")
 
 
+def test_a_reference_cut_short_by_a_dollar_is_refused_as_before() -> None:
+    for prompt in ("${output.1$}", "${output.$1}", "a ${output.1 costs $5}"):
+        with pytest.raises(TemplateError, match="is not a reference"):
+            references(prompt)
+    assert references("price $5 for ${output.1}, $") == frozenset({1})
+
+
 def test_an_unknown_name_lists_the_columns_and_a_bad_reference_is_refused() -> None:
     with pytest.raises(TemplateError, match=r"\{\{missing\}\} names no column; the columns are"):
         compiled("{{missing}}")
@@ -171,5 +178,12 @@ def test_a_long_prompt_of_unclosed_braces_is_read_in_one_pass(prompt: str) -> No
     # Each of these backtracked for minutes with an earlier pattern; now each is linear.
     cells = {**CELLS, "x": "{{x}}"}
     assert filled_length(prompt, cells.get) == len(prompt)
+    if "${output.${output." in prompt:
+        # Cut short by the next one: not references, and refused as such.
+        with pytest.raises(TemplateError, match="is not a reference"):
+            compiled(prompt, cells)
+        with pytest.raises(TemplateError, match="is not a reference"):
+            references(prompt)
+        return
     assert compiled(prompt, cells).render({}) == prompt
     assert references(prompt) == frozenset()

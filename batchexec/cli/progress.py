@@ -181,6 +181,8 @@ class Summary:
     currency: str = "USD"
     #: Executions sent that have no cost (unpriced, or no usage reported).
     uncosted: int = 0
+    #: Each model's cost (None: nothing known), when the batch ran on several.
+    model_costs: Sequence[tuple[str, float | None]] = ()
 
     @property
     def all_succeeded(self) -> bool:
@@ -210,6 +212,12 @@ class Summary:
                 else ""
             )
             lines.append(f"  cost: {self.cost:.6g} {self.currency}{missing}")
+            if len(self.model_costs) > 1:
+                lines += [
+                    f"    {name}: "
+                    + (f"{cost:.6g} {self.currency}" if cost is not None else "no cost known")
+                    for name, cost in self.model_costs
+                ]
         if self.problems:
             several = len(self.problems) > 1
             lines.append(f"  {'first rows' if several else 'the row'} that did not succeed:")

@@ -46,7 +46,7 @@ from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.errors import ConfigError, ConflictError, InputError
 from batchexec.events import Event
-from batchexec.exports import csv_sheet, render_csv, results_sheet, write_xlsx
+from batchexec.exports import csv_sheet, render_csv, results_sheet, usage_sheet, write_xlsx
 from batchexec.files import write_atomically
 from batchexec.inputs import plan_rows
 from batchexec.planning import NO_BATCH_OPTIONS, BatchOptions
@@ -297,7 +297,7 @@ async def run_batch(
                 stopped_early = not batch.status.finished
                 shown = as_stopped(batch) if stopped_early else batch
                 written, failures = await asyncio.to_thread(
-                    _write_outputs, shown, output, csv_output
+                    _write_outputs, shown, output, csv_output, catalog.currency
                 )
         finally:
             await engine.close()
@@ -393,13 +393,17 @@ async def _follow(
 
 
 def _write_outputs(
-    batch: Batch, output: Path, csv_output: Path | None
+    batch: Batch, output: Path, csv_output: Path | None, currency: str
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Write the workbook and the CSV: ``(what, path)`` of each written, why the others were not."""
     written: list[tuple[str, str]] = []
     failures: list[str] = []
     writers: list[tuple[str, Path | None, Callable[[Path], None]]] = [
-        ("workbook", output, lambda path: write_xlsx(path, results_sheet(batch))),
+        (
+            "workbook",
+            output,
+            lambda path: write_xlsx(path, results_sheet(batch), usage_sheet(batch, currency)),
+        ),
         ("csv", csv_output, lambda path: write_atomically(path, _csv_bytes(batch))),
     ]
     for what, path, write in writers:
@@ -438,9 +442,9 @@ def _summary(
         problems.append(f"... and {len(unsuccessful) - _PROBLEMS_SHOWN} more; see the workbook")
     prompt_tokens, completion_tokens = batch.tokens()
     cost, uncosted = batch.cost()
-    costed = any(execution.cost is not None for execution in batch.executions)
     return Summary(
-        cost=cost if costed else None,
+        cost=cost,
+        model_costs=[(name, usage[0]) for name, usage in batch.usage_by_model().items()],
         uncosted=uncosted,
         status=batch.status.value,
         message=batch.message,

@@ -359,9 +359,14 @@ def _summary(
         problems.append(f"... and {len(unsuccessful) - _PROBLEMS_SHOWN} more; see the workbook")
     usage = _mapping(body.get("usage"))
     progress = {name: int(count) for name, count in _mapping(body.get("progress")).items()}
-    costed = any(execution.get("cost") is not None for execution in executions)
+    cost = usage.get("cost")
+    by_model = _mapping(usage.get("models"))
     return Summary(
-        cost=float(usage.get("cost") or 0) if costed else None,
+        cost=float(cost) if isinstance(cost, int | float) else None,
+        model_costs=[
+            (str(name), spent if isinstance(spent := _mapping(part).get("cost"), float) else None)
+            for name, part in by_model.items()
+        ],
         currency=str(usage.get("currency") or "USD"),
         uncosted=int(usage.get("uncosted") or 0),
         status=str(body.get("status")),

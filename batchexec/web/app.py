@@ -98,7 +98,9 @@ def create_app(
 
     async def engine(app: web.Application) -> AsyncIterator[None]:
         providers: dict[str, Provider] = app[PROVIDERS]
-        workbooks = app[RESULT_WORKBOOKS] = ResultWorkbooks(settings.results_dir, registry.get)
+        workbooks = app[RESULT_WORKBOOKS] = ResultWorkbooks(
+            settings.results_dir, registry.get, app[CATALOG].currency
+        )
         limits = None
         tokens = None
         if isinstance(store, SharedStore):

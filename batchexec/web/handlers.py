@@ -110,9 +110,13 @@ async def retry(request: web.Request) -> web.Response:
     """
     body = await parse_body(request, RetryRequest)
     original = await _batch_of(request, body.invocation_id)
-    options = original.options
-    if body.max_cost is not None:
-        options = replace(options, max_cost=budget(request, body.max_cost))
+    # A new budget is checked as any batch's; a kept one is held to today's MAX_COST.
+    max_cost = (
+        budget(request, body.max_cost)
+        if body.max_cost is not None
+        else request.app[SETTINGS].kept_budget(original.options.max_cost)
+    )
+    options = replace(original.options, max_cost=max_cost)
     if not original.status.finished:
         raise ConflictError("The batch is still running; retry it once it has ended.")
     rerun = [e.index for e in original.executions if e.status is not ExecutionStatus.SUCCEEDED]

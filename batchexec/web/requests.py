@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -158,6 +159,8 @@ def flag(name: str, value: str) -> bool | None:
     raise InputError(f"The {name} field {message}.", [FieldError(None, name, message)])
 
 
+#: How a form gives an amount: digits, and a decimal point.
+_DECIMAL = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 #: Characters of a model's name in ``models``, at most (a JSON body's bound too).
 _MAX_NAME_CHARS = 200
 
@@ -165,9 +168,13 @@ _MAX_NAME_CHARS = 200
 def budget(request: web.Request, max_cost: float | str | None) -> float | None:
     """A batch's budget for a body's or a form's ``max_cost``; 422 for a bad one."""
     if isinstance(max_cost, str):
-        try:
-            max_cost = float(max_cost) if max_cost.strip() else None
-        except ValueError:
+        text = max_cost.strip()
+        # A plain decimal: float() would also take "1_0" (10), "1e3" and "inf".
+        if not text:
+            max_cost = None
+        elif _DECIMAL.fullmatch(text):
+            max_cost = float(text)
+        else:
             max_cost = math.nan  # refused below, as any other bad amount
     try:
         return request.app[SETTINGS].budget(max_cost)
