@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -49,6 +50,9 @@ from batchexec.structured import instruction, parse_answer
 from batchexec.token_limits import TokenAccounts, TokenLimits
 
 log = logging.getLogger(__name__)
+
+#: The most a model's reservations are scaled by its provider's counts.
+_MOST_TOKEN_SCALE = 4.0
 
 #: What a row that sets nothing of its own sends besides its prompt.
 _NO_CHAT = ChatInput()
@@ -117,6 +121,10 @@ class Executor:
         self._limits: CallLimits = limits or ModelLimits()
         self._tokens: TokenAccounts = tokens or TokenLimits(settings.tpm_window_s)
         self._answers = answers
+        #: By model, the most its provider's prompt counts have been over the estimate:
+        #: later reservations are scaled by it, so a tokenizer counting more than the
+        #: estimate (other languages, code) does not let a minute overfill.
+        self._token_scale: dict[str, float] = {}
         self._retry = RetryPolicy(max_retries=settings.max_retries)
         self._rng = rng
 
@@ -268,14 +276,22 @@ class Executor:
             raise ProviderNotConfiguredError(missing)
         if retry:
             self._metrics.retry(model.name)
-        # What the call may use of the model's tokens per minute, if it has a tpm.
-        tokens = 0
+        # What the call may use of the model's tokens per minute, if it has a tpm: the
+        # prompt's estimate, scaled by how far the provider's counts have exceeded such
+        # estimates before, and the answer's bound.
+        tokens = estimated = 0
         if model.tpm is not None:
+            estimated = request_tokens(request)
             bound = output_limit(row.target, request.options)
-            tokens = request_tokens(request) + (bound or 0)
+            scale = self._token_scale.get(model.name, 1.0)
+            tokens = math.ceil(estimated * scale) + (bound or 0)
         async with self._limits.call(model), self._tokens.reserve(model, tokens) as reserved:
             with self._metrics.call(model.name, model.provider):
                 completion = await self._providers[model.provider].complete(model, request)
+            if completion.prompt_tokens is not None and estimated:
+                ratio = min(completion.prompt_tokens / estimated, _MOST_TOKEN_SCALE)
+                if ratio > self._token_scale.get(model.name, 1.0):
+                    self._token_scale[model.name] = ratio
             reported = [completion.prompt_tokens, completion.completion_tokens]
             if any(count is not None for count in reported):
                 reserved.used(sum(count or 0 for count in reported))

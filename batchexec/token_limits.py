@@ -1,7 +1,8 @@
 """Tokens per minute: a model's ``tpm`` in the catalog, held across every batch of this process.
 
 A call first reserves what it will use: the estimate of its prompt
-(``estimates.request_tokens``) plus the most its answer may hold (the row's
+(``estimates.request_tokens``, scaled by the executor once the provider has
+counted more than estimated) plus the most its answer may hold (the row's
 ``max_tokens``, else the catalog's, ``estimates.output_limit``). It waits
 until the model's reservations of the last minute leave room for it; when
 the answer comes the reservation becomes the tokens the provider reported.

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +13,14 @@ import pytest
 from aiohttp import web
 
 from batchexec.api import EXECUTE_BATCH, RESULTS
-from batchexec.catalog import ModelSpec
-from batchexec.token_limits import TokenLimits
+from batchexec.catalog import ModelSpec, Target
+from batchexec.config import Settings
+from batchexec.estimates import request_tokens
+from batchexec.execution import Executor
+from batchexec.planning import PlannedRow
+from batchexec.providers import ChatOptions, ChatRequest, Completion, Provider
+from batchexec.records import ExecutionStatus
+from batchexec.token_limits import Reservation, TokenLimits
 from tests.helpers import AUTH, finished
 
 #: The test's "minute": short, so that a dozen calls need a few of them.
@@ -160,3 +169,53 @@ async def test_replicas_on_one_database_share_the_models_tpm(
         assert body["status"] == "completed", body
     assert len(fake.seen) == 12
     assert fake.most_in_a_window() <= TPM
+
+
+class _Doubling(Provider):
+    """Reports twice the prompt tokens batchexec estimates: a tokenizer that counts more."""
+
+    name = "doubling"
+
+    def unsupported(self, options: ChatOptions) -> list[str]:
+        return []
+
+    async def complete(self, model: ModelSpec, request: ChatRequest) -> Completion:
+        return Completion("ok", prompt_tokens=2 * request_tokens(request), completion_tokens=0)
+
+
+class _Recorder:
+    """A tpm account that lets everything through and notes what each call reserved."""
+
+    def __init__(self) -> None:
+        self.reserved: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, model: ModelSpec, tokens: int) -> AsyncIterator[Reservation]:
+        self.reserved.append(tokens)
+        yield Reservation(tokens)
+
+
+async def test_reservations_grow_once_the_provider_counts_more_than_the_estimate() -> None:
+    recorder = _Recorder()
+    settings = Settings(_env_file=None)
+    executor = Executor(
+        settings,
+        {"doubling": _Doubling(settings, None)},  # type: ignore[arg-type]  # no session used
+        rng=random.Random(0),
+        tokens=recorder,
+    )
+    model = ModelSpec(name="m", provider="doubling", tpm=10_000)
+    row = PlannedRow(
+        index=1,
+        prompt="word " * 400,
+        target=Target(model=model, system_prompt=None, params={}),
+        depends_on=frozenset(),
+        cells={},
+    )
+    for _ in range(2):
+        outcome = await executor.run(row, row.prompt)
+        assert outcome.status is ExecutionStatus.SUCCEEDED
+    first, second = recorder.reserved
+    estimate = request_tokens(ChatRequest(prompt=row.prompt))
+    assert first == estimate
+    assert second == 2 * estimate
