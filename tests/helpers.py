@@ -185,3 +185,33 @@ def cli_process(
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+# Fake providers
+
+
+def chat_completion(
+    model: str, content: str, usage: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """An OpenAI chat completion's body answering ``content``; ``usage`` is
+    ``(prompt_tokens, completion_tokens)``, left out when None."""
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    if usage is not None:
+        prompt, completion = usage
+        body["usage"] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+    return body

@@ -16,7 +16,7 @@ from batchexec.cli import main
 from batchexec.records import ExecutionStatus, Outcome
 from batchexec.store.memory import MemoryStore
 from batchexec.web.keys import ENGINE, RESULT_WORKBOOKS
-from tests.helpers import AUTH, column, finished, sheet_rows, write_csv
+from tests.helpers import AUTH, chat_completion, column, finished, sheet_rows, write_csv
 
 OTHER = {"Integrations-API-Key": "other-key"}
 
@@ -30,24 +30,8 @@ class Upstream:
     async def chat(self, request: web.Request) -> web.Response:
         self.calls += 1
         body = await request.json()
-        return web.json_response(
-            {
-                "id": "chatcmpl-1",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": body["messages"][-1]["content"] + "!",
-                        },
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6},
-            }
-        )
+        answer = body["messages"][-1]["content"] + "!"
+        return web.json_response(chat_completion(body["model"], answer, (4, 2)))
 
 
 @pytest.fixture

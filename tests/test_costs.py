@@ -17,7 +17,7 @@ from batchexec.api import BATCHES, EXECUTE_BATCH, RETRY, VALIDATE, download_path
 from batchexec.catalog import Catalog
 from batchexec.cli import main
 from batchexec.errors import ConfigError
-from tests.helpers import AUTH, column, finished, sheet_rows, write_csv
+from tests.helpers import AUTH, chat_completion, column, finished, sheet_rows, write_csv
 
 #: Prices per million tokens: prompt 2.50, completion 10.00 (gpt-4o's, in USD).
 PRICED = {"input_per_mtok": 2.5, "output_per_mtok": 10.0}
@@ -34,25 +34,8 @@ class Upstream:
         self.calls += 1
         body = await request.json()
         prompt = body["messages"][-1]["content"]
-        answer: dict[str, Any] = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "one two three"},
-                    "finish_reason": "stop",
-                }
-            ],
-        }
-        if "no usage" not in prompt:
-            words = len(prompt.split())
-            answer["usage"] = {
-                "prompt_tokens": words,
-                "completion_tokens": 3,
-                "total_tokens": words + 3,
-            }
+        usage = None if "no usage" in prompt else (len(prompt.split()), 3)
+        answer = chat_completion(body["model"], "one two three", usage)
         return web.json_response(answer)
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from batchexec.api import EXECUTE_BATCH, PROCESS_CSV, RETRY, UPLOAD, VALIDATE, download_path
 from batchexec.runtime import plan_again
 from batchexec.web.keys import CATALOG, SETTINGS
-from tests.helpers import AUTH, batch_of, column, finished, sheet_rows
+from tests.helpers import AUTH, batch_of, chat_completion, column, finished, sheet_rows
 
 MODELS = ("m-a", "m-b", "m-c")
 SCHEMA = {
@@ -57,21 +57,7 @@ class Upstream:
                 text = json.dumps({"sentiment": "positive", "score": score})
         else:
             text = f"{body['model']}({prompt})"
-        return web.json_response(
-            {
-                "id": "chatcmpl-1",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-            }
-        )
+        return web.json_response(chat_completion(body["model"], text, (5, 2)))
 
     def prompts(self, model: str | None = None) -> list[str]:
         return [

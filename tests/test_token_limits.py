@@ -21,7 +21,7 @@ from batchexec.planning import PlannedRow
 from batchexec.providers import ChatOptions, ChatRequest, Completion, Provider
 from batchexec.records import ExecutionStatus
 from batchexec.token_limits import Reservation, TokenLimits
-from tests.helpers import AUTH, finished
+from tests.helpers import AUTH, chat_completion, finished
 
 #: The test's "minute": short, so that a dozen calls need a few of them.
 WINDOW_S = 0.3
@@ -40,25 +40,8 @@ class Upstream:
         prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4
         completion_tokens = body.get("max_tokens", 0)
         self.seen.append((asyncio.get_running_loop().time(), prompt_tokens + completion_tokens))
-        return web.json_response(
-            {
-                "id": "chatcmpl-1",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "ok"},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            }
-        )
+        usage = (prompt_tokens, completion_tokens)
+        return web.json_response(chat_completion(body["model"], "ok", usage))
 
     def most_in_a_window(self) -> int:
         """The most tokens the requests arriving within any one window used."""
