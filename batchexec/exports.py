@@ -7,7 +7,7 @@ import csv
 import functools
 import io
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +71,13 @@ def _input_cells(batch: Batch, execution: Execution) -> list[Cell]:
     return cells
 
 
-def _rows(batch: Batch) -> list[list[Execution]]:
-    """The batch's executions by input row: one each, or one a model side by side."""
+def _rows(batch: Batch) -> Iterator[list[Execution]]:
+    """The batch's executions by input row, one at a time: one each, or one a model
+    side by side."""
     width = max(len(batch.options.models), 1)
     executions = batch.executions
-    return [executions[start : start + width] for start in range(0, len(executions), width)]
+    for start in range(0, len(executions), width):
+        yield executions[start : start + width]
 
 
 def _outcome_cells(

@@ -307,10 +307,5 @@ def _summary(batch: Batch) -> Summary:
         finished_at=batch.finished_at,
         retry_of=batch.retry_of,
         counts=batch.counts.copy(),
-        cost=_cost(batch),
+        cost=batch.cost()[0],
     )
-
-
-def _cost(batch: Batch) -> float | None:
-    costs = [execution.cost for execution in batch.executions if execution.cost is not None]
-    return sum(costs) if costs else None

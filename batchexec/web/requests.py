@@ -142,21 +142,23 @@ def batch_options(
         models=tuple(name.strip() for name in models or ()),
         response_schema=schema,
         max_cost=budget(request, max_cost),
-        cache=flag("cache", cache) if isinstance(cache, str) else cache,
+        cache=form_flag(cache, "cache") if isinstance(cache, str) else cache,
     )
 
 
-def flag(name: str, value: str) -> bool | None:
-    """A form field's boolean: ``true``/``1`` or ``false``/``0``; None when empty."""
-    text = value.strip().lower()
+def form_flag(value: str | None, field: str) -> bool | None:
+    """A form field's boolean: ``true``/``1`` or ``false``/``0``; None when empty or absent."""
+    text = (value or "").strip().lower()
     if text in ("true", "1"):
         return True
     if text in ("false", "0"):
         return False
     if not text:
         return None
-    message = f"must be true, false, 1 or 0, not {value[:20]!r}"
-    raise InputError(f"The {name} field {message}.", [FieldError(None, name, message)])
+    raise InputError(
+        f"The {field} field must be true or false.",
+        [FieldError(None, field, f"must be true, false, 1 or 0, not {(value or '')[:20]!r}")],
+    )
 
 
 #: How a form gives an amount: digits, and a decimal point.

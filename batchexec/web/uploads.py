@@ -48,6 +48,7 @@ from batchexec.web.requests import (
     answer,
     batch_options,
     callback_url,
+    form_flag,
     limits,
     on_input_pool,
     parse_body,
@@ -100,7 +101,7 @@ async def process_csv(request: web.Request) -> web.Response:
 async def upload(request: web.Request) -> web.Response:
     """Like ``process_csv``, for a multipart upload of a CSV or XLSX ``file``."""
     name, data, fields = await _read_upload(request)
-    execute = _flag(fields.get("execute", ""))
+    execute = form_flag(fields.get("execute"), "execute") or False
     callback = _callback(request, fields.get("callback_url"), execute=execute)
     bounds = _bounds(request, fields.get("model"))
     options = batch_options(
@@ -129,7 +130,7 @@ async def validate(request: web.Request) -> web.Response:
     the answer adds the run's estimated tokens and cost (``batchexec.estimates``)."""
     if request.content_type == "multipart/form-data":
         name, data, fields = await _read_upload(request)
-        wanted = _flag(fields.get("estimate", ""), "estimate")
+        wanted = form_flag(fields.get("estimate"), "estimate") or False
         bounds = _bounds(request, fields.get("model"))
         options = batch_options(
             request,
@@ -381,16 +382,3 @@ async def _read_upload(request: web.Request) -> tuple[str | None, bytes, dict[st
             [FieldError(None, "file", "attach a CSV or XLSX file")],
         )
     return name, data, fields
-
-
-def _flag(value: str, field: str = "execute") -> bool:
-    """A form field's boolean: ``true``/``1`` or ``false``/``0``/empty."""
-    text = value.strip().lower()
-    if text in ("true", "1"):
-        return True
-    if text in ("false", "0", ""):
-        return False
-    raise InputError(
-        f"The {field} field must be true or false.",
-        [FieldError(None, field, f"must be true, false, 1 or 0, not {value!r}")],
-    )
