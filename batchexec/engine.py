@@ -465,25 +465,16 @@ class Engine:
         plan = batch.plan
         if plan is None:
             raise RuntimeError("a batch runs with a plan")
-        rows = {row.index: row for row in plan.rows}
-        outputs: dict[int, str] = {}
-        # What its rows have cost so far: those a restart or a retry keeps count too.
-        spent = _Spent(sum(execution.cost or 0.0 for execution in batch.executions))
-        for execution in batch.executions:
-            # A retry's rows that succeeded before are already ended; their
-            # results feed the ${output.n} of the rows that run again.
-            if execution.status is ExecutionStatus.SUCCEEDED and execution.result is not None:
-                outputs[execution.index] = execution.result
-        pending = {index for index in rows if not batch.executions[index - 1].status.finished}
-        if not pending:
+        max_threads = self._settings.max_threads
+        if len(plan.rows) > _SET_UP_INLINE_ROWS:
+            # New objects, shared with nothing until it returns: set up in a
+            # thread, so that a batch of 100,000 rows does not hold the loop.
+            run = await asyncio.to_thread(_RowsRun.of, batch, plan, max_threads)
+        else:
+            run = _RowsRun.of(batch, plan, max_threads)
+        if run is None:
             return
-        workers = min(self._settings.max_threads, len(pending))
-        ready = ReadyRows(
-            {index: rows[index].depends_on for index in pending},
-            plan.chain_lengths(),
-            workers=workers,
-        )
-
+        rows, outputs, spent, ready = run.rows, run.outputs, run.spent, run.ready
         since_yield = 0
 
         async def work() -> None:
@@ -499,7 +490,7 @@ class Engine:
                     await asyncio.sleep(0)
 
         async with asyncio.TaskGroup() as group:
-            for _ in range(workers):
+            for _ in range(run.workers):
                 group.create_task(work())
         if batch.id in self._over_budget:
             # Said at the end: what the batch spent, the rows in flight then included.
@@ -594,6 +585,45 @@ class _Spent:
     """What a running batch's rows have cost so far, as their outcomes arrive."""
 
     total: float
+
+
+#: Batches of more rows than this are set up to run off the event loop.
+_SET_UP_INLINE_ROWS = 2000
+
+
+@dataclass
+class _RowsRun:
+    """What ``Engine._run_rows`` follows: the rows to run, in ``ReadyRows`` order."""
+
+    rows: dict[int, PlannedRow]
+    #: The answers ``${output.n}`` takes, by row.
+    outputs: dict[int, str]
+    spent: _Spent
+    ready: ReadyRows
+    workers: int
+
+    @classmethod
+    def of(cls, batch: Batch, plan: BatchPlan, max_threads: int) -> _RowsRun | None:
+        """The run of ``batch``'s rows not yet ended; None when every one has."""
+        rows = {row.index: row for row in plan.rows}
+        outputs: dict[int, str] = {}
+        # What its rows have cost so far: those a restart or a retry keeps count too.
+        spent = _Spent(sum(execution.cost or 0.0 for execution in batch.executions))
+        for execution in batch.executions:
+            # A retry's rows that succeeded before are already ended; their
+            # results feed the ${output.n} of the rows that run again.
+            if execution.status is ExecutionStatus.SUCCEEDED and execution.result is not None:
+                outputs[execution.index] = execution.result
+        pending = {index for index in rows if not batch.executions[index - 1].status.finished}
+        if not pending:
+            return None
+        workers = min(max_threads, len(pending))
+        ready = ReadyRows(
+            {index: rows[index].depends_on for index in pending},
+            plan.chain_lengths(),
+            workers=workers,
+        )
+        return cls(rows, outputs, spent, ready, workers)
 
 
 def _budget_reached(batch: Batch, spent: float) -> str:

@@ -335,8 +335,11 @@ class ResultWorkbooks:
             batch = await self._load(batch_id, owner)
             path = self.folder / batch.file_name
             try:
+                # The sheets too: building 100,000 rows of cells would hold the loop.
                 await asyncio.to_thread(
-                    write_xlsx, path, results_sheet(batch), usage_sheet(batch, self.currency)
+                    lambda: write_xlsx(
+                        path, results_sheet(batch), usage_sheet(batch, self.currency)
+                    )
                 )
             except Exception as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

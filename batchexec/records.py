@@ -169,13 +169,15 @@ class Execution:
         """Whether the row named an assistant rather than a model."""
         return bool((self._text("assistant") or "").strip())
 
-    def size_bytes(self) -> int:
-        """About what the row holds in memory: its text, and the objects around it."""
+    def input_bytes(self) -> int:
+        """About what the row's input holds in memory: its cells, and the objects around it."""
         text = sum(len(value) if isinstance(value, str) else 8 for value in self.cells.values())
-        for value in (self.prompt_sent, self.result, self.error):
-            text += len(value) if value else 0
         # Measured: about 600 bytes a row of short text, read back from the store.
         return 700 + text
+
+    def outcome_bytes(self) -> int:
+        """About what the row's end added: the prompt as sent, the answer, the error."""
+        return sum(len(value) for value in (self.prompt_sent, self.result, self.error) if value)
 
 
 @dataclass
@@ -216,10 +218,18 @@ class Batch:
     _cost: list[float] = field(init=False, repr=False, compare=False)
     #: The same by model: cost, rows without one, prompt and completion tokens.
     _by_model: dict[str, list[float]] = field(init=False, repr=False, compare=False)
+    #: ``size_bytes``, kept as rows end: adding up 100,000 rows would hold the event loop.
+    _size: int = field(init=False, repr=False, compare=False)
+    #: The rows running now, in the order they started (``running``).
+    _running: dict[int, None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.counts:
             self.counts.update(execution.status for execution in self.executions)
+        self._size = 1000 + sum(execution.input_bytes() for execution in self.executions)
+        self._running = {
+            e.index: None for e in self.executions if e.status is ExecutionStatus.RUNNING
+        }
         self._shown_seqs, self._shown_rows, self._tokens = array("q"), array("q"), [0, 0]
         self._cost = [0.0, 0, 0]
         self._by_model = {}
@@ -233,10 +243,28 @@ class Batch:
         self.last_seq += 1
         return self.last_seq
 
+    def moved(self, execution: Execution, outcome: Outcome) -> None:
+        """``execution`` takes ``outcome`` (the registry calls this): the counts by status,
+        the running rows and, once it has ended, what clients may see follow."""
+        self.counts[execution.status] -= 1
+        self.counts[outcome.status] += 1
+        execution.outcome = outcome
+        if outcome.status is ExecutionStatus.RUNNING:
+            self._running[execution.index] = None
+        else:
+            self._running.pop(execution.index, None)
+        if outcome.status.finished:
+            self.shown(execution)
+
+    def running(self) -> list[Execution]:
+        """The executions running now, in the order they started."""
+        return [self.executions[index - 1] for index in self._running]
+
     def shown(self, execution: Execution) -> None:
-        """``execution`` ended and clients may now see it (the registry calls this)."""
+        """``execution`` ended and clients may now see it (``moved`` calls this)."""
         self._shown_seqs.append(execution.seq)
         self._shown_rows.append(execution.index)
+        self._size += execution.outcome_bytes()
         self._tokens[0] += execution.prompt_tokens or 0
         self._tokens[1] += execution.completion_tokens or 0
         model = self._by_model.get(execution.model)
@@ -295,8 +323,8 @@ class Batch:
         }
 
     def size_bytes(self) -> int:
-        """About what the batch holds in memory."""
-        return 1000 + sum(execution.size_bytes() for execution in self.executions)
+        """About what the batch holds in memory: its rows' input, and the ends shown."""
+        return self._size
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ class Registry:
         """
         for execution in batch.executions:
             if execution.status is ExecutionStatus.RUNNING:
-                _end(batch, execution, replace(execution.outcome, status=ExecutionStatus.PENDING))
+                batch.moved(execution, replace(execution.outcome, status=ExecutionStatus.PENDING))
         # Queued until it has a slot again, here as for a new batch.
         batch.status = BatchStatus.QUEUED
         batch.message = "Batch is queued."
@@ -315,7 +315,7 @@ class Registry:
         def visible() -> None:
             execution.prompt_sent = prompt
             running = replace(execution.outcome, status=ExecutionStatus.RUNNING, attempts=attempts)
-            _end(batch, execution, running)
+            batch.moved(execution, running)
             self.events.publish(batch.id, started_event(execution))
 
         self._record(ExecutionStarted(batch.id, index, prompt, attempts), visible)
@@ -331,7 +331,7 @@ class Registry:
                 return  # a row's end is final (a cancel or a failure came first)
             if prompt is not None:
                 execution.prompt_sent = prompt
-            _end(batch, execution, outcome)
+            batch.moved(execution, outcome)
             self.metrics.execution_ended(outcome.status, execution.model)
             if self.events.watched(batch.id):
                 self.events.publish(batch.id, execution_event(execution), progress_event(batch))
@@ -353,7 +353,7 @@ class Registry:
 
             def visible(execution: Execution = execution, cancelled: Outcome = cancelled) -> None:
                 if not execution.status.finished:
-                    _end(batch, execution, cancelled)
+                    batch.moved(execution, cancelled)
                     self.metrics.execution_ended(cancelled.status, execution.model)
                     self.events.publish(batch.id, execution_event(execution))
 
@@ -417,7 +417,7 @@ class Registry:
                     attempts=execution.attempts,
                     seq=batch.next_seq(),
                 )
-                _end(batch, execution, cancelled)
+                batch.moved(execution, cancelled)
                 self.metrics.execution_ended(cancelled.status, execution.model)
                 self._record(ExecutionEnded(batch.id, execution.index, cancelled, None), nothing)
         finished_at = time.time()
@@ -477,14 +477,5 @@ def _new_batch(
         if earlier.status is ExecutionStatus.SUCCEEDED:
             execution = batch.executions[earlier.index - 1]
             execution.prompt_sent = earlier.prompt_sent
-            _end(batch, execution, replace(earlier.outcome, seq=batch.next_seq()))
+            batch.moved(execution, replace(earlier.outcome, seq=batch.next_seq()))
     return batch
-
-
-def _end(batch: Batch, execution: Execution, outcome: Outcome) -> None:
-    """Give ``execution`` its new ``outcome``, keeping the batch's counts by status."""
-    batch.counts[execution.status] -= 1
-    batch.counts[outcome.status] += 1
-    execution.outcome = outcome
-    if outcome.status.finished:
-        batch.shown(execution)

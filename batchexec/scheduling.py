@@ -17,7 +17,11 @@ _NO_MORE_ROWS = 0
 
 
 class ReadyRows:
-    """The rows of one batch run that may start next, for ``workers`` workers to take."""
+    """The rows of one batch run that may start next, for ``workers`` workers to take.
+
+    It may be made in another thread than the loop's: an asyncio queue binds
+    to its loop only when first waited on.
+    """
 
     def __init__(
         self,

@@ -17,7 +17,6 @@ from batchexec.inputs import Rows, from_executions
 from batchexec.openai_requests import OPENAI, limits_of, row_of_cells
 from batchexec.planning import RowInput
 from batchexec.providers import unconfigured
-from batchexec.readiness import require_ready
 from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.runtime import input_rows
 from batchexec.schemas import (
@@ -46,6 +45,7 @@ from batchexec.web.requests import (
     callback_url,
     parse_body,
     plan_off_loop,
+    require_ready_off_loop,
     validated,
     xlsx_url,
 )
@@ -70,8 +70,7 @@ async def execute_batch(request: web.Request) -> web.Response:
     plan = await plan_off_loop(
         request, lambda: from_executions(executions, body.columns, consume=True), None, options
     )
-    providers = request.app[PROVIDERS]
-    require_ready(plan, providers)
+    await require_ready_off_loop(request, plan)
     batch = await request.app[ENGINE].submit(request[OWNER], plan, callback_url=callback)
     return answer(InvokeResponse.started(batch.id))
 
@@ -97,7 +96,10 @@ async def cancel(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     batch = await _batch_of(request, body.invocation_id)
     await request.app[ENGINE].cancel(batch.id)
-    # Read again: another replica may have run (and ended) it.
+    # The store may tell of its end before this process shows it (a change is durable
+    # before it is visible): shown first. Then read again: another replica may have
+    # run (and ended) it.
+    await registry.flush()
     return await answer_results(request, await registry.get(batch.id, request[OWNER]))
 
 
@@ -144,8 +146,7 @@ async def retry(request: web.Request) -> web.Response:
 
     bounds = limits_of(request.app[SETTINGS]) if original.api == OPENAI else None
     plan = await plan_off_loop(request, rows, bounds, options)
-    providers = request.app[PROVIDERS]
-    require_ready(plan, providers, only=rerun)
+    await require_ready_off_loop(request, plan, only=rerun)
     batch = await request.app[ENGINE].submit(
         request[OWNER],
         plan,

@@ -10,7 +10,7 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -20,9 +20,10 @@ from batchexec import api
 from batchexec.errors import FieldError, InputError
 from batchexec.inputs import TOO_MANY_DIGITS, Rows, plan_rows
 from batchexec.planning import MAX_MODELS, NO_BATCH_OPTIONS, BatchOptions, BatchPlan, Limits
+from batchexec.readiness import require_ready
 from batchexec.runtime import limits_from
 from batchexec.structured import check_schema
-from batchexec.web.keys import CATALOG, INPUT_POOL, SETTINGS
+from batchexec.web.keys import CATALOG, INPUT_POOL, PROVIDERS, SETTINGS
 
 _Body = TypeVar("_Body", bound=BaseModel)
 _T = TypeVar("_T")
@@ -102,6 +103,22 @@ async def plan_off_loop(
     if len(rows.rows) > _INLINE_ROWS:
         return await on_input_pool(request, lambda: plan_rows(rows, catalog, bounds, options))
     return plan_rows(rows, catalog, bounds, options)
+
+
+async def require_ready_off_loop(
+    request: web.Request,
+    plan: BatchPlan,
+    rows: Rows | None = None,
+    *,
+    only: Collection[int] | None = None,
+) -> None:
+    """``readiness.require_ready`` for the app's providers: for a large batch, on the
+    input pool (it reads every row)."""
+    providers = request.app[PROVIDERS]
+    if len(plan.rows) > _INLINE_ROWS:
+        await on_input_pool(request, lambda: require_ready(plan, providers, rows, only=only))
+    else:
+        require_ready(plan, providers, rows, only=only)
 
 
 def batch_options(

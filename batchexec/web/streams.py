@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -28,7 +29,7 @@ from batchexec.events import (
     progress_event,
     started_event,
 )
-from batchexec.records import Batch, ExecutionStatus
+from batchexec.records import Batch, Execution
 from batchexec.registry import Registry
 from batchexec.web.keys import OWNER, REGISTRY, REPLICA
 from batchexec.web.requests import xlsx_url
@@ -40,6 +41,8 @@ _HEARTBEAT_S = 15.0
 _STORED_POLL_S = 1.0
 _STORED_GAP_S = 0.2
 _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+#: A late client's backlog is made and written this many ended rows at a time.
+_BACKLOG_SLICE = 500
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -59,7 +62,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     # so no event is missed or sent twice.
     # A client that goes away has nothing more to be told.
     with registry.events.watch(batch.id) as queue, contextlib.suppress(ConnectionResetError):
-        await _follow(request, response, batch, _backlog(batch), queue)
+        await _follow(request, response, batch, Backlog.of(batch), queue)
     return response
 
 
@@ -73,8 +76,9 @@ async def _follow_stored(
     """Follow a batch another replica runs, from the store, until it ends."""
     async with replica.watching(batch.id) as changed:
         # Watching before the first read: a change made after it is not missed.
-        await _send(response, request, batch, _backlog(batch))
+        backlog = Backlog.of(batch)
         cursor, counts = batch.cursor, dict(batch.counts)
+        await backlog.send(response, request, batch)
         quiet_s = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
@@ -105,29 +109,53 @@ async def _follow_stored(
             await asyncio.sleep(_STORED_GAP_S)
 
 
-def _backlog(batch: Batch) -> list[Event]:
-    """What a client connecting now has missed: every ended row, the rows running now,
-    progress, maybe ``done``."""
-    backlog = [execution_event(e) for e in batch.executions if e.status.finished]
-    backlog += [started_event(e) for e in batch.executions if e.status is ExecutionStatus.RUNNING]
-    backlog.append(progress_event(batch))
-    if batch.status.finished:
-        backlog.append(done_event(batch))
-    return backlog
+@dataclass(frozen=True)
+class Backlog:
+    """What a client connecting now has missed: every ended row (in the order they
+    ended), the rows running now, progress, maybe ``done``.
+
+    Taken at once (``of`` costs a reference a row), and its events made and
+    sent in slices of ``_BACKLOG_SLICE``, handing the loop back between them:
+    an ended row changes no more, so its event made later is the one it had.
+    """
+
+    ended: list[Execution]
+    running: list[Execution]
+    last: list[Event]
+
+    @classmethod
+    def of(cls, batch: Batch) -> Backlog:
+        last = [progress_event(batch)]
+        if batch.status.finished:
+            last.append(done_event(batch))
+        return cls(batch.ended_since(0)[0], batch.running(), last)
+
+    @property
+    def final(self) -> bool:
+        """Whether it ends with a final event: the batch had ended."""
+        return self.last[-1].name in FINAL_EVENTS
+
+    async def send(self, response: web.StreamResponse, request: web.Request, batch: Batch) -> None:
+        for start in range(0, len(self.ended), _BACKLOG_SLICE):
+            rows = self.ended[start : start + _BACKLOG_SLICE]
+            await _send(response, request, batch, [execution_event(e) for e in rows])
+            await asyncio.sleep(0)
+        started = [started_event(e) for e in self.running]
+        await _send(response, request, batch, [*started, *self.last])
 
 
 async def _follow(
     request: web.Request,
     response: web.StreamResponse,
     batch: Batch,
-    backlog: list[Event],
+    backlog: Backlog,
     queue: asyncio.Queue[Event],
 ) -> None:
     """Send ``backlog``, then what ``queue`` brings, until a final event has gone out."""
-    await _send(response, request, batch, backlog)
+    await backlog.send(response, request, batch)
     # Decided from what was sent, not from the batch now: the write above may
     # have waited for a slow client while the batch finished.
-    done = backlog[-1].name in FINAL_EVENTS
+    done = backlog.final
     while not done:
         try:
             first = await asyncio.wait_for(queue.get(), _HEARTBEAT_S)

@@ -34,7 +34,6 @@ from batchexec.inputs import (
     sniff,
 )
 from batchexec.planning import BatchOptions, BatchPlan, Limits
-from batchexec.readiness import require_ready
 from batchexec.records import Batch
 from batchexec.schemas import (
     Message,
@@ -43,7 +42,7 @@ from batchexec.schemas import (
     ValidateRequest,
     ValidateResponse,
 )
-from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS, WORKBOOKS
+from batchexec.web.keys import CATALOG, ENGINE, OWNER, REGISTRY, SETTINGS, WORKBOOKS
 from batchexec.web.requests import (
     answer,
     batch_options,
@@ -53,6 +52,7 @@ from batchexec.web.requests import (
     on_input_pool,
     parse_body,
     plan_off_loop,
+    require_ready_off_loop,
     xlsx_url,
 )
 from batchexec.wording import counted
@@ -149,8 +149,7 @@ async def validate(request: web.Request) -> web.Response:
         )
         rows = await _csv_rows(request, body.csv_content)
     plan = await _plan(request, rows, bounds, options)
-    providers = request.app[PROVIDERS]
-    require_ready(plan, providers, rows)
+    await require_ready_off_loop(request, plan, rows)
     count = plan.input_rows
     found: Estimate | None = None
     if wanted:
@@ -255,8 +254,7 @@ async def _process_rows(
     """
     plan = await _plan(request, rows, bounds, options)
     if execute:
-        providers = request.app[PROVIDERS]
-        require_ready(plan, providers, rows)
+        await require_ready_off_loop(request, plan, rows)
     batch_id = request.app[REGISTRY].new_id()
     file_name = Batch.file_name_for(batch_id)
     await _write_template(request, plan, file_name, batch_id, execute=execute)
