@@ -44,6 +44,8 @@ from benchmarks.xlsx import xlsx
 HTTP_SCENARIOS: dict[str, Callable[[http.BatchClient], Awaitable[Figure]]] = {
     "independent": makespan.independent,
     "chains": makespan.chains,
+    "floor": makespan.floor,
+    "following": makespan.following,
     "overhead": overhead.overhead,
     "polling": polling.polling,
     "openai": openai_batch.openai_batch,
@@ -81,6 +83,8 @@ GROUPS = {
 FIGURES = {
     "independent": ("makespan_independent", "makespan vs ideal, independent rows"),
     "chains": ("makespan_chains", "makespan vs ideal, chains"),
+    "floor": ("makespan_floor", "makespan vs the bare asyncio floor"),
+    "following": ("following", "polling with the cursor vs the events route"),
     "sequential": ("vs_sequential", "vs the original integration's algorithm"),
     "overhead": ("overhead", "overhead per row"),
     "providers": ("provider_client", "provider client vs the official SDK"),

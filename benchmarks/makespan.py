@@ -5,22 +5,32 @@
    interleaved (see ``chain_rows``): ideal max(40, 1000 / 100) x 0.1 s = 4.0 s.
 3. The same 2,000 rows one after another, as the original integration ran
    them: a plain loop awaiting the echo provider for each row.
+
+Issue 11 adds two figures of scenario 1's batch: ``floor``, its makespan
+from the first byte sent against the bare asyncio floor measured run for
+run, and ``following``, its own makespan while a client polls the results
+route with the cursor every 10 ms, against the same batch followed through
+the events route.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
+from datetime import datetime
 
 import aiohttp
 
+from batchexec import api
 from batchexec.catalog import ModelSpec
 from batchexec.config import Settings
 from batchexec.providers.base import ChatRequest
 from batchexec.providers.echo import EchoProvider
 from batchexec.templating import substitute
-from benchmarks.client import BatchClient
+from benchmarks.client import FINISHED, RESULTS, BatchClient
 from benchmarks.common import FULL, RUNS, Figure, Samples, Target, progress
+from benchmarks.responsive import body_of, submit, to_done
 
 MODEL = "bench-echo-100ms"
 LATENCY_S = 0.1
@@ -29,6 +39,8 @@ INDEPENDENT_ROWS = 2_000
 CHAINS = 20
 LINKS = 40
 CHAIN_INDEPENDENTS = 200
+#: How often ``following`` polls the results route.
+POLL_EVERY_S = 0.01
 #: Rows the sequential baseline runs by default; the rest is extrapolated.
 SEQUENTIAL_SAMPLE = 200
 
@@ -131,6 +143,105 @@ async def independent(client: BatchClient) -> Figure:
             "bare_floor_s": floor.as_json(),
         },
     )
+
+
+async def floor(client: BatchClient) -> Figure:
+    """Scenario 1 against the bare asyncio floor, run for run: the body encoded beforehand,
+    timed from the moment the client starts sending it to the ``done`` event."""
+    body = body_of(independent_rows())
+    samples: list[float] = []
+    floors: list[float] = []
+    for run in range(1, RUNS + 1):
+        _, elapsed = await to_done(client, body)
+        samples.append(elapsed)
+        floors.append(await bare_floor_s())
+        progress("makespan vs floor", f"run {run}/{RUNS}: {elapsed:.3f} s, {floors[-1]:.3f} s bare")
+    ours, bare = Samples.of(samples, "s"), Samples.of(floors, "s")
+    return Figure(
+        key="makespan_floor",
+        title="makespan vs the bare asyncio floor",
+        how=f"scenario 1's {INDEPENDENT_ROWS:,} rows x {LATENCY_S:g} s, {IN_FLIGHT} in flight, "
+        "the body encoded beforehand, from the first byte sent to the `done` event; each run "
+        f"followed by the same schedule as an `asyncio.Semaphore({IN_FLIGHT})` around "
+        f"`asyncio.sleep({LATENCY_S:g})` in the harness",
+        measured=ours.text(3),
+        reference=f"bare asyncio floor {bare.text(3)}",
+        ratio=ours.median / bare.median,
+        target=Target("<=", 1.03),
+        data={"samples": ours.as_json(), "bare_floor_s": bare.as_json()},
+    )
+
+
+async def following(client: BatchClient) -> Figure:
+    """Scenario 1 followed by polling the results route with its cursor every 10 ms, against
+    the same batch followed through the events route, runs interleaved; each batch's own
+    makespan (``finished_at - created_at`` of the list route)."""
+    body = body_of(independent_rows())
+    by_events: list[float] = []
+    by_polling: list[float] = []
+    polls: list[int] = []
+    for run in range(1, RUNS + 1):
+        batch_id, _ = await to_done(client, body)
+        by_events.append(await own_makespan_s(client, batch_id))
+        batch_id = await submit(client, body)
+        polls.append(await poll_with_cursor(client, batch_id, INDEPENDENT_ROWS))
+        by_polling.append(await own_makespan_s(client, batch_id))
+        progress(
+            "following a batch",
+            f"run {run}/{RUNS}: events {by_events[-1]:.3f} s, cursor polling "
+            f"{by_polling[-1]:.3f} s ({polls[-1]} polls)",
+        )
+    events, polling = Samples.of(by_events, "s"), Samples.of(by_polling, "s")
+    return Figure(
+        key="following",
+        title="polling with the cursor vs the events route",
+        how=f"scenario 1's {INDEPENDENT_ROWS:,} rows x {LATENCY_S:g} s followed by the results "
+        f"route every {POLL_EVERY_S * 1000:g} ms with `since` (each answer's `cursor`), or "
+        "through the events route, runs interleaved; the batch's own makespan "
+        "(`finished_at - created_at` of the list route)",
+        measured=f"cursor polling {polling.text(3)}, {statistics.median(polls):,.0f} polls",
+        reference=f"events route {events.text(3)}",
+        ratio=polling.median / events.median,
+        target=Target("<=", 1.01),
+        data={"polling": polling.as_json(), "events": events.as_json(), "polls": polls},
+    )
+
+
+async def poll_with_cursor(client: BatchClient, batch_id: str, total: int) -> int:
+    """Follow ``batch_id`` through the results route with ``since``, every ``POLL_EVERY_S``,
+    until it has ended; checks that every row came back once. The number of polls."""
+    cursor, seen, polls = 0, 0, 0
+    while True:
+        async with client.session.post(
+            client.base_url + RESULTS,
+            json={"invocation_id": batch_id, "since": cursor},
+            headers=client.headers,
+        ) as answer:
+            payload = await answer.json()
+            if answer.status != 200:
+                raise RuntimeError(f"results: HTTP {answer.status}: {str(payload)[:500]}")
+        polls += 1
+        seen += len(payload["executions"])
+        cursor = payload["cursor"]
+        if payload["status"] in FINISHED:
+            if payload["status"] != "completed" or seen != total:
+                raise RuntimeError(f"batch {batch_id}: {payload['status']}, {seen} of {total}")
+            return polls
+        await asyncio.sleep(POLL_EVERY_S)
+
+
+async def own_makespan_s(client: BatchClient, batch_id: str) -> float:
+    """``finished_at - created_at`` of the batch, as the list route shows it."""
+    async with client.session.get(
+        client.base_url + api.BATCHES, params={"limit": "1"}, headers=client.headers
+    ) as answer:
+        payload = await answer.json()
+    # Newest first, and the harness submits one batch at a time: it is the first.
+    entry = payload["batches"][0]
+    if entry["invocationId"] != batch_id or entry["finished_at"] is None:
+        raise RuntimeError(f"the list route does not show {batch_id} finished first: {entry}")
+    created = datetime.fromisoformat(entry["created_at"])
+    return (datetime.fromisoformat(entry["finished_at"]) - created).total_seconds()
 
 
 async def chains(client: BatchClient) -> Figure:
