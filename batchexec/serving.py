@@ -34,7 +34,7 @@ _REQUEST_DRAIN_S = 5.0
 #: How long an idle keep-alive connection stays open (``web.run_app``'s default).
 _KEEPALIVE_S = 75.0
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_SWITCH_INTERVAL_S = 0.001
+_SWITCH_INTERVAL_S = 0.0005
 #: The cyclic collector's thresholds (CPython's are 700, 10, 10). A batch of
 #: 100,000 rows makes millions of objects that live as long as it does; at
 #: CPython's, the collector went through every one of them several times a
