@@ -60,7 +60,6 @@ import asyncio
 import bisect
 import csv
 import io
-import json
 import random
 import re
 import secrets
@@ -81,6 +80,7 @@ import aiohttp
 import openpyxl
 
 from batchexec import api
+from batchexec.store import sqlite_documents
 from benchmarks.common import progress
 from benchmarks.counting_provider import read_calls
 from benchmarks.server import (
@@ -481,9 +481,11 @@ def read_store(path: Path) -> Stored:
     connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
         batches = dict(connection.execute("SELECT id, status FROM batches").fetchall())
+        # Read as the store reads its rows: documents, their changes applied.
         rows = {
-            str(json.loads(cells)["prompt"]): str(status)
-            for cells, status in connection.execute("SELECT cells, status FROM executions")
+            str(execution.cells["prompt"]): execution.status.value
+            for batch_id in batches
+            for execution in sqlite_documents.executions(connection, batch_id)
         }
     finally:
         connection.close()

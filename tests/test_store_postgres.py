@@ -47,6 +47,8 @@ class PostgresKit(StoreKit[PostgresStore]):
 
     dialect = "postgresql"
     too_large = "int64"
+    batches_with_rows = "SELECT DISTINCT batch_id FROM executions ORDER BY batch_id"
+    sixth_result = "SELECT result FROM executions WHERE idx = 6"
 
     def __init__(self, url: str, make_url: MakePostgresUrl) -> None:
         super().__init__()

@@ -8,20 +8,25 @@ never waits for the writer.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from batchexec.records import Batch, BatchStatus, Execution
-from batchexec.store import BatchStarted, StoreError
+from batchexec.records import Batch, BatchStatus, Execution, ExecutionStatus, Outcome
+from batchexec.store import BatchEnded, BatchStarted, ExecutionEnded, ExecutionStarted, StoreError
 from batchexec.store.migrations import latest, migrations
+from batchexec.store.rows import batch_row
 from batchexec.store.sqlite import SQLiteStore
+from batchexec.store.sqlite_documents import PART_ROWS
+from batchexec.store.sqlite_rows import INSERT_BATCH, text
 from tests.store_contract import StoreContract, StoreKit, a_batch
 
 OpenStore = Callable[..., Awaitable[SQLiteStore]]
@@ -41,6 +46,8 @@ class SQLiteKit(StoreKit[SQLiteStore]):
 
     dialect = "sqlite"
     too_large = "too large"
+    batches_with_rows = "SELECT DISTINCT batch_id FROM row_inputs ORDER BY batch_id"
+    sixth_result = None
 
     def __init__(self, folder: Path) -> None:
         super().__init__()
@@ -169,30 +176,97 @@ async def test_a_read_only_database_is_refused(open_store, tmp_path):
 # Writing and reading back
 
 
-async def test_text_with_no_utf_8_form_is_kept_as_bytes_and_other_text_as_text(
+async def test_rows_are_json_text_and_bytes_only_where_a_text_has_no_utf_8_form(
     open_store, tmp_path
 ):
     store = await open_store()
-    models = ["a\ud800b", "Grüße\x00", "echo"]
+
+    def batch_of(batch_id: str, models: list[str]) -> Batch:
+        return Batch(
+            id=batch_id,
+            owner="owner-a",
+            columns=("prompt",),
+            executions=[
+                Execution(n, model, {"prompt": "p"}) for n, model in enumerate(models, start=1)
+            ],
+            created_at=1.0,
+        )
+
+    plain = batch_of("plain", ["Grüße", "echo"])
+    awkward = batch_of("awkward", ["a\ud800b", "echo"])
+    for batch in (plain, awkward):
+        await store.create(batch)
+
+    path = tmp_path / "batchexec.db"
+    # Readable with SQLite's own JSON functions, by anyone querying the table.
+    assert query(
+        path, "SELECT json_extract(inputs, '$[0][0]') FROM row_inputs WHERE batch_id = 'plain'"
+    ) == [("Grüße",)]
+    [(kind, stored)] = query(
+        path, "SELECT typeof(inputs), inputs FROM row_inputs WHERE batch_id = 'awkward'"
+    )
+    assert kind == "blob"
+    assert "a\ud800b".encode("utf-8", "surrogatepass") in stored
+    assert await store.load("plain") == plain
+    assert await store.load("awkward") == awkward
+
+
+async def test_a_batch_of_many_parts_reads_back_with_its_changes_in_order(open_store):
+    store = await open_store()
+    rows = PART_ROWS * 2 + 5
     batch = Batch(
         id="b1",
         owner="owner-a",
         columns=("prompt",),
-        executions=[
-            Execution(n, model, {"prompt": "p"}) for n, model in enumerate(models, start=1)
-        ],
+        executions=[Execution(n, "echo", {"prompt": f"p{n}"}) for n in range(1, rows + 1)],
         created_at=1.0,
     )
     await store.create(batch)
+    last = rows
+    await store.apply(
+        [
+            ExecutionStarted("b1", 1, "sent 1", 1),
+            ExecutionStarted("b1", last, "sent last", 1),
+            ExecutionEnded(
+                "b1", PART_ROWS + 1, Outcome(ExecutionStatus.FAILED, error="no", seq=1), None
+            ),
+        ]
+    )
+    await store.apply(
+        [
+            # Retried: a start again, then the end; and a second end of a row is ignored.
+            ExecutionStarted("b1", 1, "sent 1 again", 2),
+            ExecutionEnded(
+                "b1", 1, Outcome(ExecutionStatus.SUCCEEDED, "one", attempts=2, seq=2), None
+            ),
+            ExecutionEnded(
+                "b1", PART_ROWS + 1, Outcome(ExecutionStatus.SUCCEEDED, "late", seq=3), "x"
+            ),
+        ]
+    )
 
-    assert query(
-        tmp_path / "batchexec.db", "SELECT typeof(model), model FROM executions ORDER BY idx"
-    ) == [
-        ("blob", "a\ud800b".encode("utf-8", "surrogatepass")),
-        ("text", "Grüße\x00"),
-        ("text", "echo"),
-    ]
-    assert await store.load("b1") == batch
+    loaded = await store.load("b1")
+    assert loaded is not None
+    first, middle, end = loaded.executions[0], loaded.executions[PART_ROWS], loaded.executions[-1]
+    assert (first.status, first.result, first.attempts, first.prompt_sent) == (
+        ExecutionStatus.SUCCEEDED,
+        "one",
+        2,
+        # A start whose end is in the same group is not written; an end with no
+        # prompt keeps the one sent before.
+        "sent 1",
+    )
+    assert (middle.status, middle.error, middle.prompt_sent) == (ExecutionStatus.FAILED, "no", None)
+    assert (end.status, end.prompt_sent) == (ExecutionStatus.RUNNING, "sent last")
+    assert [e.cells["prompt"] for e in loaded.executions] == [f"p{n}" for n in range(1, rows + 1)]
+    assert await store.counts("b1") == Counter(
+        {
+            ExecutionStatus.PENDING: rows - 3,
+            ExecutionStatus.SUCCEEDED: 1,
+            ExecutionStatus.FAILED: 1,
+            ExecutionStatus.RUNNING: 1,
+        }
+    )
 
 
 async def test_a_database_locked_by_another_process_is_a_store_error(open_store, tmp_path):
@@ -235,3 +309,67 @@ async def test_the_reading_connection_cannot_write(open_store):
     store = await open_store()
     with pytest.raises(StoreError, match="readonly"):
         await store._read(lambda db: db.execute("DELETE FROM batches"))
+
+
+async def test_rows_written_before_schema_14_read_back_with_the_changes_made_after(
+    open_store, tmp_path
+):
+    # A database of version 13, its batch's rows in executions, as batchexec wrote them then.
+    path = tmp_path / "batchexec.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        for migration in migrations("sqlite")[:13]:
+            db.executescript(migration.sql)
+        db.execute("INSERT INTO meta (key, value) VALUES ('secret', ?)", (b"s" * 32,))
+        old = a_batch("old", rows=[ExecutionStatus.SUCCEEDED, ExecutionStatus.PENDING])
+        db.execute(INSERT_BATCH, batch_row(old, text))
+        for e in old.executions:
+            db.execute(
+                "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, "
+                "result, error, latency_ms, attempts, prompt_tokens, completion_tokens, cost, "
+                "cached, ended_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    "old",
+                    e.index,
+                    e.model,
+                    json.dumps(e.cells),
+                    e.status.value,
+                    e.prompt_sent,
+                    e.result,
+                    e.error,
+                    e.latency_ms,
+                    e.attempts,
+                    e.prompt_tokens,
+                    e.completion_tokens,
+                    0.5,
+                    e.cached,
+                    e.seq,
+                ),
+            )
+        db.execute("PRAGMA user_version = 13")
+    finally:
+        db.close()
+
+    store = await open_store()
+    assert query(path, "PRAGMA user_version") == [(latest("sqlite"),)]
+    outcome = Outcome(ExecutionStatus.FAILED, error="refused", attempts=1, cost=0.25, seq=9)
+    await store.apply([ExecutionEnded("old", 2, outcome, "sent")])
+
+    loaded = await store.load("old")
+    assert loaded is not None
+    assert loaded.executions[0].status is ExecutionStatus.SUCCEEDED
+    assert loaded.executions[0].result == old.executions[0].result
+    second = loaded.executions[1]
+    assert (second.status, second.error, second.prompt_sent) == (
+        ExecutionStatus.FAILED,
+        "refused",
+        "sent",
+    )
+    assert await store.counts("old") == Counter(
+        {ExecutionStatus.SUCCEEDED: 1, ExecutionStatus.FAILED: 1}
+    )
+    # Its end counts and costs the rows of both layouts.
+    await store.apply([BatchEnded("old", BatchStatus.FAILED, "Batch failed.", 3.0, None)])
+    [summary] = await store.summaries(old.owner, status=None, limit=10)
+    assert summary.cost == 0.75
+    assert summary.counts == Counter({ExecutionStatus.SUCCEEDED: 1, ExecutionStatus.FAILED: 1})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from batchexec.planning import BatchOptions
@@ -134,6 +134,13 @@ def batches_of(
     latency_ms, attempts, prompt_tokens, completion_tokens, cost, cached, ended_seq)``, each
     batch's in the order of their index.
     """
+    return batches_with(batch_rows, executions_of(execution_rows, read_text), read_text)
+
+
+def executions_of(
+    execution_rows: Iterable[Any], read_text: ReadText
+) -> defaultdict[str, list[Execution]]:
+    """Executions by batch from their rows of ``executions`` (as ``batches_of`` has them)."""
     executions: defaultdict[str, list[Execution]] = defaultdict(list)
     for (
         batch_id,
@@ -172,12 +179,20 @@ def batches_of(
                 prompt_sent=read_text(prompt_sent),
             )
         )
+    return executions
+
+
+def batches_with(
+    batch_rows: Iterable[Any], executions: Mapping[str, list[Execution]], read_text: ReadText
+) -> list[Batch]:
+    """Batches from their rows of ``batches`` (as ``batches_of`` has them) and their
+    executions, by batch id."""
     return [
         Batch(
             id=row[0],
             owner=row[1],
             columns=tuple(json.loads(row[2])),
-            executions=executions.pop(row[0], []),
+            executions=executions.get(row[0], []),
             created_at=row[5],
             status=BatchStatus(row[3]),
             message=read_text(row[4]) or "",

@@ -6,10 +6,11 @@ and no lock is ever contended inside the process; reads run on the reader's,
 so a client listing its batches never delays a commit (WAL lets a reader and
 the writer work at once, the reader seeing the last commit). The registry
 hands ``apply`` whole groups of changes, each written in one transaction,
-which is what keeps the hot path fast (a commit per group, not per row). The
-statements, and how SQLite keeps text, are in ``sqlite_rows.py``; the
-conversions between records and rows, the same for every SQL store, in
-``rows.py``.
+which is what keeps the hot path fast (a commit per group, not per row). A
+batch's rows are JSON documents, its input in parts and its rows' changes
+appended (``sqlite_documents.py``). The statements, and how SQLite keeps
+text, are in ``sqlite_rows.py``; the conversions between records and rows,
+the same for every SQL store, in ``rows.py``.
 
 The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives
 the process being killed at any moment (``kill -9``, the OOM killer); after a
@@ -46,22 +47,27 @@ from batchexec.store.base import (
 from batchexec.store.migrations import latest, migrations
 from batchexec.store.rows import (
     batch_row,
-    batches_of,
+    batches_with,
     callbacks_of,
-    coalesced,
     counted,
-    execution_rows,
     openai_batch_row,
     openai_batches_of,
     summaries_of,
 )
+from batchexec.store.sqlite_documents import (
+    INSERT_CHANGES,
+    INSERT_INPUTS,
+    counts_and_cost,
+    input_parts,
+    row_changes_of,
+)
+from batchexec.store.sqlite_documents import executions as documented_executions
 from batchexec.store.sqlite_rows import (
     CLAIM_CALLBACKS,
     CLAIM_FINALIZATIONS,
     COMPLETE_FILE,
     INSERT_BATCH,
     INSERT_CHUNK,
-    INSERT_EXECUTION,
     INSERT_OPENAI_BATCH,
     INSERT_STORED_FILE,
     MARK_OVERDUE,
@@ -70,7 +76,6 @@ from batchexec.store.sqlite_rows import (
     OPENAI_FINALIZED,
     SELECT_BATCH,
     SELECT_CHUNK,
-    SELECT_EXECUTIONS,
     SELECT_FILE_CURSOR,
     SELECT_OPENAI_BATCH,
     SELECT_OPENAI_BATCHES,
@@ -81,8 +86,6 @@ from batchexec.store.sqlite_rows import (
     SELECT_SUMMARIES,
     SELECT_UNFINISHED,
     UPDATE_CALLBACK,
-    UPDATE_ENDED,
-    UPDATE_STARTED,
     apply_batch_change,
     read_text,
     text,
@@ -248,19 +251,18 @@ class SQLiteStore(BatchStore):
         def write(db: sqlite3.Connection) -> None:
             with _transaction(db):
                 db.execute(INSERT_BATCH, batch_row(batch, text))
-                db.executemany(INSERT_EXECUTION, execution_rows(batch, text))
+                db.executemany(INSERT_INPUTS, input_parts(batch))
 
         await self._run(write)
 
     async def apply(self, changes: Sequence[Change]) -> frozenset[str]:
         def write(db: sqlite3.Connection) -> None:
             # Here, not on the event loop: a group can hold thousands of changes.
-            started, ended, batches = coalesced(changes, text)
+            entries, batches = row_changes_of(changes)
             with _transaction(db):
-                db.executemany(UPDATE_STARTED, started)
-                db.executemany(UPDATE_ENDED, ended)
+                db.executemany(INSERT_CHANGES, entries)
                 for change in batches:
-                    apply_batch_change(db, change)
+                    apply_batch_change(db, change, counts_and_cost)
 
         await self._run(write)
         return frozenset()  # one process a file: no leases to lose
@@ -291,11 +293,7 @@ class SQLiteStore(BatchStore):
 
     async def counts(self, batch_id: str) -> Counter[ExecutionStatus]:
         def read(db: sqlite3.Connection) -> Counter[ExecutionStatus]:
-            rows = db.execute(
-                "SELECT status, count(*) FROM executions WHERE batch_id = ? GROUP BY status",
-                (batch_id,),
-            )
-            return counted(rows)
+            return counted(counts_and_cost(db, batch_id)[0].items())
 
         return await self._read(read)
 
@@ -565,8 +563,8 @@ class _transaction:
 def _batches(db: sqlite3.Connection, query: str, args: tuple[Any, ...] = ()) -> list[Batch]:
     """The batches ``query`` selects, with their rows."""
     batch_rows = db.execute(query, args).fetchall()
-    executions = [row for batch in batch_rows for row in db.execute(SELECT_EXECUTIONS, (batch[0],))]
-    return batches_of(batch_rows, executions, read_text)
+    executions = {batch[0]: documented_executions(db, batch[0]) for batch in batch_rows}
+    return batches_with(batch_rows, executions, read_text)
 
 
 def _statements(script: str) -> list[str]:

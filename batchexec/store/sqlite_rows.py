@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable, Mapping
 
 from batchexec.store.base import BatchEnded, BatchStarted, Change
 from batchexec.store.rows import OPENAI_BATCH_COLUMNS
@@ -19,11 +20,6 @@ INSERT_BATCH = (
     "INSERT INTO batches (id, owner, columns, status, message, created_at, "
     "started_at, finished_at, xlsx_name, retry_of, counts, callback_url, callback_state, "
     "callback_next, api, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-INSERT_EXECUTION = (
-    "INSERT INTO executions (batch_id, idx, model, cells, status, prompt_sent, result, error, "
-    "latency_ms, attempts, prompt_tokens, completion_tokens, cost, cached, ended_seq) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SELECT_BATCH = (
     "SELECT id, owner, columns, status, message, created_at, started_at, finished_at, "
@@ -35,24 +31,6 @@ SELECT_UNFINISHED = (
     "WHERE status IN ('queued', 'processing') "
     "ORDER BY created_at, rowid"
 )
-SELECT_EXECUTIONS = (
-    "SELECT batch_id, idx, model, cells, status, prompt_sent, result, error, latency_ms, "
-    "attempts, prompt_tokens, completion_tokens, cost, cached, ended_seq FROM executions "
-    "WHERE batch_id = ? ORDER BY idx"
-)
-#: A row's end is final: neither a start nor a second end (a cancel racing the
-#: row's own answer) changes a row that has ended.
-UPDATE_STARTED = (
-    "UPDATE executions SET status = 'running', prompt_sent = ?, attempts = ? "
-    "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
-)
-#: An end with no prompt (a row never sent, or cancelled) keeps the prompt as sent.
-UPDATE_ENDED = (
-    "UPDATE executions SET status = ?, prompt_sent = coalesce(?, prompt_sent), result = ?, "
-    "error = ?, latency_ms = ?, attempts = ?, prompt_tokens = ?, completion_tokens = ?, "
-    "cost = ?, cached = ?, ended_seq = ? "
-    "WHERE batch_id = ? AND idx = ? AND status IN ('pending', 'running')"
-)
 SELECT_SUMMARIES = (
     "SELECT id, status, message, created_at, finished_at, retry_of, counts, cost FROM batches "
     "WHERE owner = ? AND (? IS NULL OR status = ?) "
@@ -60,7 +38,12 @@ SELECT_SUMMARIES = (
 )
 
 
-def apply_batch_change(db: sqlite3.Connection, change: Change) -> None:
+#: A batch's rows by status now, and the sum of their costs (None when none has one).
+Tally = Callable[[sqlite3.Connection, str], tuple[Mapping[str, int], float | None]]
+
+
+def apply_batch_change(db: sqlite3.Connection, change: Change, tally: Tally) -> None:
+    """Write a change to a batch's own record; its end's counts and cost from ``tally``."""
     match change:
         case BatchStarted(batch_id, started_at):
             db.execute(
@@ -71,15 +54,7 @@ def apply_batch_change(db: sqlite3.Connection, change: Change) -> None:
         case BatchEnded(batch_id, status, message, finished_at, xlsx_name):
             # Counted here, in the transaction, after the group's rows: exact, and
             # listing a finished batch then counts nothing.
-            counts = dict(
-                db.execute(
-                    "SELECT status, count(*) FROM executions WHERE batch_id = ? GROUP BY status",
-                    (batch_id,),
-                ).fetchall()
-            )
-            (cost,) = db.execute(
-                "SELECT sum(cost) FROM executions WHERE batch_id = ?", (batch_id,)
-            ).fetchone()
+            counts, cost = tally(db, batch_id)
             db.execute(
                 "UPDATE batches SET status = ?, message = ?, finished_at = ?, xlsx_name = ?, "
                 "counts = ?, cost = ? WHERE id = ?",
@@ -88,7 +63,7 @@ def apply_batch_change(db: sqlite3.Connection, change: Change) -> None:
                     text(message),
                     finished_at,
                     xlsx_name,
-                    json.dumps(counts),
+                    json.dumps(dict(counts)),
                     cost,
                     batch_id,
                 ),
