@@ -89,8 +89,11 @@ class Finalizer:
                     await self._finalize(record)
             except Exception:
                 log.exception("could not write the output files of a batch; trying again later")
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that
+            # arrives as the event is set, and close() then waits for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), POLL_S)
+                async with asyncio.timeout(POLL_S):
+                    await self._woken.wait()
 
     def _expire(self, batch_id: str) -> None:
         """Cancel ``batch_id``, past its completion window, in the background."""

@@ -137,8 +137,11 @@ class Webhooks:
             except Exception:
                 log.exception("webhooks: the store cannot be read; trying again in %.0f s", POLL_S)
             if wait_s:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel
+                # that arrives as the event is set.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._woken.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):
+                        await self._woken.wait()
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)

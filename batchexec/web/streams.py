@@ -158,7 +158,10 @@ async def _follow(
     done = backlog.final
     while not done:
         try:
-            first = await asyncio.wait_for(queue.get(), _HEARTBEAT_S)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel (a
+            # client gone, a shutdown) that arrives as an event does.
+            async with asyncio.timeout(_HEARTBEAT_S):
+                first = await queue.get()
         except TimeoutError:
             await response.write(b": keep-alive\n\n")
             continue
