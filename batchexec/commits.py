@@ -74,6 +74,15 @@ class GroupCommits:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
         self._writer = None
+        # Recorded while the writer stopped (a small group commits without a pause, so
+        # the loop above can end before a change made meanwhile): written here, so that
+        # no flush waits for ever.
+        while self._pending:
+            group, self._pending = self._pending, []
+            gathering, self._gathering = self._gathering, None
+            await self._commit(group)
+            if gathering is not None:
+                gathering.set_result(None)
 
     def record(self, change: Change | None, visible: Visible) -> None:
         """Write ``change`` (None: nothing to write) with the next group, then run ``visible``."""
