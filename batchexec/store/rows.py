@@ -142,12 +142,22 @@ def executions_of(
 ) -> defaultdict[str, list[Execution]]:
     """Executions by batch from their rows of ``executions`` (as ``batches_of`` has them)."""
     executions: defaultdict[str, list[Execution]] = defaultdict(list)
-    for (
-        batch_id,
-        idx,
-        model,
-        cells,
-        execution_status,
+    for batch_id, idx, model, cells, status, prompt_sent, result, error, *counts in execution_rows:
+        outcome = [status, read_text(prompt_sent), read_text(result), read_text(error), *counts]
+        executions[batch_id].append(
+            execution_of(idx, read_text(model) or "", json.loads(cells), outcome)
+        )
+    return executions
+
+
+def execution_of(
+    index: int, model: str, cells: dict[str, Any], outcome: Sequence[Any]
+) -> Execution:
+    """An execution from its input and its outcome's fields, text read back: ``[status,
+    prompt_sent, result, error, latency_ms, attempts, prompt_tokens, completion_tokens,
+    cost, cached, seq]``."""
+    (
+        status,
         prompt_sent,
         result,
         error,
@@ -157,29 +167,26 @@ def executions_of(
         completion_tokens,
         cost,
         cached,
-        ended_seq,
-    ) in execution_rows:
-        executions[batch_id].append(
-            Execution(
-                index=idx,
-                model=read_text(model) or "",
-                cells=json.loads(cells),
-                outcome=Outcome(
-                    ExecutionStatus(execution_status),
-                    result=read_text(result),
-                    error=read_text(error),
-                    latency_ms=latency_ms,
-                    attempts=attempts,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    cost=cost,
-                    cached=bool(cached),
-                    seq=ended_seq,
-                ),
-                prompt_sent=read_text(prompt_sent),
-            )
-        )
-    return executions
+        seq,
+    ) = outcome
+    return Execution(
+        index=index,
+        model=model,
+        cells=cells,
+        outcome=Outcome(
+            ExecutionStatus(status),
+            result=result,
+            error=error,
+            latency_ms=latency_ms,
+            attempts=attempts,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost=cost,
+            cached=bool(cached),
+            seq=seq,
+        ),
+        prompt_sent=prompt_sent,
+    )
 
 
 def batches_with(

@@ -32,9 +32,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from batchexec.records import Batch, Execution, ExecutionStatus, Outcome
+from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.store.base import Change
-from batchexec.store.rows import coalesced
+from batchexec.store.rows import coalesced, execution_of
 from batchexec.store.sqlite_rows import read_text, text
 
 #: Rows a part of ``row_inputs``: a 100,000-row batch reads back a part at a time, each
@@ -144,41 +144,10 @@ def executions(db: sqlite3.Connection, batch_id: str) -> list[Execution]:
             outcomes += _loads(stored)
     replay(db, batch_id, outcomes)
     return [
-        Execution(
-            index=index,
-            model=model,
-            cells=row_cells,
-            outcome=Outcome(
-                ExecutionStatus(status),
-                result=result,
-                error=error,
-                latency_ms=latency_ms,
-                attempts=attempts,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cost=cost,
-                cached=bool(cached),
-                seq=seq,
-            ),
-            prompt_sent=prompt_sent,
+        execution_of(index, model, row_cells, outcome)
+        for index, (model, row_cells, outcome) in enumerate(
+            zip(models, cells, outcomes, strict=True), start=1
         )
-        for index, (
-            model,
-            row_cells,
-            (
-                status,
-                prompt_sent,
-                result,
-                error,
-                latency_ms,
-                attempts,
-                prompt_tokens,
-                completion_tokens,
-                cost,
-                cached,
-                seq,
-            ),
-        ) in enumerate(zip(models, cells, outcomes, strict=True), start=1)
     ]
 
 
