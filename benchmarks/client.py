@@ -67,10 +67,13 @@ class BatchClient:
                 return finished
             await asyncio.sleep(_POLL_S)
 
-    async def results(self, batch_id: str) -> dict[str, Any]:
-        """The results route's answer for ``batch_id``."""
+    async def results(self, batch_id: str, **query: object) -> dict[str, Any]:
+        """The results route's answer for ``batch_id``; ``query`` adds fields to the request
+        (``since``, ``progress_only``)."""
         async with self.session.post(
-            self.base_url + RESULTS, json={"invocation_id": batch_id}, headers=self.headers
+            self.base_url + RESULTS,
+            json={"invocation_id": batch_id, **query},
+            headers=self.headers,
         ) as answer:
             payload: dict[str, Any] = await answer.json()
             if answer.status != 200:

@@ -28,7 +28,7 @@ from batchexec.config import Settings
 from batchexec.providers.base import ChatRequest
 from batchexec.providers.echo import EchoProvider
 from batchexec.templating import substitute
-from benchmarks.client import FINISHED, RESULTS, BatchClient
+from benchmarks.client import FINISHED, BatchClient
 from benchmarks.common import FULL, RUNS, Figure, Samples, Target, progress
 from benchmarks.responsive import body_of, submit, to_done
 
@@ -212,14 +212,7 @@ async def poll_with_cursor(client: BatchClient, batch_id: str, total: int) -> in
     until it has ended; checks that every row came back once. The number of polls."""
     cursor, seen, polls = 0, 0, 0
     while True:
-        async with client.session.post(
-            client.base_url + RESULTS,
-            json={"invocation_id": batch_id, "since": cursor},
-            headers=client.headers,
-        ) as answer:
-            payload = await answer.json()
-            if answer.status != 200:
-                raise RuntimeError(f"results: HTTP {answer.status}: {str(payload)[:500]}")
+        payload = await client.results(batch_id, since=cursor)
         polls += 1
         seen += len(payload["executions"])
         cursor = payload["cursor"]

@@ -125,14 +125,7 @@ async def whole_results(client: BatchClient, batch_id: str, total: int) -> tuple
 
 async def succeeded(client: BatchClient, batch_id: str) -> tuple[int, str]:
     """How many rows of the batch succeeded, and its workbook's URL: the results' head alone."""
-    async with client.session.post(
-        client.base_url + RESULTS,
-        json={"invocation_id": batch_id, "progress_only": True},
-        headers=client.headers,
-    ) as answer:
-        payload = await answer.json()
-        if answer.status != 200:
-            raise RuntimeError(f"results: HTTP {answer.status}: {str(payload)[:500]}")
+    payload = await client.results(batch_id, progress_only=True)
     count: int = payload["progress"]["succeeded"]
     xlsx_url: str = payload["xlsx_url"]
     return count, xlsx_url

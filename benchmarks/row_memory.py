@@ -23,7 +23,7 @@ from typing import Any
 from batchexec.catalog import Catalog
 from batchexec.inputs import from_executions, plan_rows
 from batchexec.records import ExecutionStatus, Outcome
-from batchexec.registry import _end, _new_batch
+from batchexec.registry import _new_batch
 from batchexec.runtime import limits_from, load_catalog, provider_classes
 from batchexec.schemas import ExecuteBatchRequest
 from batchexec.web.presenting import dumps
@@ -81,7 +81,7 @@ def main(rows: int) -> None:
                 attempts=1,
                 seq=batch.next_seq(),
             )
-            _end(batch, execution, outcome)
+            batch.moved(execution, outcome)
 
     stage("every row ended (Outcome each)", end_rows)
     batch.plan = None

@@ -58,23 +58,26 @@ def batch_row(batch: Batch, text: TextOf) -> tuple[Any, ...]:
 def execution_rows(batch: Batch, text: TextOf) -> Iterator[tuple[Any, ...]]:
     """``batch``'s rows of ``executions``, in the order ``batches_of`` reads them."""
     for e in batch.executions:
-        yield (
-            batch.id,
-            e.index,
-            text(e.model),
-            json.dumps(e.cells),
-            e.status.value,
-            text(e.prompt_sent),
-            text(e.result),
-            text(e.error),
-            e.latency_ms,
-            e.attempts,
-            e.prompt_tokens,
-            e.completion_tokens,
-            e.cost,
-            e.cached,
-            e.seq,
-        )
+        yield (batch.id, e.index, text(e.model), json.dumps(e.cells), *outcome_values(e, text))
+
+
+def outcome_values(e: Execution, text: TextOf) -> list[Any]:
+    """``e``'s outcome as ``execution_of`` takes it back: ``[status, prompt_sent, result,
+    error, latency_ms, attempts, prompt_tokens, completion_tokens, cost, cached, seq]``,
+    its text as the dialect stores it."""
+    return [
+        e.status.value,
+        text(e.prompt_sent),
+        text(e.result),
+        text(e.error),
+        e.latency_ms,
+        e.attempts,
+        e.prompt_tokens,
+        e.completion_tokens,
+        e.cost,
+        e.cached,
+        e.seq,
+    ]
 
 
 def coalesced(
@@ -153,9 +156,8 @@ def executions_of(
 def execution_of(
     index: int, model: str, cells: dict[str, Any], outcome: Sequence[Any]
 ) -> Execution:
-    """An execution from its input and its outcome's fields, text read back: ``[status,
-    prompt_sent, result, error, latency_ms, attempts, prompt_tokens, completion_tokens,
-    cost, cached, seq]``."""
+    """An execution from its input and its outcome's fields (as ``outcome_values`` has
+    them), text read back."""
     (
         status,
         prompt_sent,

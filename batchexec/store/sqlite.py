@@ -39,6 +39,8 @@ from batchexec.store.base import (
     CallbackDue,
     CallbackState,
     Change,
+    ExecutionEnded,
+    ExecutionStarted,
     FileEntry,
     OpenAIBatch,
     StoredFile,
@@ -95,10 +97,10 @@ _T = TypeVar("_T")
 _DIALECT = "sqlite"
 #: How long a query waits for another process's lock before it fails.
 _BUSY_TIMEOUT_MS = 5000
-#: Groups of at most this many changes are committed on the loop's thread (``apply``).
+#: Groups of at most this many rows' changes are committed on the loop's thread (``apply``).
 _INLINE_CHANGES = 500
-#: A checkpoint of the WAL, on the writer's thread, after this many groups committed inline.
-_INLINE_CHECKPOINT = 100
+#: A checkpoint of the WAL, on the writer's thread, every this many groups committed.
+_CHECKPOINT_EVERY = 100
 
 
 class SQLiteStore(BatchStore):
@@ -118,8 +120,8 @@ class SQLiteStore(BatchStore):
         self._lock: BinaryIO | None = None
         #: Writes on the writer's thread not yet done (changed on the loop's thread only).
         self._in_thread = 0
-        #: Groups committed on the loop's thread since the last checkpoint.
-        self._inline_commits = 0
+        #: Groups committed, on either thread: every ``_CHECKPOINT_EVERY``, a checkpoint.
+        self._commits = 0
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work`` on the writer's thread; every SQLite error is a ``StoreError``."""
@@ -281,9 +283,10 @@ class SQLiteStore(BatchStore):
         it to a thread and back cost them 1-3 ms more each. Committed here,
         it never waits for a lock either (``busy_timeout`` 0): one that is
         held (another program writing the file) goes to the thread, which
-        waits as long as every write does. The WAL is checkpointed on the
-        thread every ``_INLINE_CHECKPOINT`` groups, since a checkpoint syncs
-        the file.
+        waits as long as every write does. A group that changes a batch's own
+        record goes to the thread too: a batch's end counts all its rows. The
+        WAL is checkpointed on the thread every ``_CHECKPOINT_EVERY`` groups,
+        since a checkpoint syncs the file.
         """
 
         def write(db: sqlite3.Connection) -> None:
@@ -293,20 +296,26 @@ class SQLiteStore(BatchStore):
                 for change in batches:
                     apply_batch_change(db, change, counts_and_cost)
 
+        self._commits += 1
+        checkpoint = self._commits % _CHECKPOINT_EVERY == 0
         db = self._db
-        small = len(changes) <= _INLINE_CHANGES
-        if db is not None and small and self._in_thread == 0 and self._write_inline(db, write):
-            self._inline_commits += 1
-            if self._inline_commits >= _INLINE_CHECKPOINT:
-                self._inline_commits = 0
+        if (
+            db is not None
+            and self._in_thread == 0
+            and _rows_only(changes)
+            and self._write_inline(db, write)
+        ):
+            if checkpoint:
                 await self._run(_checkpoint)
             return frozenset()
 
         def write_and_checkpoint(db: sqlite3.Connection) -> None:
             write(db)
-            _checkpoint(db)
+            if checkpoint:
+                _checkpoint(db)
 
-        # Here, not on the event loop: a group can hold thousands of changes.
+        # Here, not on the event loop: a group can hold thousands of changes, and a
+        # batch's end counts every one of its rows.
         await self._run(write_and_checkpoint)
         return frozenset()  # one process a file: no leases to lose
 
@@ -631,6 +640,14 @@ def _statements(script: str) -> list[str]:
     """The statements of a migration file, comments dropped (none holds a ``;`` in a string)."""
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+def _rows_only(changes: Sequence[Change]) -> bool:
+    """Whether ``changes`` are few enough to commit on the loop's thread, and change
+    rows alone (starts and ends of executions)."""
+    return len(changes) <= _INLINE_CHANGES and all(
+        isinstance(change, ExecutionStarted | ExecutionEnded) for change in changes
+    )
 
 
 def _checkpoint(db: sqlite3.Connection) -> None:

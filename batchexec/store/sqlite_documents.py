@@ -34,7 +34,7 @@ from typing import Any
 
 from batchexec.records import Batch, Execution, ExecutionStatus
 from batchexec.store.base import Change
-from batchexec.store.rows import coalesced, execution_of
+from batchexec.store.rows import coalesced, execution_of, outcome_values
 from batchexec.store.sqlite_rows import read_text, text
 
 #: Rows a part of ``row_inputs``: a 100,000-row batch reads back a part at a time, each
@@ -85,22 +85,7 @@ def input_parts(batch: Batch) -> Iterator[tuple[str, int, str | bytes, str | byt
     for part, start in enumerate(range(0, len(executions), PART_ROWS)):
         rows = executions[start : start + PART_ROWS]
         inputs = [[e.model, e.cells] for e in rows]
-        outcomes = [
-            [
-                e.status.value,
-                e.prompt_sent,
-                e.result,
-                e.error,
-                e.latency_ms,
-                e.attempts,
-                e.prompt_tokens,
-                e.completion_tokens,
-                e.cost,
-                e.cached,
-                e.seq,
-            ]
-            for e in rows
-        ]
+        outcomes = [outcome_values(e, _same) for e in rows]
         for outcome in outcomes:
             _check_integers(outcome)
         yield batch.id, part, document(inputs), document(outcomes)
