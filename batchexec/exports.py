@@ -289,13 +289,22 @@ class ResultWorkbooks:
         self._slots = asyncio.Semaphore(_CONCURRENT_WRITES)
 
     def writer(self) -> OutputWriter:
-        """The engine's writer: names the workbook at once and writes it in the background."""
+        """The engine's writer: names the workbook at once; ``batch_ended`` writes it."""
 
         async def write(batch: Batch) -> Outputs:
-            self._start(batch)
             return Outputs(batch.file_name)
 
         return write
+
+    def batch_ended(self, batch: Batch) -> None:
+        """Start writing the workbook of a batch that has ended here (a registry's listener).
+
+        Only once the end is shown: a thread building sheets competes with the
+        event loop (and with the store's writer, which records the end) for
+        the interpreter, and would make ``done`` itself late.
+        """
+        if batch.xlsx_name == batch.file_name:
+            self._start(batch)
 
     async def ensure(self, batch: Batch) -> Path:
         """The path of ``batch``'s workbook, written (again) first if it is not there."""
@@ -319,7 +328,11 @@ class ResultWorkbooks:
             await asyncio.gather(*self._writing.values(), return_exceptions=True)
 
     def _start(self, batch: Batch) -> asyncio.Task[Path]:
+        """The write of ``batch``'s workbook: the one under way, or a new one."""
         name = batch.file_name
+        task = self._writing.get(name)
+        if task is not None:
+            return task
         task = asyncio.create_task(self._write(batch.id, batch.owner), name=f"workbook {name}")
         self._writing[name] = task
         task.add_done_callback(functools.partial(self._written, name))

@@ -316,7 +316,8 @@ class Registry:
             execution.prompt_sent = prompt
             running = replace(execution.outcome, status=ExecutionStatus.RUNNING, attempts=attempts)
             batch.moved(execution, running)
-            self.events.publish(batch.id, started_event(execution))
+            if self.events.watched(batch.id):
+                self.events.publish(batch.id, started_event(execution))
 
         self._record(ExecutionStarted(batch.id, index, prompt, attempts), visible)
 

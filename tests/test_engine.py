@@ -50,6 +50,7 @@ class Harness:
         self.gated = GatedProvider(self.settings, None)
         providers = {"gated": self.gated, "echo": EchoProvider(self.settings, None)}  # type: ignore[arg-type]
         self.workbooks = ResultWorkbooks(self.settings.results_dir, self.registry.get)
+        self.registry.batch_ended_listeners.append(self.workbooks.batch_ended)
         outputs = self.workbooks.writer()
         self.engine = Engine(self.settings, self.registry, providers, outputs=outputs)
 
@@ -173,6 +174,35 @@ async def test_close_cancels_running_batches_and_keeps_what_finished(make_harnes
     assert (harness.settings.results_dir / batch.xlsx_name).is_file()
     with pytest.raises(ShuttingDownError):
         await harness.engine.submit("owner", plan(catalog, "late"))
+
+
+async def test_the_workbook_is_written_once_the_batch_has_ended_and_done_was_told(
+    make_harness, catalog, monkeypatch
+):
+    """Building the sheets competes with the loop for the interpreter: it starts only
+    after ``done`` has gone to the batch's watchers."""
+    import batchexec.exports as exports
+
+    harness = make_harness()
+    seen: list[tuple[BatchStatus, bool]] = []
+    results_sheet = exports.results_sheet
+
+    def watched_results_sheet(batch: Batch) -> Any:
+        seen.append((batch.status, told.done()))
+        return results_sheet(batch)
+
+    monkeypatch.setattr(exports, "results_sheet", watched_results_sheet)
+    batch = await harness.engine.submit("owner", plan(catalog, "one", "two", model="echo"))
+    told: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    with harness.registry.events.watch(batch.id) as queue:
+        while (await queue.get()).name != "done":
+            pass
+        told.set_result(None)
+        await harness.engine.join(batch.id)
+        await harness.workbooks.idle()
+    assert seen == [(BatchStatus.COMPLETED, True)]
+    assert batch.xlsx_name is not None
+    assert (harness.settings.results_dir / batch.xlsx_name).is_file()
 
 
 async def test_a_workbook_that_cannot_be_written_keeps_the_csv(make_harness, catalog, tmp_path):

@@ -14,6 +14,7 @@ from typing import Any
 
 from batchexec import engine
 from batchexec.api import RETRY, events_path
+from batchexec.events import Event
 from batchexec.records import Batch, ExecutionStatus
 from batchexec.web import streams
 from tests.helpers import AUTH, batch_of, finished, gated, submit, until
@@ -120,3 +121,28 @@ async def test_a_client_joining_a_large_batch_midway_gets_each_end_once(make_cli
     assert set(range(early + 1, BACKLOG_ROWS + 1)) == started
     assert events[-1][0] == "done"
     assert batch.size_bytes() == expected_size(batch)
+
+
+async def test_a_stream_gathers_what_arrives_before_its_next_write_but_never_holds_the_end():
+    """Between two writes a stream gathers events (one write, not one a row); a final event
+    ends the gathering at once, and past the moment what is queued goes out unwaited."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    gathering = asyncio.ensure_future(
+        streams._gathered(queue, Event("started", {"index": 1}), loop.time() + 3600)
+    )
+    for index in (1, 2, 3):
+        queue.put_nowait(Event("execution", {"index": index}))
+        await asyncio.sleep(0)
+    assert not gathering.done()
+    queue.put_nowait(Event("done", {}))
+    gathered = await asyncio.wait_for(gathering, 30)
+    assert [event.name for event in gathered] == ["started", *["execution"] * 3, "done"]
+
+    queue.put_nowait(Event("execution", {"index": 4}))
+    queue.put_nowait(Event("progress", {}))
+    gathered = await asyncio.wait_for(
+        streams._gathered(queue, Event("started", {"index": 5}), loop.time() - 1), 30
+    )
+    assert [event.name for event in gathered] == ["started", "execution", "progress"]
+    assert queue.empty()

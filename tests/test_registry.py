@@ -35,6 +35,7 @@ class Harness:
         self.gated = GatedProvider(self.settings, None)
         providers = {"gated": self.gated, "echo": EchoProvider(self.settings, None)}  # type: ignore[arg-type]
         self.workbooks = ResultWorkbooks(self.settings.results_dir, self.registry.get)
+        self.registry.batch_ended_listeners.append(self.workbooks.batch_ended)
         outputs = self.workbooks.writer()
         self.engine = Engine(self.settings, self.registry, providers, outputs=outputs)
         path = tmp_path / "models.toml"

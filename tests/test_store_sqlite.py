@@ -305,6 +305,43 @@ async def test_reads_are_answered_while_the_writer_is_busy(open_store):
         await writing
 
 
+async def test_a_checkpoint_holds_up_no_commit_and_is_finished_before_the_store_closes(
+    open_store, monkeypatch
+):
+    """A checkpoint syncs the file: it runs on the reader's connection while commits go on,
+    on the writer's thread and on the loop's, and closing waits for it."""
+    import batchexec.store.sqlite as sqlite_module
+
+    checkpointing, release, done = threading.Event(), threading.Event(), threading.Event()
+    checkpoint = sqlite_module._checkpoint
+
+    def held_checkpoint(db: sqlite3.Connection) -> None:
+        checkpointing.set()
+        release.wait(30)
+        checkpoint(db)
+        done.set()
+
+    monkeypatch.setattr(sqlite_module, "_checkpoint", held_checkpoint)
+    store = await open_store()
+    await store.create(a_batch("b1"))
+    # A batch's own record is written on the writer's thread, then checkpointed.
+    await asyncio.wait_for(store.apply([BatchStarted("b1", 2.0)]), 30)
+    await asyncio.to_thread(checkpointing.wait, 30)
+    assert checkpointing.is_set()
+    # Row changes meanwhile commit at once; the checkpoint is still held.
+    started = ExecutionStarted("b1", 1, "p", 1)
+    await asyncio.wait_for(store.apply([started]), 30)
+    assert not done.is_set()
+    [(changes,)] = query(store.path, "SELECT count(*) FROM row_changes WHERE batch_id = 'b1'")
+    assert changes == 1
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)
+    assert not closing.done()
+    release.set()
+    await asyncio.wait_for(closing, 30)
+    assert done.is_set()
+
+
 async def test_the_reading_connection_cannot_write(open_store):
     store = await open_store()
     with pytest.raises(StoreError, match="readonly"):

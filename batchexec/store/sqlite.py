@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import secrets
 import sqlite3
 import time
@@ -93,13 +94,16 @@ from batchexec.store.sqlite_rows import (
     text,
 )
 
+log = logging.getLogger(__name__)
+
 _T = TypeVar("_T")
 _DIALECT = "sqlite"
 #: How long a query waits for another process's lock before it fails.
 _BUSY_TIMEOUT_MS = 5000
 #: Groups of at most this many rows' changes are committed on the loop's thread (``apply``).
 _INLINE_CHANGES = 500
-#: A checkpoint of the WAL, on the writer's thread, every this many groups committed.
+#: A checkpoint of the WAL, on the reader's thread, every this many groups committed on
+#: the loop's thread (and after each group written on the writer's).
 _CHECKPOINT_EVERY = 100
 
 
@@ -122,6 +126,7 @@ class SQLiteStore(BatchStore):
         self._in_thread = 0
         #: Groups committed, on either thread: every ``_CHECKPOINT_EVERY``, a checkpoint.
         self._commits = 0
+        self._checkpointing: asyncio.Future[None] | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work`` on the writer's thread; every SQLite error is a ``StoreError``."""
@@ -201,7 +206,7 @@ class SQLiteStore(BatchStore):
                 raise StoreError(f"{self._setting}: {self.path} cannot use WAL mode")
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute("PRAGMA foreign_keys = ON")
-            # Checkpoints, which sync the file, run on the writer's thread (``apply``),
+            # Checkpoints, which sync the file, run on the reader's thread (``apply``),
             # never in a commit made on the loop's.
             db.execute("PRAGMA wal_autocheckpoint = 0")
             for migration in migrations(_DIALECT)[version:]:
@@ -232,6 +237,8 @@ class SQLiteStore(BatchStore):
             raise
 
     async def close(self) -> None:
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
         if self._read_db is not None:
             await self._read(lambda db: db.close())
             self._read_db = None
@@ -285,8 +292,9 @@ class SQLiteStore(BatchStore):
         held (another program writing the file) goes to the thread, which
         waits as long as every write does. A group that changes a batch's own
         record goes to the thread too: a batch's end counts all its rows. The
-        WAL is checkpointed on the thread every ``_CHECKPOINT_EVERY`` groups,
-        since a checkpoint syncs the file.
+        WAL is checkpointed every ``_CHECKPOINT_EVERY`` groups, and after each
+        group the thread wrote, off both threads (``_checkpoint_soon``): a
+        checkpoint syncs the file.
         """
 
         def write(db: sqlite3.Connection) -> None:
@@ -299,25 +307,31 @@ class SQLiteStore(BatchStore):
         self._commits += 1
         checkpoint = self._commits % _CHECKPOINT_EVERY == 0
         db = self._db
-        if (
+        if not (
             db is not None
             and self._in_thread == 0
             and _rows_only(changes)
             and self._write_inline(db, write)
         ):
-            if checkpoint:
-                await self._run(_checkpoint)
-            return frozenset()
-
-        def write_and_checkpoint(db: sqlite3.Connection) -> None:
-            write(db)
-            if checkpoint:
-                _checkpoint(db)
-
-        # Here, not on the event loop: a group can hold thousands of changes, and a
-        # batch's end counts every one of its rows.
-        await self._run(write_and_checkpoint)
+            # Here, not on the event loop: a group can hold thousands of changes, and a
+            # batch's end counts every one of its rows.
+            await self._run(write)
+            checkpoint = True
+        if checkpoint:
+            self._checkpoint_soon()
         return frozenset()  # one process a file: no leases to lose
+
+    def _checkpoint_soon(self) -> None:
+        """Checkpoint the WAL on the reader's connection and thread; nothing waits for it.
+
+        A checkpoint syncs the file, and a passive one never blocks a writer:
+        commits go on meanwhile, on either thread. One at a time; a failure
+        is logged (the commits themselves say when the disk refuses them).
+        """
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        self._checkpointing = asyncio.ensure_future(self._read(_checkpoint))
+        self._checkpointing.add_done_callback(_log_checkpoint)
 
     @staticmethod
     def _write_inline(db: sqlite3.Connection, write: Callable[[sqlite3.Connection], None]) -> bool:
@@ -653,3 +667,8 @@ def _rows_only(changes: Sequence[Change]) -> bool:
 def _checkpoint(db: sqlite3.Connection) -> None:
     """Copy what the WAL holds into the database, as far as readers allow (it syncs)."""
     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+def _log_checkpoint(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (error := done.exception()) is not None:
+        log.warning("could not checkpoint the SQLite store: %s", error)

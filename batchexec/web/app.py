@@ -109,6 +109,7 @@ def create_app(
             limits = store.call_limits(hold_s=hold_s)
             await limits.start()
             tokens = store.token_limits(window_s=settings.tpm_window_s, hold_s=hold_s)
+        registry.batch_ended_listeners.append(workbooks.batch_ended)
         runner = app[ENGINE] = Engine(
             settings,
             registry,
@@ -142,6 +143,7 @@ def create_app(
             await limits.close()
         # Written before the store closes; a process killed first has them made on download.
         await workbooks.idle()
+        registry.batch_ended_listeners.remove(workbooks.batch_ended)
 
     async def drain(app: web.Application) -> None:
         # on_shutdown runs before the server waits for open requests, so event

@@ -43,6 +43,8 @@ _STORED_GAP_S = 0.2
 _HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 #: A late client's backlog is made and written this many ended rows at a time.
 _BACKLOG_SLICE = 500
+#: Seconds a stream waits at least between two writes; a final event is sent at once.
+_WRITE_GAP_S = 0.02
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -153,6 +155,8 @@ async def _follow(
 ) -> None:
     """Send ``backlog``, then what ``queue`` brings, until a final event has gone out."""
     await backlog.send(response, request, batch)
+    loop = asyncio.get_running_loop()
+    written_at = loop.time()
     # Decided from what was sent, not from the batch now: the write above may
     # have waited for a slow client while the batch finished.
     done = backlog.final
@@ -165,14 +169,31 @@ async def _follow(
         except TimeoutError:
             await response.write(b": keep-alive\n\n")
             continue
-        # Everything that happened since the last write goes out in one write,
-        # with only the latest progress: a fast batch ends hundreds of rows per
-        # loop turn.
-        pending = [first]
-        while not queue.empty():
-            pending.append(queue.get_nowait())
+        pending = await _gathered(queue, first, written_at + _WRITE_GAP_S)
         await _send(response, request, batch, _coalesced(pending))
+        written_at = loop.time()
         done = any(event.name in FINAL_EVENTS for event in pending)
+
+
+async def _gathered(queue: asyncio.Queue[Event], first: Event, until: float) -> list[Event]:
+    """``first`` and what else ``queue`` brings until the loop's time ``until``, or until
+    a final event, which is never held back.
+
+    Everything that happened since the last write goes out in one write, with
+    only the latest progress: a batch ending rows all the time costs each of
+    its followers one write every ``_WRITE_GAP_S``, not one a row (a write to a
+    socket costs more than making the events it carries).
+    """
+    pending = [first]
+    # One timer for the whole wait; an event taken from the queue is never lost
+    # to it (``Queue.get`` leaves the item queued if it is cancelled).
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(until):
+            while pending[-1].name not in FINAL_EVENTS:
+                pending.append(await queue.get())
+    while pending[-1].name not in FINAL_EVENTS and not queue.empty():
+        pending.append(queue.get_nowait())
+    return pending
 
 
 def _coalesced(events: list[Event]) -> list[Event]:
