@@ -305,11 +305,12 @@ async def test_reads_are_answered_while_the_writer_is_busy(open_store):
         await writing
 
 
-async def test_a_checkpoint_holds_up_no_commit_and_is_finished_before_the_store_closes(
+async def test_a_checkpoint_holds_up_no_commit_and_none_is_made_on_the_loop_meanwhile(
     open_store, monkeypatch
 ):
-    """A checkpoint syncs the file: it runs on the reader's connection while commits go on,
-    on the writer's thread and on the loop's, and closing waits for it."""
+    """A checkpoint syncs the file: it runs on the reader's connection while groups commit
+    on the writer's thread (never on the loop's, which the disk could hold), and closing
+    waits for it."""
     import batchexec.store.sqlite as sqlite_module
 
     checkpointing, release, done = threading.Event(), threading.Event(), threading.Event()
@@ -322,16 +323,23 @@ async def test_a_checkpoint_holds_up_no_commit_and_is_finished_before_the_store_
         done.set()
 
     monkeypatch.setattr(sqlite_module, "_checkpoint", held_checkpoint)
+    monkeypatch.setattr(sqlite_module, "_CHECKPOINT_EVERY", 1)
     store = await open_store()
     await store.create(a_batch("b1"))
-    # A batch's own record is written on the writer's thread, then checkpointed.
+    # Every group is followed by a checkpoint here; this one's is held.
     await asyncio.wait_for(store.apply([BatchStarted("b1", 2.0)]), 30)
     await asyncio.to_thread(checkpointing.wait, 30)
-    assert checkpointing.is_set()
-    # Row changes meanwhile commit at once; the checkpoint is still held.
-    started = ExecutionStarted("b1", 1, "p", 1)
-    await asyncio.wait_for(store.apply([started]), 30)
+    inline: list[bool] = []
+
+    def write_inline(db: sqlite3.Connection, write: Callable[..., None]) -> bool:
+        inline.append(True)
+        return False
+
+    monkeypatch.setattr(store, "_write_inline", write_inline)
+    # A row's start meanwhile commits at once, on the writer's thread.
+    await asyncio.wait_for(store.apply([ExecutionStarted("b1", 1, "p", 1)]), 30)
     assert not done.is_set()
+    assert inline == []
     [(changes,)] = query(store.path, "SELECT count(*) FROM row_changes WHERE batch_id = 'b1'")
     assert changes == 1
     closing = asyncio.ensure_future(store.close())

@@ -102,8 +102,7 @@ _DIALECT = "sqlite"
 _BUSY_TIMEOUT_MS = 5000
 #: Groups of at most this many rows' changes are committed on the loop's thread (``apply``).
 _INLINE_CHANGES = 500
-#: A checkpoint of the WAL, on the reader's thread, every this many groups committed on
-#: the loop's thread (and after each group written on the writer's).
+#: A checkpoint of the WAL, on the reader's thread, every this many groups committed.
 _CHECKPOINT_EVERY = 100
 
 
@@ -292,9 +291,9 @@ class SQLiteStore(BatchStore):
         held (another program writing the file) goes to the thread, which
         waits as long as every write does. A group that changes a batch's own
         record goes to the thread too: a batch's end counts all its rows. The
-        WAL is checkpointed every ``_CHECKPOINT_EVERY`` groups, and after each
-        group the thread wrote, off both threads (``_checkpoint_soon``): a
-        checkpoint syncs the file.
+        WAL is checkpointed every ``_CHECKPOINT_EVERY`` groups, on the reader's
+        thread and waited for by no group (``_checkpoint_soon``): a checkpoint
+        syncs the file.
         """
 
         def write(db: sqlite3.Connection) -> None:
@@ -310,23 +309,25 @@ class SQLiteStore(BatchStore):
         if not (
             db is not None
             and self._in_thread == 0
+            and (self._checkpointing is None or self._checkpointing.done())
             and _rows_only(changes)
             and self._write_inline(db, write)
         ):
             # Here, not on the event loop: a group can hold thousands of changes, and a
             # batch's end counts every one of its rows.
             await self._run(write)
-            checkpoint = True
         if checkpoint:
             self._checkpoint_soon()
         return frozenset()  # one process a file: no leases to lose
 
     def _checkpoint_soon(self) -> None:
-        """Checkpoint the WAL on the reader's connection and thread; nothing waits for it.
+        """Checkpoint the WAL on the reader's connection and thread; no group waits for it.
 
-        A checkpoint syncs the file, and a passive one never blocks a writer:
-        commits go on meanwhile, on either thread. One at a time; a failure
-        is logged (the commits themselves say when the disk refuses them).
+        A checkpoint syncs the file, and a passive one never blocks a writer,
+        so groups commit meanwhile, but on the writer's thread: one committed
+        on the loop's while the file syncs could hold the loop for as long as
+        the disk takes. One at a time; a failure is logged (the commits
+        themselves say when the disk refuses them).
         """
         if self._checkpointing is not None and not self._checkpointing.done():
             return
