@@ -308,9 +308,9 @@ async def test_reads_are_answered_while_the_writer_is_busy(open_store):
 async def test_a_checkpoint_holds_up_no_commit_and_none_is_made_on_the_loop_meanwhile(
     open_store, monkeypatch
 ):
-    """A checkpoint syncs the file: it runs on the reader's connection while groups commit
-    on the writer's thread (never on the loop's, which the disk could hold), and closing
-    waits for it."""
+    """A checkpoint syncs the file: it runs on a connection of its own while groups commit
+    on the writer's thread (never on the loop's, which the disk could hold) and reads are
+    answered, and closing waits for it."""
     import batchexec.store.sqlite as sqlite_module
 
     checkpointing, release, done = threading.Event(), threading.Event(), threading.Event()
@@ -340,6 +340,7 @@ async def test_a_checkpoint_holds_up_no_commit_and_none_is_made_on_the_loop_mean
     await asyncio.wait_for(store.apply([ExecutionStarted("b1", 1, "p", 1)]), 30)
     assert not done.is_set()
     assert inline == []
+    assert await asyncio.wait_for(store.load("b1"), 30) is not None
     [(changes,)] = query(store.path, "SELECT count(*) FROM row_changes WHERE batch_id = 'b1'")
     assert changes == 1
     closing = asyncio.ensure_future(store.close())

@@ -102,7 +102,7 @@ _DIALECT = "sqlite"
 _BUSY_TIMEOUT_MS = 5000
 #: Groups of at most this many rows' changes are committed on the loop's thread (``apply``).
 _INLINE_CHANGES = 500
-#: A checkpoint of the WAL, on the reader's thread, every this many groups committed.
+#: A checkpoint of the WAL, on a thread of its own, every this many groups committed.
 _CHECKPOINT_EVERY = 100
 
 
@@ -118,6 +118,10 @@ class SQLiteStore(BatchStore):
         self._setting = setting
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
+        #: Checkpoints have a connection and a thread of their own: a read never waits for
+        #: one to sync the file.
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+        self._checkpoint_db: sqlite3.Connection | None = None
         self._db: sqlite3.Connection | None = None
         self._read_db: sqlite3.Connection | None = None
         self._lock: BinaryIO | None = None
@@ -164,6 +168,7 @@ class SQLiteStore(BatchStore):
         try:
             self._db, self._secret = await loop.run_in_executor(self._thread, self._open)
             self._read_db = await loop.run_in_executor(self._reader, self._open_reader)
+            self._checkpoint_db = await loop.run_in_executor(self._checkpointer, self._open_reader)
         except sqlite3.Error as exc:
             await self.close()
             raise StoreError(
@@ -205,7 +210,7 @@ class SQLiteStore(BatchStore):
                 raise StoreError(f"{self._setting}: {self.path} cannot use WAL mode")
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute("PRAGMA foreign_keys = ON")
-            # Checkpoints, which sync the file, run on the reader's thread (``apply``),
+            # Checkpoints, which sync the file, run on a thread of their own (``apply``),
             # never in a commit made on the loop's.
             db.execute("PRAGMA wal_autocheckpoint = 0")
             for migration in migrations(_DIALECT)[version:]:
@@ -238,6 +243,9 @@ class SQLiteStore(BatchStore):
     async def close(self) -> None:
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
+        if self._checkpoint_db is not None:
+            await self._on(self._checkpointer, lambda: self._checkpoint_db, lambda db: db.close())
+            self._checkpoint_db = None
         if self._read_db is not None:
             await self._read(lambda db: db.close())
             self._read_db = None
@@ -245,6 +253,7 @@ class SQLiteStore(BatchStore):
             await self._run(lambda db: db.close())
             self._db = None
         self._reader.shutdown(wait=True)
+        self._checkpointer.shutdown(wait=True)
         self._thread.shutdown(wait=True)
         if self._lock is not None:
             self._lock.close()  # and with it the claim
@@ -291,8 +300,8 @@ class SQLiteStore(BatchStore):
         held (another program writing the file) goes to the thread, which
         waits as long as every write does. A group that changes a batch's own
         record goes to the thread too: a batch's end counts all its rows. The
-        WAL is checkpointed every ``_CHECKPOINT_EVERY`` groups, on the reader's
-        thread and waited for by no group (``_checkpoint_soon``): a checkpoint
+        WAL is checkpointed every ``_CHECKPOINT_EVERY`` groups, on a thread of
+        its own and waited for by no group (``_checkpoint_soon``): a checkpoint
         syncs the file.
         """
 
@@ -321,7 +330,7 @@ class SQLiteStore(BatchStore):
         return frozenset()  # one process a file: no leases to lose
 
     def _checkpoint_soon(self) -> None:
-        """Checkpoint the WAL on the reader's connection and thread; no group waits for it.
+        """Checkpoint the WAL on a connection and thread of its own; no group waits for it.
 
         A checkpoint syncs the file, and a passive one never blocks a writer,
         so groups commit meanwhile, but on the writer's thread: one committed
@@ -331,7 +340,9 @@ class SQLiteStore(BatchStore):
         """
         if self._checkpointing is not None and not self._checkpointing.done():
             return
-        self._checkpointing = asyncio.ensure_future(self._read(_checkpoint))
+        self._checkpointing = asyncio.ensure_future(
+            self._on(self._checkpointer, lambda: self._checkpoint_db, _checkpoint)
+        )
         self._checkpointing.add_done_callback(_log_checkpoint)
 
     @staticmethod
