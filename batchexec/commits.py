@@ -10,6 +10,10 @@ A group the store refuses is never shown; each batch it touches is reported
 to ``on_failure`` (the engine fails them). In a shared store, the changes of
 a batch whose lease another replica has taken are not written: they are not
 shown either, and the batch is reported to ``on_lost`` (the engine lets it go).
+
+A batch starts while the store makes it (``Registry.storing``): until then a
+``hold`` keeps every group back, so none of its changes reaches the store
+before the batch does; if the store cannot make it, its changes are dropped.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ class GroupCommits:
         self._writing: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        #: No group is written before these are done: batches being made in the store.
+        self._holds: set[asyncio.Future[None]] = set()
+        #: Batches whose changes are dropped, not written: they could not be made.
+        self._dropped: set[str] = set()
 
     def start(self) -> None:
         """Start committing; call once the store is open."""
@@ -74,6 +82,7 @@ class GroupCommits:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
         self._writer = None
+        await self._held()
         # Recorded while the writer stopped (a small group commits without a pause, so
         # the loop above can end before a change made meanwhile): written here, so that
         # no flush waits for ever.
@@ -84,8 +93,31 @@ class GroupCommits:
             if gathering is not None:
                 gathering.set_result(None)
 
+    def hold(self, until: asyncio.Future[None]) -> None:
+        """Write no group until ``until`` is done: a batch being made in the store runs
+        already, and none of its changes may reach the store before it does."""
+        self._holds.add(until)
+        until.add_done_callback(self._holds.discard)
+
+    def drop(self, batch_id: str) -> None:
+        """Drop what is recorded for ``batch_id`` from now on, and what is not yet written
+        (a batch that could not be made in the store while a ``hold`` kept its changes
+        back): never written, never shown. Until ``undrop``."""
+        self._dropped.add(batch_id)
+        self._pending = [
+            (change, visible)
+            for change, visible in self._pending
+            if change is None or change.batch_id != batch_id
+        ]
+
+    def undrop(self, batch_id: str) -> None:
+        """Stop dropping ``batch_id``'s changes (its work has stopped)."""
+        self._dropped.discard(batch_id)
+
     def record(self, change: Change | None, visible: Visible) -> None:
         """Write ``change`` (None: nothing to write) with the next group, then run ``visible``."""
+        if change is not None and change.batch_id in self._dropped:
+            return
         self._pending.append((change, visible))
         self._wake.set()
 
@@ -106,6 +138,7 @@ class GroupCommits:
     async def _write_forever(self) -> None:
         while True:
             await self._wake.wait()
+            await self._held()
             self._wake.clear()
             group, self._pending = self._pending, []
             self._writing = self._gathering or asyncio.get_running_loop().create_future()
@@ -116,6 +149,10 @@ class GroupCommits:
             del group
             self._writing.set_result(None)
             self._writing = None
+
+    async def _held(self) -> None:
+        while self._holds:
+            await asyncio.wait(set(self._holds))
 
     async def _commit(self, group: list[tuple[Change | None, Visible]]) -> None:
         """Write ``group`` in one transaction; show it if written, else fail its batches."""

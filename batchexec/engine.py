@@ -28,7 +28,7 @@ import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from batchexec.answer_cache import AnswerCache
 from batchexec.config import Settings
@@ -125,7 +125,10 @@ class Engine:
     ) -> Batch:
         """Register ``plan`` as a batch of ``owner`` and start it in the background.
 
-        The batch is in the store when this returns. With ``retry_of``, rows
+        The batch is in the store when this returns; its first rows are sent
+        while the store writes it (none of its changes is written, nor shown,
+        before it), and if the write fails they stop and nothing of the batch
+        is kept. With ``retry_of``, rows
         that succeeded there keep their results and only the others run. Its
         end is POSTed to ``callback_url`` by ``webhooks.Webhooks``. ``api`` names the
         API whose batch it is (``openai``), for ``runtime.plan_again``.
@@ -139,16 +142,25 @@ class Engine:
         if self._registry.shared:
             return await self._store_for_claim(owner, plan, batch_id, retry_of, callback_url, api)
         self._check_room()
-        batch = await self._registry.add(
+        batch = await self._registry.made(
             owner, plan, batch_id=batch_id, retry_of=retry_of, callback_url=callback_url, api=api
         )
-        try:
-            self._check_room()  # the store took its time: others may have come first
-        except (QueueFullError, ShuttingDownError):
-            # Refused: nothing of it may run later, here or after a restart.
-            await self._registry.discard(batch)
-            raise
-        self._start(batch)
+        self._check_room()  # a large batch is made in a thread: others may have come first
+        # Started while the store makes it (no change is written before it is): its
+        # first calls do not wait for the write, only the answer does.
+        async with self._registry.storing(batch) as creating:
+            self._start(batch)
+            cancelled = await _awaited_through_cancels(creating)
+            if (error := creating.exception()) is not None:
+                # Stopped without a trace: nothing of it is in the store to resume.
+                self._registry.unstored(batch)
+                self._abandoned.add(batch.id)
+                task = self._tasks[batch.id]
+                self._cancel(task)
+                await _awaited_through_cancels(asyncio.ensure_future(asyncio.wait([task])))
+                raise error
+            if cancelled:
+                raise asyncio.CancelledError  # the batch is stored, and runs on
         return batch
 
     async def _store_for_claim(
@@ -624,6 +636,19 @@ class _RowsRun:
             workers=workers,
         )
         return cls(rows, outputs, spent, ready, workers)
+
+
+async def _awaited_through_cancels(work: asyncio.Future[Any]) -> bool:
+    """Wait for ``work`` to end, even through cancels: whether one came meanwhile."""
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:
+            break
+    return cancelled
 
 
 def _budget_reached(batch: Batch, spent: float) -> str:

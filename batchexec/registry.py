@@ -19,12 +19,13 @@ that all of them share.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from batchexec.commits import GroupCommits, StoreFailure, Visible, nothing
@@ -99,6 +100,8 @@ class Registry:
         self._failed: dict[str, Batch] = {}
         #: Reads of finished batches from the store under way, by batch id.
         self._loading: dict[str, asyncio.Future[Batch | None]] = {}
+        #: What holds the group commits back while ``storing`` makes a batch, by its id.
+        self._holding: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         """Start committing changes; call once the store is open."""
@@ -150,6 +153,25 @@ class Registry:
         (``webhooks.py``). ``hold=False`` leaves it to whichever replica
         claims it (a shared store): this process keeps no record of it.
         """
+        batch = await self.made(
+            owner, plan, batch_id=batch_id, retry_of=retry_of, callback_url=callback_url, api=api
+        )
+        await self.store.create(batch)
+        if hold:
+            self._active[batch.id] = batch
+        return batch
+
+    async def made(
+        self,
+        owner: str,
+        plan: BatchPlan,
+        *,
+        batch_id: str | None = None,
+        retry_of: Batch | None = None,
+        callback_url: str | None = None,
+        api: str | None = None,
+    ) -> Batch:
+        """The new ``queued`` batch ``add`` makes, not yet stored nor held (``storing``)."""
         batch_id = batch_id or self.new_id()
         if len(plan.rows) > _BUILT_INLINE_ROWS:
             # Plain records, shared with nothing yet: made in a thread, so a
@@ -161,10 +183,50 @@ class Registry:
             batch = _new_batch(batch_id, owner, plan, retry_of, callback_url)
         batch.api = api
         batch.options = plan.options
-        await self.store.create(batch)
-        if hold:
-            self._active[batch.id] = batch
         return batch
+
+    @contextlib.asynccontextmanager
+    async def storing(self, batch: Batch) -> AsyncIterator[asyncio.Future[None]]:
+        """Hold ``batch`` (from ``made``) and make it in the store while the block runs.
+
+        The block may start the batch at once: until the batch is in the store
+        no change of any batch is written, so none of its changes is durable,
+        nor shown, before the batch itself is. It gets the store's write to
+        await; the block must not end before that write has. If the write
+        failed, what the batch recorded meanwhile is dropped (the block stops
+        it first) and the batch is forgotten.
+        """
+        loop = asyncio.get_running_loop()
+        if self._commits is None:
+            await self.store.create(batch)  # memory://: nothing to wait for
+            self._active[batch.id] = batch
+            created = loop.create_future()
+            created.set_result(None)
+            yield created
+            return
+        creating = asyncio.ensure_future(self.store.create(batch))
+        self._active[batch.id] = batch
+        written = self._holding[batch.id] = loop.create_future()
+        self._commits.hold(written)
+        try:
+            yield creating
+        finally:
+            if not creating.done() or creating.cancelled() or creating.exception() is not None:
+                self.unstored(batch)
+                self._active.pop(batch.id, None)
+                self._commits.undrop(batch.id)
+            self._holding.pop(batch.id, None)
+            if not written.done():
+                written.set_result(None)
+
+    def unstored(self, batch: Batch) -> None:
+        """``storing``'s batch could not be made in the store: whatever it records from now
+        on is dropped (the block stops it), and the other batches' changes are written."""
+        if self._commits is not None:
+            self._commits.drop(batch.id)
+        written = self._holding.get(batch.id)
+        if written is not None and not written.done():
+            written.set_result(None)
 
     async def discard(self, batch: Batch) -> None:
         """Forget a batch that was refused after it was stored: it will never run."""

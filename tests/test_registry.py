@@ -16,7 +16,7 @@ from batchexec.errors import ShuttingDownError
 from batchexec.exports import ResultWorkbooks, csv_sheet, render_csv
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.providers.echo import EchoProvider
-from batchexec.records import BatchStatus, ExecutionStatus, Outcome
+from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
 from batchexec.registry import Registry
 from batchexec.store import BatchEnded, Change, ExecutionEnded, StoreError
 from batchexec.store.sqlite import SQLiteStore
@@ -82,6 +82,8 @@ async def make(tmp_path: Path) -> AsyncIterator[Any]:
     for harness in made:
         if isinstance(harness.store, Refusing):
             harness.store.refusing = False
+        if isinstance(harness.store, SlowToCreate):
+            harness.store.go.set()
         harness.gated.open()
         await harness.engine.close()
         await harness.registry.close()
@@ -186,16 +188,100 @@ async def test_close_writes_what_is_recorded_while_it_flushes(make):
     assert (await harness.stored(batch.id))[0] == ("succeeded", "x")
 
 
-async def test_a_batch_refused_after_it_was_stored_leaves_nothing_to_resume(make):
+async def test_a_batch_refused_once_made_leaves_nothing_to_resume(make):
     harness = await make()
-    original = harness.registry.add
+    original = harness.registry.made
 
-    async def add_then_stop(*args: Any, **kwargs: Any) -> Any:
+    async def made_then_stop(*args: Any, **kwargs: Any) -> Any:
         batch = await original(*args, **kwargs)
-        harness.engine._stopping = True  # a SIGTERM while the store wrote it
+        harness.engine._stopping = True  # a SIGTERM while a large batch was made
         return batch
 
-    harness.registry.add = add_then_stop
+    harness.registry.made = made_then_stop
     with pytest.raises(ShuttingDownError):
         await harness.engine.submit("o", harness.plan("a"))
     assert await harness.store.unfinished() == []
+
+
+class SlowToCreate(SQLiteStore):
+    """A store whose ``create`` waits for ``go``, then fails if ``fail`` says so."""
+
+    fail = False
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.go = asyncio.Event()
+
+    async def create(self, batch: Batch) -> None:
+        await self.go.wait()
+        if self.fail:
+            raise StoreError("database or disk is full")
+        await super().create(batch)
+
+
+async def test_a_batch_runs_while_the_store_makes_it_and_nothing_of_it_shows_before(make):
+    """Its first calls do not wait for the store's write; no change of any batch is
+    written, nor shown, until the batch is in the store; then the submit answers."""
+    harness = await make(SlowToCreate)
+    store = harness.store
+    assert isinstance(store, SlowToCreate)
+    store.go.set()
+    earlier = await harness.engine.submit("o", harness.plan("earlier", "later"))
+    await harness.gated.wait_started(1)
+    await harness.registry.flush()  # its start is shown
+    store.go.clear()
+    submitting = asyncio.ensure_future(harness.engine.submit("o", harness.plan("a", "b")))
+    # A row of the batch being made is sent already.
+    await asyncio.wait_for(harness.gated.wait_started(3), 30)
+    harness.gated.open("earlier")
+    harness.gated.open("a")
+    flushing = asyncio.ensure_future(harness.registry.flush())
+    await asyncio.sleep(0.05)
+    # Held: the other batch's row end too, until the new batch is in the store.
+    assert not submitting.done() and not flushing.done()
+    assert earlier.executions[0].status is ExecutionStatus.RUNNING
+    assert await harness.store.load(earlier.id) is not None
+    assert (await harness.stored(earlier.id))[0] == ("running", None)
+    store.go.set()
+    batch = await asyncio.wait_for(submitting, 30)
+    await asyncio.wait_for(flushing, 30)
+    assert earlier.executions[0].status is ExecutionStatus.SUCCEEDED
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    assert batch.status is BatchStatus.COMPLETED
+    answers = [("succeeded", "answer(a)"), ("succeeded", "answer(b)")]
+    assert await harness.stored(batch.id) == answers
+
+
+async def test_a_batch_the_store_cannot_make_stops_and_leaves_the_others_alone(make):
+    """The submit fails with the store's error; the batch's rows stop, nothing of it is
+    written or kept, and the rows of another batch held meanwhile are written."""
+    harness = await make(SlowToCreate)
+    store = harness.store
+    assert isinstance(store, SlowToCreate)
+    store.go.set()
+    earlier = await harness.engine.submit("o", harness.plan("earlier"))
+    await harness.gated.wait_started(1)
+    store.go.clear()
+    store.fail = True
+    submitting = asyncio.ensure_future(harness.engine.submit("o", harness.plan("a", "b")))
+    await asyncio.wait_for(harness.gated.wait_started(3), 30)
+    harness.gated.open("earlier")
+    harness.gated.open("a")
+    await asyncio.sleep(0.05)
+    store.go.set()
+    with pytest.raises(StoreError, match="disk is full"):
+        await asyncio.wait_for(submitting, 30)
+    await harness.engine.join(earlier.id)
+    assert earlier.status is BatchStatus.COMPLETED
+    assert await harness.stored(earlier.id) == [("succeeded", "answer(earlier)")]
+    assert [batch.id for batch in await harness.store.unfinished()] == []
+    [(rows,)] = await harness.store._read(
+        lambda db: db.execute("SELECT count(*) FROM row_changes").fetchall()
+    )
+    stored_ids = await harness.store._read(
+        lambda db: db.execute("SELECT DISTINCT batch_id FROM row_changes").fetchall()
+    )
+    assert stored_ids == [(earlier.id,)]
+    assert rows >= 1
+    assert harness.engine.running() == []
