@@ -151,13 +151,19 @@ class Engine:
         async with self._registry.storing(batch) as creating:
             self._start(batch)
             cancelled = await _awaited_through_cancels(creating)
-            if (error := creating.exception()) is not None:
+            error = (
+                StoreError("The store's write of the batch was cancelled.")
+                if creating.cancelled()
+                else creating.exception()
+            )
+            if error is not None:
                 # Stopped without a trace: nothing of it is in the store to resume.
                 self._registry.unstored(batch)
-                self._abandoned.add(batch.id)
-                task = self._tasks[batch.id]
-                self._cancel(task)
-                await _awaited_through_cancels(asyncio.ensure_future(asyncio.wait([task])))
+                task = self._tasks.get(batch.id)
+                if task is not None:  # else a shutdown stopped it meanwhile
+                    self._abandoned.add(batch.id)
+                    self._cancel(task)
+                    await _awaited_through_cancels(asyncio.ensure_future(asyncio.wait([task])))
                 raise error
             if cancelled:
                 raise asyncio.CancelledError  # the batch is stored, and runs on

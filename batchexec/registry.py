@@ -211,6 +211,9 @@ class Registry:
         try:
             yield creating
         finally:
+            if not creating.done():
+                # The block gave up on it: whatever it becomes, this process forgets it.
+                creating.add_done_callback(_retrieved)
             if not creating.done() or creating.cancelled() or creating.exception() is not None:
                 self.unstored(batch)
                 self._active.pop(batch.id, None)
@@ -515,6 +518,12 @@ class Registry:
 
 #: Batches of more rows than this are made off the event loop.
 _BUILT_INLINE_ROWS = 2000
+
+
+def _retrieved(done: asyncio.Future[None]) -> None:
+    """Take a finished future's outcome, so that asyncio does not log it as never read."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _drop(plan: BatchPlan) -> None:

@@ -285,3 +285,22 @@ async def test_a_batch_the_store_cannot_make_stops_and_leaves_the_others_alone(m
     assert stored_ids == [(earlier.id,)]
     assert rows >= 1
     assert harness.engine.running() == []
+
+
+async def test_a_batch_stopped_by_a_shutdown_while_the_store_fails_to_make_it_says_why(make):
+    """The shutdown stops the batch first; the submit still fails with the store's error."""
+    harness = await make(SlowToCreate)
+    store = harness.store
+    assert isinstance(store, SlowToCreate)
+    store.fail = True
+    submitting = asyncio.ensure_future(harness.engine.submit("o", harness.plan("a")))
+    await asyncio.wait_for(harness.gated.wait_started(1), 30)
+    closing = asyncio.ensure_future(harness.engine.close())
+    await asyncio.sleep(0.05)
+    assert not submitting.done()
+    store.go.set()
+    with pytest.raises(StoreError, match="disk is full"):
+        await asyncio.wait_for(submitting, 30)
+    await asyncio.wait_for(closing, 30)
+    assert harness.engine.running() == []
+    assert await harness.store.unfinished() == []

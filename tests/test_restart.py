@@ -21,7 +21,7 @@ from batchexec.catalog import ModelSpec
 from batchexec.providers import ChatRequest, Completion
 from batchexec.records import ExecutionStatus
 from batchexec.registry import Registry
-from batchexec.store import StoreError
+from batchexec.store import BatchEnded, StoreError
 from batchexec.store.sqlite import SQLiteStore
 from batchexec.web.keys import REGISTRY, SETTINGS
 from tests.fakes import GatedProvider
@@ -430,3 +430,29 @@ async def test_a_batch_of_models_side_by_side_resumes_as_it_was_planned(make_cli
     assert list(csv_rows(body)[0]) == ["prompt", "result [gated]", "result [gated-b]"]
     sheet = await workbook_rows(client, f"batch_execution_{invocation_id}.xlsx")
     assert len(sheet) == 3 and "status [gated-b]" in sheet[0]
+
+
+async def test_a_batch_whose_end_is_written_during_shutdown_gets_its_workbook(
+    make_client, monkeypatch
+):
+    """The workbook is started when the end is shown; an end still being written when the
+    server stops is shown before the stop waits for the workbooks."""
+    ending, release = asyncio.Event(), asyncio.Event()
+    apply = SQLiteStore.apply
+
+    async def slow_end(self: SQLiteStore, changes: Any) -> frozenset[str]:
+        if any(isinstance(change, BatchEnded) for change in changes):
+            ending.set()
+            await release.wait()
+        return await apply(self, changes)
+
+    monkeypatch.setattr(SQLiteStore, "apply", slow_end)
+    client = await make_client()
+    folder = client.app[SETTINGS].results_dir
+    invocation_id = await submit(client, [{"prompt": "hello", "model": "echo"}])
+    await asyncio.wait_for(ending.wait(), PATIENCE_S)
+    closing = asyncio.ensure_future(client.close())
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(closing, PATIENCE_S)
+    assert (folder / f"batch_execution_{invocation_id}.xlsx").is_file()

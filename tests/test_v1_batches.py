@@ -810,6 +810,29 @@ async def test_a_batch_refused_for_room_leaves_no_record(make_client, make_api):
     gated(client).open()
 
 
+async def test_a_batch_stored_before_its_create_was_cut_off_keeps_its_record(
+    make_client, make_api, monkeypatch
+):
+    """Cut off once its batch was stored (as a cancel at shutdown would), the create fails,
+    but the batch runs on, and it stays an OpenAI batch: listed, and ended with its file."""
+    client = await make_client()
+    api = make_api(client)
+    engine = client.app[ENGINE]
+    submit = engine.submit
+
+    async def cut_off(*args: Any, **kwargs: Any) -> Any:
+        await submit(*args, **kwargs)
+        raise RuntimeError("cut off after the batch was stored")
+
+    monkeypatch.setattr(engine, "submit", cut_off)
+    with pytest.raises(openai.InternalServerError):
+        await create_batch(api, jsonl(request_line("a", "hello")))
+    [listed] = (await api.batches.list()).data
+    done = await ended(client, api, listed.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None and done.request_counts.completed == 1
+
+
 @pytest.mark.parametrize(
     ("path", "status"),
     [

@@ -142,6 +142,8 @@ def create_app(
         if limits is not None:
             await limits.close()
         # Written before the store closes; a process killed first has them made on download.
+        # The ends recorded by the engine's close are shown first: each starts its write.
+        await registry.flush()
         await workbooks.idle()
         registry.batch_ended_listeners.remove(workbooks.batch_ended)
 

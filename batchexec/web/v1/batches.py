@@ -116,10 +116,22 @@ async def create_batch(request: web.Request) -> web.Response:
         try:
             await request.app[ENGINE].submit(owner, plan, batch_id=record.id, api=OPENAI)
         except BaseException:
-            # Refused (no room, shutting down) or cut off: it never runs.
-            await asyncio.shield(store.delete_openai_batch(record.id))
+            # Refused (no room, shutting down) or cut off before its batch was stored: it
+            # never runs. Cut off once stored, the batch runs on (here, or after a
+            # restart), and the record stays its.
+            if not await asyncio.shield(_stored(request, record.id, owner)):
+                await asyncio.shield(store.delete_openai_batch(record.id))
             raise
     return answer(await _object(request, record.id))
+
+
+async def _stored(request: web.Request, batch_id: str, owner: str) -> bool:
+    """Whether batch ``batch_id`` of ``owner`` is in the registry (and so in the store)."""
+    try:
+        await request.app[REGISTRY].get(batch_id, owner)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def retrieve_batch(request: web.Request) -> web.Response:
