@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import secrets
 import sqlite3
 import threading
@@ -25,7 +26,7 @@ from batchexec.store import BatchEnded, BatchStarted, ExecutionEnded, ExecutionS
 from batchexec.store.migrations import latest, migrations
 from batchexec.store.rows import batch_row
 from batchexec.store.sqlite import SQLiteStore
-from batchexec.store.sqlite_documents import PART_ROWS
+from batchexec.store.sqlite_documents import PART_ROWS, counts_and_cost
 from batchexec.store.sqlite_rows import INSERT_BATCH, text
 from tests.store_contract import StoreContract, StoreKit, a_batch
 
@@ -419,3 +420,43 @@ async def test_rows_written_before_schema_14_read_back_with_the_changes_made_aft
     [summary] = await store.summaries(old.owner, status=None, limit=10)
     assert summary.cost == 0.75
     assert summary.counts == Counter({ExecutionStatus.SUCCEEDED: 1, ExecutionStatus.FAILED: 1})
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_a_batch_end_counted_as_its_changes_were_written_matches_its_rows_read_back(
+    open_store, seed
+):
+    """A batch's end is counted from the changes this process wrote since it made the
+    batch, not read back; starts and ends in any order (repeated, late, after an end)
+    give the counts and cost that its rows read back from the file give."""
+    chance = random.Random(seed)
+    store = await open_store()
+    statuses = [ExecutionStatus.PENDING] * 12
+    statuses[0] = ExecutionStatus.SUCCEEDED  # a retry's row that succeeded before
+    batch = a_batch("b1", rows=statuses)
+    batch.executions[0].outcome = Outcome(ExecutionStatus.SUCCEEDED, "kept", cost=0.5)
+    await store.create(batch)
+    ends = [ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED]
+    for _ in range(6):
+        group: list[Any] = []
+        for _ in range(chance.randint(1, 8)):
+            index = chance.randint(1, 12)
+            if chance.random() < 0.4:
+                group.append(ExecutionStarted("b1", index, f"sent {index}", 1))
+            else:
+                cost = chance.choice([None, 0.25, 1.0])
+                status = chance.choice(ends)
+                group.append(ExecutionEnded("b1", index, Outcome(status, cost=cost), None))
+        await store.apply(group)
+    assert "b1" in store._tallies  # counted as written, not read back
+    await store.apply([BatchEnded("b1", BatchStatus.COMPLETED, "done", 3.0, None)])
+    assert "b1" not in store._tallies
+    [(counts, cost)] = query(store.path, "SELECT counts, cost FROM batches WHERE id = 'b1'")
+    db = sqlite3.connect(store.path)
+    try:
+        read_counts, read_cost = counts_and_cost(db, "b1")
+    finally:
+        db.close()
+    assert json.loads(counts) == dict(read_counts)
+    assert cost == pytest.approx(read_cost)
+    assert sum(json.loads(counts).values()) == 12

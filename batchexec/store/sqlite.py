@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Summary
 from batchexec.store.base import (
+    BatchEnded,
     BatchStore,
     CachedAnswer,
     CallbackDue,
@@ -60,7 +61,9 @@ from batchexec.store.rows import (
 from batchexec.store.sqlite_documents import (
     INSERT_CHANGES,
     INSERT_INPUTS,
+    Tally,
     counts_and_cost,
+    entries,
     input_parts,
     row_changes_of,
 )
@@ -130,6 +133,9 @@ class SQLiteStore(BatchStore):
         #: Groups committed, on either thread: every ``_CHECKPOINT_EVERY``, a checkpoint.
         self._commits = 0
         self._checkpointing: asyncio.Future[None] | None = None
+        #: The rows of the batches this process made and has not ended, by status, kept
+        #: as their changes are written (used on whichever thread writes, one at a time).
+        self._tallies: dict[str, Tally] = {}
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work`` on the writer's thread; every SQLite error is a ``StoreError``."""
@@ -286,6 +292,8 @@ class SQLiteStore(BatchStore):
             with _transaction(db):
                 db.execute(INSERT_BATCH, batch_row(batch, text))
                 db.executemany(INSERT_INPUTS, input_parts(batch))
+            if not batch.status.finished:
+                self._tallies[batch.id] = Tally.of(batch)
 
         await self._run(write)
 
@@ -306,11 +314,23 @@ class SQLiteStore(BatchStore):
         """
 
         def write(db: sqlite3.Connection) -> None:
-            entries, batches = row_changes_of(changes)
-            with _transaction(db):
-                db.executemany(INSERT_CHANGES, entries)
-                for change in batches:
-                    apply_batch_change(db, change, counts_and_cost)
+            items, batches = row_changes_of(changes)
+            try:
+                for batch_id, batch_items in items.items():
+                    if (tally := self._tallies.get(batch_id)) is not None:
+                        tally.apply(batch_items)
+                with _transaction(db):
+                    db.executemany(INSERT_CHANGES, entries(items))
+                    for change in batches:
+                        apply_batch_change(db, change, self._tally)
+            except BaseException:
+                # Counted, not written: those batches are counted from the store again.
+                for batch_id in {*items, *(change.batch_id for change in batches)}:
+                    self._tallies.pop(batch_id, None)
+                raise
+            for change in batches:
+                if isinstance(change, BatchEnded):
+                    self._tallies.pop(change.batch_id, None)
 
         self._commits += 1
         checkpoint = self._commits % _CHECKPOINT_EVERY == 0
@@ -362,8 +382,15 @@ class SQLiteStore(BatchStore):
             raise StoreError(f"The SQLite store cannot be used: {exc}") from exc
         return True
 
+    def _tally(self, db: sqlite3.Connection, batch_id: str) -> tuple[Counter[str], float | None]:
+        """Batch ``batch_id``'s rows by status and their cost: from the changes written by
+        this process since it made the batch, else read back from the store."""
+        tally = self._tallies.get(batch_id)
+        return tally.counts_and_cost() if tally is not None else counts_and_cost(db, batch_id)
+
     async def delete(self, batch_id: str) -> None:
         def write(db: sqlite3.Connection) -> None:
+            self._tallies.pop(batch_id, None)
             with _transaction(db):
                 db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
 

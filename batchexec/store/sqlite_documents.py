@@ -93,21 +93,61 @@ def input_parts(batch: Batch) -> Iterator[tuple[str, int, str | bytes, str | byt
 
 def row_changes_of(
     changes: Sequence[Change],
-) -> tuple[list[tuple[str, str | bytes]], list[Change]]:
-    """A group's changes as ``row_changes`` entries (one a batch, for ``INSERT_CHANGES``),
-    and the changes to batches themselves, in order.
+) -> tuple[dict[str, list[list[Any]]], list[Change]]:
+    """A group's changes as the items of ``row_changes`` entries, by batch (``entries``
+    makes them rows of ``INSERT_CHANGES``), and the changes to batches themselves, in
+    order.
 
     ``rows.coalesced`` drops a start whose end is in the group, and every end
     of a row after its first.
     """
     started, ended, batch_changes = coalesced(changes, _same)
-    entries: defaultdict[str, list[list[Any]]] = defaultdict(list)
+    items: defaultdict[str, list[list[Any]]] = defaultdict(list)
     for prompt_sent, attempts, batch_id, idx in started:
-        entries[batch_id].append([_START, idx, prompt_sent, attempts])
+        items[batch_id].append([_START, idx, prompt_sent, attempts])
     for *outcome, batch_id, idx in ended:
         _check_integers(outcome)
-        entries[batch_id].append([_END, idx, *outcome])
-    return [(batch_id, document(items)) for batch_id, items in entries.items()], batch_changes
+        items[batch_id].append([_END, idx, *outcome])
+    return items, batch_changes
+
+
+def entries(items: dict[str, list[list[Any]]]) -> list[tuple[str, str | bytes]]:
+    """``row_changes_of``'s items as rows of ``INSERT_CHANGES``, one a batch."""
+    return [(batch_id, document(batch_items)) for batch_id, batch_items in items.items()]
+
+
+class Tally:
+    """A running batch's rows by status and their costs, kept as its changes are written,
+    so that its end is counted without reading its rows back (``counts_and_cost`` does
+    the same from the store). Applied as ``replay`` applies entries."""
+
+    def __init__(self, statuses: list[str], costs: list[float | None]) -> None:
+        self._statuses = statuses
+        self._costs = costs
+
+    @classmethod
+    def of(cls, batch: Batch) -> Tally:
+        """The tally of ``batch`` as it is made in the store."""
+        return cls(
+            [execution.status.value for execution in batch.executions],
+            [execution.cost for execution in batch.executions],
+        )
+
+    def apply(self, items: Sequence[Sequence[Any]]) -> None:
+        """Count the starts and ends of a ``row_changes`` entry."""
+        statuses, costs = self._statuses, self._costs
+        for kind, idx, *values in items:
+            if statuses[idx - 1] not in _NOT_ENDED:
+                continue  # a row's end is final
+            if kind == _START:
+                statuses[idx - 1] = ExecutionStatus.RUNNING.value
+            else:
+                statuses[idx - 1] = values[_STATUS]
+                costs[idx - 1] = values[_COST]
+
+    def counts_and_cost(self) -> tuple[Counter[str], float | None]:
+        costs = [cost for cost in self._costs if cost is not None]
+        return Counter(self._statuses), (sum(costs) if costs else None)
 
 
 def executions(db: sqlite3.Connection, batch_id: str) -> list[Execution]:
