@@ -452,14 +452,7 @@ class Engine:
         waits for no file.
         """
         writing = asyncio.ensure_future(self._write_outputs(batch))
-        cancelled = False
-        while not writing.done():
-            try:
-                await asyncio.shield(writing)
-            except asyncio.CancelledError:
-                cancelled = True
-            except Exception:
-                break
+        cancelled = await _awaited_through_cancels(writing)
         error = writing.exception()
         if error is not None:
             log.error("batch %s: could not write its outputs", batch.id, exc_info=error)
