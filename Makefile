@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m batchexec serve
 
+# On every core (pytest-xdist), each worker taking the next test as it finishes one;
+# `.venv/bin/python -m pytest tests/test_x.py` runs some of them in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist worksteal
 
 # The web page's linters (package.json) need npm; CI has it, and a machine without it
 # says so and lints the Python alone.
