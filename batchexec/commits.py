@@ -56,9 +56,10 @@ class GroupCommits:
         self._on_lost = on_lost
         #: Changes waiting for the next group commit, each with what it makes visible.
         self._pending: list[tuple[Change | None, Visible]] = []
-        #: Resolved once the pending group is committed, and the one being written.
-        self._gathering: asyncio.Future[None] | None = None
-        self._writing: asyncio.Future[None] | None = None
+        #: Who waits for the pending group to be committed, and for the one being
+        #: written: a future each, so that each resumes the turn after the commit.
+        self._gathering: list[asyncio.Future[None]] | None = None
+        self._writing: list[asyncio.Future[None]] | None = None
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         #: No group is written before these are done: batches being made in the store.
@@ -91,7 +92,7 @@ class GroupCommits:
             gathering, self._gathering = self._gathering, None
             await self._commit(group)
             if gathering is not None:
-                gathering.set_result(None)
+                _wake(gathering)
 
     def hold(self, until: asyncio.Future[None]) -> None:
         """Write no group until ``until`` is done: a batch being made in the store runs
@@ -124,16 +125,22 @@ class GroupCommits:
     async def flush(self) -> None:
         """Wait until every change recorded so far is durable and visible.
 
-        Every caller waits on the one future of the group being gathered (the
-        groups commit in order, so it covers the group being written too): a
-        thousand workers flushing cost one future, not a thousand.
+        Every caller waits for the group being gathered (the groups commit in
+        order, so it covers the group being written too), on a future of its
+        own: it resumes in the loop turn after the commit, and a caller
+        cancelled meanwhile cancels only its own wait.
         """
         if self._pending or self._gathering is not None:
             if self._gathering is None:
-                self._gathering = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._gathering)
+                self._gathering = []
+            waiters = self._gathering
         elif self._writing is not None:
-            await asyncio.shield(self._writing)
+            waiters = self._writing
+        else:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        await waiter
 
     async def _write_forever(self) -> None:
         while True:
@@ -141,13 +148,13 @@ class GroupCommits:
             await self._held()
             self._wake.clear()
             group, self._pending = self._pending, []
-            self._writing = self._gathering or asyncio.get_running_loop().create_future()
+            self._writing = self._gathering or []
             self._gathering = None
             # In a method of its own, so the group (and the batches its changes
             # hold) is let go as soon as it is written, not at the next one.
             await self._commit(group)
             del group
-            self._writing.set_result(None)
+            _wake(self._writing)
             self._writing = None
 
     async def _held(self) -> None:
@@ -183,6 +190,13 @@ class GroupCommits:
             except Exception:
                 # The writer must outlive any one change, or every later flush waits forever.
                 log.exception("could not show a change")
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    """Wake ``waiters``, but one cancelled meanwhile."""
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def nothing() -> None:

@@ -173,6 +173,43 @@ async def test_a_failed_batch_reads_failed_even_when_not_cached(make):
     )
 
 
+class HeldWrites(SQLiteStore):
+    """A store whose groups wait for ``open_gate`` before they are written."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()
+
+    async def apply(self, changes: Sequence[Change]) -> frozenset[str]:
+        self.waiting.set()
+        await self.gate.wait()
+        return await super().apply(changes)
+
+
+async def test_a_flush_cancelled_while_its_group_is_written_leaves_the_others_waiting(make):
+    harness = await make(HeldWrites)
+    store, registry = harness.store, harness.registry
+    batch = await registry.add("o", harness.plan("a", "b"))
+    await registry.flush()
+    store.gate.clear()
+    store.waiting.clear()
+    registry.finish_execution(batch, 1, Outcome(ExecutionStatus.SUCCEEDED, "x", attempts=1), "a")
+    given_up, waiting = (asyncio.create_task(registry.flush()) for _ in range(2))
+    await asyncio.wait_for(store.waiting.wait(), 5)  # the group is being written
+    late = asyncio.create_task(registry.flush())  # waits for the group being written
+    await asyncio.sleep(0)
+    given_up.cancel()
+    await asyncio.sleep(0)
+    assert given_up.cancelled() and not waiting.done() and not late.done()
+    assert batch.executions[0].status is ExecutionStatus.PENDING  # not shown before durable
+    store.gate.set()
+    await asyncio.wait_for(asyncio.gather(waiting, late), 5)
+    assert batch.executions[0].status is ExecutionStatus.SUCCEEDED
+    assert (await harness.stored(batch.id))[0] == ("succeeded", "x")
+
+
 async def test_close_writes_what_is_recorded_while_it_flushes(make):
     harness = await make()
     registry = harness.registry
