@@ -188,7 +188,10 @@ class HeldWrites(SQLiteStore):
         return await super().apply(changes)
 
 
-async def test_a_flush_cancelled_while_its_group_is_written_leaves_the_others_waiting(make):
+@pytest.mark.parametrize("waiters", [2, 40])  # a large group's waiters wake a turn later
+async def test_a_flush_cancelled_while_its_group_is_written_leaves_the_others_waiting(
+    make, waiters
+):
     harness = await make(HeldWrites)
     store, registry = harness.store, harness.registry
     batch = await registry.add("o", harness.plan("a", "b"))
@@ -196,16 +199,16 @@ async def test_a_flush_cancelled_while_its_group_is_written_leaves_the_others_wa
     store.gate.clear()
     store.waiting.clear()
     registry.finish_execution(batch, 1, Outcome(ExecutionStatus.SUCCEEDED, "x", attempts=1), "a")
-    given_up, waiting = (asyncio.create_task(registry.flush()) for _ in range(2))
+    given_up, *waiting = (asyncio.create_task(registry.flush()) for _ in range(waiters))
     await asyncio.wait_for(store.waiting.wait(), 5)  # the group is being written
     late = asyncio.create_task(registry.flush())  # waits for the group being written
     await asyncio.sleep(0)
     given_up.cancel()
     await asyncio.sleep(0)
-    assert given_up.cancelled() and not waiting.done() and not late.done()
+    assert given_up.cancelled() and not any(w.done() for w in waiting) and not late.done()
     assert batch.executions[0].status is ExecutionStatus.PENDING  # not shown before durable
     store.gate.set()
-    await asyncio.wait_for(asyncio.gather(waiting, late), 5)
+    await asyncio.wait_for(asyncio.gather(*waiting, late), 5)
     assert batch.executions[0].status is ExecutionStatus.SUCCEEDED
     assert (await harness.stored(batch.id))[0] == ("succeeded", "x")
 
