@@ -53,7 +53,7 @@ class ParameterError(ValueError):
 
 def read_parameters(cells: Mapping[str, Cell]) -> tuple[RowParameters, list[ParameterError]]:
     """The parameters ``cells`` set, and one error for each that holds a bad value."""
-    if not any(name in cells for name in _READERS):
+    if cells.keys().isdisjoint(_READERS):
         return NO_PARAMETERS, []
     values: dict[str, object] = {}
     errors: list[ParameterError] = []
