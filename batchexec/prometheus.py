@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import get_args
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -91,6 +93,11 @@ class PrometheusMetrics(Metrics):
         )
         for outcome in get_args(WebhookOutcome):
             self._webhooks.labels(outcome)
+        #: Each series a row's end or call counts in, by its labels: ``labels()`` looks
+        #: them up at a cost that every row would pay. Models come from the catalog,
+        #: so these stay as small as it.
+        self._ended_by: dict[tuple[ExecutionStatus, str], _Child] = {}
+        self._calls_by: dict[tuple[str, str], _CallSeries] = {}
         self._live = _LiveBatches()
         registry.register(self._live)
         ProcessCollector(registry=registry)
@@ -112,28 +119,21 @@ class PrometheusMetrics(Metrics):
         self._batches_ended.labels(status.value).inc()
 
     def execution_ended(self, status: ExecutionStatus, model: str) -> None:
-        self._executions_ended.labels(status.value, model).inc()
+        counter = self._ended_by.get((status, model))
+        if counter is None:
+            counter = self._ended_by[status, model] = self._executions_ended.labels(
+                status.value, model
+            )
+        counter.inc()
 
-    @contextmanager
-    def call(self, model: str, provider: str) -> Iterator[None]:
-        in_flight = self._in_flight.labels(model, provider)
-        in_flight.inc()
-        started_s = time.perf_counter()
-        outcome = "error"
-        try:
-            yield
-            outcome = "ok"
-        except RetryableProviderError:
-            outcome = "retryable_error"
-            raise
-        except asyncio.CancelledError:
-            # Cut off by the execution timeout, a cancel or a shutdown.
-            outcome = "cancelled"
-            raise
-        finally:
-            in_flight.dec()
-            elapsed_s = time.perf_counter() - started_s
-            self._call_seconds.labels(model, provider, outcome).observe(elapsed_s)
+    def call(self, model: str, provider: str) -> AbstractContextManager[None]:
+        series = self._calls_by.get((model, provider))
+        if series is None:
+            series = self._calls_by[model, provider] = _CallSeries(
+                self._in_flight.labels(model, provider),
+                lambda outcome: self._call_seconds.labels(model, provider, outcome),
+            )
+        return _Call(series)
 
     def retry(self, model: str) -> None:
         self._retries.labels(model).inc()
@@ -144,6 +144,67 @@ class PrometheusMetrics(Metrics):
 
     def webhook(self, outcome: WebhookOutcome) -> None:
         self._webhooks.labels(outcome).inc()
+
+
+class _Child(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class _Observed(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Gauge(_Child, Protocol):
+    def dec(self, amount: float = 1) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _CallSeries:
+    """The series of one model and provider's calls: in flight, and timed by outcome
+    (each made by ``timed`` when a call first ends so)."""
+
+    in_flight: _Gauge
+    timed: Callable[[str], _Observed]
+    seconds: dict[str, _Observed] = field(default_factory=dict)
+
+    def of(self, outcome: str) -> _Observed:
+        series = self.seconds.get(outcome)
+        if series is None:
+            series = self.seconds[outcome] = self.timed(outcome)
+        return series
+
+
+class _Call:
+    """Held around one provider call: counted in flight, then timed by how it ended."""
+
+    __slots__ = ("_series", "_started_s")
+
+    def __init__(self, series: _CallSeries) -> None:
+        self._series = series
+        self._started_s = 0.0
+
+    def __enter__(self) -> None:
+        self._series.in_flight.inc()
+        self._started_s = time.perf_counter()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        elapsed_s = time.perf_counter() - self._started_s
+        self._series.in_flight.dec()
+        if kind is None:
+            outcome = "ok"
+        elif issubclass(kind, RetryableProviderError):
+            outcome = "retryable_error"
+        elif issubclass(kind, asyncio.CancelledError):
+            # Cut off by the execution timeout, a cancel or a shutdown.
+            outcome = "cancelled"
+        else:
+            outcome = "error"
+        self._series.of(outcome).observe(elapsed_s)
 
 
 class _LiveBatches:

@@ -85,6 +85,30 @@ class Outcome:
     #: The results route's ``since`` cursor counts in these.
     seq: int = 0
 
+    def running(self, attempts: int) -> Outcome:
+        """This outcome as its row is sent again, ``attempts`` calls made with this one."""
+        return self._copy(ExecutionStatus.RUNNING, attempts, self.seq)
+
+    def numbered(self, seq: int) -> Outcome:
+        """This outcome as the ``seq``-th end of its batch."""
+        return self._copy(self.status, self.attempts, seq)
+
+    def _copy(self, status: ExecutionStatus, attempts: int, seq: int) -> Outcome:
+        # What dataclasses.replace does at half its cost: every row's start and end
+        # make one.
+        return Outcome(
+            status,
+            result=self.result,
+            error=self.error,
+            latency_ms=self.latency_ms,
+            attempts=attempts,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cost=self.cost,
+            cached=self.cached,
+            seq=seq,
+        )
+
 
 #: Where every execution starts.
 PENDING = Outcome(ExecutionStatus.PENDING)
@@ -177,7 +201,8 @@ class Execution:
 
     def outcome_bytes(self) -> int:
         """About what the row's end added: the prompt as sent, the answer, the error."""
-        return sum(len(value) for value in (self.prompt_sent, self.result, self.error) if value)
+        outcome = self.outcome
+        return len(self.prompt_sent or "") + len(outcome.result or "") + len(outcome.error or "")
 
 
 @dataclass
@@ -246,15 +271,16 @@ class Batch:
     def moved(self, execution: Execution, outcome: Outcome) -> None:
         """``execution`` takes ``outcome`` (the registry calls this): the counts by status,
         the running rows and, once it has ended, what clients may see follow."""
-        self.counts[execution.status] -= 1
-        self.counts[outcome.status] += 1
+        status = outcome.status
+        self.counts[execution.outcome.status] -= 1
+        self.counts[status] += 1
         execution.outcome = outcome
-        if outcome.status is ExecutionStatus.RUNNING:
+        if status is ExecutionStatus.RUNNING:
             self._running[execution.index] = None
         else:
             self._running.pop(execution.index, None)
-        if outcome.status.finished:
-            self.shown(execution)
+            if status is not ExecutionStatus.PENDING:
+                self.shown(execution)
 
     def running(self) -> list[Execution]:
         """The executions running now, in the order they started."""
@@ -262,22 +288,27 @@ class Batch:
 
     def shown(self, execution: Execution) -> None:
         """``execution`` ended and clients may now see it (``moved`` calls this)."""
-        self._shown_seqs.append(execution.seq)
+        # Read from the outcome, not through the execution's properties: every row's
+        # end passes here.
+        outcome = execution.outcome
+        self._shown_seqs.append(outcome.seq)
         self._shown_rows.append(execution.index)
         self._size += execution.outcome_bytes()
-        self._tokens[0] += execution.prompt_tokens or 0
-        self._tokens[1] += execution.completion_tokens or 0
+        prompt_tokens = outcome.prompt_tokens or 0
+        completion_tokens = outcome.completion_tokens or 0
+        self._tokens[0] += prompt_tokens
+        self._tokens[1] += completion_tokens
         model = self._by_model.get(execution.model)
         if model is None:
             model = self._by_model[execution.model] = [0.0, 0, 0, 0, 0]
-        model[2] += execution.prompt_tokens or 0
-        model[3] += execution.completion_tokens or 0
-        if execution.cost is not None:
-            self._cost[0] += execution.cost
+        model[2] += prompt_tokens
+        model[3] += completion_tokens
+        if outcome.cost is not None:
+            self._cost[0] += outcome.cost
             self._cost[2] += 1
-            model[0] += execution.cost
+            model[0] += outcome.cost
             model[4] += 1
-        elif execution.attempts:
+        elif outcome.attempts:
             self._cost[1] += 1
             model[1] += 1
 

@@ -379,7 +379,7 @@ class Registry:
 
         def visible() -> None:
             execution.prompt_sent = prompt
-            running = replace(execution.outcome, status=ExecutionStatus.RUNNING, attempts=attempts)
+            running = execution.outcome.running(attempts)
             batch.moved(execution, running)
             if self.events.watched(batch.id):
                 self.events.publish(batch.id, started_event(execution))
@@ -402,7 +402,7 @@ class Registry:
             if self.events.watched(batch.id):
                 self.events.publish(batch.id, execution_event(execution), progress_event(batch))
 
-        outcome = replace(outcome, seq=batch.next_seq())
+        outcome = outcome.numbered(batch.next_seq())
         self._record(ExecutionEnded(batch.id, index, outcome, prompt), visible)
 
     def cancel_unfinished(self, batch: Batch, reason: str) -> None:
@@ -549,5 +549,5 @@ def _new_batch(
         if earlier.status is ExecutionStatus.SUCCEEDED:
             execution = batch.executions[earlier.index - 1]
             execution.prompt_sent = earlier.prompt_sent
-            batch.moved(execution, replace(earlier.outcome, seq=batch.next_seq()))
+            batch.moved(execution, earlier.outcome.numbered(batch.next_seq()))
     return batch

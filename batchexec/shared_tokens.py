@@ -24,13 +24,13 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import asyncpg
 
 from batchexec.catalog import ModelSpec, fold
-from batchexec.token_limits import Reservation
+from batchexec.token_limits import Reservation, unreserved
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,21 @@ class SharedTokenLimits:
         self._turns: dict[str, asyncio.Lock] = {}
         self._rng = random.Random()  # the polls' jitter (not security)
 
-    @asynccontextmanager
-    async def reserve(self, model: ModelSpec, tokens: int) -> AsyncIterator[Reservation]:
+    def reserve(self, model: ModelSpec, tokens: int) -> AbstractAsyncContextManager[Reservation]:
         """Hold ``tokens`` of ``model``'s minute, for every replica, around a call."""
-        reservation = Reservation(tokens)
         if model.tpm is None:
-            yield reservation
-            return
+            return unreserved(tokens)
+        return self._reserved(model, model.tpm, tokens)
+
+    @asynccontextmanager
+    async def _reserved(
+        self, model: ModelSpec, tpm: int, tokens: int
+    ) -> AsyncIterator[Reservation]:
+        reservation = Reservation(tokens)
         key = fold(model.name)
         turn = self._turns.setdefault(key, asyncio.Lock())
         async with turn:
-            row_id = await asyncio.shield(self._claim(key, model.tpm, tokens))
+            row_id = await asyncio.shield(self._claim(key, tpm, tokens))
         try:
             yield reservation
         finally:

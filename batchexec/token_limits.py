@@ -24,7 +24,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +46,12 @@ class Reservation:
         """The tokens the provider reported for the call; None keeps the reservation."""
         if tokens is not None:
             self.tokens = tokens
+
+
+def unreserved(tokens: int) -> AbstractAsyncContextManager[Reservation]:
+    """What a call to a model without ``tpm`` holds: nothing to wait for, nothing to
+    release. Most models set none, and every call of theirs passes here."""
+    return nullcontext(Reservation(tokens))
 
 
 class _Account:
@@ -110,16 +116,20 @@ class TokenLimits:
         self._window_s = window_s
         self._accounts: dict[str, _Account] = {}
 
-    @asynccontextmanager
-    async def reserve(self, model: ModelSpec, tokens: int) -> AsyncIterator[Reservation]:
+    def reserve(self, model: ModelSpec, tokens: int) -> AbstractAsyncContextManager[Reservation]:
         """Hold ``tokens`` of ``model``'s minute around a call; its ``used`` corrects them."""
         if model.tpm is None:
-            yield Reservation(tokens)
-            return
+            return unreserved(tokens)
+        return self._reserved(model, model.tpm, tokens)
+
+    @asynccontextmanager
+    async def _reserved(
+        self, model: ModelSpec, tpm: int, tokens: int
+    ) -> AsyncIterator[Reservation]:
         key = fold(model.name)
         account = self._accounts.get(key)
-        if account is None or account.tpm != model.tpm:
-            account = self._accounts[key] = _Account(model.tpm, self._window_s)
+        if account is None or account.tpm != tpm:
+            account = self._accounts[key] = _Account(tpm, self._window_s)
         reservation = await account.reserve(tokens)
         try:
             yield reservation
