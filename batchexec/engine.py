@@ -126,7 +126,7 @@ class Engine:
         """Register ``plan`` as a batch of ``owner`` and start it in the background.
 
         The batch is in the store when this returns; its first rows are sent
-        while the store writes it (none of its changes is written, nor shown,
+        before the store writes it (none of its changes is written, nor shown,
         before it), and if the write fails they stop and nothing of the batch
         is kept. With ``retry_of``, rows
         that succeeded there keep their results and only the others run. Its
@@ -146,10 +146,11 @@ class Engine:
             owner, plan, batch_id=batch_id, retry_of=retry_of, callback_url=callback_url, api=api
         )
         self._check_room()  # a large batch is made in a thread: others may have come first
-        # Started while the store makes it (no change is written before it is): its
+        # Started before the store makes it (no change is written before it is): its
         # first calls do not wait for the write, only the answer does.
-        async with self._registry.storing(batch) as creating:
-            self._start(batch)
+        sent = asyncio.get_running_loop().create_future()
+        async with self._registry.storing(batch, after=sent) as creating:
+            self._start(batch, sent)
             cancelled = await _awaited_through_cancels(creating)
             error = (
                 StoreError("The store's write of the batch was cancelled.")
@@ -255,12 +256,16 @@ class Engine:
         if len(self._tasks) >= limit:
             raise QueueFullError("Too many batches are queued; try again later.")
 
-    def _start(self, batch: Batch) -> None:
-        task = asyncio.create_task(self._run_batch(batch), name=f"batch-{batch.id}")
+    def _start(self, batch: Batch, sent: asyncio.Future[None] | None = None) -> None:
+        """Run ``batch`` in a task of its own; ``sent`` is set once its first calls are
+        made, it waits for a slot, or it has stopped."""
+        task = asyncio.create_task(self._run_batch(batch, sent), name=f"batch-{batch.id}")
         self._tasks[batch.id] = task
         self._batches[batch.id] = batch
         self._queued.add(batch.id)
         task.add_done_callback(lambda done: self._forget(batch.id, done))
+        if sent is not None:
+            task.add_done_callback(lambda _: _set(sent))
 
     async def join(self, batch_id: str) -> None:
         """Wait until batch ``batch_id`` has finished, and its end is durable and visible."""
@@ -394,16 +399,18 @@ class Engine:
             self._registry.finish_batch(batch, BatchStatus.CANCELLED, _cancelled_message(reason))
         self._ended.add(batch.id)
 
-    async def _run_batch(self, batch: Batch) -> None:
+    async def _run_batch(self, batch: Batch, sent: asyncio.Future[None] | None) -> None:
         bind_batch(batch.id, batch.owner)  # what this task logs names the batch
         registry = self._registry
         try:
+            if sent is not None and self._batch_slots.locked():
+                _set(sent)  # queued: nothing is sent until a slot is free
             # The outputs are written inside the slot, so the batches that show
             # ``processing`` never outnumber ``max_concurrent_batches``.
             async with self._batch_slots:
                 self._queued.discard(batch.id)
                 registry.start_batch(batch)
-                await self._run_rows(batch)
+                await self._run_rows(batch, sent)
                 # Every row's end is visible from here on: the counts are complete.
                 await registry.flush()
                 if _rows_left(batch) and self._leaves_unfinished(batch):
@@ -471,8 +478,18 @@ class Engine:
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _run_rows(self, batch: Batch) -> None:
-        """Run every row not yet ended on ``max_threads`` workers, in ``ReadyRows`` order."""
+    async def _run_rows(self, batch: Batch, sent: asyncio.Future[None] | None = None) -> None:
+        """Run every row not yet ended on ``max_threads`` workers, in ``ReadyRows`` order;
+        ``sent`` is set once the workers have started (their first calls are made in
+        the turn they start in, before anything woken by ``sent``)."""
+        try:
+            await self._run_set_up_rows(batch, sent)
+        finally:
+            # Whatever stopped it: no wait for the batch's first calls outlives them.
+            if sent is not None:
+                _set(sent)
+
+    async def _run_set_up_rows(self, batch: Batch, sent: asyncio.Future[None] | None) -> None:
         plan = batch.plan
         if plan is None:
             raise RuntimeError("a batch runs with a plan")
@@ -503,6 +520,8 @@ class Engine:
         async with asyncio.TaskGroup() as group:
             for _ in range(run.workers):
                 group.create_task(work())
+            if sent is not None:
+                _set(sent)
         if batch.id in self._over_budget:
             # Said at the end: what the batch spent, the rows in flight then included.
             self._over_budget[batch.id] = spent.total
@@ -635,6 +654,11 @@ class _RowsRun:
             workers=workers,
         )
         return cls(rows, outputs, spent, ready, workers)
+
+
+def _set(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _awaited_through_cancels(work: asyncio.Future[Any]) -> bool:

@@ -186,7 +186,9 @@ class Registry:
         return batch
 
     @contextlib.asynccontextmanager
-    async def storing(self, batch: Batch) -> AsyncIterator[asyncio.Future[None]]:
+    async def storing(
+        self, batch: Batch, *, after: asyncio.Future[None] | None = None
+    ) -> AsyncIterator[asyncio.Future[None]]:
         """Hold ``batch`` (from ``made``) and make it in the store while the block runs.
 
         The block may start the batch at once: until the batch is in the store
@@ -195,6 +197,11 @@ class Registry:
         await; the block must not end before that write has. If the write
         failed, what the batch recorded meanwhile is dropped (the block stops
         it first) and the batch is forgotten.
+
+        With ``after``, the write starts once that future is done (the engine's
+        batch has sent its first calls): a write in a thread would otherwise
+        compete with them for the interpreter, and the first calls go out
+        later for it.
         """
         loop = asyncio.get_running_loop()
         if self._commits is None:
@@ -204,7 +211,7 @@ class Registry:
             created.set_result(None)
             yield created
             return
-        creating = asyncio.ensure_future(self.store.create(batch))
+        creating = asyncio.ensure_future(self._created(batch, after))
         self._active[batch.id] = batch
         written = self._holding[batch.id] = loop.create_future()
         self._commits.hold(written)
@@ -221,6 +228,11 @@ class Registry:
             self._holding.pop(batch.id, None)
             if not written.done():
                 written.set_result(None)
+
+    async def _created(self, batch: Batch, after: asyncio.Future[None] | None) -> None:
+        if after is not None:
+            await asyncio.wait([after])
+        await self.store.create(batch)
 
     def unstored(self, batch: Batch) -> None:
         """``storing``'s batch could not be made in the store: whatever it records from now

@@ -293,6 +293,68 @@ async def test_a_batch_runs_while_the_store_makes_it_and_nothing_of_it_shows_bef
     assert await harness.stored(batch.id) == answers
 
 
+class CountsCallsAtCreate(SQLiteStore):
+    """A store that notes, as each batch's write begins, how many calls had started."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.started: list[str] = []
+        self.seen: list[int] = []
+
+    async def create(self, batch: Batch) -> None:
+        self.seen.append(len(self.started))
+        await super().create(batch)
+
+
+async def test_the_store_writes_a_batch_once_its_first_calls_are_made(make):
+    """The write (in a thread) does not compete with the first calls for the interpreter."""
+    harness = await make(CountsCallsAtCreate, max_threads=3)
+    store = harness.store
+    assert isinstance(store, CountsCallsAtCreate)
+    store.started = harness.gated.started
+    batch = await harness.engine.submit("o", harness.plan("a", "b", "c", "d"))
+    assert store.seen == [3]
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    assert batch.status is BatchStatus.COMPLETED
+
+
+async def test_a_queued_batch_is_written_without_waiting_for_a_slot(make):
+    harness = await make(CountsCallsAtCreate, max_threads=1, max_concurrent_batches=1)
+    store = harness.store
+    assert isinstance(store, CountsCallsAtCreate)
+    store.started = harness.gated.started
+    running = await harness.engine.submit("o", harness.plan("a"))
+    queued = await asyncio.wait_for(harness.engine.submit("o", harness.plan("b")), 30)
+    assert store.seen == [1, 1]
+    assert queued.status is BatchStatus.QUEUED
+    harness.gated.open()
+    await harness.engine.join(running.id)
+    await harness.engine.join(queued.id)
+    assert queued.status is BatchStatus.COMPLETED
+
+
+async def test_a_batch_with_nothing_left_to_run_is_written_and_ends(make):
+    """A batch whose rows all kept their results makes no call, and still ends."""
+    harness = await make(CountsCallsAtCreate)
+    store = harness.store
+    assert isinstance(store, CountsCallsAtCreate)
+    store.started = harness.gated.started
+    harness.gated.open()
+    first = await harness.engine.submit("o", harness.plan("a", "b"))
+    await harness.engine.join(first.id)
+    again = await asyncio.wait_for(
+        harness.engine.submit("o", harness.plan("a", "b"), retry_of=first), 30
+    )
+    await asyncio.wait_for(harness.engine.join(again.id), 30)
+    assert again.status is BatchStatus.COMPLETED
+    assert store.seen == [2, 2]  # no call made for the second
+    assert await harness.stored(again.id) == [
+        ("succeeded", "answer(a)"),
+        ("succeeded", "answer(b)"),
+    ]
+
+
 async def test_a_batch_the_store_cannot_make_stops_and_leaves_the_others_alone(make):
     """The submit fails with the store's error; the batch's rows stop, nothing of it is
     written or kept, and the rows of another batch held meanwhile are written."""
