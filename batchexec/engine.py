@@ -410,7 +410,12 @@ class Engine:
             async with self._batch_slots:
                 self._queued.discard(batch.id)
                 registry.start_batch(batch)
-                await self._run_rows(batch, sent)
+                try:
+                    await self._run_rows(batch, sent)
+                finally:
+                    # Whatever stopped them: no wait for the first calls outlives the rows.
+                    if sent is not None:
+                        _set(sent)
                 # Every row's end is visible from here on: the counts are complete.
                 await registry.flush()
                 if _rows_left(batch) and self._leaves_unfinished(batch):
@@ -482,14 +487,6 @@ class Engine:
         """Run every row not yet ended on ``max_threads`` workers, in ``ReadyRows`` order;
         ``sent`` is set once the workers have started (their first calls are made in
         the turn they start in, before anything woken by ``sent``)."""
-        try:
-            await self._run_set_up_rows(batch, sent)
-        finally:
-            # Whatever stopped it: no wait for the batch's first calls outlives them.
-            if sent is not None:
-                _set(sent)
-
-    async def _run_set_up_rows(self, batch: Batch, sent: asyncio.Future[None] | None) -> None:
         plan = batch.plan
         if plan is None:
             raise RuntimeError("a batch runs with a plan")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, get_args
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -96,7 +96,7 @@ class PrometheusMetrics(Metrics):
         #: Each series a row's end or call counts in, by its labels: ``labels()`` looks
         #: them up at a cost that every row would pay. Models come from the catalog,
         #: so these stay as small as it.
-        self._ended_by: dict[tuple[ExecutionStatus, str], _Child] = {}
+        self._ended_by: dict[tuple[ExecutionStatus, str], Counter] = {}
         self._calls_by: dict[tuple[str, str], _CallSeries] = {}
         self._live = _LiveBatches()
         registry.register(self._live)
@@ -146,28 +146,16 @@ class PrometheusMetrics(Metrics):
         self._webhooks.labels(outcome).inc()
 
 
-class _Child(Protocol):
-    def inc(self, amount: float = 1) -> None: ...
-
-
-class _Observed(Protocol):
-    def observe(self, amount: float) -> None: ...
-
-
-class _Gauge(_Child, Protocol):
-    def dec(self, amount: float = 1) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class _CallSeries:
     """The series of one model and provider's calls: in flight, and timed by outcome
     (each made by ``timed`` when a call first ends so)."""
 
-    in_flight: _Gauge
-    timed: Callable[[str], _Observed]
-    seconds: dict[str, _Observed] = field(default_factory=dict)
+    in_flight: Gauge
+    timed: Callable[[str], Histogram]
+    seconds: dict[str, Histogram] = field(default_factory=dict)
 
-    def of(self, outcome: str) -> _Observed:
+    def of(self, outcome: str) -> Histogram:
         series = self.seconds.get(outcome)
         if series is None:
             series = self.seconds[outcome] = self.timed(outcome)
