@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -85,6 +86,26 @@ class BatchClient:
         batch_id = await self.submit(executions)
         await self.wait_done(batch_id)
         return batch_id
+
+    async def settle(self, batch_id: str) -> None:
+        """Wait until the server has written the finished batch's workbook (it is
+        written after ``done``): fetching it waits for that write. A timed run then
+        never pays for the workbook of the run before, on this server or another
+        one on the machine."""
+        xlsx_url = (await self.results(batch_id, progress_only=True)).get("xlsx_url")
+        if not xlsx_url:
+            raise RuntimeError(f"batch {batch_id}: no xlsx_url to wait for")
+        await self.download(xlsx_url)
+
+    async def download(self, xlsx_url: str) -> bytes:
+        """The workbook ``xlsx_url`` names, fetched from this server."""
+        async with self.session.get(
+            self.base_url + urlsplit(xlsx_url).path, headers=self.headers
+        ) as answer:
+            workbook = await answer.read()
+            if answer.status != 200 or not workbook.startswith(b"PK"):
+                raise RuntimeError(f"download {xlsx_url}: HTTP {answer.status}: {workbook[:200]!r}")
+        return workbook
 
     async def check_succeeded(self, batch_id: str, total: int) -> dict[str, Any]:
         """The results, after checking the batch completed with every row succeeded."""

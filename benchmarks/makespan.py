@@ -82,7 +82,7 @@ def chain_ideal_s(rows: int = CHAINS * LINKS + CHAIN_INDEPENDENTS) -> float:
 async def makespan_s(client: BatchClient, rows: list[Row]) -> tuple[float, float]:
     """Seconds from submitting ``rows`` to the submit answer and to the ``done`` event.
 
-    Checks, afterwards, that every row succeeded.
+    Checks, afterwards, that every row succeeded, and waits for its workbook.
     """
     started = time.perf_counter()
     batch_id = await client.submit(rows)
@@ -90,6 +90,7 @@ async def makespan_s(client: BatchClient, rows: list[Row]) -> tuple[float, float
     await client.wait_done(batch_id)
     elapsed = time.perf_counter() - started
     await client.check_succeeded(batch_id, len(rows))
+    await client.settle(batch_id)
     return accepted, elapsed
 
 
@@ -152,8 +153,9 @@ async def floor(client: BatchClient) -> Figure:
     samples: list[float] = []
     floors: list[float] = []
     for run in range(1, RUNS + 1):
-        _, elapsed = await to_done(client, body)
+        batch_id, elapsed = await to_done(client, body)
         samples.append(elapsed)
+        await client.settle(batch_id)
         floors.append(await bare_floor_s())
         progress("makespan vs floor", f"run {run}/{RUNS}: {elapsed:.3f} s, {floors[-1]:.3f} s bare")
     ours, bare = Samples.of(samples, "s"), Samples.of(floors, "s")
@@ -183,9 +185,11 @@ async def following(client: BatchClient) -> Figure:
     for run in range(1, RUNS + 1):
         batch_id, _ = await to_done(client, body)
         by_events.append(await own_makespan_s(client, batch_id))
+        await client.settle(batch_id)
         batch_id = await submit(client, body)
         polls.append(await poll_with_cursor(client, batch_id, INDEPENDENT_ROWS))
         by_polling.append(await own_makespan_s(client, batch_id))
+        await client.settle(batch_id)
         progress(
             "following a batch",
             f"run {run}/{RUNS}: events {by_events[-1]:.3f} s, cursor polling "

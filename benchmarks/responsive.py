@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from benchmarks import health_probe
 from benchmarks.client import EXECUTE, RESULTS, BatchClient
@@ -133,13 +132,7 @@ async def succeeded(client: BatchClient, batch_id: str) -> tuple[int, str]:
 
 async def download(client: BatchClient, xlsx_url: str) -> int:
     """The workbook ``xlsx_url`` names, fetched from this server; its size in bytes."""
-    async with client.session.get(
-        client.base_url + urlsplit(xlsx_url).path, headers=client.headers
-    ) as answer:
-        workbook = await answer.read()
-        if answer.status != 200 or not workbook.startswith(b"PK"):
-            raise RuntimeError(f"download {xlsx_url}: HTTP {answer.status}: {workbook[:200]!r}")
-    return len(workbook)
+    return len(await client.download(xlsx_url))
 
 
 # Scenario 12: /health while a 100,000-row batch goes through
