@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import queue
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -246,3 +250,57 @@ async def test_an_error_outside_the_middlewares_is_a_json_500_with_its_traceback
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None
     assert isinstance(record.exc_info[1], RuntimeError)
+
+
+_ARENAS_USED = """
+import ctypes, re, sys, tempfile, threading
+from batchexec.serving import share_malloc_arenas
+
+capped = share_malloc_arenas()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+libc.fclose.argtypes = (ctypes.c_void_p,)
+together = threading.Barrier(8)
+blocks = []
+
+def allocate():
+    blocks.append(bytearray(100_000))  # past Python's small-object allocator: malloc's
+    together.wait()  # every thread alive at once, each holding its block
+
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+with tempfile.NamedTemporaryFile() as info:
+    stream = libc.fopen(info.name.encode(), b"w")
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    heaps = len(re.findall(rb'<heap nr="', info.read()))
+print(capped, heaps)
+"""
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's; this is not glibc"
+)
+@pytest.mark.parametrize(("setting", "capped"), [(None, True), ("8", False)])
+def test_the_server_shares_two_malloc_arenas_unless_malloc_arena_max_is_set(setting, capped):
+    env = {name: value for name, value in os.environ.items() if name != "MALLOC_ARENA_MAX"}
+    if setting is not None:
+        env["MALLOC_ARENA_MAX"] = setting
+    done = subprocess.run(
+        [sys.executable, "-c", _ARENAS_USED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_S,
+        check=True,
+    )
+    said_capped, heaps = done.stdout.split()
+    assert said_capped == str(capped)
+    # Eight threads holding memory at once: two arenas capped, one each (and the main
+    # thread's) otherwise.
+    assert int(heaps) <= 2 if capped else int(heaps) >= 8
