@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from batchexec.records import Batch, Execution, ExecutionStatus
+from batchexec.records import PENDING, Batch, Execution, ExecutionStatus
 from batchexec.store.base import Change
 from batchexec.store.rows import coalesced, execution_of, outcome_values
 from batchexec.store.sqlite_rows import read_text, text
@@ -85,10 +85,19 @@ def input_parts(batch: Batch) -> Iterator[tuple[str, int, str | bytes, str | byt
     for part, start in enumerate(range(0, len(executions), PART_ROWS)):
         rows = executions[start : start + PART_ROWS]
         inputs = [[e.model, e.cells] for e in rows]
-        outcomes = [outcome_values(e, _same) for e in rows]
-        for outcome in outcomes:
-            _check_integers(outcome)
-        yield batch.id, part, document(inputs), document(outcomes)
+        yield batch.id, part, document(inputs), _outcomes(rows)
+
+
+def _outcomes(rows: Sequence[Execution]) -> str | bytes:
+    """The ``outcomes`` document of ``rows``. A new batch's rows have not started: they
+    share one JSON text, not built and encoded again for each (a third of the time a
+    10,000-row batch took to be made)."""
+    if all(e.outcome is PENDING and e.prompt_sent is None for e in rows):
+        return "[" + ",".join([_NOT_STARTED] * len(rows)) + "]"
+    outcomes = [outcome_values(e, _same) for e in rows]
+    for outcome in outcomes:
+        _check_integers(outcome)
+    return document(outcomes)
 
 
 def row_changes_of(
@@ -225,3 +234,7 @@ def _read_outcome(row: Sequence[Any]) -> list[Any]:
 
 def _same(value: str | None) -> str | None:
     return value
+
+
+#: A row not yet started, as ``_outcomes`` writes it.
+_NOT_STARTED = json.dumps(outcome_values(Execution(0, "", {}), _same))
