@@ -122,8 +122,9 @@ class GroupCommits:
         self._pending.append((change, visible))
         self._wake.set()
 
-    async def flush(self) -> None:
-        """Wait until every change recorded so far is durable and visible.
+    async def flush(self) -> bool:
+        """Wait until every change recorded so far is durable and visible; whether it
+        waited (False when nothing was left to write).
 
         Every caller waits for the group being gathered (the groups commit in
         order, so it covers the group being written too), on a future of its
@@ -137,10 +138,11 @@ class GroupCommits:
         elif self._writing is not None:
             waiters = self._writing
         else:
-            return
+            return False
         waiter = asyncio.get_running_loop().create_future()
         waiters.append(waiter)
         await waiter
+        return True
 
     async def _write_forever(self) -> None:
         while True:

@@ -505,8 +505,13 @@ class Engine:
         async def work() -> None:
             nonlocal since_yield
             while (index := await ready.take()) is not None:
-                await self._run_row(batch, rows[index], outputs, spent)
+                waited = await self._run_row(batch, rows[index], outputs, spent)
                 ready.ended(index)
+                if waited:
+                    # It waited for its end to be durable: the loop ran meanwhile. A
+                    # yield now would only split the next group commit in two.
+                    since_yield = 0
+                    continue
                 since_yield += 1
                 if since_yield >= _YIELD_EVERY_ROWS:
                     # Rows that end without I/O (an instant model, skipped
@@ -525,15 +530,16 @@ class Engine:
 
     async def _run_row(
         self, batch: Batch, row: PlannedRow, outputs: dict[int, str], spent: _Spent
-    ) -> None:
+    ) -> bool:
         """End one ready row: run it, or skip or cancel it without calling its model.
+        Whether it waited for its end to be durable (``Registry.flush``).
 
         Once the batch's rows have cost its ``max_cost``, no other row is sent:
         the rows in flight finish (a budget is exceeded by their cost at
         most), the others end cancelled.
         """
         if self._stopping and self._leaves_unfinished(batch):
-            return  # left pending, for the next process to run
+            return False  # left pending, for the next process to run
         max_cost = batch.options.max_cost
         if self._stopping:
             # Not started because of the shutdown (or its input was not), not failed.
@@ -554,7 +560,7 @@ class Engine:
         if unsent is not None:
             attempts = batch.executions[row.index - 1].attempts
             self._finish_row(batch, row.index, replace(unsent, attempts=attempts), None)
-            return
+            return False
         prompt = row.sent_prompt(outputs)
         # Calls made in earlier lives of the row (it was running when a process died).
         earlier = batch.executions[row.index - 1].attempts
@@ -571,9 +577,10 @@ class Engine:
         # killed at any moment then sends again only the rows in flight, one a
         # worker, and a dependent only ever uses a stored output. Commits are
         # grouped, so this costs one commit's wait, shared by every worker.
-        await self._registry.flush()
+        waited = await self._registry.flush()
         if outcome.status is ExecutionStatus.SUCCEEDED and outcome.result is not None:
             outputs[row.index] = outcome.result
+        return waited
 
     def _finish_row(self, batch: Batch, index: int, outcome: Outcome, prompt: str | None) -> None:
         """Record how row ``index`` ended; a failure is logged here, once, naming its batch."""

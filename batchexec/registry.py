@@ -508,10 +508,12 @@ class Registry:
             nothing,
         )
 
-    async def flush(self) -> None:
-        """Wait until every change recorded so far is durable and visible."""
-        if self._commits is not None:
-            await self._commits.flush()
+    async def flush(self) -> bool:
+        """Wait until every change recorded so far is durable and visible; whether it
+        waited (handing the event loop back), which ``memory://`` never does."""
+        if self._commits is None:
+            return False
+        return await self._commits.flush()
 
     async def expire(self, older_than: float) -> list[str]:
         """Forget finished batches and workbooks from before ``older_than`` (epoch seconds).

@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -18,6 +19,8 @@ from aiohttp import FormData
 from batchexec.api import CANCEL, EXECUTE_BATCH, PROCESS_CSV, RESULTS, RETRY, UPLOAD, download_path
 from batchexec.exports import write_xlsx
 from batchexec.records import BatchStatus
+from batchexec.store.base import Change, ExecutionEnded
+from batchexec.store.sqlite import SQLiteStore
 from batchexec.web.keys import ENGINE, REGISTRY
 from tests.helpers import (
     API_KEY,
@@ -384,6 +387,28 @@ async def test_instant_rows_hand_the_loop_back_every_few_hundred_rows(make_clien
     await prober
     # 4,000 rows that never wait on I/O: the engine yields at least every 200 of them.
     assert turns >= 4000 // 200
+
+
+async def test_instant_rows_on_sqlite_commit_a_wave_of_workers_in_one_group(
+    make_client, monkeypatch
+):
+    ends: list[int] = []
+    real_apply = SQLiteStore.apply
+
+    async def apply(self: SQLiteStore, changes: Sequence[Change]) -> frozenset[str]:
+        if count := sum(isinstance(change, ExecutionEnded) for change in changes):
+            ends.append(count)
+        return await real_apply(self, changes)
+
+    monkeypatch.setattr(SQLiteStore, "apply", apply)
+    client = await make_client(max_threads=50, max_executions_per_batch=1000)
+    invocation_id = await submit(
+        client, [{"prompt": f"p{n}", "model": "echo"} for n in range(1000)]
+    )
+    await client.app[ENGINE].join(invocation_id)
+    # Each worker waits for its row's end to be durable, which hands the loop back:
+    # no yield of its own splits a wave of 50 ends into two commits.
+    assert ends == [50] * 20
 
 
 async def test_a_large_batch_is_validated_and_planned_off_the_loop(make_client, monkeypatch):
