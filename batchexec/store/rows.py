@@ -80,6 +80,24 @@ def outcome_values(e: Execution, text: TextOf) -> list[Any]:
     ]
 
 
+def end_values(change: ExecutionEnded, text: TextOf) -> list[Any]:
+    """The outcome a row's end writes, as ``outcome_values`` gives an execution's."""
+    outcome = change.outcome
+    return [
+        outcome.status.value,
+        text(change.prompt_sent),
+        text(outcome.result),
+        text(outcome.error),
+        outcome.latency_ms,
+        outcome.attempts,
+        outcome.prompt_tokens,
+        outcome.completion_tokens,
+        outcome.cost,
+        outcome.cached,
+        outcome.seq,
+    ]
+
+
 def coalesced(
     changes: Sequence[Change], text: TextOf
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[Change]]:
@@ -94,8 +112,22 @@ def coalesced(
     batch's record, so writing each kind in bulk leaves the same state as
     writing in order.
     """
-    started: dict[tuple[str, int], tuple[Any, ...]] = {}
-    ended: dict[tuple[str, int], tuple[Any, ...]] = {}
+    started, ended, batches = coalesced_by_row(changes)
+    return (
+        [(text(s.prompt_sent), s.attempts, s.batch_id, s.index) for s in started],
+        [(*end_values(end, text), end.batch_id, end.index) for end in ended],
+        batches,
+    )
+
+
+def coalesced_by_row(
+    changes: Sequence[Change],
+) -> tuple[list[ExecutionStarted], list[ExecutionEnded], list[Change]]:
+    """A group's starts and ends of rows to write, and the batches' changes, each in
+    order: a start whose end is in the group is dropped, and every end of a row after
+    its first."""
+    started: dict[tuple[str, int], ExecutionStarted] = {}
+    ended: dict[tuple[str, int], ExecutionEnded] = {}
     batches: list[Change] = []
     for change in changes:
         if isinstance(change, ExecutionEnded):
@@ -103,24 +135,9 @@ def coalesced(
             if key in ended:
                 continue  # the first end wins, as in the store
             started.pop(key, None)
-            outcome = change.outcome
-            ended[key] = (
-                outcome.status.value,
-                text(change.prompt_sent),
-                text(outcome.result),
-                text(outcome.error),
-                outcome.latency_ms,
-                outcome.attempts,
-                outcome.prompt_tokens,
-                outcome.completion_tokens,
-                outcome.cost,
-                outcome.cached,
-                outcome.seq,
-                *key,
-            )
+            ended[key] = change
         elif isinstance(change, ExecutionStarted):
-            key = (change.batch_id, change.index)
-            started[key] = (text(change.prompt_sent), change.attempts, *key)
+            started[change.batch_id, change.index] = change
         else:
             batches.append(change)
     return list(started.values()), list(ended.values()), batches

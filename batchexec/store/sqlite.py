@@ -41,8 +41,6 @@ from batchexec.store.base import (
     CallbackDue,
     CallbackState,
     Change,
-    ExecutionEnded,
-    ExecutionStarted,
     FileEntry,
     OpenAIBatch,
     StoredFile,
@@ -312,9 +310,12 @@ class SQLiteStore(BatchStore):
         its own and waited for by no group (``_checkpoint_soon``): a checkpoint
         syncs the file.
         """
+        # A small group is read here, which tells whether it changes rows alone; a large
+        # one (a cancel's, thousands of rows) on the writer's thread.
+        small = _grouped(changes) if len(changes) <= _INLINE_CHANGES else None
 
         def write(db: sqlite3.Connection) -> None:
-            items, batches = row_changes_of(changes)
+            items, batches = small if small is not None else row_changes_of(changes)
             try:
                 for batch_id, batch_items in items.items():
                     if (tally := self._tallies.get(batch_id)) is not None:
@@ -339,7 +340,8 @@ class SQLiteStore(BatchStore):
             db is not None
             and self._in_thread == 0
             and (self._checkpointing is None or self._checkpointing.done())
-            and _rows_only(changes)
+            and small is not None
+            and not small[1]
             and self._write_inline(db, write)
         ):
             # Here, not on the event loop: a group can hold thousands of changes, and a
@@ -695,12 +697,12 @@ def _statements(script: str) -> list[str]:
     return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
 
 
-def _rows_only(changes: Sequence[Change]) -> bool:
-    """Whether ``changes`` are few enough to commit on the loop's thread, and change
-    rows alone (starts and ends of executions)."""
-    return len(changes) <= _INLINE_CHANGES and all(
-        isinstance(change, ExecutionStarted | ExecutionEnded) for change in changes
-    )
+def _grouped(changes: Sequence[Change]) -> tuple[dict[str, list[list[Any]]], list[Change]]:
+    """``row_changes_of``, its errors the store's."""
+    try:
+        return row_changes_of(changes)
+    except OverflowError as exc:
+        raise StoreError(f"The SQLite store cannot be used: {exc}") from exc
 
 
 def _checkpoint(db: sqlite3.Connection) -> None:

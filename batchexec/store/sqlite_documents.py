@@ -34,7 +34,7 @@ from typing import Any
 
 from batchexec.records import PENDING, Batch, Execution, ExecutionStatus
 from batchexec.store.base import Change
-from batchexec.store.rows import coalesced, execution_of, outcome_values
+from batchexec.store.rows import coalesced_by_row, end_values, execution_of, outcome_values
 from batchexec.store.sqlite_rows import read_text, text
 
 #: Rows a part of ``row_inputs``: a 100,000-row batch reads back a part at a time, each
@@ -65,6 +65,8 @@ _NOT_ENDED = frozenset({ExecutionStatus.PENDING.value, ExecutionStatus.RUNNING.v
 #: How an entry of ``row_changes`` tells a start (``[START, idx, prompt_sent, attempts]``)
 #: from an end (``[END, idx, *outcome]``).
 _START, _END = "s", "e"
+#: Where an end's outcome begins in its item.
+_FIRST_VALUE = 2
 
 
 def document(value: object) -> str | bytes:
@@ -107,16 +109,17 @@ def row_changes_of(
     makes them rows of ``INSERT_CHANGES``), and the changes to batches themselves, in
     order.
 
-    ``rows.coalesced`` drops a start whose end is in the group, and every end
-    of a row after its first.
+    ``rows.coalesced_by_row`` drops a start whose end is in the group, and every
+    end of a row after its first.
     """
-    started, ended, batch_changes = coalesced(changes, _same)
+    started, ended, batch_changes = coalesced_by_row(changes)
     items: defaultdict[str, list[list[Any]]] = defaultdict(list)
-    for prompt_sent, attempts, batch_id, idx in started:
-        items[batch_id].append([_START, idx, prompt_sent, attempts])
-    for *outcome, batch_id, idx in ended:
-        _check_integers(outcome)
-        items[batch_id].append([_END, idx, *outcome])
+    for start in started:
+        items[start.batch_id].append([_START, start.index, start.prompt_sent, start.attempts])
+    for end in ended:
+        item = [_END, end.index, *end_values(end, _same)]
+        _check_integers(item, _FIRST_VALUE)
+        items[end.batch_id].append(item)
     return items, batch_changes
 
 
@@ -145,14 +148,16 @@ class Tally:
     def apply(self, items: Sequence[Sequence[Any]]) -> None:
         """Count the starts and ends of a ``row_changes`` entry."""
         statuses, costs = self._statuses, self._costs
-        for kind, idx, *values in items:
-            if statuses[idx - 1] not in _NOT_ENDED:
+        running = ExecutionStatus.RUNNING.value
+        for item in items:
+            row = item[1] - 1
+            if statuses[row] not in _NOT_ENDED:
                 continue  # a row's end is final
-            if kind == _START:
-                statuses[idx - 1] = ExecutionStatus.RUNNING.value
+            if item[0] == _START:
+                statuses[row] = running
             else:
-                statuses[idx - 1] = values[_STATUS]
-                costs[idx - 1] = values[_COST]
+                statuses[row] = item[_FIRST_VALUE + _STATUS]
+                costs[row] = item[_FIRST_VALUE + _COST]
 
     def counts_and_cost(self) -> tuple[Counter[str], float | None]:
         costs = [cost for cost in self._costs if cost is not None]
@@ -217,11 +222,12 @@ def replay(db: sqlite3.Connection, batch_id: str, outcomes: list[list[Any]]) -> 
                 outcome[:] = values
 
 
-def _check_integers(outcome: Sequence[Any]) -> None:
-    """Refuse an outcome with a count SQLite's integers cannot hold, as a column would:
-    JSON could keep it, but no other store, nor the list route's sums, could."""
+def _check_integers(outcome: Sequence[Any], offset: int = 0) -> None:
+    """Refuse an outcome (from ``offset`` on) with a count SQLite's integers cannot hold,
+    as a column would: JSON could keep it, but no other store, nor the list route's
+    sums, could."""
     for position in _INTEGERS:
-        value = outcome[position]
+        value = outcome[offset + position]
         if value is not None and not -(2**63) <= value < 2**63:
             raise OverflowError("Python int too large to convert to SQLite INTEGER")
 
