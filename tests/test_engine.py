@@ -185,13 +185,13 @@ async def test_the_workbook_is_written_once_the_batch_has_ended_and_done_was_tol
 
     harness = make_harness()
     seen: list[tuple[BatchStatus, bool]] = []
-    results_sheet = exports.results_sheet
+    streamed_results = exports.streamed_results
 
-    def watched_results_sheet(batch: Batch) -> Any:
+    def watched_streamed_results(batch: Batch) -> Any:
         seen.append((batch.status, told.done()))
-        return results_sheet(batch)
+        return streamed_results(batch)
 
-    monkeypatch.setattr(exports, "results_sheet", watched_results_sheet)
+    monkeypatch.setattr(exports, "streamed_results", watched_streamed_results)
     batch = await harness.engine.submit("owner", plan(catalog, "one", "two", model="echo"))
     told: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     with harness.registry.events.watch(batch.id) as queue:

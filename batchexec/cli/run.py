@@ -46,7 +46,7 @@ from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.errors import ConfigError, ConflictError, InputError
 from batchexec.events import Event
-from batchexec.exports import csv_sheet, render_csv, results_sheet, usage_sheet, write_xlsx
+from batchexec.exports import csv_sheet, render_csv, streamed_results, usage_sheet, write_xlsx
 from batchexec.files import write_atomically
 from batchexec.inputs import plan_rows
 from batchexec.planning import NO_BATCH_OPTIONS, BatchOptions
@@ -402,7 +402,7 @@ def _write_outputs(
         (
             "workbook",
             output,
-            lambda path: write_xlsx(path, results_sheet(batch), usage_sheet(batch, currency)),
+            lambda path: write_xlsx(path, streamed_results(batch), usage_sheet(batch, currency)),
         ),
         ("csv", csv_output, lambda path: write_atomically(path, _csv_bytes(batch))),
     ]
