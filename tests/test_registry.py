@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from batchexec.exports import ResultWorkbooks, csv_sheet, render_csv
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.providers.echo import EchoProvider
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
-from batchexec.registry import Registry
+from batchexec.registry import Registry, _drop
 from batchexec.store import BatchEnded, Change, ExecutionEnded, StoreError
 from batchexec.store.sqlite import SQLiteStore
 from tests.fakes import GATED_CATALOG, GatedProvider
@@ -406,3 +407,19 @@ async def test_a_batch_stopped_by_a_shutdown_while_the_store_fails_to_make_it_sa
     await asyncio.wait_for(closing, 30)
     assert harness.engine.running() == []
     assert await harness.store.unfinished() == []
+
+
+def test_a_dropped_plan_lets_go_of_every_row(tmp_path):
+    """``_drop`` frees the plan it is handed in a list, leaving nothing holding its rows
+    (the thread's own arguments included: the list is emptied)."""
+    catalog_path = tmp_path / "models.toml"
+    catalog_path.write_text(GATED_CATALOG)
+    rows = [RowInput(f"p{n}", "echo", cells={"prompt": f"p{n}"}) for n in range(1200)]
+    limits = Limits(max_executions=2000, max_prompt_length=1000, default_model="echo")
+    plan = plan_batch(rows, ["prompt"], Catalog.load(catalog_path), limits)
+    planned = [weakref.ref(row) for row in plan.rows]
+    holding = [plan]
+    del plan
+    _drop(holding)
+    assert holding == []
+    assert [ref for ref in planned if ref() is not None] == []
