@@ -138,10 +138,13 @@ class StreamedSheet:
     header: list[str]
     rows: Iterator[list[Cell | None]]
 
+    def whole(self) -> Sheet:
+        """The same table, its rows in a list."""
+        return Sheet(self.header, list(self.rows))
+
 
 def _sheet(batch: Batch, columns: Sequence[str]) -> Sheet:
-    streamed = _streamed(batch, columns)
-    return Sheet(streamed.header, list(streamed.rows))
+    return _streamed(batch, columns).whole()
 
 
 def _streamed(batch: Batch, columns: Sequence[str]) -> StreamedSheet:
@@ -165,8 +168,7 @@ def csv_sheet(batch: Batch) -> Sheet:
 
 def results_sheet(batch: Batch) -> Sheet:
     """The workbook's table (``streamed_results``, its rows in a list)."""
-    streamed = streamed_results(batch)
-    return Sheet(streamed.header, list(streamed.rows))
+    return streamed_results(batch).whole()
 
 
 def streamed_results(batch: Batch) -> StreamedSheet:

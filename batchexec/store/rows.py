@@ -58,34 +58,23 @@ def batch_row(batch: Batch, text: TextOf) -> tuple[Any, ...]:
 def execution_rows(batch: Batch, text: TextOf) -> Iterator[tuple[Any, ...]]:
     """``batch``'s rows of ``executions``, in the order ``batches_of`` reads them."""
     for e in batch.executions:
-        yield (batch.id, e.index, text(e.model), json.dumps(e.cells), *outcome_values(e, text))
+        yield (
+            batch.id,
+            e.index,
+            text(e.model),
+            json.dumps(e.cells),
+            *outcome_values(e.outcome, e.prompt_sent, text),
+        )
 
 
-def outcome_values(e: Execution, text: TextOf) -> list[Any]:
-    """``e``'s outcome as ``execution_of`` takes it back: ``[status, prompt_sent, result,
-    error, latency_ms, attempts, prompt_tokens, completion_tokens, cost, cached, seq]``,
-    its text as the dialect stores it."""
-    return [
-        e.status.value,
-        text(e.prompt_sent),
-        text(e.result),
-        text(e.error),
-        e.latency_ms,
-        e.attempts,
-        e.prompt_tokens,
-        e.completion_tokens,
-        e.cost,
-        e.cached,
-        e.seq,
-    ]
-
-
-def end_values(change: ExecutionEnded, text: TextOf) -> list[Any]:
-    """The outcome a row's end writes, as ``outcome_values`` gives an execution's."""
-    outcome = change.outcome
+def outcome_values(outcome: Outcome, prompt_sent: str | None, text: TextOf) -> list[Any]:
+    """A row's ``outcome``, sent as ``prompt_sent``, as ``execution_of`` takes it back:
+    ``[status, prompt_sent, result, error, latency_ms, attempts, prompt_tokens,
+    completion_tokens, cost, cached, seq]``, its text as the dialect stores it (an
+    execution's, or what a row's end writes)."""
     return [
         outcome.status.value,
-        text(change.prompt_sent),
+        text(prompt_sent),
         text(outcome.result),
         text(outcome.error),
         outcome.latency_ms,
@@ -115,7 +104,10 @@ def coalesced(
     started, ended, batches = coalesced_by_row(changes)
     return (
         [(text(s.prompt_sent), s.attempts, s.batch_id, s.index) for s in started],
-        [(*end_values(end, text), end.batch_id, end.index) for end in ended],
+        [
+            (*outcome_values(end.outcome, end.prompt_sent, text), end.batch_id, end.index)
+            for end in ended
+        ],
         batches,
     )
 

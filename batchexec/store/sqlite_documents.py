@@ -34,7 +34,7 @@ from typing import Any
 
 from batchexec.records import PENDING, Batch, Execution, ExecutionStatus
 from batchexec.store.base import Change
-from batchexec.store.rows import coalesced_by_row, end_values, execution_of, outcome_values
+from batchexec.store.rows import coalesced_by_row, execution_of, outcome_values
 from batchexec.store.sqlite_rows import read_text, text
 
 #: Rows a part of ``row_inputs``: a 100,000-row batch reads back a part at a time, each
@@ -96,7 +96,7 @@ def _outcomes(rows: Sequence[Execution]) -> str | bytes:
     10,000-row batch took to be made)."""
     if all(e.outcome is PENDING and e.prompt_sent is None for e in rows):
         return "[" + ",".join([_NOT_STARTED] * len(rows)) + "]"
-    outcomes = [outcome_values(e, _same) for e in rows]
+    outcomes = [outcome_values(e.outcome, e.prompt_sent, _same) for e in rows]
     for outcome in outcomes:
         _check_integers(outcome)
     return document(outcomes)
@@ -117,7 +117,7 @@ def row_changes_of(
     for start in started:
         items[start.batch_id].append([_START, start.index, start.prompt_sent, start.attempts])
     for end in ended:
-        item = [_END, end.index, *end_values(end, _same)]
+        item = [_END, end.index, *outcome_values(end.outcome, end.prompt_sent, _same)]
         _check_integers(item, _FIRST_VALUE)
         items[end.batch_id].append(item)
     return items, batch_changes
@@ -243,4 +243,4 @@ def _same(value: str | None) -> str | None:
 
 
 #: A row not yet started, as ``_outcomes`` writes it.
-_NOT_STARTED = json.dumps(outcome_values(Execution(0, "", {}), _same))
+_NOT_STARTED = json.dumps(outcome_values(PENDING, None, _same))
