@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from batchexec.metrics import NO_METRICS, Metrics
+from batchexec.slices import in_slices
 from batchexec.store import BatchStore, Change, StoreError
 from batchexec.wording import counted
 
@@ -184,14 +185,19 @@ class GroupCommits:
             log.warning("batch %s: its lease is another replica's; letting it go", batch_id)
             if self._on_lost is not None:
                 self._on_lost(batch_id)
-        for change, visible in group:
-            if lost and change is not None and change.batch_id in lost:
-                continue  # not written, so never shown
-            try:
-                visible()
-            except Exception:
-                # The writer must outlive any one change, or every later flush waits forever.
-                log.exception("could not show a change")
+        # Shown a slice at a time: a group of a thousand rows' ends (each one's
+        # events, counts and listeners) is milliseconds of work. Those waiting
+        # for the group are woken once all of it is shown.
+        async for some in in_slices(group):
+            for change, visible in some:
+                if lost and change is not None and change.batch_id in lost:
+                    continue  # not written, so never shown
+                try:
+                    visible()
+                except Exception:
+                    # The writer must outlive any one change, or every later flush
+                    # waits forever.
+                    log.exception("could not show a change")
 
 
 #: Waiters of a group woken in the turn that commits it, at most; more wake a turn later.

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from batchexec import slices
 from batchexec.answer_cache import AnswerCache
 from batchexec.config import Settings
 from batchexec.errors import ConflictError, InputError, QueueFullError, ShuttingDownError
@@ -500,24 +501,18 @@ class Engine:
         if run is None:
             return
         rows, outputs, spent, ready = run.rows, run.outputs, run.spent, run.ready
-        since_yield = 0
 
         async def work() -> None:
-            nonlocal since_yield
             while (index := await ready.take()) is not None:
                 waited = await self._run_row(batch, rows[index], outputs, spent)
                 ready.ended(index)
                 if waited:
-                    # It waited for its end to be durable: the loop ran meanwhile. A
-                    # yield now would only split the next group commit in two.
-                    since_yield = 0
-                    continue
-                since_yield += 1
-                if since_yield >= _YIELD_EVERY_ROWS:
-                    # Rows that end without I/O (an instant model, skipped
-                    # dependents) never hand the loop back on their own.
-                    since_yield = 0
-                    await asyncio.sleep(0)
+                    # It waited for its end to be durable: the loop ran meanwhile.
+                    slices.resumed()
+                # Rows that end without I/O (an instant model, skipped dependents)
+                # never hand the loop back on their own; nor do many workers woken
+                # together by one group commit, each running a row.
+                await slices.pause()
 
         async with asyncio.TaskGroup() as group:
             for _ in range(run.workers):
@@ -610,8 +605,6 @@ _SHUTDOWN = "Cancelled: the server shut down."
 #: The ends of a row that are logged: it was sent, or meant to be, and did not succeed.
 _FAILURES = frozenset({ExecutionStatus.FAILED, ExecutionStatus.TIMED_OUT})
 _BY_REQUEST = "Cancelled by request."
-#: Rows a batch ends, at most, before its workers let other work run.
-_YIELD_EVERY_ROWS = 200
 
 
 @dataclass

@@ -1,0 +1,121 @@
+"""Work proportional to a batch's size, done on the event loop a short slice at a time.
+
+Building a large answer or a workbook's rows is Python that holds the
+interpreter lock however it is run: in a worker thread it competes with the
+event loop for the lock, and the loop, which gives it up at every ``select``,
+waits behind it again and again (``make bench``'s responsive-health saw
+/health answers 70-100 ms late while two such threads ran). Done on the loop
+itself, a slice of ``SLICE_S`` in each turn of the loop shared by all such
+work, the same work delays any other request by about one slice a turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: Seconds of such work the loop does in one of its turns, all tasks together.
+SLICE_S = 0.001
+#: Items taken at a time; the clock is read once a list.
+_SIZE = 64
+
+
+class _Turn:
+    """The slice of one event loop's current turn: when it started, whether the next
+    turn's is due, and the tasks waiting for a slice, first come first."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.renewing = False
+        self.waiting: deque[asyncio.Future[None]] = deque()
+
+    def spent(self) -> bool:
+        return time.perf_counter() - self.started >= SLICE_S
+
+    def renew_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Renew the slice at the start of the next turn, after the I/O the loop has
+        just seen, unless that is already due."""
+        if not self.renewing:
+            self.renewing = True
+            loop.call_soon(self.renew)
+
+    def renew(self) -> None:
+        self.renewing = False
+        self.started = time.perf_counter()
+        self.wake_one()
+
+    def wake_one(self) -> None:
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():  # a cancelled task's is
+                waiter.set_result(None)
+                return
+
+
+#: The last loop asked about, and its turn: one loop runs the server (tests run many).
+_last: tuple[asyncio.AbstractEventLoop, _Turn] | None = None
+
+
+def _turn() -> tuple[asyncio.AbstractEventLoop, _Turn]:
+    global _last
+    loop = asyncio.get_running_loop()
+    if _last is None or _last[0] is not loop:
+        _last = (loop, _Turn())
+    return _last
+
+
+async def pause() -> None:
+    """Let the loop's other work run if this turn's slice has been spent, by any task.
+
+    The slice is shared: several tasks doing such work (a batch's workers, an
+    answer being rendered, a workbook's rows) take ``SLICE_S`` of a turn
+    between them, not ``SLICE_S`` each, so a request waits about one slice
+    for each turn of the loop it needs. A task that finds the slice spent
+    waits its turn: the next turn's slice goes to the first waiting, and each
+    task that finds some of it left wakes the next, so that tasks whose work
+    is I/O all run again while those without it take turns.
+    """
+    loop, turn = _turn()
+    if not turn.spent():
+        turn.wake_one()
+        return
+    while turn.spent():  # again if another task spent the slice it was woken to
+        waiter = loop.create_future()
+        turn.waiting.append(waiter)
+        turn.renew_soon(loop)
+        try:
+            await waiter
+        finally:
+            # Woken (or cancelled): the next waiting task is woken now if some of
+            # the slice is left, else by the next renewal, so none is left behind.
+            if turn.waiting:
+                if turn.spent():
+                    turn.renew_soon(loop)
+                else:
+                    turn.wake_one()
+
+
+def resumed() -> None:
+    """Say that the caller has just waited, the loop running other work meanwhile: a
+    slice that was spent and is not being renewed starts afresh."""
+    _, turn = _turn()
+    if not turn.renewing and turn.spent():
+        turn.started = time.perf_counter()
+
+
+async def in_slices(items: Iterable[T], size: int = _SIZE) -> AsyncIterator[list[T]]:
+    """``items`` as lists of up to ``size``, with a ``pause`` after each.
+
+    What is counted is the whole stretch: taking the items (a generator's
+    work) and what the caller does with each list before asking for the next.
+    """
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+        await pause()
