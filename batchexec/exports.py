@@ -18,7 +18,9 @@ from batchexec.errors import StorageError
 from batchexec.files import atomic_path
 from batchexec.planning import BatchOptions, BatchPlan
 from batchexec.records import Batch, Execution, ExecutionStatus
+from batchexec.slices import in_slices
 from batchexec.structured import field_cells
+from batchexec.workbook_process import write_sheet_apart
 from batchexec.xlsx import write_sheet
 
 log = logging.getLogger(__name__)
@@ -137,14 +139,12 @@ class StreamedSheet:
 
     header: list[str]
     rows: Iterator[list[Cell | None]]
+    #: How many rows ``rows`` makes.
+    length: int
 
     def whole(self) -> Sheet:
         """The same table, its rows in a list."""
         return Sheet(self.header, list(self.rows))
-
-
-def _sheet(batch: Batch, columns: Sequence[str]) -> Sheet:
-    return _streamed(batch, columns).whole()
 
 
 def _streamed(batch: Batch, columns: Sequence[str]) -> StreamedSheet:
@@ -157,13 +157,19 @@ def _streamed(batch: Batch, columns: Sequence[str]) -> StreamedSheet:
                 row += _outcome_cells(execution, columns, fields)
             yield row
 
-    return StreamedSheet(_header(batch.columns, batch.options, columns), rows())
+    length = len(batch.executions) // max(len(batch.options.models), 1)
+    return StreamedSheet(_header(batch.columns, batch.options, columns), rows(), length)
 
 
 def csv_sheet(batch: Batch) -> Sheet:
     """The ``csv_content`` table: the input columns, then ``result`` and the answer's fields
     (``result.<field>``); side by side, these once a model (``result [model]``)."""
-    return _sheet(batch, ["result"])
+    return streamed_csv(batch).whole()
+
+
+def streamed_csv(batch: Batch) -> StreamedSheet:
+    """The ``csv_content`` table (``csv_sheet``), its rows made as they are read."""
+    return _streamed(batch, ["result"])
 
 
 def results_sheet(batch: Batch) -> Sheet:
@@ -222,35 +228,91 @@ def render_csv(sheet: Sheet) -> str:
     workbook's number cells) are written as the number (``7``, ``0.5``),
     booleans as ``TRUE`` or ``FALSE``, as spreadsheets write them.
     """
+    buffer, write = _csv_writer()
+    write(sheet.header)
+    for row in sheet.rows:
+        write(row)
+    return buffer.getvalue()
+
+
+async def render_csv_in_slices(sheet: Sheet | StreamedSheet) -> str:
+    """``render_csv(sheet)``, made on the event loop a slice of rows at a time."""
+    buffer, write = _csv_writer()
+    write(sheet.header)
+    async for rows in in_slices(sheet.rows):
+        for row in rows:
+            write(row)
+    return buffer.getvalue()
+
+
+def _csv_writer() -> tuple[io.StringIO, Callable[[Sequence[Cell | None]], None]]:
+    """A buffer, and what writes a row of cells to it as ``render_csv`` says."""
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
     quoting_all = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    rows: list[list[Cell | None]] = [list(sheet.header), *sheet.rows]
-    for row in rows:
+
+    def write(row: Sequence[Cell | None]) -> None:
         cells = ["" if cell is None else cell_text(cell) for cell in row]
         if any("\r" in cell for cell in cells):
             quoting_all.writerow(cells)
         else:
             writer.writerow(cells)
-    return buffer.getvalue()
+
+    return buffer, write
 
 
 def write_xlsx(path: Path, sheet: Sheet | StreamedSheet, usage: Sheet | None = None) -> None:
     """Write ``sheet`` to ``path`` atomically: to a temporary name in the same folder, then renamed.
 
-    Blocking; call it through ``asyncio.to_thread``. Every string is written as
-    a string cell, never as a formula, link or number. ``usage`` (``usage_sheet``)
-    follows as a second sheet; the first, ``Results``, is what is read back.
+    Blocking: for the command line. The server writes through ``write_workbook``.
+    Every string is written as a string cell, never as a formula, link or
+    number. ``usage`` (``usage_sheet``) follows as a second sheet; the first,
+    ``Results``, is what is read back.
     """
-    more = []
-    if usage is not None:
-        more.append((_USAGE, usage.header, usage.rows, _widths(usage.header, usage.rows[:_SAMPLE])))
-    # The widths from the first rows; a streamed sheet's are read ahead, then written first.
+    rows, widths = _with_widths(sheet)
+    with atomic_path(path) as temporary:
+        write_sheet(str(temporary), _SHEET, sheet.header, rows, widths, _more(usage))
+
+
+#: A workbook of more rows than this is written by a process of its own
+#: (``workbook_process``); a smaller one in a worker thread, sooner than a
+#: process starts (about 0.1 s) and too soon to stall anything.
+_APART_ROWS = 2_000
+
+
+async def write_workbook(
+    path: Path, sheet: Sheet | StreamedSheet, usage: Sheet | None = None
+) -> None:
+    """``write_xlsx`` without holding up the event loop.
+
+    A large sheet's rows are made on the loop a slice at a time and written
+    by a process of its own, at a lower priority; a small one is written in
+    a worker thread.
+    """
+    length = sheet.length if isinstance(sheet, StreamedSheet) else len(sheet.rows)
+    if length <= _APART_ROWS:
+        await asyncio.to_thread(write_xlsx, path, sheet, usage)
+        return
+    rows, widths = _with_widths(sheet)
+    with atomic_path(path) as temporary:
+        await write_sheet_apart(temporary, _SHEET, sheet.header, rows, widths, _more(usage))
+
+
+def _with_widths(
+    sheet: Sheet | StreamedSheet,
+) -> tuple[Iterator[list[Cell | None]], list[float]]:
+    """``sheet``'s rows and its column widths, from the first rows: a streamed sheet's are
+    read ahead, then given first."""
     rest = iter(sheet.rows)
     first = list(itertools.islice(rest, _SAMPLE))
-    rows = itertools.chain(first, rest)
-    with atomic_path(path) as temporary:
-        write_sheet(str(temporary), _SHEET, sheet.header, rows, _widths(sheet.header, first), more)
+    return itertools.chain(first, rest), _widths(sheet.header, first)
+
+
+def _more(usage: Sheet | None) -> list[tuple[str, list[str], list[list[Cell | None]], list[float]]]:
+    """The sheets after ``Results``: ``Usage``, if there is one."""
+    if usage is None:
+        return []
+    return [(_USAGE, usage.header, usage.rows, _widths(usage.header, usage.rows[:_SAMPLE]))]
 
 
 def usage_sheet(batch: Batch, currency: str) -> Sheet | None:
@@ -389,11 +451,8 @@ class ResultWorkbooks:
             batch = await self._load(batch_id, owner)
             path = self.folder / batch.file_name
             try:
-                # The sheets too: building 100,000 rows of cells would hold the loop.
-                await asyncio.to_thread(
-                    lambda: write_xlsx(
-                        path, streamed_results(batch), usage_sheet(batch, self.currency)
-                    )
+                await write_workbook(
+                    path, streamed_results(batch), usage_sheet(batch, self.currency)
                 )
             except Exception as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -8,6 +8,7 @@ plain openpyxl shows as written; everything else reads back as it is.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import math
 import os
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openpyxl.utils.escape import unescape
 
-from batchexec import xlsx
+from batchexec import exports, xlsx
 from batchexec.exports import Sheet, write_xlsx
 from batchexec.xlsx import CELL_LIMIT, Cell, column_letter, fit, write_sheet
 from batchexec.xlsxinput import read_sheet
@@ -41,13 +42,24 @@ def via_write_sheet(path: Path, header: Sequence[str], rows: Sequence[Sequence[C
 
 
 def via_write_xlsx(path: Path, header: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
-    # Every workbook batchexec writes (results, templates) goes through write_xlsx.
+    # The command line's workbooks, and the server's small ones, go through write_xlsx.
     write_xlsx(path, Sheet(list(header), [list(row) for row in rows]))
 
 
-@pytest.fixture(params=[via_write_sheet, via_write_xlsx], ids=["write_sheet", "write_xlsx"])
-def writer(request: pytest.FixtureRequest) -> Writer:
+def via_writer_process(path: Path, header: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
+    # The server's large workbooks: rows sent through a pipe to a process of their own.
+    sheet = Sheet(list(header), [list(row) for row in rows])
+    asyncio.run(exports.write_workbook(path, sheet))
+
+
+@pytest.fixture(
+    params=[via_write_sheet, via_write_xlsx, via_writer_process],
+    ids=["write_sheet", "write_xlsx", "writer_process"],
+)
+def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Writer:
     chosen: Writer = request.param
+    if chosen is via_writer_process:
+        monkeypatch.setattr(exports, "_APART_ROWS", 0)
     return chosen
 
 

@@ -12,7 +12,6 @@ worker processes (``WORKBOOKS``); large CSV text on the input pool.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import replace
 
@@ -23,7 +22,7 @@ from batchexec.catalog import UnknownNameError
 from batchexec.csvinput import parse_csv
 from batchexec.errors import FieldError, InputError, QueueFullError, ShuttingDownError, StorageError
 from batchexec.estimates import Estimate, estimate
-from batchexec.exports import template_sheet, write_xlsx
+from batchexec.exports import template_sheet, write_workbook
 from batchexec.inputs import (
     ZIP_MAGIC,
     Format,
@@ -294,7 +293,7 @@ async def _write_template(
         await _add_template(request, file_name, batch_id)
     path = request.app[SETTINGS].results_dir / file_name
     try:
-        await asyncio.to_thread(write_xlsx, path, template_sheet(plan))
+        await write_workbook(path, template_sheet(plan))
     except OSError as exc:
         await registry.forget_file(file_name)
         raise StorageError(
