@@ -462,6 +462,28 @@ class ExecutionOut(BaseModel):
         )
 
 
+def execution_fields(execution: Execution) -> dict[str, object]:
+    """``ExecutionOut.of(execution).model_dump(mode="json")``, made directly.
+
+    The same fields and values at a tenth of the cost (1 µs a row, not 13):
+    the results route lists 100,000 of them. ``ExecutionOut`` stays the
+    schema; a test holds the two to the same answer.
+    """
+    return {
+        "index": execution.index,
+        "status": execution.status.value,
+        "result": execution.result,
+        "error": execution.error,
+        "model": execution.model,
+        "latency_ms": execution.latency_ms,
+        "attempts": execution.attempts,
+        "prompt_tokens": execution.prompt_tokens,
+        "completion_tokens": execution.completion_tokens,
+        "cost": execution.cost,
+        "cached": execution.cached,
+    }
+
+
 class ModelUsage(BaseModel):
     """One model's share of a batch's usage."""
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from batchexec import engine
-from batchexec.api import RETRY, events_path
+from batchexec import engine, exports
+from batchexec.api import RETRY, download_path, events_path
 from batchexec.events import Event
+from batchexec.exports import csv_sheet, render_csv
 from batchexec.records import Batch, ExecutionStatus
+from batchexec.schemas import execution_fields
 from batchexec.web import streams
-from tests.helpers import AUTH, batch_of, finished, gated, submit, until
+from tests.helpers import AUTH, batch_of, finished, gated, sheet_rows, submit, until
 from tests.test_web_lifecycle import read_events
 
 #: Just past the engine's bound for setting a run up on the loop.
@@ -54,6 +56,25 @@ async def test_a_batch_set_up_off_the_loop_runs_every_row_and_fills_its_chains(m
         assert batch.executions[n - 1].result == f"after row {n - 1}"
     assert batch.executions[10].result == "row 11"
     assert batch.size_bytes() == expected_size(batch)
+
+
+async def test_a_large_batch_s_answer_and_workbook_hold_every_row_once(make_client):
+    # Its answer is made in slices on the loop, its workbook by a writer process.
+    assert ENGINE_ROWS > exports._APART_ROWS
+    client = await make_client(max_executions_per_batch=ENGINE_ROWS)
+    invocation_id = await submit(client, chained_rows(ENGINE_ROWS))
+    body = await finished(client, invocation_id)
+
+    batch = batch_of(client, invocation_id)
+    assert [e["index"] for e in body["executions"]] == list(range(1, ENGINE_ROWS + 1))
+    assert body["executions"] == [execution_fields(e) for e in batch.executions]
+    assert body["csv_content"] == render_csv(csv_sheet(batch))
+    response = await client.get(download_path(body["xlsx_url"].rsplit("/", 1)[1]), headers=AUTH)
+    assert response.status == 200
+    rows = sheet_rows(await response.read())
+    assert len(rows) == ENGINE_ROWS + 1
+    assert rows[0][:3] == ["prompt", "model", "result"]
+    assert [row[2] for row in rows[1:]] == [e.result for e in batch.executions]
 
 
 async def test_a_large_retry_feeds_the_rows_it_reruns_from_the_rows_that_succeeded(make_client):

@@ -1,9 +1,11 @@
 """A batch as the results route answers it: rendered once when finished, streamed.
 
 The answer is built from the batch's records by the response models
-(``ResultsResponse.of``). A finished batch's answer, without its per-request
-head, is rendered off the loop once and kept in ``RESULTS_CACHE``; it is
-written to the client a chunk at a time.
+(``ResultsResponse.of``, ``schemas.execution_fields``), on the event loop a
+slice at a time (``slices``), so a 100,000-row answer never holds up
+another request. A finished batch's answer, without its per-request head,
+is rendered once and kept in ``RESULTS_CACHE``; it is written to the client
+a chunk at a time.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 
 from aiohttp import web
 
-from batchexec.exports import csv_sheet, render_csv
+from batchexec.exports import render_csv_in_slices, streamed_csv
 from batchexec.records import Batch, Execution
-from batchexec.schemas import ExecutionOut, ResultsQuery, ResultsResponse
+from batchexec.schemas import ResultsQuery, ResultsResponse, execution_fields
+from batchexec.slices import in_slices
 from batchexec.web.keys import CATALOG, RESULTS_CACHE
 from batchexec.web.requests import xlsx_url
 
@@ -28,8 +31,6 @@ log = logging.getLogger(__name__)
 _WRITE_CHUNK_BYTES = 64 * 1024
 #: Seconds a client may take to read one chunk before its connection is closed.
 _WRITE_TIMEOUT_S = 30.0
-#: An answer listing more rows than this (and not cached) is rendered off the loop.
-_INLINE_ROWS = 1000
 #: Fields of the results answer rendered per request, ahead of the cached rest.
 _HEAD_FIELDS = ("status", "invocationId", "message", "xlsx_url")
 
@@ -37,36 +38,38 @@ _HEAD_FIELDS = ("status", "invocationId", "message", "xlsx_url")
 async def answer_results(
     request: web.Request, batch: Batch, query: ResultsQuery | None = None
 ) -> web.StreamResponse:
-    """The results answer of ``batch``: a finished one's rendered once, off the loop.
+    """The results answer of ``batch``: a finished one's rendered once, then kept.
 
     With ``query.since`` only the executions ended after that cursor are in
     it, and with ``query.progress_only`` none: such answers cost what changed
-    and are never cached.
+    and are never cached. Every answer is made on the loop a slice at a time
+    (``slices``); a running batch's is the batch as it stood when asked, rows
+    that end meanwhile left for the next poll.
     """
     url = xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
     currency = request.app[CATALOG].currency
+    head = dumps(_head(batch, url))
     if query is not None and (query.progress_only or query.since is not None):
         if query.progress_only:
             executions: list[Execution] = []
             cursor = batch.cursor if query.since is None else query.since
         else:
             executions, cursor = batch.ended_since(query.since or 0)
-        rest = await _render(
-            lambda: _tail(batch, executions, cursor, currency=currency), len(executions)
-        )
+        rest = await _render(batch, executions, cursor, currency=currency)
     elif batch.status.finished:
 
         async def render() -> bytes:
-            return await asyncio.to_thread(lambda: _dumps_in_pieces(_whole(batch, currency)))
+            csv_content = await render_csv_in_slices(streamed_csv(batch))
+            return await _render(
+                batch, batch.executions, batch.cursor, csv_content, currency=currency
+            )
 
         rest = await request.app[RESULTS_CACHE].get(batch.id, render)
     else:
-        # A running batch's answer changes with every row: rendered each time
-        # (its rows are read as they are at that moment).
-        rest = await _render(lambda: _whole(batch, currency), len(batch.executions))
+        rest = await _render(batch, batch.executions, batch.cursor, currency=currency)
     # The head's closing brace gives way to the rest's fields; a view, not a copy,
     # of the cached rest, which may be tens of megabytes.
-    return await _stream(request, [dumps(_head(batch, url))[:-1], b",", memoryview(rest)[1:]])
+    return await _stream(request, [head[:-1], b",", memoryview(rest)[1:]])
 
 
 def dumps(value: object) -> bytes:
@@ -94,61 +97,73 @@ def _head(batch: Batch, url: str | None) -> dict[str, object]:
     }
 
 
-async def _render(fields: Callable[[], dict[str, object]], rows: int) -> bytes:
-    """``fields`` as JSON: in a worker thread, a field and a row at a time, when large."""
-    if rows > _INLINE_ROWS:
-        return await asyncio.to_thread(lambda: _dumps_in_pieces(fields()))
-    return dumps(fields())
-
-
-def _whole(batch: Batch, currency: str) -> dict[str, object]:
-    """The whole answer's fields after the head: every finished row, by row number.
-
-    A finished batch's CSV content is rendered from its records here: the
-    results route does it once, off the event loop, and keeps the answer.
-    """
-    csv_content = render_csv(csv_sheet(batch)) if batch.status.finished else None
-    finished = [e for e in batch.executions if e.status.finished]
-    return _tail(batch, finished, batch.cursor, csv_content, currency=currency)
-
-
-def _tail(
+async def _render(
     batch: Batch,
-    executions: list[Execution],
+    executions: Sequence[Execution],
     cursor: int,
     csv_content: str | None = None,
     *,
     currency: str,
-) -> dict[str, object]:
-    """The fields of a results answer after the head, listing ``executions``."""
+) -> bytes:
+    """The fields of a results answer after the head, as JSON, listing by row those of
+    ``executions`` that had ended by ``cursor``.
+
+    The same bytes as ``dumps`` of the answer's fields, made a slice at a
+    time: the C encoder holds the loop for the whole of one call, which over
+    100,000 rows is a second.
+    """
     answer = ResultsResponse.of(
         batch, csv_content=csv_content, executions=[], cursor=cursor, currency=currency
     )
     fields = answer.model_dump(mode="json", exclude=set(_HEAD_FIELDS))
-    # A row at a time: one model_dump over 100,000 rows is one long C call that
-    # holds the interpreter lock, stalling the event loop even from a thread.
-    fields["executions"] = [ExecutionOut.of(e).model_dump(mode="json") for e in executions]
-    return fields
-
-
-def _dumps_in_pieces(fields: dict[str, object]) -> bytes:
-    """``dumps(fields)``, made a field and a list item at a time.
-
-    The same bytes; but the C encoder holds the interpreter lock for the whole
-    of one call, so one call over a large answer would stall the event loop
-    even from another thread.
-    """
     chunks = [b"{"]
     for position, (name, value) in enumerate(fields.items()):
         if position:
             chunks.append(b", ")
         chunks.append(dumps(name) + b": ")
-        if isinstance(value, list):
-            chunks.append(b"[" + b", ".join(dumps(item) for item in value) + b"]")
+        if name == "executions":
+            chunks += [b"[", *await _listed(executions, cursor), b"]"]
+        elif isinstance(value, str):
+            chunks += await _string(value)
         else:
             chunks.append(dumps(value))
     chunks.append(b"}")
     return b"".join(chunks)
+
+
+async def _listed(executions: Sequence[Execution], cursor: int) -> list[bytes]:
+    """The JSON list items (``ExecutionOut``) of those of ``executions`` ended by ``cursor``,
+    comma-separated: rows that end later are not in it, so a running batch's answer
+    is one moment's. A row that has ended never changes again."""
+    pieces: list[bytes] = []
+    async for some in in_slices(executions):
+        listed = [
+            execution_fields(execution)
+            for execution in some
+            if execution.outcome.status.finished and execution.outcome.seq <= cursor
+        ]
+        if listed:
+            if pieces:
+                pieces.append(b", ")
+            pieces.append(dumps(listed)[1:-1])
+    return pieces
+
+
+#: Characters of a long string field (``csv_content``) encoded at a time.
+_STRING_PIECE = 256 * 1024
+
+
+async def _string(value: str) -> list[bytes]:
+    """``dumps(value)`` of a string, in pieces: JSON escapes a character at a time, so the
+    pieces' escapes end to end are the whole's."""
+    if len(value) <= _STRING_PIECE:
+        return [dumps(value)]
+    pieces = [b'"']
+    for start in range(0, len(value), _STRING_PIECE):
+        pieces.append(dumps(value[start : start + _STRING_PIECE])[1:-1])
+        await asyncio.sleep(0)
+    pieces.append(b'"')
+    return pieces
 
 
 async def _stream(request: web.Request, parts: list[bytes | memoryview]) -> web.StreamResponse:
