@@ -247,6 +247,8 @@ class Batch:
     _size: int = field(init=False, repr=False, compare=False)
     #: The rows running now, in the order they started (``running``).
     _running: dict[int, None] = field(init=False, repr=False, compare=False)
+    #: Of the ends shown, those answered from the answer cache.
+    _cached: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.counts:
@@ -258,6 +260,7 @@ class Batch:
         self._shown_seqs, self._shown_rows, self._tokens = array("q"), array("q"), [0, 0]
         self._cost = [0.0, 0, 0]
         self._by_model = {}
+        self._cached = 0
         ended = sorted((e.seq, e.index) for e in self.executions if e.status.finished)
         for _, index in ended:
             self.shown(self.executions[index - 1])
@@ -294,6 +297,7 @@ class Batch:
         self._shown_seqs.append(outcome.seq)
         self._shown_rows.append(execution.index)
         self._size += execution.outcome_bytes()
+        self._cached += outcome.cached
         prompt_tokens = outcome.prompt_tokens or 0
         completion_tokens = outcome.completion_tokens or 0
         self._tokens[0] += prompt_tokens
@@ -344,6 +348,10 @@ class Batch:
         many were sent and have none (an unpriced model, or no usage reported): those
         are not counted as zero."""
         return (self._cost[0] if self._cost[2] else None), int(self._cost[1])
+
+    def cached(self) -> int:
+        """How many of the ended executions were answered from the answer cache."""
+        return self._cached
 
     def usage_by_model(self) -> dict[str, tuple[float | None, int, int, int]]:
         """By model, over the ended executions: cost (None when no row has one),
