@@ -60,11 +60,15 @@ async def test_the_answer_lists_by_row_the_rows_ended_by_its_cursor() -> None:
         Outcome(ExecutionStatus.SUCCEEDED, result="second", attempts=1, seq=2),
     ]
     batch = batch_of(outcomes)
-    body = json.loads(await presenting._render(batch, batch.executions, 2, currency="USD"))
+    body = json.loads(
+        b"".join(await presenting._render(batch, batch.executions, 2, currency="USD"))
+    )
     assert [e["index"] for e in body["executions"]] == [3, 4]
     assert body["cursor"] == 2
 
-    body = json.loads(await presenting._render(batch, batch.executions, 3, currency="USD"))
+    body = json.loads(
+        b"".join(await presenting._render(batch, batch.executions, 3, currency="USD"))
+    )
     assert [e["index"] for e in body["executions"]] == [1, 3, 4]
     assert body["executions"][0] == execution_fields(batch.executions[0])
 
@@ -85,7 +89,8 @@ async def test_a_large_answer_is_the_same_json_as_one_dumps_of_it() -> None:
         batch, batch.executions, batch.cursor, csv_content, currency="USD"
     )
 
-    body = json.loads(rendered)
+    assert rendered[0] == b"{"
+    body = json.loads(b"".join(rendered))
     assert body["csv_content"] == csv_content
     assert body["executions"] == [execution_fields(e) for e in batch.executions]
     assert body["progress"]["succeeded"] == count

@@ -6,6 +6,10 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+#: A rendered answer: its bytes in pieces, written one after another. Never joined:
+#: joining a 30 MB answer is a 20 ms copy on the loop.
+Pieces = tuple[bytes, ...]
+
 
 class RenderedResults:
     """Rendered results of finished batches by batch id, bounded by bytes, least recent out.
@@ -21,15 +25,15 @@ class RenderedResults:
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._size = 0
-        self._bodies: OrderedDict[str, bytes] = OrderedDict()
-        self._rendering: dict[str, asyncio.Future[bytes]] = {}
+        self._bodies: OrderedDict[str, Pieces] = OrderedDict()
+        self._rendering: dict[str, asyncio.Future[Pieces]] = {}
 
     @property
     def size_bytes(self) -> int:
         """Bytes kept now."""
         return self._size
 
-    async def get(self, batch_id: str, render: Callable[[], Awaitable[bytes]]) -> bytes:
+    async def get(self, batch_id: str, render: Callable[[], Awaitable[Pieces]]) -> Pieces:
         """The rendered body of ``batch_id``: kept, being rendered, or rendered now by ``render``.
 
         A body larger than the whole budget is served but not kept.
@@ -45,15 +49,20 @@ class RenderedResults:
         # Shielded: a client that goes away must not cancel the others' rendering.
         return await asyncio.shield(rendering)
 
-    def _rendered(self, batch_id: str, done: asyncio.Future[bytes]) -> None:
+    def _rendered(self, batch_id: str, done: asyncio.Future[Pieces]) -> None:
         self._rendering.pop(batch_id, None)
         if done.cancelled() or done.exception() is not None:
             return
         body = done.result()
-        if len(body) > self._max_bytes:
+        size = _size(body)
+        if size > self._max_bytes:
             return
         self._bodies[batch_id] = body
-        self._size += len(body)
+        self._size += size
         while self._size > self._max_bytes:
             _, dropped = self._bodies.popitem(last=False)
-            self._size -= len(dropped)
+            self._size -= _size(dropped)
+
+
+def _size(body: Pieces) -> int:
+    return sum(len(piece) for piece in body)

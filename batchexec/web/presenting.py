@@ -21,6 +21,7 @@ from batchexec.exports import render_csv_in_slices, streamed_csv
 from batchexec.records import Batch, Execution
 from batchexec.schemas import ResultsQuery, ResultsResponse, execution_fields
 from batchexec.slices import in_slices
+from batchexec.web.cache import Pieces
 from batchexec.web.keys import CATALOG, RESULTS_CACHE
 from batchexec.web.requests import xlsx_url
 
@@ -58,7 +59,7 @@ async def answer_results(
         rest = await _render(batch, executions, cursor, currency=currency)
     elif batch.status.finished:
 
-        async def render() -> bytes:
+        async def render() -> Pieces:
             csv_content = await render_csv_in_slices(streamed_csv(batch))
             return await _render(
                 batch, batch.executions, batch.cursor, csv_content, currency=currency
@@ -67,9 +68,9 @@ async def answer_results(
         rest = await request.app[RESULTS_CACHE].get(batch.id, render)
     else:
         rest = await _render(batch, batch.executions, batch.cursor, currency=currency)
-    # The head's closing brace gives way to the rest's fields; a view, not a copy,
-    # of the cached rest, which may be tens of megabytes.
-    return await _stream(request, [head[:-1], b",", memoryview(rest)[1:]])
+    # The head's closing brace gives way to the rest's fields (its pieces after its
+    # opening brace): the cached rest, which may be tens of megabytes, is not copied.
+    return await _stream(request, [head[:-1], b",", *rest[1:]])
 
 
 def dumps(value: object) -> bytes:
@@ -104,9 +105,9 @@ async def _render(
     csv_content: str | None = None,
     *,
     currency: str,
-) -> bytes:
-    """The fields of a results answer after the head, as JSON, listing by row those of
-    ``executions`` that had ended by ``cursor``.
+) -> Pieces:
+    """The fields of a results answer after the head, as JSON in pieces (the first
+    ``{``), listing by row those of ``executions`` that had ended by ``cursor``.
 
     The same bytes as ``dumps`` of the answer's fields, made a slice at a
     time: the C encoder holds the loop for the whole of one call, which over
@@ -128,7 +129,7 @@ async def _render(
         else:
             chunks.append(dumps(value))
     chunks.append(b"}")
-    return b"".join(chunks)
+    return tuple(chunks)
 
 
 async def _listed(executions: Sequence[Execution], cursor: int) -> list[bytes]:
