@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from aiohttp import web
 
@@ -167,6 +167,29 @@ async def _string(value: str) -> list[bytes]:
     return pieces
 
 
+def _chunks(parts: Sequence[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+    """``parts`` end to end in writes of about ``_WRITE_CHUNK_BYTES``: small pieces
+    gathered (each write costs more than the copy), large ones cut."""
+    gathered: list[bytes | memoryview] = []
+    size = 0
+    for part in parts:
+        view = memoryview(part)
+        if len(view) >= _WRITE_CHUNK_BYTES:
+            if gathered:
+                yield b"".join(gathered)
+                gathered, size = [], 0
+            for start in range(0, len(view), _WRITE_CHUNK_BYTES):
+                yield view[start : start + _WRITE_CHUNK_BYTES]
+            continue
+        gathered.append(view)
+        size += len(view)
+        if size >= _WRITE_CHUNK_BYTES:
+            yield b"".join(gathered)
+            gathered, size = [], 0
+    if gathered:
+        yield b"".join(gathered)
+
+
 async def _stream(request: web.Request, parts: list[bytes | memoryview]) -> web.StreamResponse:
     """A JSON answer of ``parts``, written a chunk at a time to the client's pace.
 
@@ -178,14 +201,12 @@ async def _stream(request: web.Request, parts: list[bytes | memoryview]) -> web.
     response.content_length = sum(len(part) for part in parts)
     await response.prepare(request)
     try:
-        for part in parts:
-            view = memoryview(part)
-            for start in range(0, len(view), _WRITE_CHUNK_BYTES):
-                async with asyncio.timeout(_WRITE_TIMEOUT_S):
-                    await response.write(view[start : start + _WRITE_CHUNK_BYTES])
-                # write() yields only when the socket's buffer is full; a client that
-                # reads fast would otherwise get megabytes in one turn of the loop.
-                await asyncio.sleep(0)
+        for chunk in _chunks(parts):
+            async with asyncio.timeout(_WRITE_TIMEOUT_S):
+                await response.write(chunk)
+            # write() yields only when the socket's buffer is full; a client that
+            # reads fast would otherwise get megabytes in one turn of the loop.
+            await asyncio.sleep(0)
     except TimeoutError:
         log.info("%s: the client read too slowly; connection closed", request.path)
         if request.transport is not None:
