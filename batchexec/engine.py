@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -504,10 +505,14 @@ class Engine:
 
         async def work() -> None:
             while (index := await ready.take()) is not None:
+                started = time.perf_counter()
                 waited = await self._run_row(batch, rows[index], outputs, spent)
                 ready.ended(index)
-                if waited:
-                    # It waited for its end to be durable: the loop ran meanwhile.
+                if waited or time.perf_counter() - started >= slices.SLICE_S:
+                    # It waited for its end to be durable, or for its model (a
+                    # row's own work is a tenth of a slice): the loop ran
+                    # meanwhile, and a hundred calls ending together start
+                    # their next ones in the same turn, as they would unpaced.
                     slices.resumed()
                 # Rows that end without I/O (an instant model, skipped dependents)
                 # never hand the loop back on their own; nor do many workers woken

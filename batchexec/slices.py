@@ -48,7 +48,13 @@ class _Turn:
     def renew(self) -> None:
         self.renewing = False
         self.started = time.perf_counter()
-        self.wake_one()
+        # Every one: woken one a turn, a hundred workers whose calls all ended
+        # at once would take a hundred turns to all be running again. Those
+        # that find the slice spent by the first wait again.
+        waiting, self.waiting = self.waiting, deque()
+        for waiter in waiting:
+            if not waiter.done():  # a cancelled task's is
+                waiter.set_result(None)
 
     def wake_one(self) -> None:
         while self.waiting:
@@ -77,9 +83,9 @@ async def pause() -> None:
     answer being rendered, a workbook's rows) take ``SLICE_S`` of a turn
     between them, not ``SLICE_S`` each, so a request waits about one slice
     for each turn of the loop it needs. A task that finds the slice spent
-    waits its turn: the next turn's slice goes to the first waiting, and each
-    task that finds some of it left wakes the next, so that tasks whose work
-    is I/O all run again while those without it take turns.
+    waits for the next turn's, with every other task that found it spent, in
+    the order they came; those that find it spent again by the ones before
+    them wait again.
     """
     loop, turn = _turn()
     if not turn.spent():
