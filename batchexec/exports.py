@@ -18,6 +18,7 @@ from batchexec.errors import StorageError
 from batchexec.files import atomic_path
 from batchexec.planning import BatchOptions, BatchPlan
 from batchexec.records import Batch, Execution, ExecutionStatus
+from batchexec.schemas import execution_fields
 from batchexec.slices import in_slices
 from batchexec.structured import field_cells
 from batchexec.workbook_process import write_sheet_apart
@@ -87,17 +88,9 @@ def _outcome_cells(
     execution: Execution, columns: Sequence[str], fields: Sequence[str]
 ) -> list[Cell | None]:
     """``columns`` of one execution's outcome, ``result`` followed by its answer's fields."""
-    values: dict[str, Cell | None] = {
-        "status": execution.status.value,
-        "error": execution.error or "",
-        "model": execution.model,
-        "latency_ms": execution.latency_ms,
-        "attempts": execution.attempts,
-        "prompt_tokens": execution.prompt_tokens,
-        "completion_tokens": execution.completion_tokens,
-        "cost": execution.cost,
-        "cached": execution.cached,
-    }
+    # The results route's fields, but an empty cell for no error.
+    values = execution_fields(execution)
+    values["error"] = execution.error or ""
     cells: list[Cell | None] = []
     for column in columns:
         if column == "result":

@@ -462,7 +462,7 @@ class ExecutionOut(BaseModel):
         )
 
 
-def execution_fields(execution: Execution) -> dict[str, object]:
+def execution_fields(execution: Execution) -> dict[str, Cell | None]:
     """``ExecutionOut.of(execution).model_dump(mode="json")``, made directly.
 
     The same fields and values at a tenth of the cost (1 µs a row, not 13):
