@@ -360,7 +360,7 @@ _CONCURRENT_WRITES = 2
 
 
 class ResultWorkbooks:
-    """The server's results workbooks: each written once, off the event loop, a few at a time.
+    """The server's results workbooks: each written once (``write_workbook``), a few at a time.
 
     A finished batch's workbook is written after the batch has ended, not
     before: ``done`` and ``xlsx_url`` do not wait for it. ``ensure`` gives a
@@ -396,9 +396,9 @@ class ResultWorkbooks:
     def batch_ended(self, batch: Batch) -> None:
         """Start writing the workbook of a batch that has ended here (a registry's listener).
 
-        Only once the end is shown: a thread building sheets competes with the
-        event loop (and with the store's writer, which records the end) for
-        the interpreter, and would make ``done`` itself late.
+        Only once the end is shown: making a workbook's rows competes with the
+        end's own work (the store's writer records it, the loop shows it), and
+        would make ``done`` itself late.
         """
         if batch.xlsx_name == batch.file_name:
             self._start(batch)
