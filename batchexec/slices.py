@@ -28,7 +28,8 @@ _SIZE = 64
 
 class _Turn:
     """The slice of one event loop's current turn: when it started, whether the next
-    turn's is due, and the tasks waiting for a slice, first come first."""
+    turn's is due, and the tasks waiting for a slice, first come first (while any
+    wait, the next turn's is due)."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -56,13 +57,6 @@ class _Turn:
             if not waiter.done():  # a cancelled task's is
                 waiter.set_result(None)
 
-    def wake_one(self) -> None:
-        while self.waiting:
-            waiter = self.waiting.popleft()
-            if not waiter.done():  # a cancelled task's is
-                waiter.set_result(None)
-                return
-
 
 #: The last loop asked about, and its turn: one loop runs the server (tests run many).
 _last: tuple[asyncio.AbstractEventLoop, _Turn] | None = None
@@ -88,23 +82,11 @@ async def pause() -> None:
     them wait again.
     """
     loop, turn = _turn()
-    if not turn.spent():
-        turn.wake_one()
-        return
     while turn.spent():  # again if another task spent the slice it was woken to
         waiter = loop.create_future()
         turn.waiting.append(waiter)
         turn.renew_soon(loop)
-        try:
-            await waiter
-        finally:
-            # Woken (or cancelled): the next waiting task is woken now if some of
-            # the slice is left, else by the next renewal, so none is left behind.
-            if turn.waiting:
-                if turn.spent():
-                    turn.renew_soon(loop)
-                else:
-                    turn.wake_one()
+        await waiter
 
 
 def resumed() -> None:

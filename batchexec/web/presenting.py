@@ -20,7 +20,7 @@ from aiohttp import web
 from batchexec.exports import render_csv_in_slices, streamed_csv
 from batchexec.records import Batch, Execution
 from batchexec.schemas import ResultsQuery, ResultsResponse, execution_fields
-from batchexec.slices import in_slices
+from batchexec.slices import in_slices, pause
 from batchexec.web.cache import Pieces
 from batchexec.web.keys import CATALOG, RESULTS_CACHE
 from batchexec.web.requests import xlsx_url
@@ -162,7 +162,7 @@ async def _string(value: str) -> list[bytes]:
     pieces = [b'"']
     for start in range(0, len(value), _STRING_PIECE):
         pieces.append(dumps(value[start : start + _STRING_PIECE])[1:-1])
-        await asyncio.sleep(0)
+        await pause()
     pieces.append(b'"')
     return pieces
 
