@@ -430,7 +430,13 @@ class ResultWorkbooks:
         task = self._writing.get(name)
         if task is not None:
             return task
-        task = asyncio.create_task(self._write(batch.id, batch.owner), name=f"workbook {name}")
+        # A write that can start now takes the batch as it is: read back from the
+        # store it would be a second copy of every row. One that waits for a slot
+        # holds only its id meanwhile.
+        held = None if self._slots.locked() else batch
+        task = asyncio.create_task(
+            self._write(batch.id, batch.owner, held), name=f"workbook {name}"
+        )
         self._writing[name] = task
         task.add_done_callback(functools.partial(self._written, name))
         return task
@@ -440,9 +446,10 @@ class ResultWorkbooks:
         if not task.cancelled():
             task.exception()  # logged by _write; retrieved so asyncio does not log it again
 
-    async def _write(self, batch_id: str, owner: str) -> Path:
+    async def _write(self, batch_id: str, owner: str, batch: Batch | None = None) -> Path:
         async with self._slots:
-            batch = await self._load(batch_id, owner)
+            if batch is None:
+                batch = await self._load(batch_id, owner)
             path = self.folder / batch.file_name
             try:
                 await write_workbook(

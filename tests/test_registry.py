@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from batchexec.catalog import Catalog
 from batchexec.config import Settings
 from batchexec.engine import Engine
-from batchexec.errors import ShuttingDownError
+from batchexec.errors import NotFoundError, ShuttingDownError
 from batchexec.exports import ResultWorkbooks, csv_sheet, render_csv
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.providers.echo import EchoProvider
@@ -423,3 +425,51 @@ def test_a_dropped_plan_lets_go_of_every_row(tmp_path):
     _drop(holding)
     assert holding == []
     assert [ref for ref in planned if ref() is not None] == []
+
+
+class CountsLoads(SQLiteStore):
+    """A store that counts the batches read back from it."""
+
+    loads = 0
+
+    async def load(self, batch_id: str) -> Batch | None:
+        self.loads += 1
+        return await super().load(batch_id)
+
+
+async def test_a_batch_too_large_for_the_cache_is_not_read_back_while_it_is_held(make):
+    harness = await make(CountsLoads, cache_bytes=0)
+    store = harness.store
+    assert isinstance(store, CountsLoads)
+    harness.gated.open()
+    batch = await harness.engine.submit("o", harness.plan("a", "b"))
+    await harness.engine.join(batch.id)
+    await harness.workbooks.idle()
+    # The workbook was written from the batch that ended, and the batch is found as
+    # long as anything holds it: one copy of its rows, not one a request.
+    assert (harness.settings.results_dir / batch.file_name).is_file()
+    assert await harness.registry.get(batch.id, "o") is batch
+    assert store.loads == 0
+    batch_id, alive = batch.id, weakref.ref(batch)
+    del batch
+    gc.collect()
+    assert alive() is None
+    again = await harness.registry.get(batch_id, "o")
+    assert store.loads == 1
+    assert [(e.status, e.result) for e in again.executions] == [
+        (ExecutionStatus.SUCCEEDED, "answer(a)"),
+        (ExecutionStatus.SUCCEEDED, "answer(b)"),
+    ]
+
+
+async def test_an_expired_batch_is_gone_even_while_something_holds_it(make):
+    harness = await make(cache_bytes=0)
+    harness.gated.open()
+    batch = await harness.engine.submit("o", harness.plan("a"))
+    await harness.engine.join(batch.id)
+    await harness.workbooks.idle()
+    await harness.registry.expire(time.time() + 60)
+    with pytest.raises(NotFoundError):
+        await harness.registry.get(batch.id, "o")
+    with pytest.raises(NotFoundError):
+        await harness.registry.get(batch.id, "someone else")
