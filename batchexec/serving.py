@@ -43,9 +43,11 @@ _SWITCH_INTERVAL_S = 0.0005
 #: second, holding the interpreter lock 40-200 ms each time (measured with
 #: ``gc.callbacks`` during ``make bench``'s responsive-health). With these, the
 #: youngest generation is collected every 10,000 net allocations (about a
-#: millisecond), the middle one holds at most 100,000 objects (about 10 ms),
-#: and a full collection waits for 10,000,000 allocations.
-_GC_THRESHOLDS = (10_000, 10, 100)
+#: millisecond), the middle one holds at most 30,000 objects (2-3 ms; at 10
+#: rather than 2 it held 110,000, 6-10 ms each time a large request was
+#: validated), and a full collection waits for 10,000,000 allocations. Each
+#: object is walked as often either way: once young, once in the middle.
+_GC_THRESHOLDS = (10_000, 2, 500)
 #: glibc's ``M_ARENA_MAX`` (``malloc.h``), and the arenas the server's threads share.
 _M_ARENA_MAX = -8
 _MALLOC_ARENAS = 2
