@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from batchexec import slices
 from batchexec.metrics import NO_METRICS, Metrics
 from batchexec.slices import in_slices
 from batchexec.store import BatchStore, Change, StoreError
@@ -149,6 +150,9 @@ class GroupCommits:
         while True:
             await self._wake.wait()
             await self._held()
+            # Woken in a turn of its own: the group is shown in that turn's slice,
+            # not put off to the next turn by a slice spent long ago.
+            slices.resumed()
             self._wake.clear()
             group, self._pending = self._pending, []
             self._writing = self._gathering or []

@@ -98,12 +98,18 @@ def resumed() -> None:
 
 
 async def in_slices(items: Iterable[T], size: int = _SIZE) -> AsyncIterator[list[T]]:
-    """``items`` as lists of up to ``size``, with a ``pause`` after each.
+    """``items`` as lists of up to ``size``, with a ``pause`` between two.
 
     What is counted is the whole stretch: taking the items (a generator's
     work) and what the caller does with each list before asking for the next.
+    None after the last: what the caller does next (wake those waiting for a
+    group commit, write an answer) is not put off by a turn; its own next
+    pause counts it.
     """
     iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
+    chunk = list(itertools.islice(iterator, size))
+    while chunk:
         yield chunk
-        await pause()
+        chunk = list(itertools.islice(iterator, size))
+        if chunk:
+            await pause()

@@ -32,6 +32,8 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
+    # A turn of a fresh clock: one timed by an earlier test's clock may lie in its future.
+    monkeypatch.setattr(slices, "_last", None)
     return clock
 
 
@@ -113,3 +115,18 @@ async def test_in_slices_gives_every_item_once_in_order(clock):
         seen += some
         clock.now += UNIT_S
     assert seen == items
+
+
+async def test_in_slices_pauses_between_lists_not_after_the_last(clock, renewals):
+    """The slice spent at every list: the caller waits a turn between two, never after
+    the last, so what it does next (wake a group's waiters) is not put off a turn."""
+    lists = 0
+    await slices.pause()  # the turn's slice starts now, unspent
+    async for _ in slices.in_slices(range(3 * 64), size=64):
+        lists += 1
+        clock.now += 2 * slices.SLICE_S
+    assert lists == 3
+    assert renewals[0] == 2
+    async for _ in slices.in_slices(range(10), size=64):
+        clock.now += 2 * slices.SLICE_S
+    assert renewals[0] == 2
