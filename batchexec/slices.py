@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 #: Seconds of such work the loop does in one of its turns, all tasks together.
 SLICE_S = 0.001
-#: Items taken at a time; the clock is read once a list.
+#: Items taken at a time at most; the clock is read once a list.
 _SIZE = 64
 
 
@@ -102,14 +102,31 @@ async def in_slices(items: Iterable[T], size: int = _SIZE) -> AsyncIterator[list
 
     What is counted is the whole stretch: taking the items (a generator's
     work) and what the caller does with each list before asking for the next.
+    The lists start at one item and grow or shrink with what a list took: a
+    list of items that are each a few microseconds of work grows to
+    ``size``, and one whose items are long (rows of 30,000-character cells,
+    a millisecond each) stays at one or two, so that no stretch holds the
+    loop for much more than a slice whatever the items are.
     None after the last: what the caller does next (wake those waiting for a
     group commit, write an answer) is not put off by a turn; its own next
     pause counts it.
     """
     iterator = iter(items)
-    chunk = list(itertools.islice(iterator, size))
-    while chunk:
-        yield chunk
-        chunk = list(itertools.islice(iterator, size))
-        if chunk:
+    take = 1
+    first = True
+    while True:
+        started = time.perf_counter()
+        chunk = list(itertools.islice(iterator, take))
+        if not chunk:
+            return
+        taking = time.perf_counter() - started
+        if not first:
             await pause()
+        first = False
+        resumed = time.perf_counter()
+        yield chunk
+        took = taking + time.perf_counter() - resumed
+        if took > SLICE_S / 2:
+            take = max(1, take // 2)
+        elif took < SLICE_S / 8:
+            take = min(size, take * 2)

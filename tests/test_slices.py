@@ -122,11 +122,35 @@ async def test_in_slices_pauses_between_lists_not_after_the_last(clock, renewals
     the last, so what it does next (wake a group's waiters) is not put off a turn."""
     lists = 0
     await slices.pause()  # the turn's slice starts now, unspent
-    async for _ in slices.in_slices(range(3 * 64), size=64):
+    async for _ in slices.in_slices(range(5)):
         lists += 1
         clock.now += 2 * slices.SLICE_S
-    assert lists == 3
-    assert renewals[0] == 2
-    async for _ in slices.in_slices(range(10), size=64):
+    assert lists == 5
+    assert renewals[0] == 4
+    async for _ in slices.in_slices(range(1)):
         clock.now += 2 * slices.SLICE_S
-    assert renewals[0] == 2
+    assert renewals[0] == 4
+
+
+async def test_in_slices_sizes_its_lists_by_what_they_took(clock):
+    """Items of microseconds come 64 at a time once the lists have grown; items of a
+    slice each come one at a time, and a list that took long halves the next."""
+    sizes = []
+    async for some in slices.in_slices(range(300)):
+        sizes.append(len(some))
+        clock.now += len(some) * slices.SLICE_S / 1000
+    assert sizes[:8] == [1, 2, 4, 8, 16, 32, 64, 64]
+    assert max(sizes) == 64 and sum(sizes) == 300
+
+    sizes = []
+    async for some in slices.in_slices(range(20)):
+        sizes.append(len(some))
+        clock.now += len(some) * slices.SLICE_S
+    assert sizes == [1] * 20
+
+    sizes = []
+    async for some in slices.in_slices(range(1000)):
+        sizes.append(len(some))
+        # Cheap items, but the 8th list holds one that costs a whole slice.
+        clock.now += slices.SLICE_S if len(sizes) == 8 else len(some) * slices.SLICE_S / 1000
+    assert sizes[6:10] == [64, 64, 32, 64]
