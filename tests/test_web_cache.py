@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
+from typing import Any
 
-from batchexec.api import RESULTS
+from batchexec.api import API_KEY_HEADER, RESULTS
 from batchexec.web.cache import RenderedResults
-from batchexec.web.keys import RESULTS_CACHE
-from tests.helpers import AUTH, finished, submit
+from batchexec.web.keys import REGISTRY, RESULTS_CACHE, SETTINGS
+from tests.helpers import API_KEY, AUTH, finished, submit
 
 
 def pieces(body: bytes) -> tuple[bytes, ...]:
@@ -81,3 +84,52 @@ async def test_finished_results_are_kept_once_whatever_the_host(make_client):
         assert body == {**first, "xlsx_url": body["xlsx_url"]}
         assert list(body) == list(first)
     assert cache.size_bytes == size
+
+
+async def test_a_kept_answer_is_served_without_reading_its_batch_back(make_client, monkeypatch):
+    """A finished batch too large for the batch cache (here: any) is read back from the
+    store for each request; once its answer is kept, polling it reads nothing."""
+    client = await make_client(batch_cache_bytes=0, integrations_api_keys=f"{API_KEY},other-key")
+    invocation_id = await submit(client, [{"prompt": "p", "model": "echo"}])
+    first = await finished(client, invocation_id)  # rendered and kept
+    gc.collect()  # nothing else holds the batch now
+    store = client.app[REGISTRY].store
+    loads: list[str] = []
+    load = store.load
+
+    async def counted(batch_id: str) -> Any:
+        loads.append(batch_id)
+        return await load(batch_id)
+
+    monkeypatch.setattr(store, "load", counted)
+    for host in ("batch.example.com", "other.example.com"):
+        again = await client.post(
+            RESULTS, json={"invocation_id": invocation_id}, headers={**AUTH, "Host": host}
+        )
+        body = await again.json()
+        assert body["xlsx_url"].startswith(f"http://{host}/public/")
+        assert {**body, "xlsx_url": None} == {**first, "xlsx_url": None}
+    assert loads == []
+    # Another key's request gets the 404 it always got, from the registry.
+    other = await client.post(
+        RESULTS, json={"invocation_id": invocation_id}, headers={API_KEY_HEADER: "other-key"}
+    )
+    assert other.status == 404
+    # A cursor asks the registry too: its answer is not the kept one.
+    since = await client.post(
+        RESULTS, json={"invocation_id": invocation_id, "since": 0}, headers=AUTH
+    )
+    assert since.status == 200
+    assert len(loads) == 2
+
+
+async def test_a_kept_answer_past_the_results_ttl_is_not_served(make_client, monkeypatch):
+    client = await make_client(batch_cache_bytes=0)
+    invocation_id = await submit(client, [{"prompt": "p", "model": "echo"}])
+    await finished(client, invocation_id)
+    ttl_s = client.app[SETTINGS].results_ttl_s
+    later = time.time() + ttl_s + 60
+    monkeypatch.setattr(time, "time", lambda: later)
+    await client.app[REGISTRY].expire(older_than=later - ttl_s)
+    gone = await client.post(RESULTS, json={"invocation_id": invocation_id}, headers=AUTH)
+    assert gone.status == 404

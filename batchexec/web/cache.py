@@ -5,10 +5,25 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from batchexec.records import BatchStatus
 
 #: A rendered answer: its bytes in pieces, written one after another. Never joined:
 #: joining a 30 MB answer is a 20 ms copy on the loop.
 Pieces = tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Head:
+    """What a kept answer's head and its access need of its finished batch, which never
+    changes again: the answer is then served without the batch's rows."""
+
+    owner: str
+    status: BatchStatus
+    message: str
+    xlsx_name: str | None
+    finished_at: float | None
 
 
 class RenderedResults:
@@ -26,6 +41,7 @@ class RenderedResults:
         self._max_bytes = max_bytes
         self._size = 0
         self._bodies: OrderedDict[str, Pieces] = OrderedDict()
+        self._heads: dict[str, Head] = {}
         self._rendering: dict[str, asyncio.Future[Pieces]] = {}
 
     @property
@@ -33,10 +49,13 @@ class RenderedResults:
         """Bytes kept now."""
         return self._size
 
-    async def get(self, batch_id: str, render: Callable[[], Awaitable[Pieces]]) -> Pieces:
+    async def get(
+        self, batch_id: str, render: Callable[[], Awaitable[Pieces]], head: Head | None = None
+    ) -> Pieces:
         """The rendered body of ``batch_id``: kept, being rendered, or rendered now by ``render``.
 
-        A body larger than the whole budget is served but not kept.
+        A body larger than the whole budget is served but not kept. With
+        ``head``, a kept body is kept with it, for ``kept``.
         """
         body = self._bodies.get(batch_id)
         if body is not None:
@@ -45,11 +64,20 @@ class RenderedResults:
         rendering = self._rendering.get(batch_id)
         if rendering is None:
             rendering = self._rendering[batch_id] = asyncio.ensure_future(render())
-            rendering.add_done_callback(lambda done: self._rendered(batch_id, done))
+            rendering.add_done_callback(lambda done: self._rendered(batch_id, done, head))
         # Shielded: a client that goes away must not cancel the others' rendering.
         return await asyncio.shield(rendering)
 
-    def _rendered(self, batch_id: str, done: asyncio.Future[Pieces]) -> None:
+    def kept(self, batch_id: str) -> tuple[Head, Pieces] | None:
+        """The kept body of ``batch_id`` with its head, if it was kept with one."""
+        head = self._heads.get(batch_id)
+        body = self._bodies.get(batch_id)
+        if head is None or body is None:
+            return None
+        self._bodies.move_to_end(batch_id)
+        return head, body
+
+    def _rendered(self, batch_id: str, done: asyncio.Future[Pieces], head: Head | None) -> None:
         self._rendering.pop(batch_id, None)
         if done.cancelled() or done.exception() is not None:
             return
@@ -58,9 +86,12 @@ class RenderedResults:
         if size > self._max_bytes:
             return
         self._bodies[batch_id] = body
+        if head is not None:
+            self._heads[batch_id] = head
         self._size += size
         while self._size > self._max_bytes:
-            _, dropped = self._bodies.popitem(last=False)
+            dropped_id, dropped = self._bodies.popitem(last=False)
+            self._heads.pop(dropped_id, None)
             self._size -= _size(dropped)
 
 

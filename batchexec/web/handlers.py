@@ -37,7 +37,7 @@ from batchexec.schemas import (
 from batchexec.web import streams
 from batchexec.web.bodies import HealthResponse
 from batchexec.web.keys import CATALOG, ENGINE, OWNER, PROVIDERS, REGISTRY, SETTINGS
-from batchexec.web.presenting import answer_results
+from batchexec.web.presenting import answer_kept, answer_results
 from batchexec.web.requests import (
     answer,
     batch_options,
@@ -78,6 +78,10 @@ async def execute_batch(request: web.Request) -> web.Response:
 async def results(request: web.Request) -> web.StreamResponse:
     """A batch's status, progress, finished executions and, once ended, its outputs."""
     body = await parse_body(request, ResultsQuery)
+    if not body.progress_only and body.since is None:
+        kept = await answer_kept(request, body.invocation_id, request[OWNER])
+        if kept is not None:
+            return kept
     batch = await _batch_of(request, body.invocation_id)
     return await answer_results(request, batch, body)
 

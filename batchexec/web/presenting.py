@@ -13,16 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 from aiohttp import web
 
 from batchexec.exports import render_csv_in_slices, streamed_csv
-from batchexec.records import Batch, Execution
+from batchexec.records import Batch, BatchStatus, Execution
 from batchexec.schemas import ResultsQuery, ResultsResponse, execution_fields
 from batchexec.slices import in_slices, pause
-from batchexec.web.cache import Pieces
-from batchexec.web.keys import CATALOG, RESULTS_CACHE
+from batchexec.web.cache import Head, Pieces
+from batchexec.web.keys import CATALOG, RESULTS_CACHE, SETTINGS
 from batchexec.web.requests import xlsx_url
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ async def answer_results(
     """
     url = xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
     currency = request.app[CATALOG].currency
-    head = dumps(_head(batch, url))
+    head = dumps(_head(batch.status, batch.id, batch.message, url))
     if query is not None and (query.progress_only or query.since is not None):
         if query.progress_only:
             executions: list[Execution] = []
@@ -65,9 +66,34 @@ async def answer_results(
                 batch, batch.executions, batch.cursor, csv_content, currency=currency
             )
 
-        rest = await request.app[RESULTS_CACHE].get(batch.id, render)
+        kept = Head(batch.owner, batch.status, batch.message, batch.xlsx_name, batch.finished_at)
+        rest = await request.app[RESULTS_CACHE].get(batch.id, render, kept)
     else:
         rest = await _render(batch, batch.executions, batch.cursor, currency=currency)
+    return await _joined(request, head, rest)
+
+
+async def answer_kept(request: web.Request, batch_id: str, owner: str) -> web.StreamResponse | None:
+    """The whole results answer of ``owner``'s finished batch ``batch_id`` as kept in
+    ``RESULTS_CACHE``, made without the batch; None when none is kept for it (or it is
+    another owner's, or past ``RESULTS_TTL_S``): ask the registry then.
+
+    A finished batch too large for ``BATCH_CACHE_BYTES`` is read back from the
+    store whenever it is asked for (100,000 rows: a second of work and as much
+    memory again as its rows); a client polling its results costs that once.
+    """
+    found = request.app[RESULTS_CACHE].kept(batch_id)
+    if found is None:
+        return None
+    head, rest = found
+    expired_before = time.time() - request.app[SETTINGS].results_ttl_s
+    if head.owner != owner or head.finished_at is None or head.finished_at < expired_before:
+        return None
+    url = xlsx_url(request, head.xlsx_name) if head.xlsx_name else None
+    return await _joined(request, dumps(_head(head.status, batch_id, head.message, url)), rest)
+
+
+async def _joined(request: web.Request, head: bytes, rest: Pieces) -> web.StreamResponse:
     # The head's closing brace gives way to the rest's fields (its pieces after its
     # opening brace): the cached rest, which may be tens of megabytes, is not copied.
     return await _stream(request, [head[:-1], b",", *rest[1:]])
@@ -85,16 +111,16 @@ def dumps(value: object) -> bytes:
         return json.dumps(value).encode()
 
 
-def _head(batch: Batch, url: str | None) -> dict[str, object]:
+def _head(status: BatchStatus, batch_id: str, message: str, url: str | None) -> dict[str, object]:
     """The fields of a results answer that come first: from the record, costing no row.
 
     ``xlsx_url`` follows the request, so it is never part of the cached rest.
     """
     return {
-        "status": batch.status.value,
-        "invocationId": batch.id,
-        "message": batch.message,
-        "xlsx_url": url if batch.status.finished else None,
+        "status": status.value,
+        "invocationId": batch_id,
+        "message": message,
+        "xlsx_url": url if status.finished else None,
     }
 
 
