@@ -148,11 +148,14 @@ class GroupCommits:
 
     async def _write_forever(self) -> None:
         while True:
+            waits = not self._wake.is_set() or bool(self._holds)
             await self._wake.wait()
             await self._held()
-            # Woken in a turn of its own: the group is shown in that turn's slice,
-            # not put off to the next turn by a slice spent long ago.
-            slices.resumed()
+            if waits:
+                # Woken in a turn of its own: the group is shown in that turn's slice,
+                # not put off to the next turn by a slice spent long ago. (One that
+                # went straight on is still in the turn whose slice it spent.)
+                slices.resumed()
             self._wake.clear()
             group, self._pending = self._pending, []
             self._writing = self._gathering or []

@@ -432,8 +432,10 @@ class ResultWorkbooks:
             return task
         # A write that can start now takes the batch as it is: read back from the
         # store it would be a second copy of every row. One that waits for a slot
-        # holds only its id meanwhile.
-        held = None if self._slots.locked() else batch
+        # holds only its id meanwhile. Counted from the writes started, not from the
+        # slots: several batches ending in one turn start their writes before any
+        # of them has taken a slot.
+        held = batch if len(self._writing) < _CONCURRENT_WRITES else None
         task = asyncio.create_task(
             self._write(batch.id, batch.owner, held), name=f"workbook {name}"
         )

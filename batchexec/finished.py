@@ -29,6 +29,9 @@ class FinishedBatches:
         self._batches: OrderedDict[str, tuple[Batch, int]] = OrderedDict()
         #: Every batch ``put`` here while it lives: held by nothing here.
         self._alive: weakref.WeakValueDictionary[str, Batch] = weakref.WeakValueDictionary()
+        #: Batches that finished before this have expired: a read of one begun before the
+        #: store let it go does not put it back.
+        self._expired_before = 0.0
 
     def get(self, batch_id: str) -> Batch | None:
         entry = self._batches.get(batch_id)
@@ -38,6 +41,8 @@ class FinishedBatches:
         return entry[0]
 
     def put(self, batch: Batch) -> None:
+        if batch.finished_at is not None and batch.finished_at < self._expired_before:
+            return
         self._alive[batch.id] = batch
         size = batch.size_bytes()
         if batch.id in self._batches:
@@ -51,6 +56,7 @@ class FinishedBatches:
             self._size -= dropped
 
     def drop_older(self, older_than: float) -> None:
+        self._expired_before = max(self._expired_before, older_than)
         for batch_id, (batch, size) in list(self._batches.items()):
             if batch.finished_at is not None and batch.finished_at < older_than:
                 del self._batches[batch_id]

@@ -273,7 +273,8 @@ class Registry:
                 self._finished.put(batch)
 
     def cached(self, batch_id: str) -> Batch | None:
-        """The batch ``batch_id`` if it is in memory (running, or finished and cached)."""
+        """The batch ``batch_id`` if it is in memory (running, or finished and cached or
+        still held elsewhere: ``FinishedBatches``)."""
         return (
             self._active.get(batch_id) or self._failed.get(batch_id) or self._finished.get(batch_id)
         )
@@ -523,6 +524,9 @@ class Registry:
         Returns the file names whose workbooks should now be deleted.
         """
         self._finished.drop_older(older_than)
+        for batch_id, batch in list(self._failed.items()):
+            if batch.finished_at is not None and batch.finished_at < older_than:
+                del self._failed[batch_id]
         return await self.store.expire(older_than)
 
     def _record(self, change: Change | None, visible: Visible) -> None:

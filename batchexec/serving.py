@@ -45,7 +45,8 @@ _SWITCH_INTERVAL_S = 0.0005
 #: youngest generation is collected every 10,000 net allocations (about a
 #: millisecond), the middle one holds at most 30,000 objects (2-3 ms; at 10
 #: rather than 2 it held 110,000, 6-10 ms each time a large request was
-#: validated), and a full collection waits for 10,000,000 allocations. Each
+#: validated), and a full collection waits for about 15,000,000 allocations
+#: (501 middle-generation collections of 3 young ones of 10,001). Each
 #: object is walked as often either way: once young, once in the middle.
 _GC_THRESHOLDS = (10_000, 2, 500)
 #: glibc's ``M_ARENA_MAX`` (``malloc.h``), and the arenas the server's threads share.

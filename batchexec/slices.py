@@ -15,7 +15,8 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from contextvars import ContextVar
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -109,24 +110,49 @@ async def in_slices(items: Iterable[T], size: int = _SIZE) -> AsyncIterator[list
     loop for much more than a slice whatever the items are.
     None after the last: what the caller does next (wake those waiting for a
     group commit, write an answer) is not put off by a turn; its own next
-    pause counts it.
+    pause counts it. A wait of the caller's through ``excused`` (a pipe's
+    drain) is not counted as work.
     """
     iterator = iter(items)
     take = 1
     first = True
-    while True:
-        started = time.perf_counter()
-        chunk = list(itertools.islice(iterator, take))
-        if not chunk:
-            return
-        taking = time.perf_counter() - started
-        if not first:
-            await pause()
-        first = False
-        resumed = time.perf_counter()
-        yield chunk
-        took = taking + time.perf_counter() - resumed
-        if took > SLICE_S / 2:
-            take = max(1, take // 2)
-        elif took < SLICE_S / 8:
-            take = min(size, take * 2)
+    waited = [0.0]
+    outer = _waits.get()
+    _waits.set(waited)
+    try:
+        while True:
+            started = time.perf_counter()
+            chunk = list(itertools.islice(iterator, take))
+            if not chunk:
+                return
+            taking = time.perf_counter() - started
+            if not first:
+                await pause()
+            first = False
+            waited[0] = 0.0
+            resumed = time.perf_counter()
+            yield chunk
+            took = taking + time.perf_counter() - resumed - waited[0]
+            if took > SLICE_S / 2:
+                take = max(1, take // 2)
+            elif took < SLICE_S / 8:
+                take = min(size, take * 2)
+    finally:
+        # Set, not reset: a generator closed by the collector runs this elsewhere.
+        _waits.set(outer)
+
+
+async def excused(waiting: Awaitable[T]) -> T:
+    """``await waiting``, its time not counted as the work of the ``in_slices`` list the
+    caller is on: the loop runs other work meanwhile."""
+    started = time.perf_counter()
+    try:
+        return await waiting
+    finally:
+        waited = _waits.get()
+        if waited is not None:
+            waited[0] += time.perf_counter() - started
+
+
+#: The waits of the ``in_slices`` list the current task is on, if any.
+_waits: ContextVar[list[float] | None] = ContextVar("waits", default=None)

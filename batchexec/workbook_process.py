@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from batchexec.slices import in_slices
+from batchexec.slices import excused, in_slices
 from batchexec.xlsx import Cell, write_sheet
 
 #: How much lower than the server's the writer's scheduling priority is.
@@ -73,7 +73,7 @@ async def write_sheet_apart(
             writer.stdin.write(_line([str(path), sheet_name, header, widths, more]))
             async for chunk in in_slices(rows):
                 writer.stdin.write(_line(chunk))
-                await writer.stdin.drain()
+                await excused(writer.stdin.drain())
             writer.stdin.write(_line(None))
             await writer.stdin.drain()
             writer.stdin.close()

@@ -17,6 +17,7 @@ from batchexec.config import Settings
 from batchexec.engine import Engine
 from batchexec.errors import NotFoundError, ShuttingDownError
 from batchexec.exports import ResultWorkbooks, csv_sheet, render_csv
+from batchexec.finished import FinishedBatches
 from batchexec.planning import BatchPlan, Limits, RowInput, plan_batch
 from batchexec.providers.echo import EchoProvider
 from batchexec.records import Batch, BatchStatus, ExecutionStatus, Outcome
@@ -473,3 +474,57 @@ async def test_an_expired_batch_is_gone_even_while_something_holds_it(make):
         await harness.registry.get(batch.id, "o")
     with pytest.raises(NotFoundError):
         await harness.registry.get(batch.id, "someone else")
+
+
+async def test_workbook_writes_that_wait_for_a_slot_hold_only_their_batch_id(make):
+    """Three batches ending in one turn: the two writes that start at once take their
+    batch as it is, the third reads its batch when its turn comes."""
+    harness = await make()
+    harness.gated.open()
+    batches = [await harness.engine.submit("o", harness.plan(f"p{n}")) for n in range(3)]
+    for batch in batches:
+        await harness.engine.join(batch.id)
+    await harness.workbooks.idle()
+    loaded: list[str] = []
+
+    async def load(batch_id: str, owner: str) -> Batch:
+        loaded.append(batch_id)
+        batch: Batch = await harness.registry.get(batch_id, owner)
+        return batch
+
+    folder = harness.settings.results_dir / "again"
+    folder.mkdir()
+    workbooks = ResultWorkbooks(folder, load)
+    for batch in batches:
+        workbooks.batch_ended(batch)
+    await workbooks.idle()
+    assert loaded == [batches[2].id]
+    assert sorted(path.name for path in folder.iterdir()) == sorted(b.file_name for b in batches)
+
+
+async def test_a_batch_read_back_across_its_expiry_is_not_kept_again(make):
+    """A read of the store begun before an expiry ends after it: what it brings back
+    has expired and is not cached again, nor found while something holds it."""
+    harness = await make()
+    harness.gated.open()
+    batch = await harness.engine.submit("o", harness.plan("a"))
+    await harness.engine.join(batch.id)
+    assert batch.finished_at is not None
+    finished = FinishedBatches(max_bytes=8 << 20)
+    finished.drop_older(batch.finished_at + 1)
+    finished.put(batch)  # the late read's batch
+    assert finished.get(batch.id) is None
+
+
+async def test_an_expired_failed_batch_is_forgotten(make):
+    class Full(Refusing):
+        def refuse(self, changes: Sequence[Change]) -> bool:
+            return any(isinstance(c, ExecutionEnded) for c in changes)
+
+    harness = await make(Full, cache_bytes=0)
+    batch = await harness.engine.submit("o", harness.plan("a"))
+    harness.gated.open()
+    await harness.engine.join(batch.id)
+    assert (await harness.registry.get(batch.id, "o")).status is BatchStatus.FAILED
+    await harness.registry.expire(time.time() + 60)
+    assert harness.registry.cached(batch.id) is None

@@ -154,3 +154,23 @@ async def test_in_slices_sizes_its_lists_by_what_they_took(clock):
         # Cheap items, but the 8th list holds one that costs a whole slice.
         clock.now += slices.SLICE_S if len(sizes) == 8 else len(some) * slices.SLICE_S / 1000
     assert sizes[6:10] == [64, 64, 32, 64]
+
+
+async def test_a_wait_excused_inside_a_list_does_not_shrink_the_next(clock):
+    """A caller that waits on its pipe between two lists (the workbook's writer) is
+    not working meanwhile: its lists grow as if it had not waited."""
+
+    async def drained() -> None:
+        clock.now += 10 * slices.SLICE_S  # the pipe was full for ten slices
+
+    sizes = []
+    async for some in slices.in_slices(range(200)):
+        sizes.append(len(some))
+        await slices.excused(drained())
+    assert sizes[:7] == [1, 2, 4, 8, 16, 32, 64]
+
+    sizes = []
+    async for some in slices.in_slices(range(10)):
+        sizes.append(len(some))
+        await drained()  # not excused: counted as the list's work
+    assert sizes == [1] * 10

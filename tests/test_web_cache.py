@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from dataclasses import replace
 from typing import Any
 
 from batchexec.api import API_KEY_HEADER, RESULTS
-from batchexec.web.cache import RenderedResults
+from batchexec.records import BatchStatus
+from batchexec.web.cache import Head, RenderedResults
 from batchexec.web.keys import REGISTRY, RESULTS_CACHE, SETTINGS
 from tests.helpers import API_KEY, AUTH, finished, submit
 
@@ -133,3 +135,23 @@ async def test_a_kept_answer_past_the_results_ttl_is_not_served(make_client, mon
     await client.app[REGISTRY].expire(older_than=later - ttl_s)
     gone = await client.post(RESULTS, json={"invocation_id": invocation_id}, headers=AUTH)
     assert gone.status == 404
+
+
+def test_a_kept_answer_is_not_refreshed_by_another_owner_and_goes_once_expired():
+    cache = RenderedResults(max_bytes=100)
+    mine = Head("me", BatchStatus.COMPLETED, "done", None, finished_at=1000.0)
+
+    async def render() -> tuple[bytes, ...]:
+        return (b"{", b"body}")
+
+    async def fill() -> None:
+        await cache.get("a", render, mine)
+        await cache.get("b", render, replace(mine, finished_at=2000.0))
+
+    asyncio.run(fill())
+    assert cache.kept("a", "someone else", 0.0) is None
+    assert cache.kept("a", "me", 0.0) == (mine, (b"{", b"body}"))
+    assert cache.kept("a", "me", expired_before=1500.0) is None  # expired: let go
+    assert cache.kept("a", "me", 0.0) is None
+    assert cache.size_bytes == len(b"{body}")
+    assert cache.kept("b", "me", 1500.0) is not None

@@ -68,11 +68,17 @@ class RenderedResults:
         # Shielded: a client that goes away must not cancel the others' rendering.
         return await asyncio.shield(rendering)
 
-    def kept(self, batch_id: str) -> tuple[Head, Pieces] | None:
-        """The kept body of ``batch_id`` with its head, if it was kept with one."""
+    def kept(self, batch_id: str, owner: str, expired_before: float) -> tuple[Head, Pieces] | None:
+        """The kept body of ``owner``'s batch ``batch_id`` with its head, if it was kept
+        with one and the batch finished at or after ``expired_before``. One that finished
+        before is let go; another owner's ask changes nothing, not even its place."""
         head = self._heads.get(batch_id)
         body = self._bodies.get(batch_id)
-        if head is None or body is None:
+        if head is None or body is None or head.owner != owner:
+            return None
+        if head.finished_at is None or head.finished_at < expired_before:
+            del self._bodies[batch_id], self._heads[batch_id]
+            self._size -= _size(body)
             return None
         self._bodies.move_to_end(batch_id)
         return head, body

@@ -82,13 +82,11 @@ async def answer_kept(request: web.Request, batch_id: str, owner: str) -> web.St
     store whenever it is asked for (100,000 rows: a second of work and as much
     memory again as its rows); a client polling its results costs that once.
     """
-    found = request.app[RESULTS_CACHE].kept(batch_id)
+    expired_before = time.time() - request.app[SETTINGS].results_ttl_s
+    found = request.app[RESULTS_CACHE].kept(batch_id, owner, expired_before)
     if found is None:
         return None
     head, rest = found
-    expired_before = time.time() - request.app[SETTINGS].results_ttl_s
-    if head.owner != owner or head.finished_at is None or head.finished_at < expired_before:
-        return None
     url = xlsx_url(request, head.xlsx_name) if head.xlsx_name else None
     return await _joined(request, dumps(_head(head.status, batch_id, head.message, url)), rest)
 
