@@ -22,7 +22,7 @@ from batchexec.schemas import execution_fields
 from batchexec.slices import in_slices
 from batchexec.structured import field_cells
 from batchexec.workbook_process import write_sheet_apart
-from batchexec.xlsx import write_sheet
+from batchexec.xlsx import MoreSheet, write_sheet
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def _with_widths(
     return itertools.chain(first, rest), _widths(sheet.header, first)
 
 
-def _more(usage: Sheet | None) -> list[tuple[str, list[str], list[list[Cell | None]], list[float]]]:
+def _more(usage: Sheet | None) -> list[MoreSheet]:
     """The sheets after ``Results``: ``Usage``, if there is one."""
     if usage is None:
         return []

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from batchexec.slices import excused, in_slices
-from batchexec.xlsx import Cell, write_sheet
+from batchexec.xlsx import Cell, MoreSheet, write_sheet
 
 #: How much lower than the server's the writer's scheduling priority is.
 _NICENESS = 10
@@ -36,8 +36,6 @@ _ERROR_BYTES = 4096
 #: of its own.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
-Other = tuple[str, Sequence[str], Sequence[Sequence[Cell]], Sequence[float]]
-
 
 async def write_sheet_apart(
     path: Path,
@@ -45,7 +43,7 @@ async def write_sheet_apart(
     header: Sequence[str],
     rows: Iterable[Sequence[Cell]],
     widths: Sequence[float],
-    more: Sequence[Other] = (),
+    more: Sequence[MoreSheet] = (),
 ) -> None:
     """``xlsx.write_sheet`` in a process of its own; ``rows`` are taken on the loop, in slices.
 

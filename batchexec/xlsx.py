@@ -48,6 +48,8 @@ _ESCAPED = re.compile("_(?=x[0-9A-Fa-f]{4}[_\x00-\x08\x0b-\x1f])|[\x00-\x08\x0b-
 _EXACT_INT = 2**53
 
 Cell = str | int | float | None
+#: A sheet written after the first: its name, header, rows and column widths.
+MoreSheet = tuple[str, Sequence[str], Sequence[Sequence[Cell]], Sequence[float]]
 
 
 class _TextSheet(Worksheet):  # type: ignore[misc]  # xlsxwriter has no type hints
@@ -123,7 +125,7 @@ def write_sheet(
     header: Sequence[str],
     rows: Iterable[Sequence[Cell]],
     widths: Sequence[float],
-    more: Sequence[tuple[str, Sequence[str], Iterable[Sequence[Cell]], Sequence[float]]] = (),
+    more: Sequence[MoreSheet] = (),
 ) -> None:
     """Write a workbook of one sheet: a bold frozen header with an autofilter, then ``rows``;
     then each of ``more`` (name, header, rows, widths), written the same way after it.

@@ -161,12 +161,15 @@ async def test_a_cancel_whose_rows_cannot_be_written_fails_the_batch(make):
     assert all(e.status.finished for e in batch.executions)
 
 
-async def test_a_failed_batch_reads_failed_even_when_not_cached(make):
-    class Full(Refusing):
-        def refuse(self, changes: Sequence[Change]) -> bool:
-            return any(isinstance(c, ExecutionEnded) for c in changes)
+class RefusesRowEnds(Refusing):
+    """A store that refuses every group holding a row's end: the batch fails."""
 
-    harness = await make(Full, cache_bytes=0)
+    def refuse(self, changes: Sequence[Change]) -> bool:
+        return any(isinstance(c, ExecutionEnded) for c in changes)
+
+
+async def test_a_failed_batch_reads_failed_even_when_not_cached(make):
+    harness = await make(RefusesRowEnds, cache_bytes=0)
     batch = await harness.engine.submit("o", harness.plan("a"))
     harness.gated.open()
     await harness.engine.join(batch.id)
@@ -517,11 +520,7 @@ async def test_a_batch_read_back_across_its_expiry_is_not_kept_again(make):
 
 
 async def test_an_expired_failed_batch_is_forgotten(make):
-    class Full(Refusing):
-        def refuse(self, changes: Sequence[Change]) -> bool:
-            return any(isinstance(c, ExecutionEnded) for c in changes)
-
-    harness = await make(Full, cache_bytes=0)
+    harness = await make(RefusesRowEnds, cache_bytes=0)
     batch = await harness.engine.submit("o", harness.plan("a"))
     harness.gated.open()
     await harness.engine.join(batch.id)

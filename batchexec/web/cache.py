@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from batchexec.records import BatchStatus
+from batchexec.records import Batch, BatchStatus
 
 #: A rendered answer: its bytes in pieces, written one after another. Never joined:
 #: joining a 30 MB answer is a 20 ms copy on the loop.
@@ -24,6 +24,10 @@ class Head:
     message: str
     xlsx_name: str | None
     finished_at: float | None
+
+    @classmethod
+    def of(cls, batch: Batch) -> Head:
+        return cls(batch.owner, batch.status, batch.message, batch.xlsx_name, batch.finished_at)
 
 
 class RenderedResults:

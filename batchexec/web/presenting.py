@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from aiohttp import web
 
 from batchexec.exports import render_csv_in_slices, streamed_csv
-from batchexec.records import Batch, BatchStatus, Execution
+from batchexec.records import Batch, Execution
 from batchexec.schemas import ResultsQuery, ResultsResponse, execution_fields
 from batchexec.slices import in_slices, pause
 from batchexec.web.cache import Head, Pieces
@@ -48,9 +48,9 @@ async def answer_results(
     (``slices``); a running batch's is the batch as it stood when asked, rows
     that end meanwhile left for the next poll.
     """
-    url = xlsx_url(request, batch.xlsx_name) if batch.xlsx_name else None
     currency = request.app[CATALOG].currency
-    head = dumps(_head(batch.status, batch.id, batch.message, url))
+    kept = Head.of(batch)
+    head = _head(request, batch.id, kept)
     if query is not None and (query.progress_only or query.since is not None):
         if query.progress_only:
             executions: list[Execution] = []
@@ -66,7 +66,6 @@ async def answer_results(
                 batch, batch.executions, batch.cursor, csv_content, currency=currency
             )
 
-        kept = Head(batch.owner, batch.status, batch.message, batch.xlsx_name, batch.finished_at)
         rest = await request.app[RESULTS_CACHE].get(batch.id, render, kept)
     else:
         rest = await _render(batch, batch.executions, batch.cursor, currency=currency)
@@ -87,8 +86,7 @@ async def answer_kept(request: web.Request, batch_id: str, owner: str) -> web.St
     if found is None:
         return None
     head, rest = found
-    url = xlsx_url(request, head.xlsx_name) if head.xlsx_name else None
-    return await _joined(request, dumps(_head(head.status, batch_id, head.message, url)), rest)
+    return await _joined(request, _head(request, batch_id, head), rest)
 
 
 async def _joined(request: web.Request, head: bytes, rest: Pieces) -> web.StreamResponse:
@@ -109,17 +107,21 @@ def dumps(value: object) -> bytes:
         return json.dumps(value).encode()
 
 
-def _head(status: BatchStatus, batch_id: str, message: str, url: str | None) -> dict[str, object]:
-    """The fields of a results answer that come first: from the record, costing no row.
+def _head(request: web.Request, batch_id: str, head: Head) -> bytes:
+    """The fields of a results answer that come first, as JSON: from the record, costing
+    no row.
 
     ``xlsx_url`` follows the request, so it is never part of the cached rest.
     """
-    return {
-        "status": status.value,
-        "invocationId": batch_id,
-        "message": message,
-        "xlsx_url": url if status.finished else None,
-    }
+    url = xlsx_url(request, head.xlsx_name) if head.xlsx_name else None
+    return dumps(
+        {
+            "status": head.status.value,
+            "invocationId": batch_id,
+            "message": head.message,
+            "xlsx_url": url if head.status.finished else None,
+        }
+    )
 
 
 async def _render(
